@@ -1,0 +1,38 @@
+"""vlm-fusion: LLaVA-, BLIP-2- and Flamingo-style vision-language models from any vision tower and any causal LM.
+
+Importing the package registers every family with transformers' Auto* classes (this module is the only place
+that registers anything).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .configuration_base import FusionConfig
+from .configuration_llava import FusionLlavaConfig
+from .modeling_base import FusionCausalLMOutputWithPast, FusionPreTrainedModel
+from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaProjector
+from .processing_fusion import FusionLlavaProcessor, FusionProcessor
+
+__version__ = "0.1.0"
+
+# model_type -> (config, model, processor): every family, in one table.
+FAMILIES = {
+    FusionLlavaConfig.model_type: (FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor),
+}
+
+for _model_type, (_config, _model, _processor) in FAMILIES.items():
+    AutoConfig.register(_model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
+    AutoProcessor.register(_config, _processor, exist_ok=True)
+
+__all__ = [
+    "FAMILIES",
+    "FusionCausalLMOutputWithPast",
+    "FusionConfig",
+    "FusionLlavaConfig",
+    "FusionLlavaForConditionalGeneration",
+    "FusionLlavaProcessor",
+    "FusionLlavaProjector",
+    "FusionPreTrainedModel",
+    "FusionProcessor",
+]

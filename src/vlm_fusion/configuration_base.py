@@ -1,0 +1,91 @@
+"""Configuration shared by every vlm-fusion family.
+
+A fusion config nests exactly two backbone configs, ``vision_config`` and ``text_config`` (config objects or
+dicts carrying a ``model_type``), and adds flat, scalar bridge fields. Every field is validated at construction
+and an invalid value raises ``ValueError`` naming the field.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Vision configs of composite image-text models: the fusion model only needs their vision half.
+_COMPOSITE_VISION_KEY = "vision_config"
+
+
+def _vision_half(config):
+    """`CLIPConfig`, `SiglipConfig`, `Blip2Config`, ... -> their vision sub-config; a vision config unchanged."""
+    sub = getattr(config, _COMPOSITE_VISION_KEY, None)
+    return sub if isinstance(sub, PreTrainedConfig) else config
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}.")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+
+
+class FusionConfig(PreTrainedConfig):
+    r"""
+    Base class of the vlm-fusion configs: a vision backbone config, a causal-LM config and the image placeholder.
+
+    Args:
+        vision_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the vision tower (any transformers vision model: CLIP, SigLIP, DINOv2, ViT, BLIP-2's EVA ViT...).
+            A composite config such as `CLIPConfig` contributes its `vision_config`. Defaults to CLIP ViT-B/32.
+        text_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the causal language model (anything `AutoModelForCausalLM` builds). Defaults to Llama.
+        image_token_id (`int`, *optional*, defaults to 32000):
+            Id of the `<image>` placeholder token. It may lie outside the LM vocabulary: placeholder positions are
+            never looked up in the LM's embedding table.
+        vision_feature_layer (`int`, *optional*, defaults to -2):
+            Index into the vision tower's `hidden_states` (0 = patch embeddings, -1 = last layer before any final norm).
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            `"default"` keeps only the patch tokens (drops CLS and register tokens), `"full"` keeps every token.
+    """
+
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 32000
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.vision_config, dict):
+            self.vision_config = dict(self.vision_config)
+            if isinstance(self.vision_config.get(_COMPOSITE_VISION_KEY), dict):
+                self.vision_config = self.vision_config[_COMPOSITE_VISION_KEY]
+        super().__post_init__(**kwargs)
+        self.vision_config = _vision_half(self.vision_config)
+        # The wrapped causal LM ties its own head; mirror its choice so `tie_weights` sees it at the top level too.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self.validate_fusion_fields()
+
+    def validate_fusion_fields(self):
+        """Raise `ValueError` naming the first invalid field. Families extend this with their own fields."""
+        if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) or self.image_token_id < 0:
+            raise ValueError(f"`image_token_id` must be a non-negative integer, got {self.image_token_id!r}.")
+        check_choice("vision_feature_select_strategy", self.vision_feature_select_strategy, {"default", "full"})
+        num_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        layer = self.vision_feature_layer
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"`vision_feature_layer` must be an integer, got {layer!r}.")
+        if num_layers is not None and not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(
+                f"`vision_feature_layer` must index one of the {num_layers + 1} hidden states of the vision tower "
+                f"(from {-(num_layers + 1)} to {num_layers}), got {layer}."
+            )

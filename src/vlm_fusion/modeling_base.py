@@ -1,0 +1,251 @@
+"""What every vlm-fusion model shares: the two backbones, the image-token splice, and generation plumbing.
+
+A family subclass owns only its bridge (`get_image_features`); this base owns
+`vision_tower` (any transformers vision model) and `language_model` (the whole `AutoModelForCausalLM`, so tied
+embeddings and LM-specific heads keep working).
+
+Legend: B batch, T text positions, N images (all samples together), P visual tokens per image, D LM width.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration_base import FusionConfig
+from .vision import build_vision_tower, load_vision_tower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class FusionCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss, image positions ignored.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+    past_key_values (`Cache`, *optional*): the language model's KV cache.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_tokens, hidden_size)`, *optional*):
+        the visual tokens handed to the language model, when images were encoded in this call.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+def _mark_initialized(module: torch.nn.Module) -> None:
+    """Keep `post_init` from re-initialising a pretrained part handed to the constructor."""
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        tensor._is_hf_initialized = True
+
+
+class FusionPreTrainedModel(PreTrainedModel):
+    """Base of the family models, which add `GenerationMixin` themselves (transformers looks for it among direct bases)."""
+
+    config_class = FusionConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
+        super().__init__(config)
+        if vision_tower is not None:
+            _mark_initialized(vision_tower)
+        if language_model is not None:
+            _mark_initialized(language_model)
+        self.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(config.vision_config)
+        self.language_model = (
+            language_model
+            if language_model is not None
+            else AutoModelForCausalLM.from_config(config.text_config, attn_implementation=config._attn_implementation)
+        )
+        # One config object for the LM, so `resize_token_embeddings` and friends keep `config.text_config` current.
+        self.config.text_config = self.language_model.config
+        self.config.vision_config = self.vision_tower.config
+        self._lm_forward_params = set(inspect.signature(self.language_model.forward).parameters)
+
+    # ---- the language model's embeddings are the model's embeddings ---------------------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.text_config = self.language_model.config
+        return embeddings
+
+    # ---- the family's bridge --------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, num_tokens, hidden_size)`: the visual tokens in LM width.
+        """
+        raise NotImplementedError
+
+    # ---- splicing visual tokens into the text sequence ----------------------------------------------------------
+    def merge_image_features(
+        self, inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write `image_features` `(N, P, D)` into the `image_mask` `(B, T)` positions of `inputs_embeds` `(B, T, D)`."""
+        N, P, D = image_features.shape
+        num_placeholders = int(image_mask.sum())
+        if num_placeholders != N * P:
+            raise ValueError(
+                "Image features and image tokens do not match: the text holds "
+                f"{num_placeholders} image tokens (id {self.config.image_token_id}), the images give {N * P} features "
+                f"({N} images x {P} tokens)."
+            )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features)
+
+    def embed_inputs(self, input_ids, inputs_embeds, pixel_values, past_key_values):
+        """Text embeddings with the visual tokens in place; returns `(inputs_embeds, image_mask, image_features)`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is None:
+            if pixel_values is not None:
+                raise ValueError("`pixel_values` need `input_ids`: the image positions are found by `image_token_id`.")
+            return inputs_embeds, None, None
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        # Placeholder ids may lie outside the LM vocabulary: look up a valid id there, overwritten below.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)  # (N, P, D)
+            inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
+        elif image_mask.any() and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            raise ValueError(
+                f"`input_ids` hold {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) "
+                "but no `pixel_values` were given."
+            )
+        return inputs_embeds, image_mask, image_features
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> FusionCausalLMOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
+            The images of the whole batch, in the order their placeholders appear (sample by sample).
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets; `-100` and image positions are ignored in the loss.
+        """
+        inputs_embeds, image_mask, image_features = self.embed_inputs(
+            input_ids, inputs_embeds, pixel_values, past_key_values
+        )
+        if labels is not None and image_mask is not None:
+            labels = labels.masked_fill(image_mask.to(labels.device), IGNORE_INDEX)
+        if logits_to_keep and "logits_to_keep" in self._lm_forward_params:
+            kwargs["logits_to_keep"] = logits_to_keep
+        kwargs["return_dict"] = True
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return FusionCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:
+        """How many of the batch's `num_images` images belong to each sample, from its placeholder count."""
+        counts = (input_ids == self.config.image_token_id).sum(-1)  # (B,)
+        total = int(counts.sum())
+        if num_images == 0 or total % num_images:
+            raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
+        return (counts // (total // num_images)).tolist()
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beam search / num_return_sequences repeat each sample; its images must follow as a group: [A, B] -> [A, B, A, B].
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            groups = pixel_values.split(self.images_per_sample(input_ids, pixel_values.shape[0]))
+            pixel_values = torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in groups])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+    # ---- composing from pretrained parts ------------------------------------------------------------------------
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        *,
+        vision_kwargs: dict | None = None,
+        text_kwargs: dict | None = None,
+        **config_kwargs,
+    ):
+        """
+        Compose a model from a pretrained vision tower and a pretrained causal LM; only the bridge is initialised.
+
+        `image_token_id` defaults to the id `<image>` has, or gets when added, in the LM's tokenizer — the id
+        `FusionProcessor.from_vision_text_pretrained` gives it — or to the LM vocabulary size if there is no tokenizer.
+        """
+        vision_tower = load_vision_tower(vision_model_name_or_path, **(vision_kwargs or {}))
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
+        if "image_token_id" not in config_kwargs:
+            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, language_model.config)
+        config = cls.config_class(vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs)
+        return cls(config, vision_tower=vision_tower, language_model=language_model)
+
+
+def _default_image_token_id(text_model_name_or_path, text_config) -> int:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
+    except (OSError, ValueError):
+        return text_config.vocab_size
+    from .processing_fusion import add_special_token
+
+    return add_special_token(tokenizer, "<image>")

@@ -1,0 +1,77 @@
+"""One processor for every family: an image processor, a tokenizer, and per-family `<image>` expansion.
+
+Each `<image>` in the text becomes `image_seq_length` placeholder tokens — as many as the model produces visual
+tokens for one image (LLaVA-style: one per patch; BLIP-2-style: one per query). The count check between images
+and placeholders, and the refusal to truncate through a placeholder, come from transformers' `ProcessorMixin`.
+"""
+
+from transformers import AutoImageProcessor, AutoTokenizer, ProcessorMixin
+from transformers.tokenization_utils_base import AddedToken
+
+# A plain ROLE: template ("USER: <image>\n...\nASSISTANT:"); message content is a string or a list of
+# `{"type": "text", "text": ...}` and `{"type": "image"}` parts.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def add_special_token(tokenizer, token: str) -> int:
+    """Add `token` to `tokenizer` as a special token unless it is there already; return its id."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(token, normalized=False, special=True)]})
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+class FusionProcessor(ProcessorMixin):
+    r"""
+    Processor of the vlm-fusion models: images through `image_processor`, text through `tokenizer`, with every
+    `image_token` expanded to `image_seq_length` placeholders.
+
+    Args:
+        image_processor: any transformers image processor.
+        tokenizer: the language model's tokenizer; `image_token` is added as a special token if missing.
+        chat_template (`str`, *optional*): defaults to a USER/ASSISTANT template.
+        image_token (`str`, *optional*, defaults to `"<image>"`).
+        image_seq_length (`int`, *optional*, defaults to 1): placeholders per image (the model's visual tokens).
+    """
+
+    def __init__(
+        self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=1
+    ):
+        if not isinstance(image_seq_length, int) or image_seq_length < 1:
+            raise ValueError(f"`image_seq_length` must be a positive integer, got {image_seq_length!r}.")
+        self.image_token = image_token
+        self.image_seq_length = image_seq_length
+        self.image_token_id = add_special_token(tokenizer, image_token)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_seq_length
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, config, **kwargs):
+        """The processor of a model composed with `from_vision_text_pretrained` from the same two checkpoints."""
+        processor = cls(
+            image_processor=AutoImageProcessor.from_pretrained(vision_model_name_or_path),
+            tokenizer=AutoTokenizer.from_pretrained(text_model_name_or_path),
+            image_seq_length=config.num_image_tokens(),
+            **kwargs,
+        )
+        if processor.image_token_id != config.image_token_id:
+            raise ValueError(
+                f"The tokenizer gives {processor.image_token!r} the id {processor.image_token_id}, the model config "
+                f"expects `image_token_id={config.image_token_id}`."
+            )
+        return processor
+
+
+class FusionLlavaProcessor(FusionProcessor):
+    """Processor of the LLaVA-style family: one placeholder per visual token (patch) of each image."""

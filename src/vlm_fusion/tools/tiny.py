@@ -1,0 +1,63 @@
+"""Tiny, randomly initialised parts — built offline from configs — for docs, tests and smoke benchmarks.
+
+Widths are multiples of 64 so that the LM's linear layers also quantize to 4-bit on CPU.
+"""
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
+
+TINY_VISION = {
+    "clip": {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4},
+    "siglip": {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4},
+    "dinov2": {"model_type": "dinov2", "hidden_size": 64, "mlp_ratio": 2, "num_hidden_layers": 2,
+               "num_attention_heads": 4},
+    "vit": {"model_type": "vit", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4},
+}
+
+TINY_TEXT = {
+    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "mistral": {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512,
+             "tie_word_embeddings": True},
+    "opt": {"model_type": "opt", "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 512},
+}
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+WORDS = (
+    "USER ASSISTANT SYSTEM : ? . , ! a an the is are what which how many colour color shape shapes "
+    "there of in on to left right above below circle square triangle star red green blue yellow "
+    "white black small large one two three yes no image picture photo shown describe this that"
+).split()
+
+
+def tiny_vision_config(kind: str = "clip", *, image_size: int = 32, patch_size: int = 8) -> dict:
+    return {**TINY_VISION[kind], "image_size": image_size, "patch_size": patch_size}
+
+
+def tiny_text_config(kind: str = "llama", *, vocab_size: int = 128) -> dict:
+    config = {**TINY_TEXT[kind], "vocab_size": vocab_size}
+    # Special token ids of the tiny tokenizer, so generation pads and stops consistently.
+    config.update(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return config
+
+
+def tiny_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (ids: <unk>=0, <s>=1, </s>=2, <pad>=3, then the words)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(words)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def tiny_image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
