@@ -1,0 +1,138 @@
+"""Strict checkpoint conversion: explicit key tables, no unconsumed or missing key, atomic output, logit checks.
+
+A conversion script is a table of `(source regex, target template)` rules plus explicit transforms; everything
+here fails loudly instead of printing warnings.
+"""
+
+import glob
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint does not map onto the target model exactly."""
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file or directory (safetensors shards, or torch `.bin` / `.pt` / `.pth` files)."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            files = sorted(f for ext in ("bin", "pt", "pth") for f in glob.glob(os.path.join(path, f"*.{ext}")))
+        if not files:
+            raise ConversionError(f"No weight files (*.safetensors, *.bin, *.pt, *.pth) in {path}.")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise ConversionError(f"Checkpoint not found: {path}")
+    state_dict = {}
+    for file in tqdm(files, desc="reading checkpoint", disable=len(files) < 2):
+        if file.endswith(".safetensors"):
+            state_dict.update(load_file(file))
+        else:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+            state_dict.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded)
+    return state_dict
+
+
+def rename_keys(state_dict: dict, rules: list[tuple[str, str]]) -> dict:
+    """
+    Rename every key with the first rule whose regex matches it (`re.sub` with the target template).
+
+    Raises `ConversionError` listing the keys no rule consumes, or two keys mapped onto one target.
+    """
+    compiled = [(re.compile(pattern), target) for pattern, target in rules]
+    renamed, unconsumed = {}, []
+    for key in tqdm(list(state_dict), desc="mapping keys", leave=False):
+        for pattern, target in compiled:
+            if pattern.search(key):
+                new_key = pattern.sub(target, key, count=1)
+                if new_key in renamed:
+                    raise ConversionError(f"Two source keys map onto {new_key!r} (the second is {key!r}).")
+                renamed[new_key] = state_dict[key]
+                break
+        else:
+            unconsumed.append(key)
+    if unconsumed:
+        raise ConversionError(f"{len(unconsumed)} source keys match no rule: {_preview(unconsumed)}")
+    return renamed
+
+
+def load_exact(model: torch.nn.Module, state_dict: dict) -> None:
+    """Load (assign) `state_dict` into `model`, which may sit on the meta device, requiring every non-tied parameter and buffer to be present with its shape."""
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    persistent_optional = {k for k in expected if k in tied}
+    missing = sorted(k for k in expected if k not in state_dict and k not in persistent_optional)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} model keys missing from the checkpoint: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} converted keys the model does not have: {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches: {_preview(mismatched)}")
+    if problems:
+        raise ConversionError("\n".join(problems))
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+@contextmanager
+def atomic_output_dir(output: str, *, overwrite: bool = False):
+    """Yield a temporary directory beside `output`; it becomes `output` only if the block finishes."""
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not overwrite:
+        raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+
+
+def compare_logits(name: str, ours: torch.Tensor, reference: torch.Tensor, atol: float) -> float:
+    """Report the largest absolute logit difference; raise `ConversionError` above `atol`."""
+    if ours.shape != reference.shape:
+        raise ConversionError(f"{name}: logits shapes differ, ours {tuple(ours.shape)} vs {tuple(reference.shape)}.")
+    diff = (ours.float() - reference.float()).abs().max().item()
+    print(f"[verify] {name}: max |logit difference| = {diff:.3e} (tolerance {atol:.0e})")
+    if not diff <= atol:
+        raise ConversionError(f"{name}: logits differ by {diff:.3e} > {atol:.0e}; the conversion is wrong.")
+    return diff
+
+
+def sample_image(size: int = 336, seed: int = 0):
+    """A deterministic, structured RGB test image (smooth gradients plus noise), no download needed."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 1, size)
+    rgb = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size), 1 - ramp[None, :].expand(size, size)])
+    rgb = (rgb * 0.8 + 0.2 * torch.rand(3, size, size, generator=generator)).clamp(0, 1)
+    return Image.fromarray((rgb.permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+
+
+def _preview(items, limit: int = 12) -> str:
+    items = list(items)
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
