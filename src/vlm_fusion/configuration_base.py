@@ -5,6 +5,8 @@ dicts carrying a ``model_type``), and adds flat, scalar bridge fields. Every fie
 and an invalid value raises ``ValueError`` naming the field.
 """
 
+import copy
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -65,6 +67,9 @@ class FusionConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Never mutate configs handed in (transformers resets their attention implementation below).
+        self.vision_config = copy.deepcopy(self.vision_config)
+        self.text_config = copy.deepcopy(self.text_config)
         if isinstance(self.vision_config, dict):
             self.vision_config = dict(self.vision_config)
             if isinstance(self.vision_config.get(_COMPOSITE_VISION_KEY), dict):

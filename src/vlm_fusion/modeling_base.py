@@ -169,6 +169,9 @@ class FusionPreTrainedModel(PreTrainedModel):
         inputs_embeds, image_mask, image_features = self.embed_inputs(
             input_ids, inputs_embeds, pixel_values, past_key_values
         )
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding: count positions from each sample's first real token, as `generate` does.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         if labels is not None and image_mask is not None:
             labels = labels.masked_fill(image_mask.to(labels.device), IGNORE_INDEX)
         if logits_to_keep and "logits_to_keep" in self._lm_forward_params:

@@ -37,7 +37,15 @@ def build_vision_tower(config: PreTrainedConfig) -> PreTrainedModel:
 def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
     """Load a pretrained vision tower; a CLIP / SigLIP / BLIP-2 checkpoint contributes its vision model only."""
     config = _vision_half(AutoConfig.from_pretrained(name_or_path))
-    return vision_model_class(config).from_pretrained(name_or_path, config=config, **kwargs)
+    tower, info = vision_model_class(config).from_pretrained(
+        name_or_path, config=config, output_loading_info=True, **kwargs
+    )
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(
+            f"{name_or_path} does not hold a complete {type(tower).__name__}: missing {sorted(info['missing_keys'])}, "
+            f"mismatched {sorted(info['mismatched_keys'])}."
+        )
+    return tower
 
 
 def num_prefix_tokens(config: PreTrainedConfig) -> int:

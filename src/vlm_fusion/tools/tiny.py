@@ -61,3 +61,23 @@ def tiny_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
 
 def tiny_image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip", text: str = "llama", *,
+                             image_size: int = 32, **config_kwargs):
+    """A tiny random model of `family` and its processor, the `<image>` token added to the tiny tokenizer."""
+    from vlm_fusion import FAMILIES
+
+    config_cls, model_cls, processor_cls = FAMILIES[family]
+    tokenizer = tiny_tokenizer()
+    placeholder_id = len(tokenizer)  # the id `<image>` gets when the processor adds it
+    config = config_cls(
+        vision_config=tiny_vision_config(vision, image_size=image_size),
+        text_config=tiny_text_config(text, vocab_size=len(tokenizer)),
+        image_token_id=placeholder_id,
+        **config_kwargs,
+    )
+    processor = processor_cls(image_processor=tiny_image_processor(image_size), tokenizer=tokenizer,
+                              image_seq_length=config.num_image_tokens())
+    assert processor.image_token_id == placeholder_id
+    return model_cls(config).eval(), processor
