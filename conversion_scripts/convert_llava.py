@@ -15,20 +15,12 @@ import os
 import sys
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 from vlm_fusion import FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor
-from vlm_fusion.tools.conversion import (
-    ConversionError,
-    atomic_output_dir,
-    compare_logits,
-    load_exact,
-    read_state_dict,
-    rename_keys,
-    sample_image,
-)
+from vlm_fusion.tools import conversion
+from vlm_fusion.tools.conversion import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
 from vlm_fusion.vision import load_vision_tower
 
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
@@ -185,27 +177,14 @@ def convert_original(args):
 
 # ---- shared -------------------------------------------------------------------------------------------------------
 def write_and_verify(args, config, state_dict, processor, reference):
-    """Write the model and processor to a temporary directory, check logits there, then move it into place."""
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
-        with init_empty_weights(include_buffers=False):
-            model = FusionLlavaForConditionalGeneration(config)
-        load_exact(model, state_dict)
-        model.config.architectures = [type(model).__name__]
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        print(f"[write] {sum(v.numel() for v in state_dict.values()):,} parameters")
-        del model
-        verify(args, tmp, reference)
-    print(f"[done] {args.output}")
+    def verify(path):
+        converted_processor = FusionLlavaProcessor.from_pretrained(path)
+        model = FusionLlavaForConditionalGeneration.from_pretrained(path, dtype=args.dtype).eval()
+        inputs = converted_processor(images=sample_image(), text=PROMPT, return_tensors="pt")
+        compare_logits(f"{args.source} vs converted", model(**inputs).logits, reference(inputs), args.atol)
 
-
-@torch.no_grad()
-def verify(args, path, reference):
-    processor = FusionLlavaProcessor.from_pretrained(path)
-    model = FusionLlavaForConditionalGeneration.from_pretrained(path, dtype=args.dtype).eval()
-    inputs = processor(images=sample_image(), text=PROMPT, return_tensors="pt")
-    ours = model(**inputs).logits
-    compare_logits(f"{args.source} vs converted", ours, reference(inputs), args.atol)
+    conversion.write_and_verify(args.output, overwrite=args.overwrite, model_cls=FusionLlavaForConditionalGeneration,
+                                config=config, state_dict=state_dict, processor=processor, verify=verify)
 
 
 def parse_args(argv=None):
@@ -233,7 +212,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         (convert_llava_hf if args.source == "llava-hf" else convert_original)(args)
-    except ConversionError as error:
+    except (ConversionError, ValueError) as error:
         print(f"conversion failed: {error}", file=sys.stderr)
         return 1
     return 0

@@ -7,16 +7,19 @@ that registers anything).
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_base import FusionConfig
+from .configuration_blip2 import FusionBlip2Config
 from .configuration_llava import FusionLlavaConfig
 from .modeling_base import FusionCausalLMOutputWithPast, FusionPreTrainedModel
+from .modeling_blip2 import FusionBlip2ForConditionalGeneration, FusionQFormer
 from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaProjector
-from .processing_fusion import FusionLlavaProcessor, FusionProcessor
+from .processing_fusion import FusionBlip2Processor, FusionLlavaProcessor, FusionProcessor
 
 __version__ = "0.1.0"
 
 # model_type -> (config, model, processor): every family, in one table.
 FAMILIES = {
     FusionLlavaConfig.model_type: (FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor),
+    FusionBlip2Config.model_type: (FusionBlip2Config, FusionBlip2ForConditionalGeneration, FusionBlip2Processor),
 }
 
 for _model_type, (_config, _model, _processor) in FAMILIES.items():
@@ -27,6 +30,9 @@ for _model_type, (_config, _model, _processor) in FAMILIES.items():
 
 __all__ = [
     "FAMILIES",
+    "FusionBlip2Config",
+    "FusionBlip2ForConditionalGeneration",
+    "FusionBlip2Processor",
     "FusionCausalLMOutputWithPast",
     "FusionConfig",
     "FusionLlavaConfig",
@@ -35,4 +41,5 @@ __all__ = [
     "FusionLlavaProjector",
     "FusionPreTrainedModel",
     "FusionProcessor",
+    "FusionQFormer",
 ]

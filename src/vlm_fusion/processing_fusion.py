@@ -5,7 +5,8 @@ tokens for one image (LLaVA-style: one per patch; BLIP-2-style: one per query). 
 and placeholders, and the refusal to truncate through a placeholder, come from transformers' `ProcessorMixin`.
 """
 
-from transformers import AutoImageProcessor, AutoTokenizer, ProcessorMixin
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.image_utils import make_flat_list_of_images
 from transformers.tokenization_utils_base import AddedToken
 
 # A plain ROLE: template ("USER: <image>\n...\nASSISTANT:"); message content is a string or a list of
@@ -75,3 +76,38 @@ class FusionProcessor(ProcessorMixin):
 
 class FusionLlavaProcessor(FusionProcessor):
     """Processor of the LLaVA-style family: one placeholder per visual token (patch) of each image."""
+
+
+class FusionBlip2Processor(FusionProcessor):
+    """
+    Processor of the BLIP-2-style family: `num_query_tokens` placeholders per image.
+
+    A prompt without `<image>` gets its image's placeholders in front of the whole tokenized prompt, BOS included —
+    the layout BLIP-2 was trained with and that transformers' `Blip2Processor` produces. Left padding goes in
+    front of the placeholders (`Blip2Processor` pads between them and the text).
+    """
+
+    def __call__(self, images=None, text=None, **kwargs):
+        texts = [text] if isinstance(text, str) else text
+        if images is None or texts is None or any(self.image_token in t for t in texts):
+            return super().__call__(images=images, text=text, **kwargs)
+        images = make_flat_list_of_images(images)
+        if len(images) != len(texts):
+            raise ValueError(
+                f"Prompts without {self.image_token} take one image each: got {len(texts)} prompts and "
+                f"{len(images)} images."
+            )
+        return_tensors = kwargs.pop("return_tensors", None)
+        padding = kwargs.pop("padding", False)
+        max_length = kwargs.pop("max_length", None)
+        if max_length is not None:
+            max_length -= self.image_seq_length
+        encoded = self.tokenizer(list(texts), max_length=max_length, **kwargs)
+        prefix = [self.image_token_id] * self.image_seq_length
+        features = {
+            "input_ids": [prefix + ids for ids in encoded["input_ids"]],
+            "attention_mask": [[1] * len(prefix) + mask for mask in encoded["attention_mask"]],
+        }
+        features = self.tokenizer.pad(features, padding=padding)
+        pixel_values = self.image_processor(images)["pixel_values"]
+        return BatchFeature({**features, "pixel_values": pixel_values}, tensor_type=return_tensors)

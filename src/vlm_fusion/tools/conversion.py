@@ -42,9 +42,10 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def rename_keys(state_dict: dict, rules: list[tuple[str, str]]) -> dict:
+def rename_keys(state_dict: dict, rules: list[tuple[str, str | None]]) -> dict:
     """
-    Rename every key with the first rule whose regex matches it (`re.sub` with the target template).
+    Rename every key with the first rule whose regex matches it (`re.sub` with the target template); a `None`
+    target drops the key on purpose (e.g. a text branch the model does not have).
 
     Raises `ConversionError` listing the keys no rule consumes, or two keys mapped onto one target.
     """
@@ -53,6 +54,8 @@ def rename_keys(state_dict: dict, rules: list[tuple[str, str]]) -> dict:
     for key in tqdm(list(state_dict), desc="mapping keys", leave=False):
         for pattern, target in compiled:
             if pattern.search(key):
+                if target is None:
+                    break
                 new_key = pattern.sub(target, key, count=1)
                 if new_key in renamed:
                     raise ConversionError(f"Two source keys map onto {new_key!r} (the second is {key!r}).")
@@ -108,6 +111,27 @@ def atomic_output_dir(output: str, *, overwrite: bool = False):
     if os.path.exists(output):
         shutil.rmtree(output)
     os.replace(tmp, output)
+
+
+def write_and_verify(output: str, *, overwrite: bool, model_cls, config, state_dict: dict, processor, verify):
+    """
+    Build `model_cls(config)` without allocating weights, load `state_dict` exactly, save it and `processor` to a
+    temporary directory, run `verify(path)` on what was written, and only then move it to `output`.
+    """
+    from accelerate import init_empty_weights
+
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        with init_empty_weights(include_buffers=False):
+            model = model_cls(config)
+        load_exact(model, state_dict)
+        model.config.architectures = [model_cls.__name__]
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        print(f"[write] {sum(v.numel() for v in state_dict.values()):,} parameters")
+        del model
+        with torch.no_grad():
+            verify(tmp)
+    print(f"[done] {output}")
 
 
 def compare_logits(name: str, ours: torch.Tensor, reference: torch.Tensor, atol: float) -> float:
