@@ -12,7 +12,6 @@ Before finishing, the script compares the written model's logits with the source
 """
 
 import argparse
-import os
 import sys
 
 import torch
@@ -120,11 +119,6 @@ def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_t
     )
 
 
-def _lm_prefix(text_config) -> str:
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(text_config).base_model_prefix
-
-
 # ---- transformers Blip2 -------------------------------------------------------------------------------------------
 def convert_hf(args):
     source = AutoConfig.from_pretrained(args.input)
@@ -141,7 +135,7 @@ def convert_hf(args):
                               f"({processor.image_token_id}).")
     config = fusion_config(source.vision_config, source.text_config, source.qformer_config,
                            source.num_query_tokens, processor.image_token_id)
-    state_dict = rename_keys(read_state_dict(args.input), hf_rules(_lm_prefix(config.text_config)))
+    state_dict = rename_keys(read_state_dict(args.input), hf_rules(conversion.lm_base_prefix(config.text_config)))
     for name in ("weight", "bias"):  # transformers norms inside the tower; our bridge norms the selected layer
         state_dict[f"vision_layernorm.{name}"] = state_dict[f"vision_tower.post_layernorm.{name}"].clone()
 
@@ -173,7 +167,7 @@ def convert_lavis(args):
     qformer = _lavis_qformer_config(source, args)
     config = fusion_config(vision_config, text_config, qformer, source["query_tokens"].shape[1],
                            processor.image_token_id)
-    state_dict = merge_eva_qkv_bias(rename_keys(source, lavis_rules(_lm_prefix(text_config))))
+    state_dict = merge_eva_qkv_bias(rename_keys(source, lavis_rules(conversion.lm_base_prefix(text_config))))
     if not any(k.startswith("vision_tower.") for k in state_dict):
         tower = load_vision_tower(args.vision_tower)
         state_dict.update({f"vision_tower.{k}": v for k, v in tower.state_dict().items()})
@@ -228,29 +222,13 @@ def parse_args(argv=None):
     parser.add_argument("--vision-tower", help="Blip2VisionModel directory with the image processor (lavis)")
     parser.add_argument("--language-model", help="causal LM directory with its tokenizer (lavis)")
     parser.add_argument("--qformer-heads", type=int, default=12, help="Q-Former attention heads (lavis; 12 in BLIP-2)")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--atol", type=float, default=None, help="largest accepted logit difference")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
-    if args.atol is None:
-        args.atol = 1e-4 if args.dtype == torch.float32 else 5e-2
-    if not os.path.exists(args.input):
-        parser.error(f"--input {args.input} does not exist")
-    if os.path.exists(args.output) and not args.overwrite:
-        parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
-    return args
+    conversion.add_common_arguments(parser)
+    return conversion.check_common_arguments(parser, parser.parse_args(argv))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        (convert_hf if args.source == "hf" else convert_lavis)(args)
-    except (ConversionError, ValueError) as error:
-        print(f"conversion failed: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return conversion.run((convert_hf if args.source == "hf" else convert_lavis), args)
 
 
 if __name__ == "__main__":

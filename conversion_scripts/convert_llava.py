@@ -61,11 +61,6 @@ ORIGINAL_EXTRA_FIELDS = {
 }
 
 
-def _lm_prefix(text_config) -> str:
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(text_config).base_model_prefix
-
-
 # ---- llava-hf --------------------------------------------------------------------------------------------------
 def convert_llava_hf(args):
     source = AutoConfig.from_pretrained(args.input)
@@ -86,7 +81,7 @@ def convert_llava_hf(args):
         vision_feature_select_strategy=source.vision_feature_select_strategy,
         image_token_id=source.image_token_id,
     )
-    state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(_lm_prefix(text_config)))
+    state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(conversion.lm_base_prefix(text_config)))
     source_processor = AutoProcessor.from_pretrained(args.input)
     processor = FusionLlavaProcessor(
         image_processor=source_processor.image_processor,
@@ -144,7 +139,7 @@ def convert_original(args):
     if raw.get("image_aspect_ratio") == "pad":
         print("[note] the checkpoint was trained on images padded to a square; the image processor center-crops.")
     source = read_state_dict(args.input)
-    state_dict = rename_keys(source, original_rules(_lm_prefix(text_config), projector_type))
+    state_dict = rename_keys(source, original_rules(conversion.lm_base_prefix(text_config), projector_type))
     if not any(k.startswith("vision_tower.") for k in state_dict):
         state_dict.update({f"vision_tower.{k}": v for k, v in vision_tower.state_dict().items()})
 
@@ -192,30 +187,13 @@ def parse_args(argv=None):
     parser.add_argument("--source", choices=["llava-hf", "original"], required=True)
     parser.add_argument("--input", required=True, help="checkpoint directory")
     parser.add_argument("--vision-tower", help="CLIP vision tower directory (--source original)")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the logit comparison")
-    parser.add_argument("--atol", type=float, default=None, help="largest accepted logit difference")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
-    if args.atol is None:
-        args.atol = 1e-4 if args.dtype == torch.float32 else 5e-2
-    if not os.path.isdir(args.input):
-        parser.error(f"--input {args.input} is not a directory")
-    if os.path.exists(args.output) and not args.overwrite:
-        parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
-    return args
+    conversion.add_common_arguments(parser)
+    return conversion.check_common_arguments(parser, parser.parse_args(argv))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        (convert_llava_hf if args.source == "llava-hf" else convert_original)(args)
-    except (ConversionError, ValueError) as error:
-        print(f"conversion failed: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return conversion.run((convert_llava_hf if args.source == "llava-hf" else convert_original), args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from transformers import (
     Blip2ForConditionalGeneration,
     Blip2Processor,
     Blip2VisionModel,
-    OPTForCausalLM,
 )
 
 from conftest import load_script, random_image

@@ -15,7 +15,6 @@ from transformers import (
 
 from conftest import load_script, random_image
 from vlm_fusion import FusionLlavaForConditionalGeneration, FusionLlavaProcessor
-from vlm_fusion.tools.conversion import ConversionError
 from vlm_fusion.tools.tiny import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 convert_llava = load_script("convert_llava")

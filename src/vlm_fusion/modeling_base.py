@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_base import FusionConfig
-from .vision import build_vision_tower, load_vision_tower
+from .vision import build_vision_tower, load_vision_tower, select_image_features
 
 IGNORE_INDEX = -100
 
@@ -97,6 +97,15 @@ class FusionPreTrainedModel(PreTrainedModel):
         return embeddings
 
     # ---- the family's bridge --------------------------------------------------------------------------------------
+    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """The tower's `vision_feature_layer` features, `(num_images, num_tokens, vision_hidden_size)`."""
+        return select_image_features(
+            self.vision_tower,
+            pixel_values,
+            layer=self.config.vision_feature_layer,
+            strategy=self.config.vision_feature_select_strategy,
+        )
+
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """
         Args:

@@ -18,7 +18,6 @@ from transformers import initialization as init
 
 from .configuration_blip2 import FusionBlip2Config
 from .modeling_base import FusionPreTrainedModel
-from .vision import select_image_features
 
 
 class QFormerAttention(nn.Module):
@@ -133,11 +132,6 @@ class FusionBlip2ForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
             init.normal_(module.query_tokens, std=0.02)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        features = select_image_features(
-            self.vision_tower,
-            pixel_values,
-            layer=self.config.vision_feature_layer,
-            strategy=self.config.vision_feature_select_strategy,
-        )  # (N, V, D_v)
+        features = self.get_vision_features(pixel_values)  # (N, V, D_v)
         features = self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))
         return self.language_projection(self.qformer(features))  # (N, Q, D_q) -> (N, Q, D)

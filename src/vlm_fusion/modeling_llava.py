@@ -11,7 +11,6 @@ from transformers import GenerationMixin
 
 from .configuration_llava import FusionLlavaConfig
 from .modeling_base import FusionPreTrainedModel
-from .vision import select_image_features
 
 
 class FusionLlavaProjector(nn.Module):
@@ -68,10 +67,5 @@ class FusionLlavaForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
         self.post_init()
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        features = select_image_features(
-            self.vision_tower,
-            pixel_values,
-            layer=self.config.vision_feature_layer,
-            strategy=self.config.vision_feature_select_strategy,
-        )  # (N, P, D_v)
+        features = self.get_vision_features(pixel_values)  # (N, P, D_v)
         return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))  # (N, P, D)

@@ -8,6 +8,7 @@ import glob
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -154,6 +155,45 @@ def sample_image(size: int = 336, seed: int = 0):
     rgb = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size), 1 - ramp[None, :].expand(size, size)])
     rgb = (rgb * 0.8 + 0.2 * torch.rand(3, size, size, generator=generator)).clamp(0, 1)
     return Image.fromarray((rgb.permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+
+
+def add_common_arguments(parser) -> None:
+    """`--output`, `--dtype`, `--atol` and `--overwrite`, which every conversion script takes."""
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the logit comparison")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="largest accepted logit difference (default 1e-4 in float32, 5e-2 otherwise)")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def check_common_arguments(parser, args):
+    args.dtype = getattr(torch, args.dtype)
+    if args.atol is None:
+        args.atol = 1e-4 if args.dtype == torch.float32 else 5e-2
+    if not os.path.exists(args.input):
+        parser.error(f"--input {args.input} does not exist")
+    if os.path.exists(args.output) and not args.overwrite:
+        parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
+    return args
+
+
+def run(convert, args) -> int:
+    """Run `convert(args)`; a conversion problem ends with its message on stderr and exit code 1."""
+    try:
+        convert(args)
+    except (ConversionError, ValueError) as error:
+        print(f"conversion failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def lm_base_prefix(text_config) -> str:
+    """Where the causal LM keeps its decoder (`model` for Llama/OPT, `transformer` for GPT-2), built on meta."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(text_config).base_model_prefix
 
 
 def _preview(items, limit: int = 12) -> str:
