@@ -8,11 +8,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .configuration_base import FusionConfig
 from .configuration_blip2 import FusionBlip2Config
+from .configuration_flamingo import FusionFlamingoConfig
 from .configuration_llava import FusionLlavaConfig
 from .modeling_base import FusionCausalLMOutputWithPast, FusionPreTrainedModel
 from .modeling_blip2 import FusionBlip2ForConditionalGeneration, FusionQFormer
+from .modeling_flamingo import FusionFlamingoForConditionalGeneration, GatedCrossAttentionBlock, PerceiverResampler
 from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaProjector
-from .processing_fusion import FusionBlip2Processor, FusionLlavaProcessor, FusionProcessor
+from .processing_fusion import FusionBlip2Processor, FusionFlamingoProcessor, FusionLlavaProcessor, FusionProcessor
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,9 @@ __version__ = "0.1.0"
 FAMILIES = {
     FusionLlavaConfig.model_type: (FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor),
     FusionBlip2Config.model_type: (FusionBlip2Config, FusionBlip2ForConditionalGeneration, FusionBlip2Processor),
+    FusionFlamingoConfig.model_type: (
+        FusionFlamingoConfig, FusionFlamingoForConditionalGeneration, FusionFlamingoProcessor
+    ),
 }
 
 for _model_type, (_config, _model, _processor) in FAMILIES.items():
@@ -35,6 +40,11 @@ __all__ = [
     "FusionBlip2Processor",
     "FusionCausalLMOutputWithPast",
     "FusionConfig",
+    "FusionFlamingoConfig",
+    "FusionFlamingoForConditionalGeneration",
+    "FusionFlamingoProcessor",
+    "GatedCrossAttentionBlock",
+    "PerceiverResampler",
     "FusionLlavaConfig",
     "FusionLlavaForConditionalGeneration",
     "FusionLlavaProcessor",

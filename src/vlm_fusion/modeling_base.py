@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.utils import logging
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_base import FusionConfig
 from .vision import build_vision_tower, load_vision_tower, select_image_features
 
 IGNORE_INDEX = -100
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -178,22 +180,10 @@ class FusionPreTrainedModel(PreTrainedModel):
         inputs_embeds, image_mask, image_features = self.embed_inputs(
             input_ids, inputs_embeds, pixel_values, past_key_values
         )
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            # Left padding: count positions from each sample's first real token, as `generate` does.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
-        if labels is not None and image_mask is not None:
-            labels = labels.masked_fill(image_mask.to(labels.device), IGNORE_INDEX)
-        if logits_to_keep and "logits_to_keep" in self._lm_forward_params:
-            kwargs["logits_to_keep"] = logits_to_keep
-        kwargs["return_dict"] = True
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
-            use_cache=use_cache,
-            **kwargs,
+        outputs = self.run_language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, labels=labels, ignore_mask=image_mask, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs,
         )
         return FusionCausalLMOutputWithPast(
             loss=outputs.loss,
@@ -203,6 +193,39 @@ class FusionPreTrainedModel(PreTrainedModel):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
         )
+
+    def run_language_model(self, *, attention_mask=None, position_ids=None, labels=None, ignore_mask=None,
+                           logits_to_keep=0, **kwargs):
+        """
+        Call the wrapped LM with `input_ids` or `inputs_embeds` (in `kwargs`). Positions count from each sample's
+        first unpadded token when no `position_ids` are given; `labels` are ignored where `ignore_mask` is set.
+        """
+        length = (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1]
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding: count positions from each sample's first real token, as `generate` does.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        if labels is not None and ignore_mask is not None:
+            labels = labels.masked_fill(ignore_mask.to(labels.device), IGNORE_INDEX)
+        if logits_to_keep and "logits_to_keep" in self._lm_forward_params:
+            kwargs["logits_to_keep"] = logits_to_keep
+        kwargs["return_dict"] = True
+        return self.language_model(attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs)
+
+    def freeze_backbones(self, *, train_input_embeddings: bool = False) -> dict[str, int]:
+        """
+        Freeze the vision tower and the language model and train the bridge — the alignment stage of LLaVA and
+        BLIP-2 and the Flamingo recipe. Optionally train the LM's input embeddings too (new special tokens).
+        Logs and returns the trainable parameter count of every top-level module.
+        """
+        for name, module in self.named_children():
+            module.requires_grad_(name not in ("vision_tower", "language_model"))
+        if train_input_embeddings:
+            self.get_input_embeddings().requires_grad_(True)
+        report = {
+            name: sum(p.numel() for p in module.parameters() if p.requires_grad) for name, module in self.named_children()
+        }
+        logger.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in report.items()))
+        return report
 
     # ---- generation ---------------------------------------------------------------------------------------------
     def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:

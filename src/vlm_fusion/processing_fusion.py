@@ -9,19 +9,25 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 from transformers.image_utils import make_flat_list_of_images
 from transformers.tokenization_utils_base import AddedToken
 
-# A plain ROLE: template ("USER: <image>\n...\nASSISTANT:"); message content is a string or a list of
-# `{"type": "text", "text": ...}` and `{"type": "image"}` parts.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token") -> str:
+    """A plain `ROLE: ` template (`"USER: <image>\\n...\\nASSISTANT:"`); message content is a string or a list of
+    `{"type": "text", "text": ...}` and `{"type": "image"}` parts; `end_of_turn` (a Jinja expression) closes
+    assistant turns."""
+    return (
+        "{% for message in messages %}"
+        "{{ message['role'].upper() + ': ' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{{{{ '{image}' }}}}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        f"{{% if message['role'] == 'assistant' %}}{{{{ {end_of_turn} }}}}{{% endif %}}{{{{ '\\n' }}}}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+
+
+DEFAULT_CHAT_TEMPLATE = chat_template()
 
 
 def add_special_token(tokenizer, token: str) -> int:
@@ -111,3 +117,42 @@ class FusionBlip2Processor(FusionProcessor):
         features = self.tokenizer.pad(features, padding=padding)
         pixel_values = self.image_processor(images)["pixel_values"]
         return BatchFeature({**features, "pixel_values": pixel_values}, tensor_type=return_tensors)
+
+
+def add_flamingo_tokens(tokenizer, image_token="<image>", end_of_chunk_token="<|endofchunk|>") -> tuple[int, int]:
+    """Add OpenFlamingo's special tokens in its order (`<|endofchunk|>`, `<image>`, then `<PAD>` if the tokenizer has
+    no pad token), so ids match checkpoints trained with it; return `(media_token_id, end_of_chunk_token_id)`."""
+    end_of_chunk_id = add_special_token(tokenizer, end_of_chunk_token)
+    media_id = add_special_token(tokenizer, image_token)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    return media_id, end_of_chunk_id
+
+
+class FusionFlamingoProcessor(FusionProcessor):
+    """
+    Processor of the Flamingo-style family: one `<image>` token per image (the ids are exactly the tokenizer's),
+    `<|endofchunk|>` closing each image-text chunk. Images may come flat or nested per sample
+    (`images=[[img1, img2]]`); either way they reach the model flat, in the order of their `<image>` tokens.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>",
+                 end_of_chunk_token="<|endofchunk|>", image_seq_length=1):
+        if image_seq_length != 1:
+            raise ValueError(f"Flamingo-style models take one <image> token per image, got image_seq_length={image_seq_length}.")
+        self.end_of_chunk_token = end_of_chunk_token
+        _, self.end_of_chunk_token_id = add_flamingo_tokens(tokenizer, image_token, end_of_chunk_token)
+        super().__init__(image_processor, tokenizer, image_token=image_token, image_seq_length=1,
+                         chat_template=chat_template or FLAMINGO_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, config, **kwargs):
+        processor = super().from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path, config,
+                                                        **kwargs)
+        if processor.end_of_chunk_token_id != config.end_of_chunk_token_id:
+            raise ValueError(f"The tokenizer gives {processor.end_of_chunk_token!r} the id "
+                             f"{processor.end_of_chunk_token_id}, the config expects {config.end_of_chunk_token_id}.")
+        return processor
+
+
+FLAMINGO_CHAT_TEMPLATE = chat_template(image="<image>", end_of_turn="'<|endofchunk|>'")

@@ -70,14 +70,18 @@ def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip",
 
     config_cls, model_cls, processor_cls = FAMILIES[family]
     tokenizer = tiny_tokenizer()
-    placeholder_id = len(tokenizer)  # the id `<image>` gets when the processor adds it
+    vocab_size = len(tokenizer)
+    if family == "fusion_flamingo":  # `<image>` is a real LM token: <|endofchunk|> = 58, <image> = 59
+        vocab_size += 2
+        config_kwargs = {"image_token_id": vocab_size - 1, "end_of_chunk_token_id": vocab_size - 2, **config_kwargs}
+    else:  # the placeholder id `<image>` gets when the processor adds it, outside the LM vocabulary
+        config_kwargs = {"image_token_id": vocab_size, **config_kwargs}
     config = config_cls(
         vision_config=tiny_vision_config(vision, image_size=image_size),
-        text_config=tiny_text_config(text, vocab_size=len(tokenizer)),
-        image_token_id=placeholder_id,
+        text_config=tiny_text_config(text, vocab_size=vocab_size),
         **config_kwargs,
     )
     processor = processor_cls(image_processor=tiny_image_processor(image_size), tokenizer=tokenizer,
                               image_seq_length=config.num_image_tokens())
-    assert processor.image_token_id == placeholder_id
+    assert processor.image_token_id == config.image_token_id
     return model_cls(config).eval(), processor

@@ -1,0 +1,352 @@
+"""The Flamingo-style family: a perceiver resampler and tanh-gated cross-attention blocks inside any causal LM.
+
+    latents = Resampler(image features)                         (L learned latents attend to cat(media, latents))
+    x = x + tanh(attn_gate) * XAttn(LN(x), latents of the image at or before each token)
+    x = x + tanh(ff_gate)   * FFN(LN(x))                        (both gates start at exactly 0)
+
+The LM is not forked and its weights are not renamed: each gated block sits in `gated_cross_attn_layers` and runs
+from a forward pre-hook on the decoder layer it precedes (the one documented contact with the LM's internals).
+The text keeps one `<image>` token per image; a token attends to the latents of the latest `<image>` at or before
+it (all earlier ones with `only_attend_immediate_media=False`), and tokens before the first image get zero
+cross-attention output. While decoding, the vision tower and resampler ran once at prefill and each block's keys
+and values over the latents are computed once and reused (`MediaCache`).
+
+Legend: B batch, T text positions, N images (whole batch), M most images of one sample, L latents per image,
+V vision tokens per image, D_v vision width, D LM width, H heads, d head width.
+"""
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+
+from .configuration_flamingo import FusionFlamingoConfig
+from .modeling_base import FusionCausalLMOutputWithPast, FusionPreTrainedModel
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, S, _ = x.shape
+    return x.view(B, S, heads, -1).transpose(1, 2)  # (B, S, H*d) -> (B, H, S, d)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    B, H, S, d = x.shape
+    return x.transpose(1, 2).reshape(B, S, H * d)  # (B, H, S, d) -> (B, S, H*d)
+
+
+def find_decoder_layers(language_model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The LM's decoder layers: its outermost `nn.ModuleList` with one entry per hidden layer."""
+    num_layers = language_model.config.num_hidden_layers
+    candidates = [(name, module) for name, module in language_model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) == num_layers and name]
+    if not candidates:
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(language_model).__name__}: it has no nn.ModuleList of its "
+            f"{num_layers} layers."
+        )
+    return min(candidates, key=lambda candidate: candidate[0].count("."))
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, *, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        media, latents = self.norm_media(media), self.norm_latents(latents)  # (N, V, D_v), (N, L, D_v)
+        q = split_heads(self.to_q(latents), self.heads)  # (N, H, L, d)
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)  # (N, V + L, H*d) each
+        out = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads))
+        return self.to_out(merge_heads(out))  # (N, L, D_v)
+
+
+class PerceiverLayer(nn.Module):
+    def __init__(self, *, dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.attn = PerceiverAttention(dim=dim, heads=heads, dim_head=dim_head)
+        self.ff = feed_forward(dim, ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.attn(media, latents) + latents
+        return self.ff(latents) + latents
+
+
+class PerceiverResampler(nn.Module):
+    """Resamples each image's features `(N, V, D_v)` to `(N, L, D_v)` learned latents."""
+
+    def __init__(self, *, dim: int, depth: int, heads: int, dim_head: int, num_latents: int, ff_mult: int,
+                 max_num_media: int | None = None, max_num_frames: int | None = None):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim)) if max_num_frames else None
+        self.media_time_embs = nn.Parameter(torch.randn(max_num_media, 1, dim)) if max_num_media else None
+        self.layers = nn.ModuleList(
+            PerceiverLayer(dim=dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, media: torch.Tensor, media_index: torch.LongTensor) -> torch.Tensor:
+        """`media_index` `(N,)`: each image's position among its sample's images (for the media-time embeddings)."""
+        if self.frame_embs is not None:
+            media = media + self.frame_embs[0]  # single-frame images are frame 0
+        if self.media_time_embs is not None:
+            if int(media_index.max()) >= self.media_time_embs.shape[0]:
+                raise ValueError(f"A sample has more images than `max_num_media` ({self.media_time_embs.shape[0]}).")
+            media = media + self.media_time_embs[media_index]  # (N, V, D_v) + (N, 1, D_v)
+        latents = self.latents.expand(media.shape[0], -1, -1)  # (N, L, D_v)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.norm(latents)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text `(B, T, D)` attends to media keys/values `(B, H, M*L, d)` under a per-token media mask."""
+
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.to_kv(media).chunk(2, dim=-1)  # (B, M*L, D_v) -> (B, M*L, H*d) each
+        return split_heads(k, self.heads), split_heads(v, self.heads)  # (B, H, M*L, d) each
+
+    def forward(self, x, kv, allowed, no_media):
+        q = split_heads(self.to_q(self.norm(x)), self.heads)  # (B, H, T, d)
+        k, v = kv
+        # Rows with no media would be all -inf: let them attend anywhere, then zero them.
+        mask = (allowed | no_media[..., None])[:, None]  # (B, 1, T, M*L)
+        out = merge_heads(F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask))
+        return self.to_out(out.masked_fill(no_media[..., None], 0.0))  # (B, T, D)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, dim_head=dim_head)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, kv=None, allowed=None, no_media=None):
+        if kv is not None:
+            x = self.attn(x, kv, allowed, no_media) * self.attn_gate.tanh() + x
+        return self.ff(x) * self.ff_gate.tanh() + x
+
+
+@dataclass
+class MediaCache:
+    """What decoding carries from step to step: each sample's latents, its image count, and per-layer keys/values."""
+
+    media: torch.Tensor  # (B, M*L, D_v) latents of each sample's images, zero-padded to M images
+    num_media: torch.LongTensor  # (B,) images of each sample
+    seen: torch.LongTensor  # (B,) `<image>` tokens read so far
+    latents_per_image: int
+    kv: dict = field(default_factory=dict)  # gated layer index -> (k, v), each (B, H, M*L, d)
+
+
+@dataclass
+class FusionFlamingoOutputWithPast(FusionCausalLMOutputWithPast):
+    r"""
+    media_cache (`MediaCache`, *optional*): the images' latents and cross-attention keys/values, for decoding.
+    """
+
+    media_cache: MediaCache | None = None
+
+
+class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMixin):
+    r"""
+    A vision tower, a perceiver resampler and gated cross-attention blocks woven into a causal LM. A fresh model
+    (gates at 0) computes exactly its language model's logits.
+
+    `pixel_values` `(num_images, channels, height, width)` hold the batch's images in the order of their `<image>`
+    tokens, sample by sample; each `<image>` token is one image.
+    """
+
+    config_class = FusionFlamingoConfig
+    _no_split_modules = ["GatedCrossAttentionBlock", "PerceiverLayer"]
+
+    def __init__(self, config: FusionFlamingoConfig, **parts):
+        super().__init__(config, **parts)
+        dim_visual = config.vision_config.hidden_size
+        self.perceiver = PerceiverResampler(
+            dim=dim_visual, depth=config.perceiver_depth, heads=config.perceiver_heads,
+            dim_head=config.perceiver_head_dim, num_latents=config.num_latents, ff_mult=config.perceiver_ff_mult,
+            max_num_media=config.max_num_media, max_num_frames=config.max_num_frames,
+        )
+        self.gated_cross_attn_layers = nn.ModuleDict({
+            str(i): GatedCrossAttentionBlock(
+                dim=config.text_config.hidden_size, dim_visual=dim_visual, heads=config.cross_attention_heads,
+                dim_head=config.cross_attention_head_dim, ff_mult=config.cross_attention_ff_mult,
+            )
+            for i in config.gated_layer_indices()
+        })
+        self.decoder_layers_path, decoder_layers = find_decoder_layers(self.language_model)
+        for index in config.gated_layer_indices():
+            decoder_layers[index].register_forward_pre_hook(partial(self._cross_attend, str(index)), with_kwargs=True)
+        self.reuse_media_kv = True  # False recomputes each block's media keys/values every step (OpenFlamingo)
+        self._context = None  # (MediaCache, allowed (B, T, M*L), no_media (B, T)) of the running forward
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, GatedCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        elif isinstance(module, PerceiverResampler):
+            for param in (module.latents, module.frame_embs, module.media_time_embs):
+                if param is not None:
+                    init.normal_(param, std=1.0)
+
+    # ---- the contract with the LM: one pre-hook per gated decoder layer --------------------------------------
+    def _cross_attend(self, index: str, layer, args, kwargs):
+        block = self.gated_cross_attn_layers[index]
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+        if self._context is None:
+            hidden = block(hidden)
+        else:
+            cache, allowed, no_media = self._context
+            kv = cache.kv.get(index)
+            if kv is None:
+                kv = block.attn.media_kv(cache.media)
+                if self.reuse_media_kv:
+                    cache.kv[index] = kv
+            hidden = block(hidden, kv, allowed, no_media)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    # ---- images ---------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.FloatTensor, media_index: torch.LongTensor | None = None):
+        """
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, num_latents, vision_hidden_size)`: each image's latents.
+        """
+        if media_index is None:
+            media_index = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
+        features = self.get_vision_features(pixel_values)  # (N, V, D_v)
+        dtype = self.perceiver.latents.dtype
+        return self.perceiver(features.to(dtype), media_index.to(features.device))  # (N, L, D_v)
+
+    def encode_media(self, pixel_values: torch.FloatTensor, media_mask: torch.BoolTensor) -> MediaCache:
+        num_media = media_mask.sum(-1)  # (B,)
+        if int(num_media.sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"Image tokens and images do not match: the text holds {int(num_media.sum())} image tokens "
+                f"(id {self.config.image_token_id}), {pixel_values.shape[0]} images were given."
+            )
+        sample = torch.repeat_interleave(torch.arange(len(num_media), device=num_media.device), num_media)  # (N,)
+        first = torch.cumsum(num_media, 0) - num_media  # (B,) index of each sample's first image
+        media_index = torch.arange(len(sample), device=sample.device) - first[sample]  # (N,)
+        latents = self.get_image_features(pixel_values, media_index)  # (N, L, D_v)
+        N, L, D = latents.shape
+        M = max(int(num_media.max()), 1)
+        media = latents.new_zeros(len(num_media), M, L, D)
+        media[sample.to(latents.device), media_index.to(latents.device)] = latents  # (B, M, L, D_v)
+        zeros = torch.zeros_like(num_media)
+        return MediaCache(media=media.view(len(num_media), M * L, D), num_media=num_media, seen=zeros,
+                          latents_per_image=L)
+
+    def _media_masks(self, cache: MediaCache, media_mask: torch.BoolTensor):
+        """Which latents each token may attend to `(B, T, M*L)`, and which tokens have none `(B, T)`."""
+        text_time = cache.seen[:, None] + media_mask.cumsum(-1)  # (B, T): index (from 1) of the latest image
+        M = cache.media.shape[1] // cache.latents_per_image
+        media_time = torch.arange(1, M + 1, device=text_time.device).repeat_interleave(cache.latents_per_image)
+        exists = media_time[None, None, :] <= cache.num_media[:, None, None]  # (B, 1, M*L)
+        if self.config.only_attend_immediate_media:
+            allowed = text_time[..., None] == media_time  # (B, T, M*L)
+        else:
+            allowed = text_time[..., None] >= media_time
+        allowed = allowed & exists
+        return allowed, ~allowed.any(-1)
+
+    # ---- forward and generation -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        media_cache: MediaCache | None = None,
+        **kwargs,
+    ) -> FusionFlamingoOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): one `<image>` token per image.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*).
+        media_cache (`MediaCache`, *optional*): carried by `generate` from step to step; not for direct use.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is None and (pixel_values is not None or media_cache is not None):
+            raise ValueError("Images need `input_ids`: a token's images are found by `media_token_id`.")
+        media_mask = None if input_ids is None else input_ids == self.config.image_token_id  # (B, T)
+        if pixel_values is not None:
+            media_cache = self.encode_media(pixel_values, media_mask)
+        elif media_mask is not None and media_mask.any() and media_cache is None:
+            raise ValueError(f"`input_ids` hold {int(media_mask.sum())} image tokens but no `pixel_values` were given.")
+        self._context = None if media_cache is None else (media_cache, *self._media_masks(media_cache, media_mask))
+        try:
+            outputs = self.run_language_model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, labels=labels, ignore_mask=media_mask,
+                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            )
+        finally:
+            if not (self.training and getattr(self, "is_activation_checkpointing", False)):  # checkpointing replays the hooks in backward
+                self._context = None
+        if media_cache is not None:
+            media_cache = MediaCache(media=media_cache.media, num_media=media_cache.num_media,
+                                     seen=media_cache.seen + media_mask.sum(-1), kv=media_cache.kv,
+                                     latents_per_image=media_cache.latents_per_image)
+        return FusionFlamingoOutputWithPast(
+            loss=outputs.loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, media_cache=media_cache,
+        )
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        model_kwargs["media_cache"] = outputs.media_cache
+        return model_kwargs
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, **kwargs):
+        """
+        As for every family. `<image>` and `<|endofchunk|>` get the ids OpenFlamingo's token order gives them in the
+        LM's tokenizer (as `FusionFlamingoProcessor` adds them), and the LM's embeddings grow to hold them.
+        """
+        if "image_token_id" not in kwargs and "media_token_id" not in kwargs:
+            from transformers import AutoTokenizer
+
+            from .processing_fusion import add_flamingo_tokens
+
+            tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
+            kwargs["image_token_id"], kwargs["end_of_chunk_token_id"] = add_flamingo_tokens(tokenizer)
+        model = super().from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path, **kwargs)
+        needed = max(model.config.image_token_id, model.config.end_of_chunk_token_id or 0) + 1
+        if needed > model.config.text_config.vocab_size:
+            model.resize_token_embeddings(needed)
+        return model
