@@ -40,8 +40,8 @@ def rules(layers: str) -> list[tuple[str, str | None]]:
         (r"^perceiver\.layers\.(\d+)\.0\.", r"perceiver.layers.\1.attn."),
         (r"^perceiver\.layers\.(\d+)\.1\.", r"perceiver.layers.\1.ff."),
         (r"^perceiver\.", "perceiver."),
-        (rf"^lang_encoder\.{l}\.(\d+)\.gated_cross_attn_layer\.", r"gated_cross_attn_layers.\1."),
-        (r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.", r"gated_cross_attn_layers.\1."),
+        (rf"^lang_encoder\.{l}\.(\d+)\.gated_cross_attn_layer\.", rf"language_model.{layers}.\1.gated_cross_attn_layer."),
+        (r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.", rf"language_model.{layers}.\1.gated_cross_attn_layer."),
         (rf"^lang_encoder\.{l}\.(\d+)\.decoder_layer\.", rf"language_model.{layers}.\1."),
         (r"^lang_encoder\.old_decoder_blocks\.(\d+)\.", rf"language_model.{layers}.\1."),
         (r"^lang_encoder\.", "language_model."),
@@ -63,18 +63,20 @@ def rename_with_aliases(source: dict, table) -> dict:
     return renamed
 
 
-def read_architecture(state: dict, args, num_lm_layers: int) -> dict:
+def read_architecture(state: dict, args, num_lm_layers: int, layers: str) -> dict:
     """The bridge's shape, read off the weights (a released checkpoint carries no config)."""
     latents = state["perceiver.latents"]
     depth = len({k.split(".")[2] for k in state if k.startswith("perceiver.layers.")})
-    gated = sorted({int(k.split(".")[1]) for k in state if k.startswith("gated_cross_attn_layers.")})
+    prefix = f"language_model.{layers}."
+    gated = sorted({int(k[len(prefix):].split(".")[0]) for k in state
+                    if k.startswith(prefix) and ".gated_cross_attn_layer." in k})
+    block = f"{prefix}{{}}.gated_cross_attn_layer."
     expected = [i for i in range(num_lm_layers) if (i + 1) % args.cross_attention_every_n_layers == 0]
     if gated != expected:
         raise ConversionError(f"The checkpoint has gated blocks before layers {gated}; "
                               f"--cross-attention-every-n-layers {args.cross_attention_every_n_layers} places them at {expected}.")
     perceiver_inner = state["perceiver.layers.0.attn.to_q.weight"].shape[0]
-    xattn_inner = state[f"gated_cross_attn_layers.{gated[0]}.attn.to_q.weight"].shape[0]
-    text_dim = state[f"gated_cross_attn_layers.{gated[0]}.attn.to_q.weight"].shape[1]
+    xattn_inner, text_dim = state[block.format(gated[0]) + "attn.to_q.weight"].shape
     return dict(
         num_latents=latents.shape[0], perceiver_depth=depth, perceiver_heads=args.perceiver_heads,
         perceiver_head_dim=perceiver_inner // args.perceiver_heads,
@@ -82,7 +84,7 @@ def read_architecture(state: dict, args, num_lm_layers: int) -> dict:
         max_num_media=state["perceiver.media_time_embs"].shape[0] if "perceiver.media_time_embs" in state else None,
         max_num_frames=state["perceiver.frame_embs"].shape[0] if "perceiver.frame_embs" in state else None,
         cross_attention_heads=args.cross_attention_heads, cross_attention_head_dim=xattn_inner // args.cross_attention_heads,
-        cross_attention_ff_mult=state[f"gated_cross_attn_layers.{gated[0]}.ff.1.weight"].shape[0] // text_dim,
+        cross_attention_ff_mult=state[block.format(gated[0]) + "ff.1.weight"].shape[0] // text_dim,
         cross_attention_every_n_layers=args.cross_attention_every_n_layers,
     )
 
@@ -110,7 +112,7 @@ def convert(args):
         vision_config=tower.config, text_config=text_config, vision_feature_layer=-1,
         vision_feature_select_strategy="default", image_token_id=processor.image_token_id,
         end_of_chunk_token_id=processor.end_of_chunk_token_id,
-        **read_architecture(state, args, text_config.num_hidden_layers),
+        **read_architecture(state, args, text_config.num_hidden_layers, layers_path),
     )
     state.update({f"vision_tower.{k}": v for k, v in tower.state_dict().items()})
     lm = AutoModelForCausalLM.from_pretrained(args.language_model)

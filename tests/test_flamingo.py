@@ -122,13 +122,18 @@ def test_conversion_rejects_wrong_cross_attention_placement(openflamingo, tmp_pa
 @pytest.mark.parametrize("text", LMS)
 def test_fresh_model_gives_exactly_its_language_models_logits(text):
     model, processor = build(text, open_gates=False)
-    assert all(float(b.attn_gate) == 0.0 == float(b.ff_gate) for b in model.gated_cross_attn_layers.values())
+    blocks = model.gated_cross_attn_layers.values()
+    assert all(b.attn_gate.item() == 0.0 == b.ff_gate.item() for b in blocks) and len(blocks) == 2
+    # The reference: a pristine LM (no blocks, no hooks) with the same weights.
+    lm = AutoModelForCausalLM.from_config(copy.deepcopy(model.config.text_config)).eval()
+    lm_weights = {k: v for k, v in model.language_model.state_dict().items() if "gated_cross_attn_layer" not in k}
+    lm.load_state_dict(lm_weights)
     inputs = interleaved(processor)
     position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         fused = model(**inputs).logits
-        alone = model.language_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                     position_ids=position_ids).logits
+        alone = lm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   position_ids=position_ids).logits
     assert torch.equal(fused, alone)
 
 

@@ -211,18 +211,28 @@ class FusionPreTrainedModel(PreTrainedModel):
         kwargs["return_dict"] = True
         return self.language_model(attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs)
 
+    def bridge_modules(self) -> dict[str, torch.nn.Module]:
+        """The parts of the model that are neither backbone: what the family adds and trains."""
+        return {name: m for name, m in self.named_children() if name not in ("vision_tower", "language_model")}
+
     def freeze_backbones(self, *, train_input_embeddings: bool = False) -> dict[str, int]:
         """
         Freeze the vision tower and the language model and train the bridge — the alignment stage of LLaVA and
         BLIP-2 and the Flamingo recipe. Optionally train the LM's input embeddings too (new special tokens).
-        Logs and returns the trainable parameter count of every top-level module.
+        Logs and returns the trainable parameter count of each backbone and each bridge part.
         """
-        for name, module in self.named_children():
-            module.requires_grad_(name not in ("vision_tower", "language_model"))
+        self.vision_tower.requires_grad_(False)
+        self.language_model.requires_grad_(False)
+        bridge = self.bridge_modules()
+        for module in bridge.values():
+            module.requires_grad_(True)
         if train_input_embeddings:
             self.get_input_embeddings().requires_grad_(True)
+        in_bridge = {id(p) for module in bridge.values() for p in module.parameters()}
+        parts = {"vision_tower": self.vision_tower, "language_model": self.language_model, **bridge}
         report = {
-            name: sum(p.numel() for p in module.parameters() if p.requires_grad) for name, module in self.named_children()
+            name: sum(p.numel() for p in module.parameters() if p.requires_grad and (name in bridge or id(p) not in in_bridge))
+            for name, module in parts.items()
         }
         logger.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in report.items()))
         return report

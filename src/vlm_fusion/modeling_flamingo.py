@@ -4,8 +4,10 @@
     x = x + tanh(attn_gate) * XAttn(LN(x), latents of the image at or before each token)
     x = x + tanh(ff_gate)   * FFN(LN(x))                        (both gates start at exactly 0)
 
-The LM is not forked and its weights are not renamed: each gated block sits in `gated_cross_attn_layers` and runs
-from a forward pre-hook on the decoder layer it precedes (the one documented contact with the LM's internals).
+The LM is not forked and none of its weights is renamed: each gated block is added to the decoder layer it precedes
+as `gated_cross_attn_layer` (OpenFlamingo's name) and runs from a forward pre-hook on that layer — the one
+documented contact with the LM's internals. Living inside the layer, a block lands on the layer's device under
+any device map.
 The text keeps one `<image>` token per image; a token attends to the latents of the latest `<image>` at or before
 it (all earlier ones with `only_attend_immediate_media=False`), and tokens before the first image get zero
 cross-attention output. While decoding, the vision tower and resampler ran once at prefill and each block's keys
@@ -145,8 +147,14 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, kv=None, allowed=None, no_media=None):
-        if kv is not None:
+    def forward(self, x: torch.Tensor, context: "CrossAttentionContext | None" = None) -> torch.Tensor:
+        if context is not None:
+            kv = context.cache.kv.get(self)
+            if kv is None:  # computed here, inside the block's own call, so offloading hooks have its weights
+                kv = self.attn.media_kv(context.cache.media.to(x.device))
+                if context.reuse_kv:
+                    context.cache.kv[self] = kv
+            allowed, no_media = context.allowed.to(x.device), context.no_media.to(x.device)
             x = self.attn(x, kv, allowed, no_media) * self.attn_gate.tanh() + x
         return self.ff(x) * self.ff_gate.tanh() + x
 
@@ -159,7 +167,17 @@ class MediaCache:
     num_media: torch.LongTensor  # (B,) images of each sample
     seen: torch.LongTensor  # (B,) `<image>` tokens read so far
     latents_per_image: int
-    kv: dict = field(default_factory=dict)  # gated layer index -> (k, v), each (B, H, M*L, d)
+    kv: dict = field(default_factory=dict)  # gated block -> (k, v), each (B, H, M*L, d)
+
+
+@dataclass
+class CrossAttentionContext:
+    """What the gated blocks read during one forward: the media and which of it each token may see."""
+
+    cache: MediaCache
+    allowed: torch.BoolTensor  # (B, T, M*L)
+    no_media: torch.BoolTensor  # (B, T) tokens with no image to attend to
+    reuse_kv: bool
 
 
 @dataclass
@@ -181,7 +199,7 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
     """
 
     config_class = FusionFlamingoConfig
-    _no_split_modules = ["GatedCrossAttentionBlock", "PerceiverLayer"]
+    _no_split_modules = ["PerceiverLayer"]  # gated blocks ride inside the LM's (unsplit) decoder layers
 
     def __init__(self, config: FusionFlamingoConfig, **parts):
         super().__init__(config, **parts)
@@ -191,44 +209,38 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
             dim_head=config.perceiver_head_dim, num_latents=config.num_latents, ff_mult=config.perceiver_ff_mult,
             max_num_media=config.max_num_media, max_num_frames=config.max_num_frames,
         )
-        self.gated_cross_attn_layers = nn.ModuleDict({
-            str(i): GatedCrossAttentionBlock(
+        self.decoder_layers_path, decoder_layers = find_decoder_layers(self.language_model)
+        for index in config.gated_layer_indices():
+            layer = decoder_layers[index]
+            layer.gated_cross_attn_layer = GatedCrossAttentionBlock(
                 dim=config.text_config.hidden_size, dim_visual=dim_visual, heads=config.cross_attention_heads,
                 dim_head=config.cross_attention_head_dim, ff_mult=config.cross_attention_ff_mult,
             )
-            for i in config.gated_layer_indices()
-        })
-        self.decoder_layers_path, decoder_layers = find_decoder_layers(self.language_model)
-        for index in config.gated_layer_indices():
-            decoder_layers[index].register_forward_pre_hook(partial(self._cross_attend, str(index)), with_kwargs=True)
+            layer.register_forward_pre_hook(self._cross_attend, with_kwargs=True)
         self.reuse_media_kv = True  # False recomputes each block's media keys/values every step (OpenFlamingo)
-        self._context = None  # (MediaCache, allowed (B, T, M*L), no_media (B, T)) of the running forward
+        self._context = None  # CrossAttentionContext of the running forward
         self.post_init()
+
+    @property
+    def gated_cross_attn_layers(self) -> dict[str, GatedCrossAttentionBlock]:
+        """The gated blocks by the index of the decoder layer they precede."""
+        _, layers = find_decoder_layers(self.language_model)
+        return {str(i): layers[i].gated_cross_attn_layer for i in self.config.gated_layer_indices()}
+
+    def bridge_modules(self) -> dict[str, nn.Module]:
+        return {"perceiver": self.perceiver, "gated_cross_attn_layers": nn.ModuleList(self.gated_cross_attn_layers.values())}
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, GatedCrossAttentionBlock):
-            init.zeros_(module.attn_gate)
-            init.zeros_(module.ff_gate)
-        elif isinstance(module, PerceiverResampler):
+        if isinstance(module, PerceiverResampler):
             for param in (module.latents, module.frame_embs, module.media_time_embs):
                 if param is not None:
                     init.normal_(param, std=1.0)
 
     # ---- the contract with the LM: one pre-hook per gated decoder layer --------------------------------------
-    def _cross_attend(self, index: str, layer, args, kwargs):
-        block = self.gated_cross_attn_layers[index]
+    def _cross_attend(self, layer, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
-        if self._context is None:
-            hidden = block(hidden)
-        else:
-            cache, allowed, no_media = self._context
-            kv = cache.kv.get(index)
-            if kv is None:
-                kv = block.attn.media_kv(cache.media)
-                if self.reuse_media_kv:
-                    cache.kv[index] = kv
-            hidden = block(hidden, kv, allowed, no_media)
+        hidden = layer.gated_cross_attn_layer(hidden, self._context)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -306,7 +318,10 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
             media_cache = self.encode_media(pixel_values, media_mask)
         elif media_mask is not None and media_mask.any() and media_cache is None:
             raise ValueError(f"`input_ids` hold {int(media_mask.sum())} image tokens but no `pixel_values` were given.")
-        self._context = None if media_cache is None else (media_cache, *self._media_masks(media_cache, media_mask))
+        self._context = None
+        if media_cache is not None:
+            allowed, no_media = self._media_masks(media_cache, media_mask)
+            self._context = CrossAttentionContext(media_cache, allowed, no_media, self.reuse_media_kv)
         try:
             outputs = self.run_language_model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
