@@ -99,3 +99,24 @@ def test_image_text_to_text_pipeline(parts, tmp_path):
                                 skip_special_tokens=True)
     reply = out[0]["generated_text"][-1]
     assert reply["role"] == "assistant" and reply["content"].strip() == expected.strip() != ""
+
+
+@pytest.mark.parametrize("family", ["fusion_blip2", "fusion_flamingo"])
+def test_other_families_compose_from_the_same_parts(parts, family):
+    from vlm_fusion import FAMILIES
+
+    _, model_cls, processor_cls = FAMILIES[family]
+    small = ({"num_query_tokens": 4, "qformer_hidden_size": 64, "qformer_num_hidden_layers": 2,
+              "qformer_num_attention_heads": 4, "qformer_intermediate_size": 128} if family == "fusion_blip2" else
+             {"num_latents": 4, "perceiver_depth": 1, "cross_attention_every_n_layers": 2})
+    model = model_cls.from_vision_text_pretrained(str(parts / "clip"), str(parts / "llama"), **small).eval()
+    processor = processor_cls.from_vision_text_pretrained(str(parts / "clip"), str(parts / "llama"), model.config)
+    lm_state = AutoModelForCausalLM.from_pretrained(parts / "llama").state_dict()
+    ours = model.language_model.state_dict()
+    for key, value in lm_state.items():  # pretrained LM weights kept (Flamingo grows the embeddings by 2 rows)
+        assert torch.equal(ours[key][: value.shape[0]], value), key
+    inputs = processor(images=[random_image(0)], text=["USER: <image>\nwhat is shown ? ASSISTANT:"],
+                       return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == model.config.num_image_tokens()
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
