@@ -7,6 +7,7 @@ embeddings and LM-specific heads keep working).
 Legend: B batch, T text positions, N images (all samples together), P visual tokens per image, D LM width.
 """
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -41,6 +42,31 @@ class FusionCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def _remember_4bit_absmax(model: torch.nn.Module) -> None:
+    """Keep each 4-bit weight's absmax as loaded (see `_restore_portable_4bit_layout`)."""
+    for module in model.modules():
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if quant_state is not None and not getattr(quant_state, "packing_format_for_cpu", False):
+            module._loaded_absmax = quant_state.absmax.clone()
+
+
+def _restore_portable_4bit_layout(model: torch.nn.Module) -> None:
+    """
+    bitsandbytes (0.50) repacks a 4-bit weight in place for its CPU kernels on the first forward, rounding its
+    absmax to bf16, and transformers' `save_pretrained` writes the weight as it finds it: a model saved after
+    inference reloaded as another model. Undo the packing and put back the absmax it was loaded with, so the
+    saved checkpoint is the loaded quantization; the next forward packs again.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            if hasattr(module, "_loaded_absmax"):
+                weight.quant_state.absmax = module._loaded_absmax.clone()
+
+
 def _mark_initialized(module: torch.nn.Module) -> None:
     """Keep `post_init` from re-initialising a pretrained part handed to the constructor."""
     for sub in module.modules():
@@ -62,6 +88,39 @@ class FusionPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    # Modules 4-bit/8-bit loading leaves in full precision (name patterns, matched from the start of module names
+    # by transformers): the vision tower, the bridge (each family adds its parts) and the LM head.
+    _unquantized_modules = ["vision_tower", "language_model.lm_head"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a `quantization_config` keeps the family's `_unquantized_modules`."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = cls.with_unquantized_defaults(kwargs["quantization_config"])
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        _remember_4bit_absmax(model)
+        return model
+
+    @classmethod
+    def with_unquantized_defaults(cls, quantization_config):
+        """A copy of `quantization_config` whose skip list also holds the family's `_unquantized_modules`."""
+        config = copy.deepcopy(quantization_config)
+        if not hasattr(config, "llm_int8_skip_modules"):
+            return config
+        user = list(config.llm_int8_skip_modules or [])
+        added = [m for m in cls._unquantized_modules if m not in user]
+        if user and added:
+            logger.warning(
+                "vlm-fusion keeps %s unquantized in addition to your `llm_int8_skip_modules` %s (transformers would "
+                "otherwise drop its own lm_head exemption and quantize the vision tower and the bridge).", added, user
+            )
+        config.llm_int8_skip_modules = user + added
+        return config
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        _restore_portable_4bit_layout(self)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
         super().__init__(config)

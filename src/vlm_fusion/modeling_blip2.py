@@ -107,6 +107,10 @@ class FusionBlip2ForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
 
     config_class = FusionBlip2Config
     _no_split_modules = ["QFormerLayer"]
+    _keep_in_fp32_modules_strict = ["qformer"]  # post-norm layers with eps 1e-12: fp32 under fp16 and bf16 alike
+    _unquantized_modules = FusionPreTrainedModel._unquantized_modules + [
+        "vision_layernorm", "qformer", "language_projection"
+    ]
 
     def __init__(self, config: FusionBlip2Config, **parts):
         super().__init__(config, **parts)
@@ -134,4 +138,5 @@ class FusionBlip2ForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         features = self.get_vision_features(pixel_values)  # (N, V, D_v)
         features = self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))
-        return self.language_projection(self.qformer(features))  # (N, Q, D_q) -> (N, Q, D)
+        queries = self.qformer(features.to(self.qformer.query_tokens.dtype))  # (N, Q, D_q), fp32 under any dtype
+        return self.language_projection(queries.to(self.language_projection.weight.dtype))  # (N, Q, D)

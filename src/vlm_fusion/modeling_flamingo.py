@@ -200,6 +200,9 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
 
     config_class = FusionFlamingoConfig
     _no_split_modules = ["PerceiverLayer"]  # gated blocks ride inside the LM's (unsplit) decoder layers
+    _unquantized_modules = FusionPreTrainedModel._unquantized_modules + [
+        "perceiver", r"language_model\..*\.gated_cross_attn_layer"
+    ]
 
     def __init__(self, config: FusionFlamingoConfig, **parts):
         super().__init__(config, **parts)

@@ -55,6 +55,7 @@ class FusionLlavaForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
 
     config_class = FusionLlavaConfig
     _no_split_modules = ["FusionLlavaProjector"]
+    _unquantized_modules = FusionPreTrainedModel._unquantized_modules + ["multi_modal_projector"]
 
     def __init__(self, config: FusionLlavaConfig, **parts):
         super().__init__(config, **parts)
