@@ -52,6 +52,7 @@ class FusionConfig(PreTrainedConfig):
             Index into the vision tower's `hidden_states` (0 = patch embeddings, -1 = last layer before any final norm).
         vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
             `"default"` keeps only the patch tokens (drops CLS and register tokens), `"full"` keeps every token.
+        origin, base_models, license (*optional*): provenance written into the model card.
     """
 
     sub_configs_defaults = {
@@ -65,6 +66,10 @@ class FusionConfig(PreTrainedConfig):
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
     tie_word_embeddings: bool = False
+    # Provenance, for the model card only.
+    origin: str | None = None  # how the weights were produced ("composed from X + Y", "converted from Z")
+    base_models: list[str] | None = None  # Hub ids the weights come from (the card's `base_model`)
+    license: str | None = None  # the card's `license`, when known
 
     def __post_init__(self, **kwargs):
         # Never mutate configs handed in (transformers resets their attention implementation below).

@@ -9,6 +9,8 @@ Legend: B batch, T text positions, N images (all samples together), P visual tok
 
 import copy
 import inspect
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,27 @@ class FusionCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+@contextmanager
+def registered_for_auto_classes(model=None, processor=None):
+    """Register the classes for remote-code saving for the duration of one save (transformers keys off the class)."""
+    targets = []
+    if model is not None:
+        targets += [(type(model.config), "AutoConfig"), (type(model), "AutoModelForImageTextToText")]
+    if processor is not None:
+        targets.append((type(processor), "AutoProcessor"))
+    previous = [cls.__dict__.get("_auto_class") for cls, _ in targets]
+    for cls, auto_class in targets:
+        cls._auto_class = auto_class
+    try:
+        yield
+    finally:
+        for (cls, _), value in zip(targets, previous):
+            if value is None:
+                del cls._auto_class
+            else:
+                cls._auto_class = value
 
 
 def _remember_4bit_absmax(model: torch.nn.Module) -> None:
@@ -118,9 +141,42 @@ class FusionPreTrainedModel(PreTrainedModel):
         config.llm_int8_skip_modules = user + added
         return config
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, remote_code: bool = False, repo_id: str | None = None,
+                        tags=(), **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, plus a model card (`README.md`) rendered from the family's template.
+        `remote_code=True` also writes the model's code beside the weights, so that `trust_remote_code=True`
+        loads it where vlm-fusion is not installed.
+        """
         _restore_portable_4bit_layout(self)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with registered_for_auto_classes(self if remote_code else None):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            try:
+                from vlm_fusion.tools.hub import write_model_card
+            except ImportError:  # exported code, running without vlm-fusion installed
+                return result
+            tags = [*(self.model_tags or []), *tags]
+            write_model_card(self, save_directory, repo_id=repo_id, tags=tags, remote_code=remote_code)
+        return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token=None, revision: str | None = None, create_pr: bool = False,
+                    commit_description: str | None = None, tags=(), remote_code: bool = False,
+                    max_shard_size="50GB"):
+        """Upload what `save_pretrained` writes — weights, config, model card, and the code if `remote_code`."""
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, max_shard_size=max_shard_size, remote_code=remote_code, repo_id=repo_id,
+                                 tags=tags)
+            return self._upload_modified_files(
+                tmp, repo_id, files_timestamps={}, commit_message=commit_message or "Upload model", token=token,
+                create_pr=create_pr, revision=revision, commit_description=commit_description,
+            )
 
     def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
         super().__init__(config)
@@ -339,6 +395,12 @@ class FusionPreTrainedModel(PreTrainedModel):
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
         if "image_token_id" not in config_kwargs:
             config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, language_model.config)
+        config_kwargs.setdefault(
+            "origin", f"Composed from the pretrained vision tower `{vision_model_name_or_path}` and language model "
+            f"`{text_model_name_or_path}`; only the bridge was initialised."
+        )
+        hub_ids = [p for p in (vision_model_name_or_path, text_model_name_or_path) if not os.path.exists(p)]
+        config_kwargs.setdefault("base_models", hub_ids or None)
         config = cls.config_class(vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs)
         return cls(config, vision_tower=vision_tower, language_model=language_model)
 

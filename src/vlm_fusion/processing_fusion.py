@@ -63,6 +63,19 @@ class FusionProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
 
+    def save_pretrained(self, save_directory, *args, remote_code: bool = False, **kwargs):
+        """`ProcessorMixin.save_pretrained`; `remote_code=True` also writes the processor's code."""
+        from .modeling_base import registered_for_auto_classes
+
+        with registered_for_auto_classes(processor=self if remote_code else None):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id, *args, remote_code: bool = False, **kwargs):
+        from .modeling_base import registered_for_auto_classes
+
+        with registered_for_auto_classes(processor=self if remote_code else None):
+            return super().push_to_hub(repo_id, *args, **kwargs)
+
     @classmethod
     def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, config, **kwargs):
         """The processor of a model composed with `from_vision_text_pretrained` from the same two checkpoints."""

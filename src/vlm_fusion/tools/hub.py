@@ -1,0 +1,73 @@
+"""Model cards for saved and pushed models (not model code: exported remote code never imports this).
+
+The templates are `model_cards/<model_type>.md` (Jinja2, YAML front matter from `huggingface_hub.ModelCardData`),
+shipped in the package as `vlm_fusion.model_cards`.
+"""
+
+import importlib.resources
+import os
+
+import jinja2
+from huggingface_hub import ModelCard, ModelCardData
+
+EXAMPLE_PROMPTS = {
+    "fusion_llava": "USER: <image>\\nWhat is shown in this image? ASSISTANT:",
+    "fusion_blip2": "Question: what is shown in this image? Answer:",
+    "fusion_flamingo": "<image>An image of",
+}
+
+
+def _describe(model) -> str:
+    config = model.config
+    return f"`{type(model).__name__}` ({config.hidden_size} wide, {config.num_hidden_layers} layers)"
+
+
+def _count(modules) -> str:
+    return f"{sum(p.numel() for m in modules for p in m.parameters()):,}"
+
+
+def family_fields(model) -> dict:
+    """What each family's template shows of its bridge."""
+    config = model.config
+    if config.model_type == "fusion_llava":
+        projector = "2-layer GELU MLP" if config.projector_type == "mlp2x_gelu" else "linear"
+        return dict(projector=projector, vision_feature_layer=config.vision_feature_layer,
+                    strategy=config.vision_feature_select_strategy)
+    if config.model_type == "fusion_blip2":
+        return dict(num_query_tokens=config.num_query_tokens, qformer_layers=config.qformer_num_hidden_layers,
+                    qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency)
+    return dict(num_latents=config.num_latents, perceiver_depth=config.perceiver_depth,
+                gated_layers=", ".join(map(str, config.gated_layer_indices())))
+
+
+def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False) -> ModelCard:
+    config = model.config
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=list(dict.fromkeys(["vlm-fusion", config.model_type, "image-text-to-text", *tags])),
+        base_model=list(config.base_models) if config.base_models else None,
+        license=config.license,
+    )
+    templates = importlib.resources.files("vlm_fusion.model_cards")
+    environment = jinja2.Environment(loader=jinja2.FunctionLoader(lambda name: templates.joinpath(name).read_text()))
+    content = environment.get_template(f"{config.model_type}.md").render(
+        card_data=card_data.to_yaml(),
+        model_name=repo_id.rstrip("/").split("/")[-1],
+        repo_id=repo_id,
+        vision_tower=_describe(model.vision_tower),
+        language_model=_describe(model.language_model),
+        visual_tokens=config.num_image_tokens(),
+        bridge_parameters=_count(model.bridge_modules().values()),
+        total_parameters=_count([model]),
+        origin=config.origin or "Built from a configuration with randomly initialised weights.",
+        example_prompt=EXAMPLE_PROMPTS[config.model_type],
+        remote_code=remote_code,
+        **family_fields(model),
+    )
+    return ModelCard(content)
+
+
+def write_model_card(model, save_directory, *, repo_id=None, tags=(), remote_code=False) -> None:
+    repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
+    render_model_card(model, repo_id, tags=tags, remote_code=remote_code).save(os.path.join(save_directory, "README.md"))

@@ -1,0 +1,99 @@
+"""Publishing: model cards, remote-code export, and push_to_hub / from_pretrained through a local Hub server."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from conftest import random_image
+from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+FAMILIES = {
+    "fusion_llava": {},
+    "fusion_blip2": dict(num_query_tokens=8, qformer_hidden_size=64, qformer_num_hidden_layers=2,
+                         qformer_num_attention_heads=4, qformer_intermediate_size=128),
+    "fusion_flamingo": dict(num_latents=4, perceiver_depth=1, perceiver_heads=2, perceiver_head_dim=32,
+                            cross_attention_heads=2, cross_attention_head_dim=32),
+}
+PROMPT = "<image> what is shown ?"
+
+
+def build(family):
+    torch.manual_seed(0)
+    model, processor = tiny_model_and_processor(family, "clip", "gpt2", **FAMILIES[family])
+    if family == "fusion_flamingo":
+        with torch.no_grad():
+            for block in model.gated_cross_attn_layers.values():
+                block.attn_gate.fill_(0.7)
+    return model, processor
+
+
+def front_matter(readme: str) -> dict:
+    assert readme.startswith("---\n")
+    return yaml.safe_load(readme.split("---\n")[1])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_pretrained_writes_a_model_card(family, tmp_path):
+    model, _ = build(family)
+    model.config.base_models = ["openai/clip-vit-base-patch32", "gpt2"]
+    model.config.license = "apache-2.0"
+    model.save_pretrained(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    meta = front_matter(readme)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-text-to-text"
+    assert family in meta["tags"] and "vlm-fusion" in meta["tags"]
+    assert meta["base_model"] == ["openai/clip-vit-base-patch32", "gpt2"] and meta["license"] == "apache-2.0"
+    bridge = sum(p.numel() for m in model.bridge_modules().values() for p in m.parameters())
+    assert f"| parameters added by the bridge | {bridge:,} |" in readme
+    assert f"| {model.config.num_image_tokens()} |" in readme
+    assert "`GPT2LMHeadModel`" in readme and "`CLIPVisionModel`" in readme
+    usage = readme.split("```python\n")[1].split("```")[0]  # the card's snippet runs against the saved model
+    model.save_pretrained(tmp_path)
+    build(family)[1].save_pretrained(tmp_path)
+    exec(usage.replace(f'"{tmp_path.name}"', f'"{tmp_path}"'), {})
+
+
+REMOTE = textwrap.dedent("""
+    import sys, torch
+    sys.modules["vlm_fusion"] = None  # the package cannot be imported here
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from PIL import Image
+    path, inputs_file, image_file, prompt = sys.argv[1:5]
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    inputs = torch.load(inputs_file)
+    ids = processor(images=[Image.open(image_file)], text=[prompt], return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, inputs["input_ids"])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    print(type(model).__module__, type(processor).__module__)
+    torch.save(logits, inputs_file + ".out")
+""")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_remote_code_export_loads_without_the_package(family, tmp_path):
+    model, processor = build(family)
+    model.save_pretrained(tmp_path / "model", remote_code=True)
+    processor.save_pretrained(tmp_path / "model", remote_code=True)
+    assert type(model).__dict__.get("_auto_class") is None  # the registration lasted one save only
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForImageTextToText"}
+    image = random_image(0)
+    inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    image.save(tmp_path / "image.png")
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-c", REMOTE, str(tmp_path / "model"), str(tmp_path / "inputs.pt"),
+                          str(tmp_path / "image.png"), PROMPT],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "transformers_modules" in run.stdout
+    assert torch.equal(torch.load(tmp_path / "inputs.pt.out"), expected)
