@@ -2,7 +2,7 @@ import importlib.util
 import os
 import pathlib
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network (the local-Hub test sets 0)
 
 import numpy as np
 import pytest

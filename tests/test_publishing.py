@@ -97,3 +97,48 @@ def test_remote_code_export_loads_without_the_package(family, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "transformers_modules" in run.stdout
     assert torch.equal(torch.load(tmp_path / "inputs.pt.out"), expected)
+
+
+PUSH_AND_LOAD = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from conftest import random_image
+    from test_publishing import build, PROMPT
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    family = sys.argv[1]
+    repo_id = f"vlm-fusion-tests/tiny-{family.replace('_', '-')}"
+    model, processor = build(family)
+    model.push_to_hub(repo_id)
+    processor.push_to_hub(repo_id)
+    loaded = AutoModelForImageTextToText.from_pretrained(repo_id).eval()
+    loaded_processor = AutoProcessor.from_pretrained(repo_id)
+    inputs = loaded_processor(images=[random_image(0)], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    print("identical logits", repo_id)
+""")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_push_to_hub_and_from_pretrained_through_a_local_hub(family, tmp_path):
+    from hub_server import serve
+
+    server, state = serve()
+    host, port = server.server_address
+    env = {"HF_ENDPOINT": f"http://{host}:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test_token",
+           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
+           "PATH": "/usr/bin:/bin"}
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    try:
+        run = subprocess.run([sys.executable, "-c", PUSH_AND_LOAD, family, tests_dir], capture_output=True,
+                             text=True, env=env, timeout=300)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-4000:] + f"\nunhandled: {state.unhandled}"
+    assert "identical logits" in run.stdout
+    (repo,) = state.repos.values()
+    uploaded = sorted(repo["files"])
+    print(family, "uploaded:", uploaded)
+    assert {"config.json", "model.safetensors", "README.md", "processor_config.json", "tokenizer.json"} <= set(uploaded)
+    assert front_matter(repo["files"]["README.md"].decode())["pipeline_tag"] == "image-text-to-text"
+    assert f"tiny-{family.replace('_', '-')}" in repo["files"]["README.md"].decode()
