@@ -18,7 +18,6 @@ V vision tokens per image, D_v vision width, D LM width, H heads, d head width.
 """
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
