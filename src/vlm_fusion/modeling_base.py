@@ -264,7 +264,7 @@ class FusionPreTrainedModel(PreTrainedModel):
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)  # (N, P, D)
             inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
-        elif image_mask.any() and (past_key_values is None or past_key_values.get_seq_length() == 0):
+        elif (past_key_values is None or past_key_values.get_seq_length() == 0) and image_mask.any():
             raise ValueError(
                 f"`input_ids` hold {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) "
                 "but no `pixel_values` were given."

@@ -1,0 +1,180 @@
+"""Timing, memory and bandwidth measurements.
+
+`footprint(spec)` loads one model in a fresh process and reports its `from_pretrained` time and the process's peak
+resident memory after a prefill. `compare(specs)` loads the models of one comparison side by side and times them
+in alternation (A, B, A, B, ...), so drift of a shared machine hits both alike; latencies are medians over
+`repeats` runs after a warm-up. Decode speed is (K - 1) / (T(K tokens) - T(1 token)): prefill and the first token
+do not count.
+"""
+
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "conversion_scripts"))
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark. (`ru_maxrss` would also count the parent's memory at fork.)"""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 7) -> dict:
+    """Read bandwidth (a sum over a large buffer) and copy bandwidth (read + write), in GB/s."""
+    a = torch.rand(megabytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    a.sum(), b.copy_(a)  # warm-up: page in both buffers
+    read = a.numel() * 4 / median_time(lambda: a.sum(), repeats)
+    copy = 2 * a.numel() * 4 / median_time(lambda: b.copy_(a), repeats)
+    return {"read_gbs": read / 1e9, "copy_gbs": copy / 1e9}
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a transformers KV cache."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None and t.numel())
+
+
+def media_cache_bytes(media_cache) -> int:
+    """Bytes of a Flamingo-style model's cached latents and per-layer cross-attention keys/values."""
+    if media_cache is None:
+        return 0
+    kv = sum(t.numel() * t.element_size() for pair in media_cache.kv.values() for t in pair)
+    return kv + media_cache.media.numel() * media_cache.media.element_size()
+
+
+def lm_bytes_read_per_token(model) -> int:
+    """Weights one decoding step reads: the LM without its input embedding table (one row is looked up)."""
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    total = sum(p.numel() * p.element_size() for p in model.language_model.parameters())
+    return total - (0 if tied else embedding.numel() * embedding.element_size())
+
+
+# ---- loading each implementation -----------------------------------------------------------------------------
+def load(spec):
+    """(model, inputs, forward, generate) for one implementation; `generate(k)` produces exactly k new tokens."""
+    kind, path = spec["kind"], spec["path"]
+    if kind == "openflamingo":
+        return load_openflamingo(spec)
+    if kind == "ours":
+        import vlm_fusion  # noqa: F401
+        from transformers import AutoModelForImageTextToText as model_cls
+        from transformers import AutoProcessor as processor_cls
+    elif kind == "hf_llava":
+        from transformers import LlavaForConditionalGeneration as model_cls
+        from transformers import LlavaProcessor as processor_cls
+    elif kind == "hf_blip2":
+        from transformers import Blip2ForConditionalGeneration as model_cls
+        from transformers import Blip2Processor as processor_cls
+    else:
+        raise ValueError(kind)
+    model = model_cls.from_pretrained(path).eval()
+    if "reuse_media_kv" in spec:
+        model.reuse_media_kv = spec["reuse_media_kv"]
+    processor = processor_cls.from_pretrained(path)
+    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt")
+    return model, inputs, lambda: model(**inputs, use_cache=True), make_generate(model, inputs)
+
+
+def make_generate(model, inputs):
+    def generate(k):
+        return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+    return generate
+
+
+def spec_images(spec):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (spec["image_size"],) * 2 + (3,), dtype=np.uint8))
+              for _ in range(spec["num_images"])]
+    return [images] if spec.get("nested_images") else images
+
+
+def load_openflamingo(spec):
+    """OpenFlamingo's own `Flamingo` rebuilt from the released-style checkpoint (forward only: its generate does not
+    run with transformers 5)."""
+    import types
+
+    import convert_openflamingo
+    from transformers import AutoTokenizer
+
+    import vlm_fusion  # noqa: F401
+    from vlm_fusion import FusionFlamingoProcessor
+
+    args = types.SimpleNamespace(language_model=spec["language_model"], vision_tower=spec["vision_tower"],
+                                 dtype=torch.float32, cross_attention_every_n_layers=spec["every_n"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["language_model"])
+    processor = FusionFlamingoProcessor.from_pretrained(spec["path"])
+    config = types.SimpleNamespace(image_token_id=processor.image_token_id,
+                                   end_of_chunk_token_id=processor.end_of_chunk_token_id)
+    from vlm_fusion.processing_fusion import add_flamingo_tokens
+
+    add_flamingo_tokens(tokenizer)
+    source = torch.load(spec["checkpoint"], map_location="cpu")
+    model = convert_openflamingo.open_flamingo_reference(args, source, config, tokenizer)
+    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt")
+    vision_x = inputs["pixel_values"][None, :, None]
+    forward = lambda: model(vision_x=vision_x, lang_x=inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
+                            use_cache=True)
+    return model, inputs, forward, None
+
+
+@torch.no_grad()
+def footprint(spec) -> dict:
+    """`from_pretrained` time and peak RSS (after one prefill) of one model; run it in a fresh process."""
+    start = time.perf_counter()
+    _, _, forward, _ = load(spec)
+    load_s = time.perf_counter() - start
+    forward()
+    return {"load_s": load_s, "peak_rss_mb": peak_rss_mb()}
+
+
+@torch.no_grad()
+def compare(specs: dict) -> dict:
+    """Prefill latency and decode speed of each named spec, timed in alternation."""
+    torch.manual_seed(0)
+    loaded = {name: load(spec) for name, spec in specs.items()}
+    repeats = max(spec["repeats"] for spec in specs.values())
+    k = max(spec.get("new_tokens") or 0 for spec in specs.values())
+    times = {name: {"prefill": [], "one": [], "many": []} for name in loaded}
+    for _, _, forward, generate in loaded.values():  # warm-up
+        forward()
+        if generate is not None and k:
+            generate(2)
+    for _ in range(repeats):
+        for name, (_, _, forward, generate) in loaded.items():
+            times[name]["prefill"].append(median_time(forward, 1))
+            if generate is not None and k:
+                times[name]["one"].append(median_time(lambda: generate(1), 1))
+                times[name]["many"].append(median_time(lambda: generate(k), 1))
+    results = {}
+    for name, (model, inputs, _, generate) in loaded.items():
+        result = {"prefill_s": statistics.median(times[name]["prefill"]),
+                  "prompt_tokens": int(inputs["input_ids"].shape[1])}
+        if times[name]["many"]:
+            decode_s = statistics.median(times[name]["many"]) - statistics.median(times[name]["one"])
+            result["decode_tok_s"] = (k - 1) / max(decode_s, 1e-9)
+        if specs[name]["kind"] == "ours":
+            result["lm_bytes_per_token"] = lm_bytes_read_per_token(model)
+        results[name] = result
+    return results

@@ -1,0 +1,221 @@
+"""vlm-fusion benchmarks, one command:
+
+    python benchmarks/run.py                 # default size, ~10 minutes on a 2-core CPU
+    python benchmarks/run.py --size large    # CLIP-L/14-336 + 1.3B LM
+    python benchmarks/run.py --size tiny --in-process --repeats 1   # the smoke run the test suite does
+
+1. Each family against the reference implementation on identical weights (converted by our scripts):
+   transformers' Llava and Blip2; for Flamingo, our decoding with cached cross-attention K/V against the same
+   model recomputing them every step (OpenFlamingo's behaviour), and OpenFlamingo's own forward.
+2. The seeds' trade-off table, measured on one vision tower and one LM for all three families.
+3. The physical bound: decode tokens/s as a fraction of (measured memory bandwidth / LM bytes read per token).
+
+Tables are printed and written to OUT/tables.md, OUT/results.json and OUT/benchmarks.png.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import measure  # noqa: E402
+import setups  # noqa: E402
+
+
+def footprint(spec, in_process: bool) -> dict:
+    """Load time and peak RSS of one model, in a fresh process unless `in_process`."""
+    if in_process:
+        return measure.footprint(spec)
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import measure; "
+            "print(json.dumps(measure.footprint(json.loads(sys.argv[2]))))")
+    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), json.dumps(spec)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"loading {spec['kind']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def comparison(family, reference, ref_spec, ours_spec, args):
+    """One row: both models timed in alternation in this process, each loaded alone for its footprint."""
+    timed = measure.compare({"ref": ref_spec, "ours": ours_spec})
+    ref = {**timed["ref"], **footprint(ref_spec, args.in_process)}
+    ours = {**timed["ours"], **footprint(ours_spec, args.in_process)}
+    return family, reference, ref, ours
+
+
+# ---- 1. against the reference implementations -----------------------------------------------------------------
+def reference_comparisons(work, size, args):
+    common = dict(repeats=args.repeats, new_tokens=args.new_tokens, image_size=size["image_size"])
+    rows = []
+    print("[1/3] building reference models and converting them ...", flush=True)
+    llava_hf, llava_ours = setups.build_llava(work, size)
+    one = dict(common, prompt=setups.LLAVA_PROMPT, num_images=1)
+    rows.append(comparison("LLaVA-style", "transformers Llava", dict(one, kind="hf_llava", path=llava_hf),
+                           dict(one, kind="ours", path=llava_ours), args))
+    blip2_hf, blip2_ours = setups.build_blip2(work, size)
+    one = dict(common, prompt=setups.BLIP2_PROMPT, num_images=1)
+    rows.append(comparison("BLIP-2-style", "transformers Blip2", dict(one, kind="hf_blip2", path=blip2_hf),
+                           dict(one, kind="ours", path=blip2_ours), args))
+    if setups.open_flamingo_available():
+        flamingo = setups.build_flamingo(work, size)
+        four = dict(common, prompt=setups.FLAMINGO_PROMPT, num_images=4, nested_images=True, path=flamingo["ours"])
+        cached = dict(four, kind="ours", reuse_media_kv=True)
+        rows.append(comparison("Flamingo-style, 4 images", "recomputed K/V", dict(four, kind="ours", reuse_media_kv=False),
+                               cached, args))
+        openflamingo = dict(four, kind="openflamingo", new_tokens=0, every_n=flamingo["every_n"], **{
+            k: flamingo[k] for k in ("checkpoint", "vision_tower", "language_model")})
+        rows.append(comparison("Flamingo-style, 4 images", "OpenFlamingo", openflamingo, dict(cached, new_tokens=0),
+                               args))
+    else:
+        print("  (open-flamingo is not installed: the Flamingo rows are skipped)")
+    return rows
+
+
+def ratio(numerator, denominator):
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def reference_table(rows):
+    lines = ["| family | reference | prefill ours / ref (s) | prefill speed x | decode ours / ref (tok/s) | "
+             "decode speed x | peak RSS ours / ref (MB) | load ours / ref (s) |", "|" + "---|" * 8]
+    records = []
+    for family, reference, ref, ours in rows:
+        record = dict(family=family, reference=reference, ours=ours, ref=ref,
+                      prefill_speedup=ratio(ref["prefill_s"], ours["prefill_s"]),
+                      decode_speedup=ratio(ours.get("decode_tok_s"), ref.get("decode_tok_s")))
+        records.append(record)
+        decode = (f"{ours['decode_tok_s']:.1f} / {ref['decode_tok_s']:.1f}" if "decode_tok_s" in ref else "n/a")
+        lines.append(
+            f"| {family} | {reference} | {ours['prefill_s']:.3f} / {ref['prefill_s']:.3f} | "
+            f"{record['prefill_speedup']:.2f} | {decode} | "
+            f"{'%.2f' % record['decode_speedup'] if record['decode_speedup'] else 'n/a'} | "
+            f"{ours['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} | {ours['load_s']:.2f} / {ref['load_s']:.2f} |")
+    return "\n".join(lines), records
+
+
+# ---- 2. the trade-off table ----------------------------------------------------------------------------------------
+FAMILY_NAMES = {"fusion_llava": "LLaVA-style", "fusion_blip2": "BLIP-2-style", "fusion_flamingo": "Flamingo-style"}
+
+
+@torch.no_grad()
+def tradeoffs(size, args):
+    print("[2/3] trade-offs on one vision tower and one LM ...", flush=True)
+    points = [(r, 1) for r in size["resolutions"]] + [(size["image_size"], n) for n in size["image_counts"] if n > 1]
+    records = []
+    for family in FAMILY_NAMES:
+        for resolution in sorted({r for r, _ in points}):
+            model, processor = setups.family_model(family, size, resolution)
+            bridge = sum(p.numel() for m in model.bridge_modules().values() for p in m.parameters())
+            for _, count in [p for p in points if p[0] == resolution]:
+                spec = dict(image_size=resolution, num_images=count, nested_images=family == "fusion_flamingo")
+                prompt = "".join(["<image> a circle . "] * count) + "what is shown ?"
+                inputs = processor(images=measure.spec_images(spec), text=[prompt], return_tensors="pt")
+                out = model(**inputs, use_cache=True)
+                prefill = measure.median_time(lambda: model(**inputs, use_cache=True), max(1, args.repeats // 2 + 1))
+                records.append(dict(
+                    family=FAMILY_NAMES[family], resolution=resolution, images=count, bridge_params=bridge,
+                    tokens_per_image=model.config.num_image_tokens(), prompt_tokens=int(inputs["input_ids"].shape[1]),
+                    prefill_s=prefill, kv_cache_bytes=measure.cache_bytes(out.past_key_values),
+                    media_cache_bytes=measure.media_cache_bytes(getattr(out, "media_cache", None)),
+                ))
+            del model
+    lines = ["| family | px | images | bridge params | LM tokens / image | prompt tokens | prefill (s) | "
+             "KV cache (MB) | cached media K/V (MB) |", "|" + "---|" * 9]
+    for r in records:
+        lines.append(f"| {r['family']} | {r['resolution']} | {r['images']} | {r['bridge_params'] / 1e6:.1f}M | "
+                     f"{r['tokens_per_image']} | {r['prompt_tokens']} | {r['prefill_s']:.3f} | "
+                     f"{r['kv_cache_bytes'] / 2**20:.1f} | {r['media_cache_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines), records
+
+
+# ---- 3. the physical bound ----------------------------------------------------------------------------------------
+def bound_table(reference_records):
+    print("[3/3] memory bandwidth ...", flush=True)
+    bandwidth = measure.memory_bandwidth_gbs()
+    lines = [f"Measured memory bandwidth: read {bandwidth['read_gbs']:.1f} GB/s, copy {bandwidth['copy_gbs']:.1f} GB/s "
+             "(the read figure bounds decoding, which streams the weights once per token).", "",
+             "| model | LM bytes read / token (MB) | bound (tok/s) | measured (tok/s) | fraction of bound |",
+             "|---|---|---|---|---|"]
+    records = []
+    seen = set()
+    for record in reference_records:
+        ours = record["ours"]
+        if "decode_tok_s" not in ours or record["family"] in seen:
+            continue
+        seen.add(record["family"])
+        bound = bandwidth["read_gbs"] * 1e9 / ours["lm_bytes_per_token"]
+        records.append(dict(family=record["family"], bound_tok_s=bound, decode_tok_s=ours["decode_tok_s"],
+                            fraction=ours["decode_tok_s"] / bound))
+        lines.append(f"| {record['family']} (ours) | {ours['lm_bytes_per_token'] / 2**20:.0f} | {bound:.1f} | "
+                     f"{ours['decode_tok_s']:.1f} | {ours['decode_tok_s'] / bound:.0%} |")
+    return "\n".join(lines), dict(bandwidth=bandwidth, rows=records)
+
+
+def plot(path, reference_records, tradeoff_records):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    short = {"transformers Llava": "Llava", "transformers Blip2": "Blip2"}
+    labels = [f"{r['family'].split(',')[0].replace('-style', '')}\nvs {short.get(r['reference'], r['reference'])}"
+              for r in reference_records]
+    x = range(len(labels))
+    left.bar([i - 0.2 for i in x], [r["prefill_speedup"] for r in reference_records], 0.4, label="prefill")
+    left.bar([i + 0.2 for i in x], [r["decode_speedup"] or 0 for r in reference_records], 0.4, label="decode")
+    left.axhline(1.0, color="black", linewidth=0.8)
+    left.set_xticks(list(x), labels, fontsize=7)
+    left.set_ylabel("speed, ours / reference")
+    left.legend()
+    for family in FAMILY_NAMES.values():
+        rows = [r for r in tradeoff_records if r["family"] == family and r["images"] == 1]
+        right.plot([r["resolution"] for r in rows], [r["prefill_s"] for r in rows], marker="o", label=family)
+    right.set_xlabel("input resolution (px), one image")
+    right.set_ylabel("prefill latency (s)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(setups.SIZES), default="default")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens generated for the decode measurement")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure in this process (faster; peak RSS and load time are then not per model)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count())
+    size = setups.SIZES[args.size]
+    with tempfile.TemporaryDirectory() as work:
+        reference_md, reference_records = reference_table(reference_comparisons(work, size, args))
+    tradeoff_md, tradeoff_records = tradeoffs(size, args)
+    bound_md, bound_records = bound_table(reference_records)
+    report = (f"# vlm-fusion benchmarks (size `{args.size}`, {os.cpu_count()} CPU threads, torch {torch.__version__})\n\n"
+              f"## 1. Against the reference implementations (identical weights)\n\n{reference_md}\n\n"
+              "Speed x: reference latency / ours (prefill) and ours / reference tokens per second (decode); above 1 "
+              "is faster. *recomputed K/V*: the same model recomputing every gated layer's media keys/values at each "
+              "decoding step, as OpenFlamingo does. *OpenFlamingo*: its own modules, forward only (its `generate` "
+              "does not run on transformers 5).\n\n"
+              f"## 2. Trade-offs (one vision tower, one LM)\n\n{tradeoff_md}\n\n## 3. Physical bound\n\n{bound_md}\n")
+    print("\n" + report)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(size=args.size, reference=reference_records, tradeoffs=tradeoff_records, bound=bound_records),
+                  f, indent=2)
+    plot(os.path.join(args.out, "benchmarks.png"), reference_records, tradeoff_records)
+    print(f"written: {args.out}/tables.md, results.json, benchmarks.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

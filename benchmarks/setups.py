@@ -1,0 +1,166 @@
+"""The models the benchmarks compare, built with random weights at a chosen size.
+
+Reference models are built with transformers' own classes (and OpenFlamingo's), saved, and converted with our
+conversion scripts, so both sides of every comparison hold identical weights.
+"""
+
+import importlib.util
+import os
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPImageProcessorPil, CLIPVisionModel
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "conversion_scripts"))
+
+from vlm_fusion.tools.tiny import tiny_text_config, tiny_tokenizer, tiny_vision_config  # noqa: E402
+
+SIZES = {
+    # a smoke size for the test suite
+    "tiny": dict(vision=dict(tiny_vision_config("clip")), lm=dict(tiny_text_config("llama", vocab_size=128)),
+                 qformer=dict(hidden=64, layers=2, heads=4, ffn=128, queries=8),
+                 flamingo=dict(latents=8, depth=1, heads=2, head_dim=32, every_n=1), image_size=32,
+                 resolutions=(32, 48, 64), image_counts=(1, 2)),
+    # CLIP-B/16-sized tower, a 12-layer 1024-wide Llama-style LM (~270M parameters together)
+    "default": dict(vision=dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072,
+                                num_hidden_layers=12, num_attention_heads=12, patch_size=16, image_size=224),
+                    lm=dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
+                    qformer=dict(hidden=768, layers=12, heads=12, ffn=3072, queries=32),
+                    flamingo=dict(latents=64, depth=6, heads=8, head_dim=64, every_n=2), image_size=224,
+                    resolutions=(224, 336, 448), image_counts=(1, 4, 8)),
+    # CLIP-L/14-336-sized tower, a 24-layer 2048-wide LM (~1.3B parameters)
+    "large": dict(vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                              num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=336),
+                  lm=dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                          num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
+                  qformer=dict(hidden=768, layers=12, heads=12, ffn=3072, queries=32),
+                  flamingo=dict(latents=64, depth=6, heads=8, head_dim=64, every_n=4), image_size=336,
+                  resolutions=(224, 336, 448), image_counts=(1, 4, 8)),
+}
+for _size in SIZES.values():
+    _size["lm"].update(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+LLAVA_PROMPT = "USER: <image>\nwhat is shown in this image ? ASSISTANT:"
+BLIP2_PROMPT = "Question: what is shown in this image ? Answer:"
+FLAMINGO_PROMPT = "<image>a red circle<|endofchunk|><image>a blue square<|endofchunk|><image>a star<|endofchunk|><image>a"
+
+
+def vision_config(size, image_size=None):
+    return {**size["vision"], "image_size": image_size or size["image_size"]}
+
+
+def image_processor(image_size):
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def convert(script, argv):
+    module = __import__(script)
+    if module.main(argv) != 0:
+        raise RuntimeError(f"{script} failed")
+
+
+def build_llava(root, size):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = {k: v for k, v in vision_config(size).items() if k != "model_type"}
+    config = LlavaConfig(vision_config={"model_type": "clip_vision_model", **vision}, text_config=size["lm"],
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    hf_dir, ours_dir = os.path.join(root, "llava_hf"), os.path.join(root, "llava_ours")
+    LlavaForConditionalGeneration(config).save_pretrained(hf_dir)
+    LlavaProcessor(image_processor=image_processor(size["image_size"]), tokenizer=tokenizer,
+                   patch_size=size["vision"]["patch_size"], vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(hf_dir)
+    convert("convert_llava", ["--source", "llava-hf", "--input", hf_dir, "--output", ours_dir, "--atol", "1e-3"])
+    return hf_dir, ours_dir
+
+
+def build_blip2(root, size):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.image_token = "<image>"
+    q = size["qformer"]
+    vision = {k: v for k, v in vision_config(size).items() if k != "model_type"}
+    config = Blip2Config(
+        vision_config=vision, text_config=size["lm"], num_query_tokens=q["queries"],
+        qformer_config=dict(hidden_size=q["hidden"], num_hidden_layers=q["layers"], num_attention_heads=q["heads"],
+                            intermediate_size=q["ffn"], encoder_hidden_size=vision["hidden_size"]),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    hf_dir, ours_dir = os.path.join(root, "blip2_hf"), os.path.join(root, "blip2_ours")
+    Blip2ForConditionalGeneration(config).save_pretrained(hf_dir)
+    Blip2Processor(image_processor=image_processor(size["image_size"]), tokenizer=tokenizer,
+                   num_query_tokens=q["queries"]).save_pretrained(hf_dir)
+    convert("convert_blip2", ["--source", "hf", "--input", hf_dir, "--output", ours_dir, "--atol", "1e-3"])
+    return hf_dir, ours_dir
+
+
+def open_flamingo_available() -> bool:
+    return importlib.util.find_spec("open_flamingo") is not None and importlib.util.find_spec("einops_exts") is not None
+
+
+def build_flamingo(root, size):
+    """OpenFlamingo (its own modules) saved as a released-style checkpoint, and our conversion of it."""
+    import convert_openflamingo
+
+    f = size["flamingo"]
+    clip_dir, lm_dir = os.path.join(root, "clip"), os.path.join(root, "lm")
+    CLIPVisionModel(AutoConfig.for_model(**vision_config(size))).save_pretrained(clip_dir)
+    image_processor(size["image_size"]).save_pretrained(clip_dir)
+    tokenizer = tiny_tokenizer()
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**size["lm"]))
+    lm.save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    lm.resize_token_embeddings(len(tokenizer))
+    tower = CLIPVisionModel.from_pretrained(clip_dir)
+    model = convert_openflamingo.build_open_flamingo(
+        tower, lm, media_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        eoc_token_id=tokenizer.convert_tokens_to_ids("<|endofchunk|>"), cross_attn_every_n_layers=f["every_n"],
+        layers_path="model.layers")
+    # OpenFlamingo's resampler and blocks use its defaults (8 heads of 64, 64 latents, depth 6).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.5)
+    trainable = {n for n, p in model.named_parameters()
+                 if n.startswith("perceiver.") or "gated_cross_attn" in n or "embed_tokens" in n}
+    state = {k: v for k, v in model.state_dict().items() if k in trainable or "gated_cross_attn_layers" in k}
+    checkpoint, ours_dir = os.path.join(root, "checkpoint.pt"), os.path.join(root, "flamingo_ours")
+    torch.save(state, checkpoint)
+    convert("convert_openflamingo", ["--checkpoint", checkpoint, "--vision-tower", clip_dir, "--language-model", lm_dir,
+                                     "--cross-attention-every-n-layers", str(f["every_n"]), "--output", ours_dir,
+                                     "--atol", "1e-3"])
+    return dict(checkpoint=checkpoint, vision_tower=clip_dir, language_model=lm_dir, ours=ours_dir,
+                every_n=f["every_n"])
+
+
+def family_model(family, size, image_size):
+    """One of our models at `image_size`, built from configs on the shared tower and LM (the trade-off study)."""
+    from vlm_fusion import FAMILIES
+
+    config_cls, model_cls, processor_cls = FAMILIES[family]
+    tokenizer = tiny_tokenizer()
+    q, f = size["qformer"], size["flamingo"]
+    extra = {
+        "fusion_llava": {},
+        "fusion_blip2": dict(num_query_tokens=q["queries"], qformer_hidden_size=q["hidden"],
+                             qformer_num_hidden_layers=q["layers"], qformer_num_attention_heads=q["heads"],
+                             qformer_intermediate_size=q["ffn"]),
+        "fusion_flamingo": dict(num_latents=f["latents"], perceiver_depth=f["depth"], perceiver_heads=f["heads"],
+                                perceiver_head_dim=f["head_dim"], cross_attention_heads=f["heads"],
+                                cross_attention_head_dim=f["head_dim"], cross_attention_every_n_layers=f["every_n"],
+                                end_of_chunk_token_id=len(tokenizer)),
+    }[family]
+    image_token_id = len(tokenizer) + (1 if family == "fusion_flamingo" else 0)
+    config = config_cls(vision_config=vision_config(size, image_size), text_config=size["lm"],
+                        image_token_id=image_token_id, **extra)
+    processor = processor_cls(image_processor=image_processor(image_size), tokenizer=tokenizer,
+                              image_seq_length=config.num_image_tokens())
+    assert processor.image_token_id == image_token_id
+    return model_cls(config).eval(), processor
