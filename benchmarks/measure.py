@@ -2,20 +2,17 @@
 
 `footprint(spec)` loads one model in a fresh process and reports its `from_pretrained` time and the process's peak
 resident memory after a prefill. `compare(specs)` loads the models of one comparison side by side and times them
-in alternation (A, B, A, B, ...), so drift of a shared machine hits both alike; latencies are medians over
+in alternation (A B, B A, A B, ...), so drift of a shared machine hits both alike; latencies are medians over
 `repeats` runs after a warm-up. Decode speed is (K - 1) / (T(K tokens) - T(1 token)): prefill and the first token
 do not count.
 """
 
-import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "conversion_scripts"))
 
 
 def median_time(fn, repeats: int) -> float:
@@ -115,8 +112,9 @@ def load_openflamingo(spec):
     run with transformers 5)."""
     import types
 
-    import convert_openflamingo
     from transformers import AutoTokenizer
+
+    from vlm_fusion.conversion import convert_openflamingo
 
     import vlm_fusion  # noqa: F401
     from vlm_fusion import FusionFlamingoProcessor
@@ -161,8 +159,10 @@ def compare(specs: dict) -> dict:
         forward()
         if generate is not None and k:
             generate(2)
-    for _ in range(repeats):
-        for name, (_, _, forward, generate) in loaded.items():
+    for round_ in range(repeats):
+        order = list(loaded) if round_ % 2 == 0 else list(loaded)[::-1]  # A B, then B A: no order bias
+        for name in order:
+            _, _, forward, generate = loaded[name]
             times[name]["prefill"].append(median_time(forward, 1))
             if generate is not None and k:
                 times[name]["one"].append(median_time(lambda: generate(1), 1))

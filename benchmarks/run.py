@@ -123,7 +123,6 @@ def tradeoffs(size, args):
                     prefill_s=prefill, kv_cache_bytes=measure.cache_bytes(out.past_key_values),
                     media_cache_bytes=measure.media_cache_bytes(getattr(out, "media_cache", None)),
                 ))
-            del model
     lines = ["| family | px | images | bridge params | LM tokens / image | prompt tokens | prefill (s) | "
              "KV cache (MB) | cached media K/V (MB) |", "|" + "---|" * 9]
     for r in records:

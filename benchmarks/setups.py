@@ -6,15 +6,12 @@ conversion scripts, so both sides of every comparison hold identical weights.
 
 import importlib.util
 import os
-import sys
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPImageProcessorPil, CLIPVisionModel
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, os.path.join(ROOT, "conversion_scripts"))
-
-from vlm_fusion.tools.tiny import tiny_text_config, tiny_tokenizer, tiny_vision_config  # noqa: E402
+from vlm_fusion.conversion import convert_blip2, convert_llava, convert_openflamingo
+from vlm_fusion.tools.tiny import tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 SIZES = {
     # a smoke size for the test suite
@@ -55,10 +52,9 @@ def image_processor(image_size):
     return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def convert(script, argv):
-    module = __import__(script)
+def convert(module, argv):
     if module.main(argv) != 0:
-        raise RuntimeError(f"{script} failed")
+        raise RuntimeError(f"{module.__name__} failed")
 
 
 def build_llava(root, size):
@@ -74,7 +70,7 @@ def build_llava(root, size):
     LlavaProcessor(image_processor=image_processor(size["image_size"]), tokenizer=tokenizer,
                    patch_size=size["vision"]["patch_size"], vision_feature_select_strategy="default",
                    num_additional_image_tokens=1).save_pretrained(hf_dir)
-    convert("convert_llava", ["--source", "llava-hf", "--input", hf_dir, "--output", ours_dir, "--atol", "1e-3"])
+    convert(convert_llava, ["--source", "llava-hf", "--input", hf_dir, "--output", ours_dir, "--atol", "1e-3"])
     return hf_dir, ours_dir
 
 
@@ -96,7 +92,7 @@ def build_blip2(root, size):
     Blip2ForConditionalGeneration(config).save_pretrained(hf_dir)
     Blip2Processor(image_processor=image_processor(size["image_size"]), tokenizer=tokenizer,
                    num_query_tokens=q["queries"]).save_pretrained(hf_dir)
-    convert("convert_blip2", ["--source", "hf", "--input", hf_dir, "--output", ours_dir, "--atol", "1e-3"])
+    convert(convert_blip2, ["--source", "hf", "--input", hf_dir, "--output", ours_dir, "--atol", "1e-3"])
     return hf_dir, ours_dir
 
 
@@ -106,8 +102,6 @@ def open_flamingo_available() -> bool:
 
 def build_flamingo(root, size):
     """OpenFlamingo (its own modules) saved as a released-style checkpoint, and our conversion of it."""
-    import convert_openflamingo
-
     f = size["flamingo"]
     clip_dir, lm_dir = os.path.join(root, "clip"), os.path.join(root, "lm")
     CLIPVisionModel(AutoConfig.for_model(**vision_config(size))).save_pretrained(clip_dir)
@@ -133,7 +127,7 @@ def build_flamingo(root, size):
     state = {k: v for k, v in model.state_dict().items() if k in trainable or "gated_cross_attn_layers" in k}
     checkpoint, ours_dir = os.path.join(root, "checkpoint.pt"), os.path.join(root, "flamingo_ours")
     torch.save(state, checkpoint)
-    convert("convert_openflamingo", ["--checkpoint", checkpoint, "--vision-tower", clip_dir, "--language-model", lm_dir,
+    convert(convert_openflamingo, ["--checkpoint", checkpoint, "--vision-tower", clip_dir, "--language-model", lm_dir,
                                      "--cross-attention-every-n-layers", str(f["every_n"]), "--output", ours_dir,
                                      "--atol", "1e-3"])
     return dict(checkpoint=checkpoint, vision_tower=clip_dir, language_model=lm_dir, ours=ours_dir,

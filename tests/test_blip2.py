@@ -21,7 +21,9 @@ from vlm_fusion.tools.tiny import (
     tiny_vision_config,
 )
 
-convert_blip2 = load_script("convert_blip2")
+from vlm_fusion.conversion import convert_blip2  # noqa: E402
+
+convert_blip2_script = load_script("convert_blip2")  # the command-line entry point
 QFORMER = dict(num_query_tokens=8, qformer_hidden_size=64, qformer_num_hidden_layers=3, qformer_num_attention_heads=4,
                qformer_intermediate_size=128)
 PROMPTS = ["Question: what is shown ? Answer:", "Question: how many shapes are there in this image ? Answer:"]
@@ -60,7 +62,7 @@ def blip2_hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(blip2_hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "fusion"
-    assert convert_blip2.main(["--source", "hf", "--input", str(blip2_hf_dir), "--output", str(out)]) == 0
+    assert convert_blip2_script.main(["--source", "hf", "--input", str(blip2_hf_dir), "--output", str(out)]) == 0
     return out
 
 

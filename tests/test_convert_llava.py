@@ -17,7 +17,9 @@ from conftest import load_script, random_image
 from vlm_fusion import FusionLlavaForConditionalGeneration, FusionLlavaProcessor
 from vlm_fusion.tools.tiny import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
-convert_llava = load_script("convert_llava")
+from vlm_fusion.conversion import convert_llava  # noqa: E402
+
+convert_llava_script = load_script("convert_llava")  # the command-line entry point
 PROMPTS = ["USER: <image>\nwhat is shown ? ASSISTANT:", "USER: <image>\nhow many shapes are there in this image ? ASSISTANT:"]
 
 
@@ -42,7 +44,7 @@ def llava_hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(llava_hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "fusion"
-    assert convert_llava.main(["--source", "llava-hf", "--input", str(llava_hf_dir), "--output", str(out)]) == 0
+    assert convert_llava_script.main(["--source", "llava-hf", "--input", str(llava_hf_dir), "--output", str(out)]) == 0
     return out
 
 

@@ -16,7 +16,9 @@ from vlm_fusion.tools.tiny import (
     tiny_vision_config,
 )
 
-convert_openflamingo = load_script("convert_openflamingo")
+from vlm_fusion.conversion import convert_openflamingo  # noqa: E402
+
+convert_openflamingo_script = load_script("convert_openflamingo")  # the command-line entry point
 SMALL = dict(num_latents=4, perceiver_depth=2, perceiver_heads=2, perceiver_head_dim=16, cross_attention_heads=2,
              cross_attention_head_dim=16)
 PROMPTS = ["<image>a red circle<|endofchunk|><image>a", "what is this ? <image> a"]
@@ -83,7 +85,7 @@ def openflamingo(tmp_path_factory):
 def converted(openflamingo, tmp_path_factory):
     _, _, root = openflamingo
     out = tmp_path_factory.mktemp("out") / "fusion"
-    assert convert_openflamingo.main([
+    assert convert_openflamingo_script.main([
         "--checkpoint", str(root / "checkpoint.pt"), "--vision-tower", str(root / "clip"),
         "--language-model", str(root / "llama"), "--cross-attention-every-n-layers", "1", "--output", str(out)]) == 0
     return out

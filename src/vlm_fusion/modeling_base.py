@@ -116,68 +116,6 @@ class FusionPreTrainedModel(PreTrainedModel):
     # by transformers): the vision tower, the bridge (each family adds its parts) and the LM head.
     _unquantized_modules = ["vision_tower", "language_model.lm_head"]
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`; a `quantization_config` keeps the family's `_unquantized_modules`."""
-        if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = cls.with_unquantized_defaults(kwargs["quantization_config"])
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        _remember_4bit_absmax(model)
-        return model
-
-    @classmethod
-    def with_unquantized_defaults(cls, quantization_config):
-        """A copy of `quantization_config` whose skip list also holds the family's `_unquantized_modules`."""
-        config = copy.deepcopy(quantization_config)
-        if not hasattr(config, "llm_int8_skip_modules"):
-            return config
-        user = list(config.llm_int8_skip_modules or [])
-        added = [m for m in cls._unquantized_modules if m not in user]
-        if user and added:
-            logger.warning(
-                "vlm-fusion keeps %s unquantized in addition to your `llm_int8_skip_modules` %s (transformers would "
-                "otherwise drop its own lm_head exemption and quantize the vision tower and the bridge).", added, user
-            )
-        config.llm_int8_skip_modules = user + added
-        return config
-
-    def save_pretrained(self, save_directory, *args, remote_code: bool = False, repo_id: str | None = None,
-                        tags=(), **kwargs):
-        """
-        `PreTrainedModel.save_pretrained`, plus a model card (`README.md`) rendered from the family's template.
-        `remote_code=True` also writes the model's code beside the weights, so that `trust_remote_code=True`
-        loads it where vlm-fusion is not installed.
-        """
-        _restore_portable_4bit_layout(self)
-        with registered_for_auto_classes(self if remote_code else None):
-            result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            try:
-                from vlm_fusion.tools.hub import write_model_card
-            except ImportError:  # exported code, running without vlm-fusion installed
-                return result
-            tags = [*(self.model_tags or []), *tags]
-            write_model_card(self, save_directory, repo_id=repo_id, tags=tags, remote_code=remote_code)
-        return result
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token=None, revision: str | None = None, create_pr: bool = False,
-                    commit_description: str | None = None, tags=(), remote_code: bool = False,
-                    max_shard_size="50GB"):
-        """Upload what `save_pretrained` writes — weights, config, model card, and the code if `remote_code`."""
-        import tempfile
-
-        from huggingface_hub import create_repo
-
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, max_shard_size=max_shard_size, remote_code=remote_code, repo_id=repo_id,
-                                 tags=tags)
-            return self._upload_modified_files(
-                tmp, repo_id, files_timestamps={}, commit_message=commit_message or "Upload model", token=token,
-                create_pr=create_pr, revision=revision, commit_description=commit_description,
-            )
-
     def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
         super().__init__(config)
         if vision_tower is not None:
@@ -326,6 +264,7 @@ class FusionPreTrainedModel(PreTrainedModel):
         kwargs["return_dict"] = True
         return self.language_model(attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs)
 
+    # ---- training ---------------------------------------------------------------------------------------------
     def bridge_modules(self) -> dict[str, torch.nn.Module]:
         """The parts of the model that are neither backbone: what the family adds and trains."""
         return {name: m for name, m in self.named_children() if name not in ("vision_tower", "language_model")}
@@ -403,6 +342,69 @@ class FusionPreTrainedModel(PreTrainedModel):
         config_kwargs.setdefault("base_models", hub_ids or None)
         config = cls.config_class(vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs)
         return cls(config, vision_tower=vision_tower, language_model=language_model)
+
+    # ---- loading, saving, publishing ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a `quantization_config` keeps the family's `_unquantized_modules`."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = cls.with_unquantized_defaults(kwargs["quantization_config"])
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        _remember_4bit_absmax(model)
+        return model
+
+    @classmethod
+    def with_unquantized_defaults(cls, quantization_config):
+        """A copy of `quantization_config` whose skip list also holds the family's `_unquantized_modules`."""
+        config = copy.deepcopy(quantization_config)
+        if not hasattr(config, "llm_int8_skip_modules"):
+            return config
+        user = list(config.llm_int8_skip_modules or [])
+        added = [m for m in cls._unquantized_modules if m not in user]
+        if user and added:
+            logger.warning(
+                "vlm-fusion keeps %s unquantized in addition to your `llm_int8_skip_modules` %s (transformers would "
+                "otherwise drop its own lm_head exemption and quantize the vision tower and the bridge).", added, user
+            )
+        config.llm_int8_skip_modules = user + added
+        return config
+
+    def save_pretrained(self, save_directory, *args, remote_code: bool = False, repo_id: str | None = None,
+                        tags=(), **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, plus a model card (`README.md`) rendered from the family's template.
+        `remote_code=True` also writes the model's code beside the weights, so that `trust_remote_code=True`
+        loads it where vlm-fusion is not installed.
+        """
+        _restore_portable_4bit_layout(self)
+        with registered_for_auto_classes(self if remote_code else None):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            try:
+                from vlm_fusion.tools.hub import write_model_card
+            except ImportError:  # exported code, running without vlm-fusion installed
+                return result
+            tags = [*(self.model_tags or []), *tags]
+            write_model_card(self, save_directory, repo_id=repo_id, tags=tags, remote_code=remote_code)
+        return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token=None, revision: str | None = None, create_pr: bool = False,
+                    commit_description: str | None = None, tags=(), remote_code: bool = False,
+                    max_shard_size="50GB"):
+        """Upload what `save_pretrained` writes — weights, config, model card, and the code if `remote_code`."""
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, max_shard_size=max_shard_size, remote_code=remote_code, repo_id=repo_id,
+                                 tags=tags)
+            return self._upload_modified_files(
+                tmp, repo_id, files_timestamps={}, commit_message=commit_message or "Upload model", token=token,
+                create_pr=create_pr, revision=revision, commit_description=commit_description,
+            )
 
 
 def _default_image_token_id(text_model_name_or_path, text_config) -> int:

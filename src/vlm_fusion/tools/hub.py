@@ -40,7 +40,7 @@ def family_fields(model) -> dict:
                 gated_layers=", ".join(map(str, config.gated_layer_indices())))
 
 
-def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False) -> ModelCard:
+def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False, extra: str = "") -> ModelCard:
     config = model.config
     card_data = ModelCardData(
         library_name="transformers",
@@ -65,9 +65,11 @@ def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False
         remote_code=remote_code,
         **family_fields(model),
     )
-    return ModelCard(content)
+    return ModelCard(content.rstrip() + ("\n\n" + extra.strip() + "\n" if extra else "\n"))
 
 
-def write_model_card(model, save_directory, *, repo_id=None, tags=(), remote_code=False) -> None:
+def write_model_card(model, save_directory, *, repo_id=None, tags=(), remote_code=False, extra: str = "") -> None:
+    """Write `README.md` into `save_directory`; `extra` markdown (an evaluation, say) is appended."""
     repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
-    render_model_card(model, repo_id, tags=tags, remote_code=remote_code).save(os.path.join(save_directory, "README.md"))
+    card = render_model_card(model, repo_id, tags=tags, remote_code=remote_code, extra=extra)
+    card.save(os.path.join(save_directory, "README.md"))

@@ -1,0 +1,235 @@
+"""Convert a BLIP-2 checkpoint (decoder-only LM) into a vlm-fusion `fusion_blip2` model with its processor.
+
+    # transformers' Blip2ForConditionalGeneration layout (Salesforce/blip2-opt-2.7b and friends)
+    python conversion_scripts/convert_blip2.py --source hf --input DIR --output DIR
+    # the original LAVIS layout; the vision tower (a Blip2VisionModel directory, with the image processor) and the
+    # language model (with its tokenizer) supply what the .pth does not hold
+    python conversion_scripts/convert_blip2.py --source lavis --input FILE.pth --vision-tower DIR \\
+        --language-model DIR --output DIR
+
+Every source key must be consumed by the tables below and every model weight filled, or nothing is written.
+Before finishing, the script compares the written model's logits with the source implementation's.
+"""
+
+import argparse
+import sys
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+from vlm_fusion import FusionBlip2Config, FusionBlip2ForConditionalGeneration, FusionBlip2Processor
+from vlm_fusion.conversion import common as conversion
+from vlm_fusion.conversion.common import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
+from vlm_fusion.vision import load_vision_tower
+
+PROMPT = "Question: what is shown in this image? Answer:"
+
+# One Q-Former layer, transformers' names -> ours. LAVIS differs only by `attention.self` for `attention.attention`.
+QFORMER_LAYER_RULES = [
+    (r"attention\.(?:attention|self)\.query\.", "self_attn.to_q."),
+    (r"attention\.(?:attention|self)\.key\.", "self_attn.to_k."),
+    (r"attention\.(?:attention|self)\.value\.", "self_attn.to_v."),
+    (r"attention\.output\.dense\.", "self_attn.to_out."),
+    (r"attention\.output\.LayerNorm\.", "self_attn_norm."),
+    (r"crossattention\.(?:attention|self)\.query\.", "cross_attn.to_q."),
+    (r"crossattention\.(?:attention|self)\.key\.", "cross_attn.to_k."),
+    (r"crossattention\.(?:attention|self)\.value\.", "cross_attn.to_v."),
+    (r"crossattention\.output\.dense\.", "cross_attn.to_out."),
+    (r"crossattention\.output\.LayerNorm\.", "cross_attn_norm."),
+    (r"intermediate_query\.dense\.", "ff.0."),
+    (r"output_query\.dense\.", "ff.2."),
+    (r"output_query\.LayerNorm\.", "ff_norm."),
+]
+
+
+def qformer_rules(layer_prefix: str) -> list[tuple[str, str | None]]:
+    rules = [(rf"^{layer_prefix}(\d+)\.{src}", rf"qformer.layers.\1.{dst}") for src, dst in QFORMER_LAYER_RULES]
+    # The Q-Former's text branch (unused by BLIP-2 generation) is dropped on purpose.
+    return rules + [(rf"^{layer_prefix}\d+\.(?:intermediate|output)\.", None)]
+
+
+def hf_rules(lm_prefix: str) -> list[tuple[str, str | None]]:
+    return [
+        (r"^query_tokens$", "qformer.query_tokens"),
+        (r"^vision_model\.", "vision_tower."),
+        (r"^qformer\.layernorm\.", "qformer.layernorm."),
+        *qformer_rules(r"qformer\.encoder\.layer\."),
+        (r"^language_projection\.", "language_projection."),
+        (r"^language_model\.model\.", f"language_model.{lm_prefix}."),
+        (r"^language_model\.lm_head\.", "language_model.lm_head."),
+    ]
+
+
+def lavis_rules(lm_prefix: str) -> list[tuple[str, str | None]]:
+    """LAVIS blip2_opt: EVA ViT `visual_encoder.*`, `ln_vision`, `Qformer.bert.*`, `opt_proj`, `opt_model.*`."""
+    return [
+        (r"^query_tokens$", "qformer.query_tokens"),
+        (r"^ln_vision\.", "vision_layernorm."),
+        (r"^visual_encoder\.cls_token$", "vision_tower.embeddings.class_embedding"),
+        (r"^visual_encoder\.pos_embed$", "vision_tower.embeddings.position_embedding"),
+        (r"^visual_encoder\.patch_embed\.proj\.", "vision_tower.embeddings.patch_embedding."),
+        (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_tower.encoder.layers.\1.layer_norm1."),
+        (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_tower.encoder.layers.\1.layer_norm2."),
+        (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"vision_tower.encoder.layers.\1.self_attn.qkv.weight"),
+        (r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$", r"vision_tower.encoder.layers.\1.self_attn.\2_bias"),
+        (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_tower.encoder.layers.\1.self_attn.projection."),
+        (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_tower.encoder.layers.\1.mlp."),
+        (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
+        (r"^Qformer\.bert\.embeddings\.(?:word_embeddings|position_embeddings|position_ids)", None),  # text branch
+        (r"^Qformer\.cls\.", None),  # text branch
+        *qformer_rules(r"Qformer\.bert\.encoder\.layer\."),
+        (r"^opt_proj\.", "language_projection."),
+        (r"^opt_model\.model\.", f"language_model.{lm_prefix}."),
+        (r"^opt_model\.lm_head\.", "language_model.lm_head."),
+    ]
+
+
+def merge_eva_qkv_bias(state_dict: dict) -> dict:
+    """EVA keeps q and v biases (k has none); transformers' fused qkv bias is `cat(q_bias, 0, v_bias)`."""
+    for key in [k for k in state_dict if k.endswith(".self_attn.q_bias")]:
+        prefix = key[: -len("q_bias")]
+        q, v = state_dict.pop(key), state_dict.pop(prefix + "v_bias")
+        state_dict[prefix + "qkv.bias"] = torch.cat([q, torch.zeros_like(v), v])
+    return state_dict
+
+
+def share_vision_norm(state_dict: dict) -> dict:
+    """The tower's own `post_layernorm` is not on our path (the bridge norms the features); give it the same weights."""
+    for name in ("weight", "bias"):
+        state_dict.setdefault(f"vision_tower.post_layernorm.{name}", state_dict[f"vision_layernorm.{name}"].clone())
+    return state_dict
+
+
+def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_token_id):
+    if qformer.hidden_act != "gelu":
+        raise ConversionError(f"Q-Former activation {qformer.hidden_act!r} is not supported (only gelu).")
+    return FusionBlip2Config(
+        vision_config=vision_config,
+        text_config=text_config,
+        num_query_tokens=num_query_tokens,
+        qformer_hidden_size=qformer.hidden_size,
+        qformer_num_hidden_layers=qformer.num_hidden_layers,
+        qformer_num_attention_heads=qformer.num_attention_heads,
+        qformer_intermediate_size=qformer.intermediate_size,
+        cross_attention_frequency=qformer.cross_attention_frequency,
+        qformer_layer_norm_eps=qformer.layer_norm_eps,
+        qformer_dropout=qformer.hidden_dropout_prob,
+        vision_layer_norm_eps=vision_config.layer_norm_eps,
+        image_token_id=image_token_id,
+    )
+
+
+# ---- transformers Blip2 -------------------------------------------------------------------------------------------
+def convert_hf(args):
+    source = AutoConfig.from_pretrained(args.input)
+    if source.model_type != "blip-2":
+        raise ConversionError(f"--source hf expects a `blip-2` config, {args.input} holds {source.model_type!r}.")
+    if not source.use_decoder_only_language_model:
+        raise ConversionError("Encoder-decoder (T5) BLIP-2 checkpoints are not supported: the LM must be causal.")
+    source_processor = AutoProcessor.from_pretrained(args.input)
+    processor = FusionBlip2Processor(image_processor=source_processor.image_processor,
+                                     tokenizer=source_processor.tokenizer, image_seq_length=source.num_query_tokens)
+    image_token_id = getattr(source, "image_token_id", None)
+    if image_token_id is not None and image_token_id != processor.image_token_id:
+        raise ConversionError(f"The config's image token {image_token_id} is not the tokenizer's <image> "
+                              f"({processor.image_token_id}).")
+    config = fusion_config(source.vision_config, source.text_config, source.qformer_config,
+                           source.num_query_tokens, processor.image_token_id)
+    state_dict = rename_keys(read_state_dict(args.input), hf_rules(conversion.lm_base_prefix(config.text_config)))
+    for name in ("weight", "bias"):  # transformers norms inside the tower; our bridge norms the selected layer
+        state_dict[f"vision_layernorm.{name}"] = state_dict[f"vision_tower.post_layernorm.{name}"].clone()
+
+    def reference(inputs):
+        from transformers import Blip2ForConditionalGeneration
+
+        model = Blip2ForConditionalGeneration.from_pretrained(args.input, dtype=args.dtype).eval()
+        ref_inputs = source_processor(images=sample_image(), text=PROMPT, return_tensors="pt")
+        if not torch.equal(ref_inputs["input_ids"], inputs["input_ids"]):
+            raise ConversionError("The converted processor tokenizes the sample prompt differently from the source.")
+        return model(**ref_inputs).logits
+
+    write_and_verify(args, config, state_dict, processor, reference)
+
+
+# ---- LAVIS -----------------------------------------------------------------------------------------------------
+def convert_lavis(args):
+    if not (args.vision_tower and args.language_model):
+        raise ConversionError("--source lavis needs --vision-tower DIR and --language-model DIR.")
+    source = read_state_dict(args.input)
+    if any(k.startswith(("t5_proj", "t5_model")) for k in source):
+        raise ConversionError("LAVIS blip2_t5 checkpoints are not supported: the LM must be causal.")
+    vision_config = AutoConfig.from_pretrained(args.vision_tower)
+    vision_config = getattr(vision_config, "vision_config", vision_config)
+    text_config = AutoConfig.from_pretrained(args.language_model)
+    processor = FusionBlip2Processor(image_processor=AutoImageProcessor.from_pretrained(args.vision_tower),
+                                     tokenizer=AutoTokenizer.from_pretrained(args.language_model),
+                                     image_seq_length=source["query_tokens"].shape[1])
+    qformer = _lavis_qformer_config(source, args)
+    config = fusion_config(vision_config, text_config, qformer, source["query_tokens"].shape[1],
+                           processor.image_token_id)
+    state_dict = merge_eva_qkv_bias(rename_keys(source, lavis_rules(conversion.lm_base_prefix(text_config))))
+    if not any(k.startswith("vision_tower.") for k in state_dict):
+        tower = load_vision_tower(args.vision_tower)
+        state_dict.update({f"vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    if not any(k.startswith("language_model.") for k in state_dict):  # LAVIS keeps the frozen OPT out of the .pth
+        lm = AutoModelForCausalLM.from_pretrained(args.language_model)
+        state_dict.update({f"language_model.{k}": v for k, v in lm.state_dict().items()})
+    state_dict = share_vision_norm(state_dict)
+    write_and_verify(args, config, state_dict, processor, reference=None)
+
+
+def _lavis_qformer_config(source, args):
+    """The Q-Former's shape, read off the LAVIS weights (the .pth carries no config)."""
+    from transformers import Blip2QFormerConfig
+
+    prefix = "Qformer.bert.encoder.layer."
+    layers = sorted({int(k[len(prefix):].split(".")[0]) for k in source if k.startswith(prefix)})
+    cross = sorted({int(k[len(prefix):].split(".")[0]) for k in source if k.startswith(prefix) and ".crossattention." in k})
+    hidden = source["query_tokens"].shape[-1]
+    frequency = cross[1] - cross[0] if len(cross) > 1 else len(layers)
+    if cross != list(range(0, len(layers), frequency)):
+        raise ConversionError(f"Cross-attention in layers {cross} is not every {frequency}th layer from layer 0.")
+    return Blip2QFormerConfig(
+        hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=args.qformer_heads,
+        intermediate_size=source[f"{prefix}0.intermediate_query.dense.weight"].shape[0],
+        cross_attention_frequency=frequency, layer_norm_eps=1e-12,
+    )
+
+
+# ---- shared ----------------------------------------------------------------------------------------------------
+def write_and_verify(args, config, state_dict, processor, reference):
+    def verify(path):
+        converted_processor = FusionBlip2Processor.from_pretrained(path)
+        model = FusionBlip2ForConditionalGeneration.from_pretrained(path, dtype=args.dtype).eval()
+        inputs = converted_processor(images=sample_image(), text=PROMPT, return_tensors="pt")
+        if reference is None:  # LAVIS itself does not install here: check the pieces we did not write
+            lm_only = AutoModelForCausalLM.from_pretrained(args.language_model, dtype=args.dtype).eval()
+            text_ids = inputs["input_ids"][:, config.num_query_tokens:]
+            print("[verify] LAVIS does not run here: checking the language-model half against its own directory")
+            compare_logits("language model alone vs converted (text only)", model(input_ids=text_ids).logits,
+                           lm_only(input_ids=text_ids).logits, args.atol)
+            return
+        compare_logits(f"{args.source} vs converted", model(**inputs).logits, reference(inputs), args.atol)
+
+    conversion.write_and_verify(args.output, overwrite=args.overwrite, model_cls=FusionBlip2ForConditionalGeneration,
+                                config=config, state_dict=state_dict, processor=processor, verify=verify)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["hf", "lavis"], required=True)
+    parser.add_argument("--input", required=True, help="checkpoint directory (hf) or .pth file (lavis)")
+    parser.add_argument("--vision-tower", help="Blip2VisionModel directory with the image processor (lavis)")
+    parser.add_argument("--language-model", help="causal LM directory with its tokenizer (lavis)")
+    parser.add_argument("--qformer-heads", type=int, default=12, help="Q-Former attention heads (lavis; 12 in BLIP-2)")
+    conversion.add_common_arguments(parser)
+    return conversion.check_common_arguments(parser, parser.parse_args(argv))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return conversion.run((convert_hf if args.source == "hf" else convert_lavis), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
