@@ -146,6 +146,20 @@ def compare_logits(name: str, ours: torch.Tensor, reference: torch.Tensor, atol:
     return diff
 
 
+def transformers_reference(model_cls, path: str, dtype, source_processor, prompt: str):
+    """The logits a converted checkpoint must match: transformers' own `model_cls` run on the source checkpoint,
+    fed by the source's processor, which must tokenize the sample prompt exactly as the converted processor does."""
+
+    def reference(inputs):
+        model = model_cls.from_pretrained(path, dtype=dtype).eval()
+        source_inputs = source_processor(images=sample_image(), text=prompt, return_tensors="pt")
+        if not torch.equal(source_inputs["input_ids"], inputs["input_ids"]):
+            raise ConversionError("The converted processor tokenizes the sample prompt differently from the source.")
+        return model(**source_inputs).logits
+
+    return reference
+
+
 def sample_image(size: int = 336, seed: int = 0):
     """A deterministic, structured RGB test image (smooth gradients plus noise), no download needed."""
     from PIL import Image

@@ -139,15 +139,10 @@ def convert_hf(args):
     for name in ("weight", "bias"):  # transformers norms inside the tower; our bridge norms the selected layer
         state_dict[f"vision_layernorm.{name}"] = state_dict[f"vision_tower.post_layernorm.{name}"].clone()
 
-    def reference(inputs):
-        from transformers import Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration
 
-        model = Blip2ForConditionalGeneration.from_pretrained(args.input, dtype=args.dtype).eval()
-        ref_inputs = source_processor(images=sample_image(), text=PROMPT, return_tensors="pt")
-        if not torch.equal(ref_inputs["input_ids"], inputs["input_ids"]):
-            raise ConversionError("The converted processor tokenizes the sample prompt differently from the source.")
-        return model(**ref_inputs).logits
-
+    reference = conversion.transformers_reference(Blip2ForConditionalGeneration, args.input, args.dtype,
+                                                  source_processor, PROMPT)
     write_and_verify(args, config, state_dict, processor, reference)
 
 

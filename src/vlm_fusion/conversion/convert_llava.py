@@ -89,15 +89,10 @@ def convert_llava_hf(args):
         chat_template=source_processor.chat_template,
         image_seq_length=config.num_image_tokens(),
     )
-    def reference(processor_inputs):
-        from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(args.input, dtype=args.dtype).eval()
-        inputs = source_processor(images=sample_image(), text=PROMPT, return_tensors="pt")
-        if not torch.equal(inputs["input_ids"], processor_inputs["input_ids"]):
-            raise ConversionError("The converted processor tokenizes the sample prompt differently from the source.")
-        return model(**inputs).logits
-
+    reference = conversion.transformers_reference(LlavaForConditionalGeneration, args.input, args.dtype,
+                                                  source_processor, PROMPT)
     write_and_verify(args, config, state_dict, processor, reference)
 
 
