@@ -1,7 +1,7 @@
 """Timing, memory and bandwidth measurements.
 
 `footprint(spec)` loads one model in a fresh process and reports its `from_pretrained` time and the process's peak
-resident memory after a prefill. `compare(specs)` loads the models of one comparison side by side and times them
+resident memory (and peak GPU memory when `spec["device"]` is a GPU) after a prefill. `compare(specs)` loads the models of one comparison side by side and times them
 in alternation (A B, B A, A B, ...), so drift of a shared machine hits both alike; latencies are medians over
 `repeats` runs after a warm-up. Decode speed is (K - 1) / (T(K tokens) - T(1 token)): prefill and the first token
 do not count.
@@ -15,11 +15,18 @@ import torch
 
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -33,9 +40,9 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 7) -> dict:
-    """Read bandwidth (a sum over a large buffer) and copy bandwidth (read + write), in GB/s."""
-    a = torch.rand(megabytes * 2**20 // 4)
+def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 7, device: str = "cpu") -> dict:
+    """Read bandwidth (a sum over a large buffer) and copy bandwidth (read + write) of `device`'s memory, in GB/s."""
+    a = torch.rand(megabytes * 2**20 // 4, device=device)
     b = torch.empty_like(a)
     a.sum(), b.copy_(a)  # warm-up: page in both buffers
     read = a.numel() * 4 / median_time(lambda: a.sum(), repeats)
@@ -83,11 +90,12 @@ def load(spec):
         from transformers import Blip2Processor as processor_cls
     else:
         raise ValueError(kind)
-    model = model_cls.from_pretrained(path).eval()
+    device = spec.get("device", "cpu")
+    model = model_cls.from_pretrained(path, device_map=device).eval()
     if "reuse_media_kv" in spec:
         model.reuse_media_kv = spec["reuse_media_kv"]
     processor = processor_cls.from_pretrained(path)
-    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt")
+    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt").to(device)
     return model, inputs, lambda: model(**inputs, use_cache=True), make_generate(model, inputs)
 
 
@@ -129,8 +137,8 @@ def load_openflamingo(spec):
 
     add_flamingo_tokens(tokenizer)
     source = torch.load(spec["checkpoint"], map_location="cpu")
-    model = convert_openflamingo.open_flamingo_reference(args, source, config, tokenizer)
-    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt")
+    model = convert_openflamingo.open_flamingo_reference(args, source, config, tokenizer).to(spec.get("device", "cpu"))
+    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt").to(spec.get("device", "cpu"))
     vision_x = inputs["pixel_values"][None, :, None]
     forward = lambda: model(vision_x=vision_x, lang_x=inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
                             use_cache=True)
@@ -144,7 +152,10 @@ def footprint(spec) -> dict:
     _, _, forward, _ = load(spec)
     load_s = time.perf_counter() - start
     forward()
-    return {"load_s": load_s, "peak_rss_mb": peak_rss_mb()}
+    result = {"load_s": load_s, "peak_rss_mb": peak_rss_mb()}
+    if spec.get("device", "cpu").startswith("cuda"):
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
 @torch.no_grad()

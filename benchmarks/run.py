@@ -50,7 +50,7 @@ def comparison(family, reference, ref_spec, ours_spec, args):
 
 # ---- 1. against the reference implementations -----------------------------------------------------------------
 def reference_comparisons(work, size, args):
-    common = dict(repeats=args.repeats, new_tokens=args.new_tokens, image_size=size["image_size"])
+    common = dict(repeats=args.repeats, new_tokens=args.new_tokens, image_size=size["image_size"], device=args.device)
     rows = []
     print("[1/3] building reference models and converting them ...", flush=True)
     llava_hf, llava_ours = setups.build_llava(work, size)
@@ -83,6 +83,8 @@ def ratio(numerator, denominator):
 def reference_table(rows):
     lines = ["| family | reference | prefill ours / ref (s) | prefill speed x | decode ours / ref (tok/s) | "
              "decode speed x | peak RSS ours / ref (MB) | load ours / ref (s) |", "|" + "---|" * 8]
+    if rows and "peak_gpu_mb" in rows[0][3]:
+        lines = [lines[0] + " peak GPU ours / ref (MB) |", "|" + "---|" * 9]
     records = []
     for family, reference, ref, ours in rows:
         record = dict(family=family, reference=reference, ours=ours, ref=ref,
@@ -94,7 +96,8 @@ def reference_table(rows):
             f"| {family} | {reference} | {ours['prefill_s']:.3f} / {ref['prefill_s']:.3f} | "
             f"{record['prefill_speedup']:.2f} | {decode} | "
             f"{'%.2f' % record['decode_speedup'] if record['decode_speedup'] else 'n/a'} | "
-            f"{ours['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} | {ours['load_s']:.2f} / {ref['load_s']:.2f} |")
+            f"{ours['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} | {ours['load_s']:.2f} / {ref['load_s']:.2f} |"
+            + (f" {ours['peak_gpu_mb']:.0f} / {ref['peak_gpu_mb']:.0f} |" if "peak_gpu_mb" in ours else ""))
     return "\n".join(lines), records
 
 
@@ -110,11 +113,12 @@ def tradeoffs(size, args):
     for family in FAMILY_NAMES:
         for resolution in sorted({r for r, _ in points}):
             model, processor = setups.family_model(family, size, resolution)
+            model.to(args.device)
             bridge = sum(p.numel() for m in model.bridge_modules().values() for p in m.parameters())
             for _, count in [p for p in points if p[0] == resolution]:
                 spec = dict(image_size=resolution, num_images=count, nested_images=family == "fusion_flamingo")
                 prompt = "".join(["<image> a circle . "] * count) + "what is shown ?"
-                inputs = processor(images=measure.spec_images(spec), text=[prompt], return_tensors="pt")
+                inputs = processor(images=measure.spec_images(spec), text=[prompt], return_tensors="pt").to(args.device)
                 out = model(**inputs, use_cache=True)
                 prefill = measure.median_time(lambda: model(**inputs, use_cache=True), max(1, args.repeats // 2 + 1))
                 records.append(dict(
@@ -133,9 +137,9 @@ def tradeoffs(size, args):
 
 
 # ---- 3. the physical bound ----------------------------------------------------------------------------------------
-def bound_table(reference_records):
+def bound_table(reference_records, device):
     print("[3/3] memory bandwidth ...", flush=True)
-    bandwidth = measure.memory_bandwidth_gbs()
+    bandwidth = measure.memory_bandwidth_gbs(device=device)
     lines = [f"Measured memory bandwidth: read {bandwidth['read_gbs']:.1f} GB/s, copy {bandwidth['copy_gbs']:.1f} GB/s "
              "(the read figure bounds decoding, which streams the weights once per token).", "",
              "| model | LM bytes read / token (MB) | bound (tok/s) | measured (tok/s) | fraction of bound |",
@@ -190,14 +194,17 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--in-process", action="store_true",
                         help="measure in this process (faster; peak RSS and load time are then not per model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models run (default: the GPU when there is one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
     size = setups.SIZES[args.size]
     with tempfile.TemporaryDirectory() as work:
         reference_md, reference_records = reference_table(reference_comparisons(work, size, args))
     tradeoff_md, tradeoff_records = tradeoffs(size, args)
-    bound_md, bound_records = bound_table(reference_records)
-    report = (f"# vlm-fusion benchmarks (size `{args.size}`, {os.cpu_count()} CPU threads, torch {torch.__version__})\n\n"
+    bound_md, bound_records = bound_table(reference_records, args.device)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU threads"
+    report = (f"# vlm-fusion benchmarks (size `{args.size}`, {where}, torch {torch.__version__})\n\n"
               f"## 1. Against the reference implementations (identical weights)\n\n{reference_md}\n\n"
               "Speed x: reference latency / ours (prefill) and ours / reference tokens per second (decode); above 1 "
               "is faster. *recomputed K/V*: the same model recomputing every gated layer's media keys/values at each "
