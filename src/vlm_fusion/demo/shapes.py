@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
 NUMBERS = ("zero", "one", "two", "three")
-IMAGE_SIZE = 64
+IMAGE_SIZE = 96
 GRID = 3
 QUESTION_TYPES = ("colour", "shape", "count", "left_of")
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -19,8 +19,8 @@ CAPTION_QUESTION = "describe the image ."
 
 VOCABULARY = (
     "USER ASSISTANT : ? . , a an and the is what which how many colour shape shapes object are there left of "
-    "describe image yes no " + " ".join(SHAPES) + " " + " ".join(COLOURS) + " " + " ".join(NUMBERS)
-).split()
+    "describe image yes no empty " + " ".join(SHAPES) + " " + " ".join(COLOURS) + " " + " ".join(NUMBERS)
+).split() + [f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,20 @@ def caption(scene: list[Item]) -> str:
     return (" and ".join(parts) if len(parts) < 3 else f"{parts[0]} , {parts[1]} and {parts[2]}") + " ."
 
 
+def cell_index(item: Item) -> int:
+    """Grid cells are read row by row, the order of a vision tower's patches."""
+    return item.row * GRID + item.col
+
+
+def grid_text(scene: list[Item]) -> str:
+    """The scene as text the way the demo's vision tower presents it: one word per grid cell, row by row
+    ('empty red_circle empty ...'). The language model is pretrained with this in place of the image."""
+    words = ["empty"] * GRID**2
+    for item in scene:
+        words[cell_index(item)] = f"{item.colour}_{item.shape}"
+    return " ".join(words)
+
+
 def questions(scene: list[Item], rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """`(type, question, answer)` for every question type the scene allows an unambiguous answer to."""
     found = []
@@ -94,17 +108,18 @@ def questions(scene: list[Item], rng: np.random.Generator) -> list[tuple[str, st
     return found
 
 
-def examples(seed: int, count: int, *, kinds=QUESTION_TYPES):
-    """`count` examples `(image, kind, question, answer)`, the kinds in turn (balanced); kind "caption" describes."""
+def examples(seed: int, count: int, *, kinds=QUESTION_TYPES, as_text: bool = False):
+    """`count` examples `(image, kind, question, answer)`, the kinds in turn (balanced); kind "caption" describes.
+    With `as_text`, the scene's caption stands in for the image (text-only data for the language model)."""
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < count:
         kind = kinds[len(out) % len(kinds)]
         scene = sample_scene(rng)
         if kind == "caption":
-            out.append((render(scene), kind, CAPTION_QUESTION, caption(scene)))
-            continue
-        matching = [q for q in questions(scene, rng) if q[0] == kind]
+            matching = [(kind, CAPTION_QUESTION, caption(scene))]
+        else:
+            matching = [q for q in questions(scene, rng) if q[0] == kind]
         if matching:  # otherwise draw another scene for this kind
-            out.append((render(scene), *matching[0]))
+            out.append((grid_text(scene) if as_text else render(scene), *matching[0]))
     return out

@@ -2,8 +2,10 @@
 
     python -m vlm_fusion.demo.train --out src/vlm_fusion/demo/checkpoints
 
-1. Pretrain a tiny CLIP-style vision encoder (shape and colour of every grid cell) and a tiny Llama LM (the task's
-   text), so that freezing them later is meaningful.
+1. Pretrain a tiny CLIP-style vision encoder (one patch per grid cell, trained to name each cell's shape and colour)
+   and a tiny Llama LM on the task's text, where the scene is written one word per grid cell in place of the image
+   ("empty red_circle empty ..."), so that freezing them later is meaningful and the LM already knows how to answer
+   from such a context; stage 1 then only has to map the image onto it.
 2. For each family, with transformers' `Trainer`: stage 1 aligns the bridge on captions with the vision tower and
    the LM frozen; stage 2 instruction-tunes on the questions (LLaVA- and BLIP-2-style: bridge + LM; Flamingo-style,
    as in its recipe: resampler + gated cross-attention + input embeddings, the LM frozen). The tower stays frozen.
@@ -25,6 +27,7 @@ from transformers import (
     CLIPVisionModel,
     Trainer,
     TrainingArguments,
+    get_cosine_schedule_with_warmup,
 )
 from transformers.utils import logging as hf_logging
 
@@ -35,7 +38,7 @@ from vlm_fusion.tools.tiny import tiny_tokenizer
 
 SEED = 0
 VISION = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-              num_attention_heads=4, image_size=shapes.IMAGE_SIZE, patch_size=8)
+              num_attention_heads=4, image_size=shapes.IMAGE_SIZE, patch_size=32)
 TEXT = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 FAMILY_CONFIG = {
@@ -46,7 +49,10 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-STEPS = dict(vision=800, lm=400, align=300, instruct=1500)  # --quick divides them by 10
+STEPS = dict(vision=800, lm=2000, align=300, instruct=1000)  # --quick divides them by 10
+STAGE2_LR = 1e-3
+# "is the X left of the Y ?" takes the LM longest to learn (it compares two positions): it gets half the questions
+QUESTION_MIX = ("colour", "left_of", "shape", "left_of", "count", "left_of")
 
 
 def image_processor():
@@ -60,60 +66,68 @@ def pixels(images) -> torch.Tensor:
 
 # ---- 1. pretraining the parts ---------------------------------------------------------------------------------
 def cell_targets(scene):
-    """Per grid cell: shape index and colour index, 0 for an empty cell."""
+    """Per grid cell, in the reading order of `shapes.cell_index`: shape index and colour index, 0 for an empty cell."""
     shape, colour = [0] * shapes.GRID**2, [0] * shapes.GRID**2
     for item in scene:
-        cell = item.row * shapes.GRID + item.col
-        shape[cell] = shapes.SHAPES.index(item.shape) + 1
-        colour[cell] = list(shapes.COLOURS).index(item.colour) + 1
+        shape[shapes.cell_index(item)] = shapes.SHAPES.index(item.shape) + 1
+        colour[shapes.cell_index(item)] = list(shapes.COLOURS).index(item.colour) + 1
     return shape, colour
 
 
-def pretrain_vision(steps: int, batch: int = 64) -> CLIPVisionModel:
-    """A CLIP-style tower trained to name the shape and colour in every cell of the grid (then the heads are dropped)."""
+def pretrain_vision(steps: int, batch: int = 64, learning_rate: float = 6e-4) -> CLIPVisionModel:
+    """A CLIP-style tower with one patch per grid cell, trained so that its k-th patch token names the shape and
+    colour of the k-th cell (row by row, as `shapes.grid_text` writes the scene for the LM).
+    The classification heads are dropped afterwards."""
     import numpy as np
 
+    assert VISION["image_size"] // VISION["patch_size"] == shapes.GRID, "one patch per grid cell"
     torch.manual_seed(SEED)
     tower = CLIPVisionModel(AutoConfig.for_model(**VISION))
-    side, cells = VISION["image_size"] // VISION["patch_size"], shapes.GRID
-    # (9, P): the mean over the patches whose centre falls in each grid cell
-    cell_of = torch.tensor([(r * cells // side) * cells + (c * cells // side) for r in range(side) for c in range(side)])
-    pool = nn.functional.one_hot(cell_of, cells * cells).T.float()
-    pool = pool / pool.sum(-1, keepdim=True)
-    heads = nn.Linear(VISION["hidden_size"], len(shapes.SHAPES) + 1 + len(shapes.COLOURS) + 1)
-    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=1e-3)
+    # A cosine classifier: shape and colour must each take a large share of a cell feature's norm, so that the
+    # bridges trained later find both (with a plain linear head, colour hid in a direction of tiny variance).
+    prototypes = nn.Parameter(torch.randn(len(shapes.SHAPES) + 1 + len(shapes.COLOURS) + 1, VISION["hidden_size"]))
+    optimizer = torch.optim.AdamW(list(tower.parameters()) + [prototypes], lr=learning_rate)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     rng = np.random.default_rng(SEED + 1)
-    for _ in tqdm(range(steps), desc="pretraining the vision tower"):
+    progress = tqdm(range(steps), desc="pretraining the vision tower")
+    for _ in progress:
         scenes = [shapes.sample_scene(rng) for _ in range(batch)]
         features = tower(pixels([shapes.render(s) for s in scenes]), output_hidden_states=True).hidden_states[-1]
-        logits = heads(pool @ features[:, 1:])  # (B, 9, D) -> (B, 9, classes)
+        cell_features = nn.functional.normalize(features[:, 1:], dim=-1)  # (B, 9, D): the patch tokens, CLS dropped
+        logits = 16 * cell_features @ nn.functional.normalize(prototypes, dim=-1).T  # (B, 9, classes)
         targets = torch.tensor([cell_targets(s) for s in scenes])  # (B, 2, 9)
         n_shapes = len(shapes.SHAPES) + 1
         loss = nn.functional.cross_entropy(logits[..., :n_shapes].flatten(0, 1), targets[:, 0].flatten()) + \
             nn.functional.cross_entropy(logits[..., n_shapes:].flatten(0, 1), targets[:, 1].flatten())
         optimizer.zero_grad()
         loss.backward()
+        nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     print(f"vision tower: final cell loss {loss.item():.3f}")
     return tower.eval()
 
 
 def pretrain_lm(tokenizer, steps: int, batch: int = 64):
-    """A tiny Llama trained on the task's text alone (prompts, questions, captions; answers without the image)."""
+    """A tiny Llama trained on the task's text alone: the scene's description stands where the image will be, so the
+    model learns to answer from its context (which object has which colour, where) before it ever sees an image."""
     torch.manual_seed(SEED)
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TEXT, vocab_size=len(tokenizer)))
-    data = shapes.examples(SEED + 2, steps * batch // 4, kinds=shapes.QUESTION_TYPES + ("caption",))
-    texts = [shapes.PROMPT.format(question=q).replace("<image>\n", "") + f" {a}" for _, _, q, a in data]
+    data = shapes.examples(SEED + 2, steps * batch // 4, kinds=QUESTION_MIX + ("caption",), as_text=True)
+    eos = tokenizer.eos_token_id
+    items = [(None, tokenizer(shapes.PROMPT.replace("<image>", scene).format(question=q))["input_ids"],
+              tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [eos]) for scene, _, q, a in data]
     optimizer = torch.optim.AdamW(lm.parameters(), lr=2e-3)
-    tokenizer.padding_side = "right"
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    batches = collate(tokenizer.pad_token_id)
     for step in tqdm(range(steps), desc="pretraining the language model"):
-        chunk = [texts[(step * batch + i) % len(texts)] for i in range(batch)]
-        encoded = tokenizer([t + tokenizer.eos_token for t in chunk], padding=True, return_tensors="pt")
-        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-        loss = lm(**encoded, labels=labels).loss
+        # the loss is on the answers only, as in the instruction tuning to come: the context is random scene text
+        loss = lm(**batches([items[(step * batch + i) % len(items)] for i in range(batch)])).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     print(f"language model: final loss {loss.item():.3f}")
     return lm.eval()
 
@@ -148,8 +162,10 @@ def collate(pad_id):
             ids[row, : len(sequence)] = torch.tensor(sequence)
             labels[row, len(prompt) : len(sequence)] = torch.tensor(answer)
             mask[row, : len(sequence)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "pixel_values": torch.stack([pixel for pixel, _, _ in batch])}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if batch[0][0] is not None:
+            out["pixel_values"] = torch.stack([pixel for pixel, _, _ in batch])
+        return out
     return collate_fn
 
 
@@ -203,8 +219,10 @@ def train_family(family, tower, lm, tokenizer, steps, work):
         model.language_model.requires_grad_(True)
         report["language_model"] = sum(p.numel() for p in model.language_model.parameters())
     print(f"{family} stage 2 (instruct):", report)
-    mixture = shapes.examples(SEED + 4, steps["instruct"] * 32 // 2, kinds=shapes.QUESTION_TYPES * 3 + ("caption",))
-    fit(model, Examples(processor, mixture), pad, steps["instruct"], 5e-4, work)
+    # Flamingo-style keeps its LM frozen: only the resampler and the gated blocks learn to answer, which takes longer
+    instruct = steps["instruct"] * (3 if family == "fusion_flamingo" else 1)
+    mixture = shapes.examples(SEED + 4, instruct * 32 // 2, kinds=QUESTION_MIX * 2 + ("caption",))
+    fit(model, Examples(processor, mixture), pad, instruct, STAGE2_LR, work)
     model.requires_grad_(True)
     return model.eval(), processor
 
