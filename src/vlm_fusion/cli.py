@@ -41,11 +41,10 @@ def demo(args) -> int:
     scene = shapes.sample_scene(rng)
     image = shapes.render(scene)
     if args.save_image:
-        image.resize((256, 256), 0).save(args.save_image)
+        image.resize((4 * shapes.IMAGE_SIZE,) * 2, 0).save(args.save_image)
     print(f"A fresh synthetic image (seed {args.seed}): {shapes.caption(scene)}"
           + (f" Saved to {args.save_image}." if args.save_image else ""))
     asked = shapes.questions(scene, rng) + [("caption", shapes.CAPTION_QUESTION, shapes.caption(scene))]
-    score = 0
     for family in DEMO_FAMILIES if args.family == "all" else (args.family,):
         path = demo_checkpoint(family)
         if not os.path.isdir(path):
@@ -53,6 +52,7 @@ def demo(args) -> int:
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
         processor = AutoProcessor.from_pretrained(path)
         print(f"\n{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters):")
+        score = 0
         for kind, question, truth in asked:
             inputs = processor(images=[image], text=[shapes.PROMPT.format(question=question)], return_tensors="pt")
             with torch.no_grad():
@@ -61,6 +61,7 @@ def demo(args) -> int:
             right = answer == truth if kind == "caption" else answer.split()[:1] == [truth]
             score += right
             print(f"  Q: {question:<40} A: {answer:<45} {'right' if right else f'wrong (expected: {truth})'}")
+        print(f"  {score}/{len(asked)} right")
     return 0
 
 
@@ -152,6 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-query-tokens", type=int, default=32, help="BLIP-2-style queries per crop")
     p.add_argument("--num-latents", type=int, default=64, help="Flamingo-style latents per crop")
     p.add_argument("--context", type=int, default=4096, help="the LM's context window")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
+        return convert(argparse.Namespace(source=argv[1]), argv[2:])  # --help included
     args, rest = parser.parse_known_args(argv)
     if args.command != "convert" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,0 +1,99 @@
+"""The `vlm-fusion` command and the shipped demo checkpoints."""
+
+import importlib.resources
+
+import numpy as np
+import pytest
+
+from vlm_fusion import cli
+from vlm_fusion.demo import shapes
+from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+CHECKPOINTS = importlib.resources.files("vlm_fusion.demo") / "checkpoints"
+
+
+# ---- tokens: the seeds' budget calculator --------------------------------------------------------------------
+def test_tokens_match_the_seeds_worked_examples(capsys):
+    assert cli.main(["tokens", "--image-size", "224", "--patch-size", "14", "--family", "llava"]) == 0
+    assert " 256 LM tokens per image" in capsys.readouterr().out  # 224px: 16x16 = 256 tokens
+    assert cli.main(["tokens", "--image-size", "336", "--patch-size", "14", "--tiles", "4", "--thumbnail"]) == 0
+    out = capsys.readouterr().out
+    assert "2880 LM tokens per image  (70.3% of the context)" in out  # 4 tiles + thumbnail: 2880 tokens, 70% of 4K
+    assert " 160 LM tokens" in out and "320 latents" in out  # BLIP-2: 5 crops x 32 queries; Flamingo: 5 x 64 latents
+
+
+def test_tokens_rejects_an_image_smaller_than_a_patch(capsys):
+    assert cli.main(["tokens", "--image-size", "10", "--patch-size", "14"]) == 2
+    assert "smaller than --patch-size" in capsys.readouterr().err
+
+
+# ---- generate ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    model, processor = tiny_model_and_processor("fusion_llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    image = path / "image.png"
+    shapes.render(shapes.sample_scene(np.random.default_rng(0))).save(image)
+    return path, image
+
+
+def test_generate_answers_about_an_image(saved_model, capsys):
+    path, image = saved_model
+    assert cli.main(["generate", "--model", str(path), "--image", str(image), "--prompt", "what is shown ?",
+                     "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.split()) >= 1
+
+
+def test_generate_errors_are_clear(saved_model, tmp_path, capsys):
+    path, image = saved_model
+    assert cli.main(["generate", "--model", str(path), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
+    assert "no image file" in capsys.readouterr().err
+    (tmp_path / "not_an_image.png").write_text("hello")
+    assert cli.main(["generate", "--model", str(path), "--image", str(tmp_path / "not_an_image.png"), "--prompt", "x"]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--image", str(image), "--prompt", "x"]) == 2
+    assert "cannot load a model" in capsys.readouterr().err
+
+
+def test_convert_dispatches_to_the_converters(capsys):
+    for source, flag in (("llava", "--vision-tower"), ("blip2", "--qformer-heads"), ("openflamingo", "--checkpoint")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["convert", source, "--help"])
+        assert exit_info.value.code == 0 and flag in capsys.readouterr().out
+
+
+# ---- the demo ---------------------------------------------------------------------------------------------------
+def test_task_data_is_reproducible():
+    a, b = shapes.examples(7, 12), shapes.examples(7, 12)
+    assert [x[1:] for x in a] == [x[1:] for x in b]
+    assert all(np.array_equal(np.asarray(x[0]), np.asarray(y[0])) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
+def test_shipped_demo_checkpoint_answers_colour_and_shape_questions(family):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_fusion.demo.train import evaluate
+
+    path = str(CHECKPOINTS / family)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    accuracy = evaluate(model, AutoProcessor.from_pretrained(path), seed=999, per_kind=50)
+    print(family, accuracy)
+    assert accuracy["colour"] >= 0.9 and accuracy["shape"] >= 0.9
+
+
+def test_demo_command_prints_questions_and_verdicts(capsys):
+    assert cli.main(["demo", "--family", "llava", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: how many shapes are there ?" in out and ("right" in out or "wrong" in out)
+
+
+def test_training_script_runs(tmp_path):
+    from vlm_fusion.demo import train
+
+    results = train.main(["--quick", "--families", "fusion_llava", "--out", str(tmp_path)])
+    assert set(results["fusion_llava"]) == set(shapes.QUESTION_TYPES)
+    card = (tmp_path / "llava" / "README.md").read_text()
+    assert "## Evaluation" in card and "| colour |" in card
