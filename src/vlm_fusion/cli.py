@@ -56,11 +56,11 @@ def demo(args) -> int:
         for kind, question, truth in asked:
             inputs = processor(images=[image], text=[shapes.PROMPT.format(question=question)], return_tensors="pt")
             with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=16 if kind == "caption" else 3, do_sample=False)
+                out = model.generate(**inputs, max_new_tokens=shapes.MAX_ANSWER_TOKENS, do_sample=False)
             answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            right = answer == truth if kind == "caption" else answer.split()[:1] == [truth]
+            right = answer == truth
             score += right
-            print(f"  Q: {question:<40} A: {answer:<45} {'right' if right else f'wrong (expected: {truth})'}")
+            print(f"  Q: {question:<40} A: {answer:<52} {'right' if right else f'wrong (expected: {truth})'}")
         print(f"  {score}/{len(asked)} right")
     return 0
 

@@ -11,16 +11,18 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
 NUMBERS = ("zero", "one", "two", "three")
+COLUMNS = ("left", "middle", "right")
 IMAGE_SIZE = 96
 GRID = 3
 QUESTION_TYPES = ("colour", "shape", "count", "left_of")
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
 CAPTION_QUESTION = "describe the image ."
+MAX_ANSWER_TOKENS = 16  # the longest answers: a three-shape caption, the reasoning of "left_of" (+ eos)
 
 VOCABULARY = (
     "USER ASSISTANT : ? . , a an and the is what which how many colour shape shapes object are there left of "
-    "describe image yes no empty " + " ".join(SHAPES) + " " + " ".join(COLOURS) + " " + " ".join(NUMBERS)
-).split() + [f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES]
+    "describe image yes no so empty " + " ".join(SHAPES + tuple(COLOURS) + NUMBERS + COLUMNS)
+).split() + [f"{colour}_{shape}_{column}" for colour in COLOURS for shape in SHAPES for column in COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ def render(scene: list[Item]) -> Image.Image:
 
 
 def caption(scene: list[Item]) -> str:
-    """'a red circle and a blue square .', shapes from left to right."""
-    parts = [f"a {item.colour} {item.shape}" for item in sorted(scene, key=lambda item: (item.cx, item.cy))]
+    """'a red circle and a blue square .', shapes column by column from the left, top to bottom within a column."""
+    parts = [f"a {item.colour} {item.shape}" for item in sorted(scene, key=lambda item: (item.col, item.row))]
     return (" and ".join(parts) if len(parts) < 3 else f"{parts[0]} , {parts[1]} and {parts[2]}") + " ."
 
 
@@ -81,11 +83,13 @@ def cell_index(item: Item) -> int:
 
 
 def grid_text(scene: list[Item]) -> str:
-    """The scene as text the way the demo's vision tower presents it: one word per grid cell, row by row
-    ('empty red_circle empty ...'). The language model is pretrained with this in place of the image."""
+    """The scene as text the way the demo's vision tower presents it: one word per grid cell, row by row, naming
+    colour, shape and column ('empty red_circle_middle empty ...'). The language model is pretrained with this in
+    place of the image. The column is spelled out because a rotary-position LM cannot tell a token's column
+    (its position modulo 3) from row-major order."""
     words = ["empty"] * GRID**2
     for item in scene:
-        words[cell_index(item)] = f"{item.colour}_{item.shape}"
+        words[cell_index(item)] = f"{item.colour}_{item.shape}_{COLUMNS[item.col]}"
     return " ".join(words)
 
 
@@ -104,13 +108,15 @@ def questions(scene: list[Item], rng: np.random.Generator) -> list[tuple[str, st
     pairs = [(a, b) for a in unique_shapes for b in unique_shapes if a is not b and a.col != b.col]
     if pairs:
         a, b = pairs[rng.integers(len(pairs))]
-        found.append(("left_of", f"is the {a.shape} left of the {b.shape} ?", "yes" if a.col < b.col else "no"))
+        # the answer reasons before it concludes: each shape's column, then the comparison
+        reasoning = f"the {a.shape} is {COLUMNS[a.col]} , the {b.shape} is {COLUMNS[b.col]} , so"
+        found.append(("left_of", f"is the {a.shape} left of the {b.shape} ?", f"{reasoning} {'yes' if a.col < b.col else 'no'}"))
     return found
 
 
 def examples(seed: int, count: int, *, kinds=QUESTION_TYPES, as_text: bool = False):
     """`count` examples `(image, kind, question, answer)`, the kinds in turn (balanced); kind "caption" describes.
-    With `as_text`, the scene's caption stands in for the image (text-only data for the language model)."""
+    With `as_text`, the scene's `grid_text` stands in for the image (text-only data for the language model)."""
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < count:
