@@ -88,7 +88,7 @@ def test_task_answers_agree_with_the_drawn_geometry():
         words = shapes.grid_text(scene).split()
         assert len(words) == shapes.GRID**2 and sum(word != "empty" for word in words) == len(scene)
         assert set(words) <= set(shapes.VOCABULARY)  # one token each for the tokenizer, never <unk>
-        assert all(f"{item.colour}_{item.shape}_{column_of(item)}" in words for item in scene)
+        assert all(shapes.cell_word(item.colour, item.shape, column_of(item)) in words for item in scene)
         named = [word for word in shapes.caption(scene).split() if word in shapes.SHAPES]
         columns = [shapes.COLUMNS.index(column_of(by_shape[s])) for s in named] if len(by_shape) == len(scene) else []
         assert columns == sorted(columns)

@@ -3,6 +3,7 @@
 Everything is drawn from a seeded `numpy.random.Generator`, so a seed reproduces a data set exactly.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +20,17 @@ PROMPT = "USER: <image>\n{question} ASSISTANT:"
 CAPTION_QUESTION = "describe the image ."
 MAX_ANSWER_TOKENS = 16  # the longest answers: a three-shape caption, the reasoning of "left_of" (+ eos)
 
+
+def cell_word(colour: str, shape: str, column: str) -> str:
+    """The one token naming an occupied grid cell: 'red_circle_middle'."""
+    return f"{colour}_{shape}_{column}"
+
+
+CELL_WORDS = {cell_word(*parts): parts for parts in itertools.product(COLOURS, SHAPES, COLUMNS)}  # word -> its parts
 VOCABULARY = (
     "USER ASSISTANT : ? . , a an and the is what which how many colour shape shapes object are there left of "
     "describe image yes no so empty " + " ".join(SHAPES + tuple(COLOURS) + NUMBERS + COLUMNS)
-).split() + [f"{colour}_{shape}_{column}" for colour in COLOURS for shape in SHAPES for column in COLUMNS]
+).split() + list(CELL_WORDS)
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ def grid_text(scene: list[Item]) -> str:
     (its position modulo 3) from row-major order."""
     words = ["empty"] * GRID**2
     for item in scene:
-        words[cell_index(item)] = f"{item.colour}_{item.shape}_{COLUMNS[item.col]}"
+        words[cell_index(item)] = cell_word(item.colour, item.shape, COLUMNS[item.col])
     return " ".join(words)
 
 
@@ -110,7 +118,8 @@ def questions(scene: list[Item], rng: np.random.Generator) -> list[tuple[str, st
         a, b = pairs[rng.integers(len(pairs))]
         # the answer reasons before it concludes: each shape's column, then the comparison
         reasoning = f"the {a.shape} is {COLUMNS[a.col]} , the {b.shape} is {COLUMNS[b.col]} , so"
-        found.append(("left_of", f"is the {a.shape} left of the {b.shape} ?", f"{reasoning} {'yes' if a.col < b.col else 'no'}"))
+        verdict = "yes" if a.col < b.col else "no"
+        found.append(("left_of", f"is the {a.shape} left of the {b.shape} ?", f"{reasoning} {verdict}"))
     return found
 
 

@@ -122,9 +122,9 @@ def pretrain_lm(tokenizer, steps: int, batch: int = 64):
     # budget depends on the seed and the mix.
     embeddings = lm.get_input_embeddings().weight
     with torch.no_grad():
-        for word, index in tokenizer.get_vocab().items():
-            if word.count("_") == 2:
-                embeddings[index] = embeddings[tokenizer.convert_tokens_to_ids(word.split("_"))].sum(0)
+        for word, parts in shapes.CELL_WORDS.items():
+            parts_sum = embeddings[tokenizer.convert_tokens_to_ids(list(parts))].sum(0)
+            embeddings[tokenizer.convert_tokens_to_ids(word)] = parts_sum
     data = shapes.examples(SEED + 2, steps * batch // 4, kinds=QUESTION_MIX + ("caption",), as_text=True)
     eos = tokenizer.eos_token_id
     items = [(None, tokenizer(shapes.PROMPT.replace("<image>", scene).format(question=q))["input_ids"],
