@@ -1,8 +1,8 @@
 """Timing, memory and bandwidth measurements.
 
 `footprint(spec)` loads one model in a fresh process and reports its `from_pretrained` time and the process's peak
-resident memory (and peak GPU memory when `spec["device"]` is a GPU) after a prefill. `compare(specs)` loads the models of one comparison side by side and times them
-in alternation (A B, B A, A B, ...), so drift of a shared machine hits both alike; latencies are medians over
+resident memory (and peak GPU memory when `spec["device"]` is a GPU) after a prefill. `compare(specs)` loads the
+models of one comparison side by side and times them in alternation (A B, B A, A B, ...), so drift of a shared machine hits both alike; latencies are medians over
 `repeats` runs after a warm-up. Decode speed is (K - 1) / (T(K tokens) - T(1 token)): prefill and the first token
 do not count.
 """
@@ -90,7 +90,7 @@ def load(spec):
         from transformers import Blip2Processor as processor_cls
     else:
         raise ValueError(kind)
-    device = spec.get("device", "cpu")
+    device = spec_device(spec)
     model = model_cls.from_pretrained(path, device_map=device).eval()
     if "reuse_media_kv" in spec:
         model.reuse_media_kv = spec["reuse_media_kv"]
@@ -103,6 +103,10 @@ def make_generate(model, inputs):
     def generate(k):
         return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
     return generate
+
+
+def spec_device(spec) -> str:
+    return spec.get("device", "cpu")
 
 
 def spec_images(spec):
@@ -137,8 +141,8 @@ def load_openflamingo(spec):
 
     add_flamingo_tokens(tokenizer)
     source = torch.load(spec["checkpoint"], map_location="cpu")
-    model = convert_openflamingo.open_flamingo_reference(args, source, config, tokenizer).to(spec.get("device", "cpu"))
-    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt").to(spec.get("device", "cpu"))
+    model = convert_openflamingo.open_flamingo_reference(args, source, config, tokenizer).to(spec_device(spec))
+    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt").to(spec_device(spec))
     vision_x = inputs["pixel_values"][None, :, None]
     forward = lambda: model(vision_x=vision_x, lang_x=inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
                             use_cache=True)
@@ -153,7 +157,7 @@ def footprint(spec) -> dict:
     load_s = time.perf_counter() - start
     forward()
     result = {"load_s": load_s, "peak_rss_mb": peak_rss_mb()}
-    if spec.get("device", "cpu").startswith("cuda"):
+    if spec_device(spec).startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
