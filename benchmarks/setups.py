@@ -138,7 +138,7 @@ def family_model(family, size, image_size):
     """One of our models at `image_size`, built from configs on the shared tower and LM (the trade-off study)."""
     from vlm_fusion import FAMILIES
 
-    config_cls, model_cls, processor_cls = FAMILIES[family]
+    config_cls, model_cls, processor_cls, _ = FAMILIES[family]
     tokenizer = tiny_tokenizer()
     q, f = size["qformer"], size["flamingo"]
     extra = {

@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import os
 import pathlib
@@ -25,6 +26,26 @@ def load_script(name: str):
 def random_image(seed: int, size=(40, 48)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def causal_lm_state_dict(model) -> dict:
+    """The plain causal LM inside a vlm-fusion model (base decoder + head), keyed as its `*ForCausalLM` keys them;
+    Flamingo's gated blocks left out."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        prefix = AutoModelForCausalLM.from_config(model.config.text_config).base_model_prefix
+    state = {f"{prefix}.{k}": v for k, v in model.language_model.state_dict().items() if "gated_cross_attn" not in k}
+    return {**state, "lm_head.weight": model.lm_head.weight}
+
+
+def causal_lm_of(model):
+    """A pristine `*ForCausalLM` (no blocks, no hooks) with the weights of the LM inside `model`."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_config(copy.deepcopy(model.config.text_config)).eval()
+    lm.load_state_dict(causal_lm_state_dict(model))
+    return lm
 
 
 @pytest.fixture(autouse=True)

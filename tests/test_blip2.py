@@ -182,7 +182,7 @@ def test_the_lm_sees_num_query_tokens_whatever_the_resolution():
     model, _ = build("dinov2", "llama")  # DINOv2 interpolates its position embeddings to any resolution
     seen = []
     model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(out.last_hidden_state.shape[1]))
-    low, high = model.get_image_features(torch.randn(1, 3, 32, 32)), model.get_image_features(torch.randn(1, 3, 64, 64))
+    low, high = (model.get_image_features(torch.randn(1, 3, s, s)).pooler_output for s in (32, 64))
     assert seen == [1 + 16, 1 + 64]  # the vision tower sees 4x the patches...
     assert low.shape == high.shape == (1, 8, 64)  # ...the LM sees N_q = 8 tokens either way
     for size in (32, 64):

@@ -11,7 +11,7 @@ from transformers import (
     pipeline,
 )
 
-from conftest import random_image
+from conftest import causal_lm_state_dict, random_image
 from vlm_fusion import FusionLlavaForConditionalGeneration, FusionLlavaProcessor
 from vlm_fusion.tools.tiny import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
@@ -46,7 +46,7 @@ def test_from_vision_text_pretrained_keeps_both_parts_and_initialises_only_the_p
     ).eval()
     lm = AutoModelForCausalLM.from_pretrained(parts / text).eval()
     lm_state = lm.state_dict()
-    assert all(torch.equal(v, lm_state[k]) for k, v in model.language_model.state_dict().items())
+    assert all(torch.equal(v, lm_state[k]) for k, v in causal_lm_state_dict(model).items())
     if vision == "clip":
         source = CLIPModel.from_pretrained(parts / "clip").vision_model.state_dict()
         assert source.keys() == model.vision_tower.state_dict().keys()
@@ -59,7 +59,7 @@ def test_from_vision_text_pretrained_keeps_both_parts_and_initialises_only_the_p
     ids = torch.tensor([[4, 7, 20, 31, 14, 8]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, lm(input_ids=ids).logits)
-    assert model.multi_modal_projector.linear_1.weight.std() > 0
+    assert model.model.multi_modal_projector.linear_1.weight.std() > 0
 
     processor = FusionLlavaProcessor.from_vision_text_pretrained(str(parts / vision), str(parts / text), model.config)
     assert processor.image_token_id == model.config.image_token_id == len(tiny_tokenizer())
@@ -105,14 +105,14 @@ def test_image_text_to_text_pipeline(parts, tmp_path):
 def test_other_families_compose_from_the_same_parts(parts, family):
     from vlm_fusion import FAMILIES
 
-    _, model_cls, processor_cls = FAMILIES[family]
+    _, model_cls, processor_cls, _ = FAMILIES[family]
     small = ({"num_query_tokens": 4, "qformer_hidden_size": 64, "qformer_num_hidden_layers": 2,
               "qformer_num_attention_heads": 4, "qformer_intermediate_size": 128} if family == "fusion_blip2" else
              {"num_latents": 4, "perceiver_depth": 1, "cross_attention_every_n_layers": 2})
     model = model_cls.from_vision_text_pretrained(str(parts / "clip"), str(parts / "llama"), **small).eval()
     processor = processor_cls.from_vision_text_pretrained(str(parts / "clip"), str(parts / "llama"), model.config)
     lm_state = AutoModelForCausalLM.from_pretrained(parts / "llama").state_dict()
-    ours = model.language_model.state_dict()
+    ours = causal_lm_state_dict(model)
     for key, value in lm_state.items():  # pretrained LM weights kept (Flamingo grows the embeddings by 2 rows)
         assert torch.equal(ours[key][: value.shape[0]], value), key
     inputs = processor(images=[random_image(0)], text=["USER: <image>\nwhat is shown ? ASSISTANT:"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel
 
-from conftest import load_script, random_image
+from conftest import causal_lm_of, load_script, random_image
 from vlm_fusion import FusionFlamingoConfig, FusionFlamingoForConditionalGeneration, FusionFlamingoProcessor
 from vlm_fusion.tools.tiny import (
     tiny_image_processor,
@@ -103,7 +103,7 @@ def test_logits_match_openflamingo_on_an_interleaved_two_image_prompt(openflamin
         expected = reference(vision_x=inputs["pixel_values"][None, :, None], lang_x=inputs["input_ids"],
                              attention_mask=inputs["attention_mask"]).logits
         logits = ours(**inputs).logits
-        text_only = ours.language_model(input_ids=inputs["input_ids"]).logits
+        text_only = causal_lm_of(ours)(input_ids=inputs["input_ids"]).logits
     diff = (logits - expected).abs().max().item()
     print(f"OpenFlamingo parity: max |dlogit| = {diff:.2e} (images change the logits by "
           f"{(logits - text_only).abs().max().item():.2e})")
@@ -127,9 +127,7 @@ def test_fresh_model_gives_exactly_its_language_models_logits(text):
     blocks = model.gated_cross_attn_layers.values()
     assert all(b.attn_gate.item() == 0.0 == b.ff_gate.item() for b in blocks) and len(blocks) == 2
     # The reference: a pristine LM (no blocks, no hooks) with the same weights.
-    lm = AutoModelForCausalLM.from_config(copy.deepcopy(model.config.text_config)).eval()
-    lm_weights = {k: v for k, v in model.language_model.state_dict().items() if "gated_cross_attn_layer" not in k}
-    lm.load_state_dict(lm_weights)
+    lm = causal_lm_of(model)
     inputs = interleaved(processor)
     position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -181,12 +179,12 @@ def test_text_attends_only_to_the_latest_image_and_nothing_before_the_first():
                     return_tensors="pt")["input_ids"]  # tokens: a, <image>, b, c, <image>, d
     cache = model.encode_media(torch.randn(2, 3, 32, 32), ids == processor.image_token_id)
     L = cache.latents_per_image
-    allowed, no_media = model._media_masks(cache, ids == processor.image_token_id)
+    allowed, no_media = model.model._media_masks(cache, ids == processor.image_token_id)
     first, second = [True] * L + [False] * L, [False] * L + [True] * L
     assert allowed[0].tolist() == [[False] * 2 * L, first, first, first, second, second]
     assert no_media[0].tolist() == [True, False, False, False, False, False]
     model.config.only_attend_immediate_media = False
-    allowed, _ = model._media_masks(cache, ids == processor.image_token_id)
+    allowed, _ = model.model._media_masks(cache, ids == processor.image_token_id)
     assert allowed[0, 5].tolist() == [True] * 2 * L
     # End to end: the first token's logits do not depend on the images.
     model.config.only_attend_immediate_media = True
@@ -223,8 +221,6 @@ def test_errors():
     inputs = interleaved(processor)
     with pytest.raises(ValueError, match=r"3 image tokens.*2 images"):
         model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:2])
-    with pytest.raises(ValueError, match="no `pixel_values`"):
-        model(input_ids=inputs["input_ids"])
     with pytest.raises(ValueError, match="cross_attention_layers"):
         FusionFlamingoConfig(text_config=tiny_text_config("llama"), cross_attention_layers=[5])
     with pytest.raises(ValueError, match="num_latents"):

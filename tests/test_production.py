@@ -58,8 +58,8 @@ def test_cpu_and_disk_offload_give_the_same_logits_and_tokens(saved, tmp_path):
 
 def test_explicit_device_map_with_the_language_model_on_disk(saved, tmp_path):
     family, path, model, inputs, logits, tokens = saved
-    device_map = {name: "cpu" for name, _ in model.named_children()}
-    device_map["language_model"] = "disk"
+    device_map = {f"model.{name}": "cpu" for name, _ in model.model.named_children()}
+    device_map.update({"model.language_model": "disk", "lm_head": "cpu"})
     offloaded = AutoModelForImageTextToText.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path))
     with torch.no_grad():
         assert torch.equal(offloaded(**inputs).logits, logits)
@@ -71,12 +71,12 @@ def linear_names(model, cls):
 
 
 def expected_quantized(model):
-    """The LM's linear layers, less its head and (Flamingo) the gated blocks: what 4-bit loading should convert."""
-    return {f"language_model.{name}" for name, module in model.language_model.named_modules()
-            if type(module) is torch.nn.Linear and not name.startswith("lm_head") and "gated_cross_attn" not in name}
+    """The LM's linear layers, less (Flamingo) the gated blocks: what 4-bit loading should convert (not lm_head)."""
+    return {f"model.language_model.{name}" for name, module in model.language_model.named_modules()
+            if type(module) is torch.nn.Linear and "gated_cross_attn" not in name}
 
 
-@pytest.mark.parametrize("user_skips", [None, ["language_model.model.layers.0.mlp"]])
+@pytest.mark.parametrize("user_skips", [None, ["model.language_model.layers.0.mlp"]])
 def test_4bit_quantizes_exactly_the_language_models_linear_layers(saved, user_skips, tmp_path, caplog):
     family, path, model, inputs, logits, tokens = saved
     config = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=user_skips)
@@ -87,12 +87,12 @@ def test_4bit_quantizes_exactly_the_language_models_linear_layers(saved, user_sk
     assert linear_names(quantized, bnb.nn.Linear4bit) == expected
     unquantized = linear_names(quantized, torch.nn.Linear)
     assert unquantized == linear_names(model, torch.nn.Linear) - expected
-    assert "language_model.lm_head" in unquantized and any(n.startswith("vision_tower.") for n in unquantized)
+    assert "lm_head" in unquantized and any(n.startswith("model.vision_tower.") for n in unquantized)
     if user_skips:
         assert "keeps" in caplog.text and "vision_tower" in caplog.text
     footprint, full = quantized.get_memory_footprint(), model.get_memory_footprint()
     print(f"{family}: 4-bit footprint {footprint:,} B vs fp32 {full:,} B; unquantized: "
-          f"{sorted({n.split('.')[0] if not n.startswith('language_model') else n for n in unquantized})}")
+          f"{sorted({'.'.join(n.split('.')[:2]) for n in unquantized})}")
     assert footprint < full
     out = quantized.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert out.shape == tokens.shape
@@ -109,7 +109,7 @@ def test_dtype_loading_runs(saved, dtype):
     expected = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     assert loaded.language_model.dtype == expected
     if family == "fusion_blip2":  # declared fp32-only, as transformers keeps BLIP-2's Q-Former
-        assert loaded.qformer.query_tokens.dtype == torch.float32
+        assert loaded.model.qformer.query_tokens.dtype == torch.float32
     with torch.no_grad():
         low = loaded(**inputs).logits.float()
     assert low.shape == logits.shape and torch.isfinite(low).all()

@@ -1,8 +1,16 @@
-"""What every vlm-fusion model shares: the two backbones, the image-token splice, and generation plumbing.
+"""What every vlm-fusion model shares: the headless `Model`, the `ForConditionalGeneration` head, composition.
 
-A family subclass owns only its bridge (`get_image_features`); this base owns
-`vision_tower` (any transformers vision model) and `language_model` (the whole `AutoModelForCausalLM`, so tied
-embeddings and LM-specific heads keep working).
+The layout is transformers 5's own for VLMs (`LlavaModel` / `LlavaForConditionalGeneration`):
+
+    Fusion*ForConditionalGeneration
+      model: Fusion*Model
+        vision_tower      any transformers vision model             pixels -> (N, V, D_v)
+        <bridge>          the family's own modules                  (N, V, D_v) -> visual tokens
+        language_model    the LM's base decoder (what `AutoModel` builds for `text_config`), no head
+      lm_head             the LM's own head (tied to its input embeddings when the LM ties them)
+
+A family owns only its bridge (`get_image_features`, and for Flamingo the cross-attention hooks); the splice of
+visual tokens into the text, the head, the loss, generation and composition from pretrained parts live here.
 
 Legend: B batch, T text positions, N images (all samples together), P visual tokens per image, D LM width.
 """
@@ -10,14 +18,23 @@ Legend: B batch, T text positions, N images (all samples together), P visual tok
 import copy
 import inspect
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
-from transformers.modeling_outputs import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_base import FusionConfig
 from .vision import build_vision_tower, load_vision_tower, select_image_features
@@ -27,21 +44,31 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class FusionCausalLMOutputWithPast(ModelOutput):
+class FusionModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the LM's output.
+    cache (`Cache`, *optional*): the language model's KV cache.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*): the images encoded in this call; `pooler_output` holds
+        the visual tokens `(num_images, num_tokens, hidden_size)` (also as `image_hidden_states`).
+    """
+
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
+@dataclass
+class FusionCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss, image positions ignored.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
-    past_key_values (`Cache`, *optional*): the language model's KV cache.
-    image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_tokens, hidden_size)`, *optional*):
-        the visual tokens handed to the language model, when images were encoded in this call.
+    cache (`Cache`, *optional*): the language model's KV cache.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*): as in [`FusionModelOutputWithPast`].
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 @contextmanager
@@ -49,7 +76,8 @@ def registered_for_auto_classes(model=None, processor=None):
     """Register the classes for remote-code saving for the duration of one save (transformers keys off the class)."""
     targets = []
     if model is not None:
-        targets += [(type(model.config), "AutoConfig"), (type(model), "AutoModelForImageTextToText")]
+        auto_class = "AutoModelForImageTextToText" if model.can_generate() else "AutoModel"
+        targets += [(type(model.config), "AutoConfig"), (type(model), auto_class)]
     if processor is not None:
         targets.append((type(processor), "AutoProcessor"))
     previous = [cls.__dict__.get("_auto_class") for cls, _ in targets]
@@ -98,259 +126,119 @@ def _mark_initialized(module: torch.nn.Module) -> None:
         tensor._is_hf_initialized = True
 
 
+# LM heads that do more than a linear map, reproduced here from the LM's config: attribute -> what the head does.
+# Any other `*logit*` attribute a causal LM's forward reads is refused at composition time (see `check_lm_head`).
+LOGIT_HANDLING = {
+    "logit_scale": lambda logits, scale: logits * scale,  # Cohere
+    "logits_scaling": lambda logits, scale: logits / scale,  # Granite
+    "final_logit_softcapping": lambda logits, cap: torch.tanh(logits / cap) * cap,  # Gemma 2 / 3
+}
+# Names a causal LM's forward may mention that do not change what the head computes.
+_HARMLESS_LOGIT_NAMES = {"logits", "logits_to_keep", "slice_logits_to_keep", "slice_indices", "CausalLMOutputWithPast"}
+
+
+def causal_lm_class(text_config) -> type[PreTrainedModel]:
+    try:
+        return AutoModelForCausalLM._model_mapping[type(text_config)]
+    except KeyError:
+        raise ValueError(f"No causal LM is known for text config {type(text_config).__name__} ({text_config.model_type!r}).")
+
+
+def check_lm_head(text_config) -> None:
+    """Refuse a causal LM whose head does something to its logits that `LOGIT_HANDLING` does not reproduce."""
+    source = inspect.getsource(causal_lm_class(text_config).forward)
+    unknown = {name for name in re.findall(r"\b\w*logit\w*\b", source)} - _HARMLESS_LOGIT_NAMES - set(LOGIT_HANDLING)
+    if unknown:
+        raise ValueError(
+            f"{causal_lm_class(text_config).__name__}'s head uses {sorted(unknown)} on its logits, which vlm-fusion does "
+            f"not reproduce (it reproduces {sorted(LOGIT_HANDLING)}); this language model is not supported."
+        )
+
+
+def split_causal_lm(causal_lm: PreTrainedModel) -> tuple[PreTrainedModel, nn.Module]:
+    """A causal LM -> `(base decoder, lm_head)`, checking the base is what `AutoModel` builds for its config."""
+    base, head = causal_lm.base_model, causal_lm.get_output_embeddings()
+    expected = AutoModel._model_mapping.get(type(causal_lm.config), None)
+    if base is causal_lm or head is None or (expected is not None and type(base) is not expected):
+        raise ValueError(
+            f"{type(causal_lm).__name__} does not split into a base decoder ({expected and expected.__name__}) and an "
+            "LM head; it cannot be the language model of a vlm-fusion model."
+        )
+    if type(head) is not nn.Linear:
+        raise ValueError(f"{type(causal_lm).__name__}'s head is a {type(head).__name__}, not a linear layer: not supported.")
+    return base, head
+
+
+def build_lm_head(text_config) -> nn.Linear:
+    """A fresh head shaped like the causal LM's own (width, vocabulary, bias), read off a meta-device instance."""
+    with torch.device("meta"):
+        _, head = split_causal_lm(AutoModelForCausalLM.from_config(text_config))
+    return nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+
+
+def module_name(root: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in root.named_modules() if candidate is module)
+
+
+def parts_key_mapping(config: FusionConfig, bridge: list[str]) -> dict[str, str]:
+    """
+    Keys of the *parts layout* -> the model's own, as a transformers `key_mapping`. The parts layout names each part
+    as it is built: `vision_tower.*`, each bridge module at the top level, and the whole causal LM's state dict under
+    `language_model.*`. vlm-fusion < 0.2 saved checkpoints that way, and the conversion tables target it. The model's
+    own keys all start with `model.` or `lm_head.`, so no rule touches them.
+    """
+    prefix = re.escape(causal_lm_class(config.text_config).base_model_prefix)
+    mapping = {r"^language_model\.lm_head\.": "lm_head.", rf"^language_model\.{prefix}\.": "model.language_model."}
+    for name in ["vision_tower", *bridge]:
+        mapping[rf"^{name}\."] = f"model.{name}."
+    return mapping
+
+
 class FusionPreTrainedModel(PreTrainedModel):
-    """Base of the family models, which add `GenerationMixin` themselves (transformers looks for it among direct bases)."""
+    """What the headless model and the generation model of every family declare to transformers."""
 
     config_class = FusionConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
 
-    # Modules 4-bit/8-bit loading leaves in full precision (name patterns, matched from the start of module names
-    # by transformers): the vision tower, the bridge (each family adds its parts) and the LM head.
-    _unquantized_modules = ["vision_tower", "language_model.lm_head"]
-
-    def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
-        super().__init__(config)
-        if vision_tower is not None:
-            _mark_initialized(vision_tower)
-        if language_model is not None:
-            _mark_initialized(language_model)
-        self.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(config.vision_config)
-        self.language_model = (
-            language_model
-            if language_model is not None
-            else AutoModelForCausalLM.from_config(config.text_config, attn_implementation=config._attn_implementation)
-        )
-        # One config object for the LM, so `resize_token_embeddings` and friends keep `config.text_config` current.
-        self.config.text_config = self.language_model.config
-        self.config.vision_config = self.vision_tower.config
-        self._lm_forward_params = set(inspect.signature(self.language_model.forward).parameters)
-
-    # ---- the language model's embeddings are the model's embeddings ---------------------------------------------
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
-
-    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        embeddings = self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        self.config.text_config = self.language_model.config
-        return embeddings
-
-    # ---- the family's bridge --------------------------------------------------------------------------------------
-    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """The tower's `vision_feature_layer` features, `(num_images, num_tokens, vision_hidden_size)`."""
-        return select_image_features(
-            self.vision_tower,
-            pixel_values,
-            layer=self.config.vision_feature_layer,
-            strategy=self.config.vision_feature_select_strategy,
-        )
-
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`).
-
-        Returns:
-            `torch.FloatTensor` of shape `(num_images, num_tokens, hidden_size)`: the visual tokens in LM width.
-        """
-        raise NotImplementedError
-
-    # ---- splicing visual tokens into the text sequence ----------------------------------------------------------
-    def merge_image_features(
-        self, inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_features: torch.Tensor
-    ) -> torch.Tensor:
-        """Write `image_features` `(N, P, D)` into the `image_mask` `(B, T)` positions of `inputs_embeds` `(B, T, D)`."""
-        N, P, D = image_features.shape
-        num_placeholders = int(image_mask.sum())
-        if num_placeholders != N * P:
-            raise ValueError(
-                "Image features and image tokens do not match: the text holds "
-                f"{num_placeholders} image tokens (id {self.config.image_token_id}), the images give {N * P} features "
-                f"({N} images x {P} tokens)."
-            )
-        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features)
-
-    def embed_inputs(self, input_ids, inputs_embeds, pixel_values, past_key_values):
-        """Text embeddings with the visual tokens in place; returns `(inputs_embeds, image_mask, image_features)`."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is None:
-            if pixel_values is not None:
-                raise ValueError("`pixel_values` need `input_ids`: the image positions are found by `image_token_id`.")
-            return inputs_embeds, None, None
-        image_mask = input_ids == self.config.image_token_id  # (B, T)
-        # Placeholder ids may lie outside the LM vocabulary: look up a valid id there, overwritten below.
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
-        image_features = None
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)  # (N, P, D)
-            inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
-        elif (past_key_values is None or past_key_values.get_seq_length() == 0) and image_mask.any():
-            raise ValueError(
-                f"`input_ids` hold {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) "
-                "but no `pixel_values` were given."
-            )
-        return inputs_embeds, image_mask, image_features
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> FusionCausalLMOutputWithPast:
-        r"""
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens.
-        pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
-            The images of the whole batch, in the order their placeholders appear (sample by sample).
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token targets; `-100` and image positions are ignored in the loss.
-        """
-        inputs_embeds, image_mask, image_features = self.embed_inputs(
-            input_ids, inputs_embeds, pixel_values, past_key_values
-        )
-        outputs = self.run_language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, labels=labels, ignore_mask=image_mask, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs,
-        )
-        return FusionCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
-        )
-
-    def run_language_model(self, *, attention_mask=None, position_ids=None, labels=None, ignore_mask=None,
-                           logits_to_keep=0, **kwargs):
-        """
-        Call the wrapped LM with `input_ids` or `inputs_embeds` (in `kwargs`). Positions count from each sample's
-        first unpadded token when no `position_ids` are given; `labels` are ignored where `ignore_mask` is set.
-        """
-        length = (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1]
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            # Left padding: count positions from each sample's first real token, as `generate` does.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        if labels is not None and ignore_mask is not None:
-            labels = labels.masked_fill(ignore_mask.to(labels.device), IGNORE_INDEX)
-        if logits_to_keep and "logits_to_keep" in self._lm_forward_params:
-            kwargs["logits_to_keep"] = logits_to_keep
-        kwargs["return_dict"] = True
-        return self.language_model(attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs)
-
-    # ---- training ---------------------------------------------------------------------------------------------
-    def bridge_modules(self) -> dict[str, torch.nn.Module]:
-        """The parts of the model that are neither backbone: what the family adds and trains."""
-        return {name: m for name, m in self.named_children() if name not in ("vision_tower", "language_model")}
-
-    def freeze_backbones(self, *, train_input_embeddings: bool = False) -> dict[str, int]:
-        """
-        Freeze the vision tower and the language model and train the bridge — the alignment stage of LLaVA and
-        BLIP-2 and the Flamingo recipe. Optionally train the LM's input embeddings too (new special tokens).
-        Logs and returns the trainable parameter count of each backbone and each bridge part.
-        """
-        self.vision_tower.requires_grad_(False)
-        self.language_model.requires_grad_(False)
-        bridge = self.bridge_modules()
-        for module in bridge.values():
-            module.requires_grad_(True)
-        if train_input_embeddings:
-            self.get_input_embeddings().requires_grad_(True)
-        in_bridge = {id(p) for module in bridge.values() for p in module.parameters()}
-        parts = {"vision_tower": self.vision_tower, "language_model": self.language_model, **bridge}
-        report = {
-            name: sum(p.numel() for p in module.parameters() if p.requires_grad and (name in bridge or id(p) not in in_bridge))
-            for name, module in parts.items()
-        }
-        logger.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in report.items()))
-        return report
-
-    # ---- generation ---------------------------------------------------------------------------------------------
-    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:
-        """How many of the batch's `num_images` images belong to each sample, from its placeholder count."""
-        counts = (input_ids == self.config.image_token_id).sum(-1)  # (B,)
-        total = int(counts.sum())
-        if num_images == 0 or total % num_images:
-            raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
-        return (counts // (total // num_images)).tolist()
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # Beam search / num_return_sequences repeat each sample; its images must follow as a group: [A, B] -> [A, B, A, B].
-        pixel_values = model_kwargs.pop("pixel_values", None)
-        if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            groups = pixel_values.split(self.images_per_sample(input_ids, pixel_values.shape[0]))
-            pixel_values = torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in groups])
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        if pixel_values is not None:
-            model_kwargs["pixel_values"] = pixel_values
-        return input_ids, model_kwargs
-
-    # ---- composing from pretrained parts ------------------------------------------------------------------------
-    @classmethod
-    def from_vision_text_pretrained(
-        cls,
-        vision_model_name_or_path: str,
-        text_model_name_or_path: str,
-        *,
-        vision_kwargs: dict | None = None,
-        text_kwargs: dict | None = None,
-        **config_kwargs,
-    ):
-        """
-        Compose a model from a pretrained vision tower and a pretrained causal LM; only the bridge is initialised.
-
-        `image_token_id` defaults to the id `<image>` has, or gets when added, in the LM's tokenizer — the id
-        `FusionProcessor.from_vision_text_pretrained` gives it — or to the LM vocabulary size if there is no tokenizer.
-        """
-        vision_tower = load_vision_tower(vision_model_name_or_path, **(vision_kwargs or {}))
-        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
-        if "image_token_id" not in config_kwargs:
-            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, language_model.config)
-        config_kwargs.setdefault(
-            "origin", f"Composed from the pretrained vision tower `{vision_model_name_or_path}` and language model "
-            f"`{text_model_name_or_path}`; only the bridge was initialised."
-        )
-        hub_ids = [p for p in (vision_model_name_or_path, text_model_name_or_path) if not os.path.exists(p)]
-        config_kwargs.setdefault("base_models", hub_ids or None)
-        config = cls.config_class(vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs)
-        return cls(config, vision_tower=vision_tower, language_model=language_model)
+    # Modules 4-bit/8-bit loading leaves in full precision (regexes matched from the start of module names by
+    # transformers, so they hold for the headless model and for the one with the head): the vision tower, the bridge
+    # (each family adds its parts) and the LM head.
+    _unquantized_modules = [r"(?:model\.)?vision_tower", "lm_head"]
+    _bridge_modules: list[str] = []  # names of the family's bridge modules inside the headless model
 
     # ---- loading, saving, publishing ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`; a `quantization_config` keeps the family's `_unquantized_modules`."""
+        """
+        `PreTrainedModel.from_pretrained`; a `quantization_config` keeps the family's `_unquantized_modules`, and
+        checkpoints written by vlm-fusion < 0.2 load through a `key_mapping` (see `parts_key_mapping`).
+        """
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = cls.with_unquantized_defaults(kwargs["quantization_config"])
+        legacy = None
+        if kwargs.get("key_mapping") is None:
+            config = kwargs.get("config")
+            if not isinstance(config, FusionConfig):
+                config_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only",
+                                                        "subfolder", "trust_remote_code") if k in kwargs}
+                config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+            bridge = getattr(cls, "model_class", cls)._bridge_modules
+            legacy = kwargs["key_mapping"] = parts_key_mapping(config, bridge)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        _remember_4bit_absmax(model)
+        if legacy is not None:  # save in today's layout, not back in the old one
+            loaded = model[0] if isinstance(model, tuple) else model
+            conversions = getattr(loaded, "_weight_conversions", None) or []
+            loaded._weight_conversions = [c for c in conversions if not _is_legacy_rule(c, legacy)]
+        _remember_4bit_absmax(model[0] if isinstance(model, tuple) else model)
         return model
 
     @classmethod
@@ -360,7 +248,7 @@ class FusionPreTrainedModel(PreTrainedModel):
         if not hasattr(config, "llm_int8_skip_modules"):
             return config
         user = list(config.llm_int8_skip_modules or [])
-        added = [m for m in cls._unquantized_modules if m not in user]
+        added = [m for m in getattr(cls, "model_class", cls)._unquantized_modules if m not in user]
         if user and added:
             logger.warning(
                 "vlm-fusion keeps %s unquantized in addition to your `llm_int8_skip_modules` %s (transformers would "
@@ -405,6 +293,325 @@ class FusionPreTrainedModel(PreTrainedModel):
                 tmp, repo_id, files_timestamps={}, commit_message=commit_message or "Upload model", token=token,
                 create_pr=create_pr, revision=revision, commit_description=commit_description,
             )
+
+
+def _is_legacy_rule(conversion, legacy: dict[str, str]) -> bool:
+    sources = getattr(conversion, "source_patterns", None) or []
+    return any(pattern in legacy for pattern in sources)
+
+
+class FusionModel(FusionPreTrainedModel):
+    r"""
+    The headless model of a family: `vision_tower`, the family's bridge, and `language_model` — the LM's base decoder
+    (what `AutoModel` builds for `text_config`), without its head. `forward` returns the LM's `last_hidden_state`.
+
+    Contract for a family: build its bridge in `__init__` (then call `post_init()`), name it in `_bridge_modules`,
+    and implement `get_image_features`.
+    """
+
+    def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
+        super().__init__(config)
+        for part in (vision_tower, language_model):
+            if part is not None:
+                _mark_initialized(part)
+        self.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(config.vision_config)
+        # `AutoModel` picks up `text_config._attn_implementation`, so per-backbone attention choices hold.
+        self.language_model = language_model if language_model is not None else AutoModel.from_config(config.text_config)
+        # One config object per backbone, so `resize_token_embeddings` and friends keep the sub-configs current.
+        self.config.text_config = self.language_model.config
+        self.config.vision_config = self.vision_tower.config
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # ---- images ---------------------------------------------------------------------------------------------
+    def get_vision_features(self, pixel_values: torch.FloatTensor, **kwargs):
+        """The tower's `vision_feature_layer` features `(num_images, num_tokens, vision_hidden_size)` and its outputs."""
+        return select_image_features(
+            self.vision_tower, pixel_values, layer=self.config.vision_feature_layer,
+            strategy=self.config.vision_feature_select_strategy, **kwargs,
+        )
+
+    def encode_images(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The family's bridge: vision features `(N, V, D_v)` -> visual tokens `(N, P, D)`."""
+        raise NotImplementedError
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.FloatTensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`).
+
+        Returns:
+            [`BaseModelOutputWithPooling`]: `pooler_output` holds the visual tokens, `(num_images, num_tokens,
+            hidden_size)`; `last_hidden_state`, `hidden_states` and `attentions` are the vision tower's.
+        """
+        features, tower = self.get_vision_features(pixel_values, output_attentions=output_attentions)
+        visual_tokens = self.encode_images(features, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=visual_tokens,
+            hidden_states=tower.hidden_states if output_hidden_states else None,
+            attentions=tower.attentions if output_attentions else None,
+        )
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
+        """The `(B, T)` positions of `image_token_id`, read off `input_ids` or, without them, off `inputs_embeds`."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        embeddings = self.get_input_embeddings()
+        if self.config.image_token_id >= embeddings.weight.shape[0]:
+            raise ValueError(
+                f"`image_token_id` {self.config.image_token_id} lies outside the LM's {embeddings.weight.shape[0]} "
+                "embeddings, so image positions cannot be found in `inputs_embeds`: pass `input_ids` with the images."
+            )
+        token = embeddings(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))  # (D,)
+        return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
+
+    def merge_image_features(
+        self, inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write `image_features` `(N, P, D)` into the `image_mask` `(B, T)` positions of `inputs_embeds` `(B, T, D)`."""
+        N, P, D = image_features.shape
+        num_placeholders = int(image_mask.sum())
+        if num_placeholders != N * P:
+            raise ValueError(
+                "Image features and image tokens do not match: the text holds "
+                f"{num_placeholders} image tokens (id {self.config.image_token_id}), the images give {N * P} features "
+                f"({N} images x {P} tokens)."
+            )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features)
+
+    def embed_inputs(self, input_ids, inputs_embeds, pixel_values, **kwargs):
+        """Text embeddings with the visual tokens in place; returns `(inputs_embeds, image_outputs)`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            # Placeholder ids may lie outside the LM vocabulary: look up a valid id there, overwritten below.
+            image_mask = input_ids == self.config.image_token_id  # (B, T)
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+        if pixel_values is None:
+            return inputs_embeds, None
+        image_outputs = self.get_image_features(pixel_values, return_dict=True, **kwargs)
+        image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        return self.merge_image_features(inputs_embeds, image_mask, image_outputs.pooler_output), image_outputs
+
+    @staticmethod
+    def left_padded_positions(attention_mask, length: int):
+        """Positions counted from each sample's first real token (left padding), as `generate` counts them."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return None
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]  # (B, T)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> FusionModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
+            The images of the whole batch, in the order their placeholders appear (sample by sample).
+        """
+        inputs_embeds, image_outputs = self.embed_inputs(input_ids, inputs_embeds, pixel_values)
+        if position_ids is None:
+            position_ids = self.left_padded_positions(attention_mask, inputs_embeds.shape[1])
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, return_dict=True, **kwargs,
+        )
+        return FusionModelOutputWithPast(**outputs, image_outputs=image_outputs)
+
+
+class FusionForConditionalGeneration(FusionPreTrainedModel):
+    r"""
+    A family's headless model (`model`) plus the LM's head (`lm_head`). Family classes add `GenerationMixin` and name
+    their headless class in `model_class`.
+
+    The head is the LM's own (built to its shape, bias included, or taken from a pretrained causal LM), tied to the
+    input embeddings when the LM ties them — whatever the embeddings are called in that LM (`embed_tokens`, GPT-2's
+    `wte`, OPT's `decoder.embed_tokens`) — and the logit handling of the LM's head (`LOGIT_HANDLING`) is applied.
+    """
+
+    model_class: type[FusionModel] = FusionModel
+    output_class = FusionCausalLMOutputWithPast
+
+    def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
+        super().__init__(config)
+        check_lm_head(config.text_config)
+        lm_head = None
+        if language_model is not None and language_model.get_output_embeddings() is not None:
+            _mark_initialized(language_model)
+            language_model, lm_head = split_causal_lm(language_model)  # a pretrained causal LM brings its head
+        self.model = self.model_class(config, vision_tower=vision_tower, language_model=language_model)
+        self.lm_head = lm_head if lm_head is not None else build_lm_head(self.config.text_config)
+        embeddings = module_name(self.model.language_model, self.model.language_model.get_input_embeddings())
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embeddings}.weight"}
+        self.post_init()
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_decoder(self):
+        return self.model
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs):
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head, with the LM's own logit handling (`LOGIT_HANDLING`)."""
+        logits = self.lm_head(hidden_states)
+        for name, handle in LOGIT_HANDLING.items():
+            if (value := getattr(self.config.text_config, name, None)) is not None:
+                logits = handle(logits, value)
+        return logits
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> FusionCausalLMOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
+            The images of the whole batch, in the order their placeholders appear (sample by sample).
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets; `-100` and image positions are ignored in the loss.
+        """
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
+        )
+        logits = self.compute_logits(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                labels = labels.masked_fill((input_ids == self.config.image_token_id).to(labels.device), IGNORE_INDEX)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+        rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+        return self.output_class(loss=loss, logits=logits, **rest)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def bridge_modules(self) -> dict[str, nn.Module]:
+        """The parts of the model that are neither backbone: what the family adds and trains."""
+        return {name: getattr(self.model, name) for name in self.model_class._bridge_modules}
+
+    def freeze_backbones(self, *, train_input_embeddings: bool = False) -> dict[str, int]:
+        """
+        Freeze the vision tower and the language model (its head too) and train the bridge — the alignment stage of
+        LLaVA and BLIP-2 and the Flamingo recipe. Optionally train the LM's input embeddings too (new special tokens).
+        Logs and returns the trainable parameter count of each backbone and each bridge part.
+        """
+        self.requires_grad_(False)
+        bridge = self.bridge_modules()
+        for module in bridge.values():
+            module.requires_grad_(True)
+        if train_input_embeddings:
+            self.get_input_embeddings().requires_grad_(True)
+        in_bridge = {id(p) for module in bridge.values() for p in module.parameters()}
+        parts = {"vision_tower": self.model.vision_tower, "language_model": self.model.language_model, **bridge}
+        report = {
+            name: sum(p.numel() for p in module.parameters() if p.requires_grad and (name in bridge or id(p) not in in_bridge))
+            for name, module in parts.items()
+        }
+        logger.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in report.items()))
+        return report
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:
+        """How many of the batch's `num_images` images belong to each sample, from its placeholder count."""
+        counts = (input_ids == self.config.image_token_id).sum(-1)  # (B,)
+        total = int(counts.sum())
+        if num_images == 0 or total % num_images:
+            raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
+        return (counts // (total // num_images)).tolist()
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beam search / num_return_sequences repeat each sample; its images must follow as a group: [A, B] -> [A, B, A, B].
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            groups = pixel_values.split(self.images_per_sample(input_ids, pixel_values.shape[0]))
+            pixel_values = torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in groups])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+    # ---- composing from pretrained parts ------------------------------------------------------------------------
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        *,
+        vision_kwargs: dict | None = None,
+        text_kwargs: dict | None = None,
+        **config_kwargs,
+    ):
+        """
+        Compose a model from a pretrained vision tower and a pretrained causal LM (its base decoder and its head);
+        only the bridge is initialised.
+
+        `image_token_id` defaults to the id `<image>` has, or gets when added, in the LM's tokenizer — the id
+        `FusionProcessor.from_vision_text_pretrained` gives it — or to the LM vocabulary size if there is no tokenizer.
+        """
+        vision_tower = load_vision_tower(vision_model_name_or_path, **(vision_kwargs or {}))
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
+        if "image_token_id" not in config_kwargs:
+            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, language_model.config)
+        config_kwargs.setdefault(
+            "origin", f"Composed from the pretrained vision tower `{vision_model_name_or_path}` and language model "
+            f"`{text_model_name_or_path}`; only the bridge was initialised."
+        )
+        hub_ids = [p for p in (vision_model_name_or_path, text_model_name_or_path) if not os.path.exists(p)]
+        config_kwargs.setdefault("base_models", hub_ids or None)
+        config = cls.config_class(vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs)
+        return cls(config, vision_tower=vision_tower, language_model=language_model)
 
 
 def _default_image_token_id(text_model_name_or_path, text_config) -> int:

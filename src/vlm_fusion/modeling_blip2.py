@@ -17,7 +17,7 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 
 from .configuration_blip2 import FusionBlip2Config
-from .modeling_base import FusionPreTrainedModel
+from .modeling_base import FusionForConditionalGeneration, FusionModel
 
 
 class QFormerAttention(nn.Module):
@@ -85,22 +85,22 @@ class FusionQFormer(nn.Module):
         return h
 
 
-class FusionBlip2ForConditionalGeneration(FusionPreTrainedModel, GenerationMixin):
+class FusionBlip2Model(FusionModel):
     r"""
-    A vision tower, a layer norm, a Q-Former and a linear projection in front of a causal LM: each image becomes
-    `num_query_tokens` tokens, whatever its resolution, placed at the `<image>` positions of the text.
+    A vision tower, a layer norm, a Q-Former and a linear projection in front of the LM's base decoder (no head): each
+    image becomes `num_query_tokens` tokens, whatever its resolution, placed at the `<image>` positions of the text.
 
     Example:
 
     ```python
     >>> import torch
-    >>> from vlm_fusion import FusionBlip2Config, FusionBlip2ForConditionalGeneration
+    >>> from vlm_fusion import FusionBlip2Config, FusionBlip2Model
     >>> from vlm_fusion.tools.tiny import tiny_text_config, tiny_vision_config
     >>> config = FusionBlip2Config(vision_config=tiny_vision_config("siglip"), text_config=tiny_text_config("gpt2"),
     ...                            num_query_tokens=8, qformer_hidden_size=64, qformer_num_hidden_layers=2,
     ...                            qformer_num_attention_heads=4, qformer_intermediate_size=128, image_token_id=128)
-    >>> model = FusionBlip2ForConditionalGeneration(config)
-    >>> model.get_image_features(torch.randn(2, 3, 32, 32)).shape
+    >>> model = FusionBlip2Model(config)
+    >>> model.get_image_features(torch.randn(2, 3, 32, 32)).pooler_output.shape
     torch.Size([2, 8, 64])
     ```
     """
@@ -108,9 +108,8 @@ class FusionBlip2ForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
     config_class = FusionBlip2Config
     _no_split_modules = ["QFormerLayer"]
     _keep_in_fp32_modules_strict = ["qformer"]  # post-norm layers with eps 1e-12: fp32 under fp16 and bf16 alike
-    _unquantized_modules = FusionPreTrainedModel._unquantized_modules + [
-        "vision_layernorm", "qformer", "language_projection"
-    ]
+    _bridge_modules = ["vision_layernorm", "qformer", "language_projection"]
+    _unquantized_modules = FusionModel._unquantized_modules + [rf"(?:model\.)?{name}" for name in _bridge_modules]
 
     def __init__(self, config: FusionBlip2Config, **parts):
         super().__init__(config, **parts)
@@ -135,8 +134,14 @@ class FusionBlip2ForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
         if isinstance(module, FusionQFormer):
             init.normal_(module.query_tokens, std=0.02)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        features = self.get_vision_features(pixel_values)  # (N, V, D_v)
-        features = self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))
+    def encode_images(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
+        features = self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))  # (N, V, D_v)
         queries = self.qformer(features.to(self.qformer.query_tokens.dtype))  # (N, Q, D_q), fp32 under any dtype
         return self.language_projection(queries.to(self.language_projection.weight.dtype))  # (N, Q, D)
+
+
+class FusionBlip2ForConditionalGeneration(FusionForConditionalGeneration, GenerationMixin):
+    """[`FusionBlip2Model`] with the LM's head: what `AutoModelForImageTextToText` builds for `fusion_blip2`."""
+
+    config_class = FusionBlip2Config
+    model_class = FusionBlip2Model

@@ -24,9 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_flamingo import FusionFlamingoConfig
-from .modeling_base import FusionCausalLMOutputWithPast, FusionPreTrainedModel
+from .modeling_base import (
+    FusionCausalLMOutputWithPast,
+    FusionForConditionalGeneration,
+    FusionModel,
+    FusionModelOutputWithPast,
+)
 
 
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
@@ -180,6 +187,15 @@ class CrossAttentionContext:
 
 
 @dataclass
+class FusionFlamingoModelOutputWithPast(FusionModelOutputWithPast):
+    r"""
+    media_cache (`MediaCache`, *optional*): the images' latents and cross-attention keys/values, for decoding.
+    """
+
+    media_cache: MediaCache | None = None
+
+
+@dataclass
 class FusionFlamingoOutputWithPast(FusionCausalLMOutputWithPast):
     r"""
     media_cache (`MediaCache`, *optional*): the images' latents and cross-attention keys/values, for decoding.
@@ -188,10 +204,10 @@ class FusionFlamingoOutputWithPast(FusionCausalLMOutputWithPast):
     media_cache: MediaCache | None = None
 
 
-class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMixin):
+class FusionFlamingoModel(FusionModel):
     r"""
-    A vision tower, a perceiver resampler and gated cross-attention blocks woven into a causal LM. A fresh model
-    (gates at 0) computes exactly its language model's logits.
+    A vision tower, a perceiver resampler and gated cross-attention blocks woven into the LM's base decoder (no head).
+    A fresh model (gates at 0) computes exactly its language model's hidden states.
 
     `pixel_values` `(num_images, channels, height, width)` hold the batch's images in the order of their `<image>`
     tokens, sample by sample; each `<image>` token is one image.
@@ -199,8 +215,9 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
 
     config_class = FusionFlamingoConfig
     _no_split_modules = ["PerceiverLayer"]  # gated blocks ride inside the LM's (unsplit) decoder layers
-    _unquantized_modules = FusionPreTrainedModel._unquantized_modules + [
-        "perceiver", r"language_model\..*\.gated_cross_attn_layer"
+    _bridge_modules = ["perceiver"]  # and the gated blocks, which live inside the LM's decoder layers
+    _unquantized_modules = FusionModel._unquantized_modules + [
+        r"(?:model\.)?perceiver", r"(?:model\.)?language_model\..*\.gated_cross_attn_layer"
     ]
 
     def __init__(self, config: FusionFlamingoConfig, **parts):
@@ -211,7 +228,7 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
             dim_head=config.perceiver_head_dim, num_latents=config.num_latents, ff_mult=config.perceiver_ff_mult,
             max_num_media=config.max_num_media, max_num_frames=config.max_num_frames,
         )
-        self.decoder_layers_path, decoder_layers = find_decoder_layers(self.language_model)
+        _, decoder_layers = find_decoder_layers(self.language_model)
         for index in config.gated_layer_indices():
             layer = decoder_layers[index]
             layer.gated_cross_attn_layer = GatedCrossAttentionBlock(
@@ -229,15 +246,15 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
         _, layers = find_decoder_layers(self.language_model)
         return {str(i): layers[i].gated_cross_attn_layer for i in self.config.gated_layer_indices()}
 
-    def bridge_modules(self) -> dict[str, nn.Module]:
-        return {"perceiver": self.perceiver, "gated_cross_attn_layers": nn.ModuleList(self.gated_cross_attn_layers.values())}
-
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, PerceiverResampler):
             for param in (module.latents, module.frame_embs, module.media_time_embs):
                 if param is not None:
                     init.normal_(param, std=1.0)
+        elif isinstance(module, GatedCrossAttentionBlock):  # a fresh block adds nothing: tanh(0) = 0
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
 
     # ---- the contract with the LM: one pre-hook per gated decoder layer --------------------------------------
     def _cross_attend(self, layer, args, kwargs):
@@ -248,18 +265,18 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
         return args, {**kwargs, "hidden_states": hidden}
 
     # ---- images ---------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.FloatTensor, media_index: torch.LongTensor | None = None):
+    def encode_images(self, features: torch.Tensor, media_index: torch.LongTensor | None = None, **kwargs):
         """
-        Returns:
-            `torch.FloatTensor` of shape `(num_images, num_latents, vision_hidden_size)`: each image's latents.
+        Each image's latents `(num_images, num_latents, vision_hidden_size)` from its features; `media_index`
+        `(num_images,)` is each image's position among its sample's images (0 for all when not given).
         """
         if media_index is None:
-            media_index = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
-        features = self.get_vision_features(pixel_values)  # (N, V, D_v)
+            media_index = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
         dtype = self.perceiver.latents.dtype
         return self.perceiver(features.to(dtype), media_index.to(features.device))  # (N, L, D_v)
 
-    def encode_media(self, pixel_values: torch.FloatTensor, media_mask: torch.BoolTensor) -> MediaCache:
+    def encode_media(self, pixel_values: torch.FloatTensor, media_mask: torch.BoolTensor):
+        """The batch's images as a `MediaCache`, and the image encoder's outputs."""
         num_media = media_mask.sum(-1)  # (B,)
         if int(num_media.sum()) != pixel_values.shape[0]:
             raise ValueError(
@@ -269,14 +286,16 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
         sample = torch.repeat_interleave(torch.arange(len(num_media), device=num_media.device), num_media)  # (N,)
         first = torch.cumsum(num_media, 0) - num_media  # (B,) index of each sample's first image
         media_index = torch.arange(len(sample), device=sample.device) - first[sample]  # (N,)
-        latents = self.get_image_features(pixel_values, media_index)  # (N, L, D_v)
+        image_outputs = self.get_image_features(pixel_values, media_index=media_index, return_dict=True)
+        latents = image_outputs.pooler_output  # (N, L, D_v)
         N, L, D = latents.shape
         M = max(int(num_media.max()), 1)
         media = latents.new_zeros(len(num_media), M, L, D)
         media[sample.to(latents.device), media_index.to(latents.device)] = latents  # (B, M, L, D_v)
         zeros = torch.zeros_like(num_media)
-        return MediaCache(media=media.view(len(num_media), M * L, D), num_media=num_media, seen=zeros,
-                          latents_per_image=L)
+        cache = MediaCache(media=media.view(len(num_media), M * L, D), num_media=num_media, seen=zeros,
+                           latents_per_image=L)
+        return cache, image_outputs
 
     def _media_masks(self, cache: MediaCache, media_mask: torch.BoolTensor):
         """Which latents each token may attend to `(B, T, M*L)`, and which tokens have none `(B, T)`."""
@@ -291,21 +310,21 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
         allowed = allowed & exists
         return allowed, ~allowed.any(-1)
 
-    # ---- forward and generation -----------------------------------------------------------------------------
+    # ---- forward ----------------------------------------------------------------------------------------------
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         media_cache: MediaCache | None = None,
         **kwargs,
-    ) -> FusionFlamingoOutputWithPast:
+    ) -> FusionFlamingoModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): one `<image>` token per image.
         pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*).
@@ -313,22 +332,21 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is None and (pixel_values is not None or media_cache is not None):
-            raise ValueError("Images need `input_ids`: a token's images are found by `media_token_id`.")
-        media_mask = None if input_ids is None else input_ids == self.config.image_token_id  # (B, T)
-        if pixel_values is not None:
-            media_cache = self.encode_media(pixel_values, media_mask)
-        elif media_mask is not None and media_mask.any() and media_cache is None:
-            raise ValueError(f"`input_ids` hold {int(media_mask.sum())} image tokens but no `pixel_values` were given.")
-        self._context = None
-        if media_cache is not None:
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # `<image>` is a real LM token here
+        image_outputs = None
+        if pixel_values is not None or media_cache is not None:
+            media_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
+            if pixel_values is not None:
+                media_cache, image_outputs = self.encode_media(pixel_values, media_mask)
             allowed, no_media = self._media_masks(media_cache, media_mask)
             self._context = CrossAttentionContext(media_cache, allowed, no_media, self.reuse_media_kv)
+        if position_ids is None:
+            position_ids = self.left_padded_positions(attention_mask, inputs_embeds.shape[1])
         try:
-            outputs = self.run_language_model(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past_key_values, labels=labels, ignore_mask=media_mask,
-                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=use_cache, return_dict=True, **kwargs,
             )
         finally:
             if not (self.training and getattr(self, "is_activation_checkpointing", False)):  # checkpointing replays the hooks in backward
@@ -337,10 +355,35 @@ class FusionFlamingoForConditionalGeneration(FusionPreTrainedModel, GenerationMi
             media_cache = MediaCache(media=media_cache.media, num_media=media_cache.num_media,
                                      seen=media_cache.seen + media_mask.sum(-1), kv=media_cache.kv,
                                      latents_per_image=media_cache.latents_per_image)
-        return FusionFlamingoOutputWithPast(
-            loss=outputs.loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions, media_cache=media_cache,
-        )
+        return FusionFlamingoModelOutputWithPast(**outputs, image_outputs=image_outputs, media_cache=media_cache)
+
+
+class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, GenerationMixin):
+    """[`FusionFlamingoModel`] with the LM's head: what `AutoModelForImageTextToText` builds for `fusion_flamingo`."""
+
+    config_class = FusionFlamingoConfig
+    model_class = FusionFlamingoModel
+    output_class = FusionFlamingoOutputWithPast
+
+    @property
+    def gated_cross_attn_layers(self) -> dict[str, GatedCrossAttentionBlock]:
+        return self.model.gated_cross_attn_layers
+
+    @property
+    def reuse_media_kv(self) -> bool:
+        """Whether decoding reuses each gated block's media keys/values (True) or recomputes them (OpenFlamingo)."""
+        return self.model.reuse_media_kv
+
+    @reuse_media_kv.setter
+    def reuse_media_kv(self, value: bool):
+        self.model.reuse_media_kv = value
+
+    def encode_media(self, pixel_values, media_mask):
+        return self.model.encode_media(pixel_values, media_mask)[0]
+
+    def bridge_modules(self) -> dict[str, nn.Module]:
+        return {**super().bridge_modules(),
+                "gated_cross_attn_layers": nn.ModuleList(self.gated_cross_attn_layers.values())}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(

@@ -2,6 +2,9 @@
 
 h_v = W2 GELU(W1 g_v + b1) + b2   (`mlp2x_gelu`),   h_v = W g_v + b   (`linear`)
 
+Module and state-dict names are those of transformers' `Llava` (`model.vision_tower`, `model.multi_modal_projector`,
+`model.language_model`, `lm_head`).
+
 Legend: N images, P visual tokens per image, D_v vision width, D LM width.
 """
 
@@ -10,7 +13,7 @@ from torch import nn
 from transformers import GenerationMixin
 
 from .configuration_llava import FusionLlavaConfig
-from .modeling_base import FusionPreTrainedModel
+from .modeling_base import FusionForConditionalGeneration, FusionModel
 
 
 class FusionLlavaProjector(nn.Module):
@@ -30,16 +33,16 @@ class FusionLlavaProjector(nn.Module):
         return hidden
 
 
-class FusionLlavaForConditionalGeneration(FusionPreTrainedModel, GenerationMixin):
+class FusionLlavaModel(FusionModel):
     r"""
-    A vision tower, a projector and a causal LM: the image's patch features, projected to the LM width, replace the
-    `<image>` placeholders of the text. Any transformers vision model and any `AutoModelForCausalLM` plug in.
+    A vision tower, a projector and the LM's base decoder, without a head: the image's patch features, projected to
+    the LM width, replace the `<image>` placeholders of the text. Any transformers vision model and any LM plug in.
 
     Example:
 
     ```python
     >>> import torch
-    >>> from vlm_fusion import FusionLlavaConfig, FusionLlavaForConditionalGeneration
+    >>> from vlm_fusion import FusionLlavaConfig, FusionLlavaModel
     >>> config = FusionLlavaConfig(
     ...     vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
     ...                    "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
@@ -47,15 +50,16 @@ class FusionLlavaForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
     ...                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100},
     ...     image_token_id=99,
     ... )
-    >>> model = FusionLlavaForConditionalGeneration(config)
-    >>> model.get_image_features(torch.randn(2, 3, 32, 32)).shape
+    >>> model = FusionLlavaModel(config)
+    >>> model.get_image_features(torch.randn(2, 3, 32, 32)).pooler_output.shape
     torch.Size([2, 16, 32])
     ```
     """
 
     config_class = FusionLlavaConfig
     _no_split_modules = ["FusionLlavaProjector"]
-    _unquantized_modules = FusionPreTrainedModel._unquantized_modules + ["multi_modal_projector"]
+    _bridge_modules = ["multi_modal_projector"]
+    _unquantized_modules = FusionModel._unquantized_modules + [r"(?:model\.)?multi_modal_projector"]
 
     def __init__(self, config: FusionLlavaConfig, **parts):
         super().__init__(config, **parts)
@@ -67,6 +71,12 @@ class FusionLlavaForConditionalGeneration(FusionPreTrainedModel, GenerationMixin
         )
         self.post_init()
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        features = self.get_vision_features(pixel_values)  # (N, P, D_v)
+    def encode_images(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))  # (N, P, D)
+
+
+class FusionLlavaForConditionalGeneration(FusionForConditionalGeneration, GenerationMixin):
+    """[`FusionLlavaModel`] with the LM's head: what `AutoModelForImageTextToText` builds for `fusion_llava`."""
+
+    config_class = FusionLlavaConfig
+    model_class = FusionLlavaModel

@@ -9,6 +9,7 @@ Legend: N images, C channels, H x W pixels, P visual tokens per image, D_v visio
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, Blip2VisionModel, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .configuration_base import _vision_half
 
@@ -67,23 +68,26 @@ def num_visual_tokens(config: PreTrainedConfig, height: int, width: int, strateg
 
 
 def select_image_features(
-    tower: nn.Module, pixel_values: torch.Tensor, *, layer: int, strategy: str
-) -> torch.Tensor:
+    tower: nn.Module, pixel_values: torch.Tensor, *, layer: int, strategy: str, **kwargs
+) -> tuple[torch.Tensor, ModelOutput]:
     """
-    Run `tower` and return the features of one hidden layer.
+    Run `tower` and return the features of one hidden layer, with the tower's own outputs.
 
     Args:
         pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`).
         layer (`int`): index into the tower's `hidden_states` (0 = embeddings).
         strategy (`str`): `"default"` keeps the patch tokens only, `"full"` keeps every token.
+        kwargs: passed to the tower (`output_attentions`, attention kwargs).
 
     Returns:
-        `torch.Tensor` of shape `(num_images, num_tokens, vision_hidden_size)`.
+        `torch.Tensor` of shape `(num_images, num_tokens, vision_hidden_size)`, and the tower's output (its
+        `hidden_states` always filled).
     """
     N, C, H, W = pixel_values.shape
-    outputs = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
+    kwargs["output_hidden_states"] = True
+    outputs = tower(pixel_values.to(tower.dtype), return_dict=True, **kwargs)
     features = outputs.hidden_states[layer]  # (N, prefix + P, D_v)
     if strategy == "default":
         P = num_patches(tower.config, H, W)
         features = features[:, features.shape[1] - P :]  # (N, P, D_v)
-    return features
+    return features, outputs

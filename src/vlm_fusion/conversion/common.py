@@ -124,7 +124,7 @@ def write_and_verify(output: str, *, overwrite: bool, model_cls, config, state_d
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         with init_empty_weights(include_buffers=False):
             model = model_cls(config)
-        load_exact(model, state_dict)
+        load_exact(model, to_model_layout(state_dict, model_cls, config))
         model.config.architectures = [model_cls.__name__]
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -133,6 +133,15 @@ def write_and_verify(output: str, *, overwrite: bool, model_cls, config, state_d
         with torch.no_grad():
             verify(tmp)
     print(f"[done] {output}")
+
+
+def to_model_layout(state_dict: dict, model_cls, config) -> dict:
+    """The conversion tables target the parts layout (`vision_tower.*`, the bridge modules, the whole causal LM under
+    `language_model.*`); this moves it into the model's own (`model.*`, `lm_head.*`) with the model's one mapping."""
+    from vlm_fusion.modeling_base import parts_key_mapping
+
+    rules = list(parts_key_mapping(config, model_cls.model_class._bridge_modules).items())
+    return rename_keys(state_dict, rules)
 
 
 def compare_logits(name: str, ours: torch.Tensor, reference: torch.Tensor, atol: float) -> float:

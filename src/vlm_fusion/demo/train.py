@@ -191,7 +191,7 @@ def fit(model, dataset, pad_id, steps: int, learning_rate: float, work: str):
 
 
 def build_family(family, tower, lm, tokenizer):
-    config_cls, model_cls, processor_cls = FAMILIES[family]
+    config_cls, model_cls, processor_cls, _ = FAMILIES[family]
     processor_tokenizer = tiny_tokenizer(shapes.VOCABULARY)
     probe = processor_cls(image_processor=image_processor(), tokenizer=processor_tokenizer, image_seq_length=1)
     ids = {"image_token_id": probe.image_token_id}

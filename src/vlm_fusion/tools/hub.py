@@ -10,6 +10,8 @@ import os
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
+from vlm_fusion.modeling_base import causal_lm_class
+
 EXAMPLE_PROMPTS = {
     "fusion_llava": "USER: <image>\\nWhat is shown in this image? ASSISTANT:",
     "fusion_blip2": "Question: what is shown in this image? Answer:",
@@ -17,9 +19,8 @@ EXAMPLE_PROMPTS = {
 }
 
 
-def _describe(model) -> str:
-    config = model.config
-    return f"`{type(model).__name__}` ({config.hidden_size} wide, {config.num_hidden_layers} layers)"
+def _describe(config, name: str) -> str:
+    return f"`{name}` ({config.hidden_size} wide, {config.num_hidden_layers} layers)"
 
 
 def _count(modules) -> str:
@@ -55,8 +56,8 @@ def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False
         card_data=card_data.to_yaml(),
         model_name=repo_id.rstrip("/").split("/")[-1],
         repo_id=repo_id,
-        vision_tower=_describe(model.vision_tower),
-        language_model=_describe(model.language_model),
+        vision_tower=_describe(config.vision_config, type(model.vision_tower).__name__),
+        language_model=_describe(config.text_config, causal_lm_class(config.text_config).__name__),
         visual_tokens=config.num_image_tokens(),
         bridge_parameters=_count(model.bridge_modules().values()),
         total_parameters=_count([model]),

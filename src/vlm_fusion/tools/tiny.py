@@ -68,7 +68,7 @@ def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip",
     """A tiny random model of `family` and its processor, the `<image>` token added to the tiny tokenizer."""
     from vlm_fusion import FAMILIES
 
-    config_cls, model_cls, processor_cls = FAMILIES[family]
+    config_cls, model_cls, processor_cls, _ = FAMILIES[family]
     tokenizer = tiny_tokenizer()
     vocab_size = len(tokenizer)
     if family == "fusion_flamingo":  # `<image>` is a real LM token: <|endofchunk|> = 58, <image> = 59
