@@ -215,6 +215,30 @@ class FusionPreTrainedModel(PreTrainedModel):
     _unquantized_modules = [r"(?:model\.)?vision_tower", "lm_head"]
     _bridge_modules: list[str] = []  # names of the family's bridge modules inside the headless model
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """
+        False: transformers treats code outside its package as "custom" and then skips initialising any module
+        without parameters of its own — CLIP's attention, whose `q_proj` std is set by the attention module — so a
+        vision tower missing from a checkpoint came out with a generic N(0, 0.02) instead of its own scheme. These
+        models initialise through `transformers.initialization` and tie parameters, not modules, as transformers'
+        own models do; exported remote code is still custom (`is_remote_code`).
+        """
+        return cls.is_remote_code()
+
+    def initialize_weights(self):
+        """
+        transformers' initialisation, plus the family's own modules that live inside a backbone (Flamingo's gated
+        blocks inside the LM's decoder layers), which the walk hands to the backbone's `_init_weights`: unknown to it,
+        the gates of a checkpoint without them were left as raw memory instead of 0.
+        """
+        super().initialize_weights()
+        model = getattr(self, "model", self)
+        with torch.no_grad():
+            for block in model.modules_inside_backbones():
+                for module in block.modules():
+                    model._init_weights(module)  # `transformers.initialization` leaves loaded tensors alone
+
     # ---- loading, saving, publishing ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -326,6 +350,10 @@ class FusionModel(FusionPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
+
+    def modules_inside_backbones(self) -> list[nn.Module]:
+        """The family's modules that live inside the vision tower or the LM (none but for Flamingo)."""
+        return []
 
     # ---- images ---------------------------------------------------------------------------------------------
     def get_vision_features(self, pixel_values: torch.FloatTensor, **kwargs):

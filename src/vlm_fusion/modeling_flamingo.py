@@ -246,6 +246,9 @@ class FusionFlamingoModel(FusionModel):
         _, layers = find_decoder_layers(self.language_model)
         return {str(i): layers[i].gated_cross_attn_layer for i in self.config.gated_layer_indices()}
 
+    def modules_inside_backbones(self) -> list[nn.Module]:
+        return list(self.gated_cross_attn_layers.values())
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, PerceiverResampler):
