@@ -30,6 +30,10 @@ TINY_TEXT = {
             "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 512},
 }
 
+# A tiny Q-Former for the BLIP-2-style family (its config defaults are BLIP-2's own: 12 layers, 768 wide).
+TINY_QFORMER = {"num_query_tokens": 8, "qformer_hidden_size": 64, "qformer_num_hidden_layers": 2,
+                "qformer_num_attention_heads": 4, "qformer_intermediate_size": 128}
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 WORDS = (
     "USER ASSISTANT SYSTEM : ? . , ! a an the is are what which how many colour color shape shapes "
@@ -76,6 +80,8 @@ def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip",
         config_kwargs = {"image_token_id": vocab_size - 1, "end_of_chunk_token_id": vocab_size - 2, **config_kwargs}
     else:  # the placeholder id `<image>` gets when the processor adds it, outside the LM vocabulary
         config_kwargs = {"image_token_id": vocab_size, **config_kwargs}
+    if family == "fusion_blip2":
+        config_kwargs = {**TINY_QFORMER, **config_kwargs}
     config = config_cls(
         vision_config=tiny_vision_config(vision, image_size=image_size),
         text_config=tiny_text_config(text, vocab_size=vocab_size),
