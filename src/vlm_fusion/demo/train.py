@@ -226,9 +226,11 @@ def train_family(family, tower, lm, tokenizer, steps, work):
     fit(model, captions, pad, steps["align"], 1e-3, work)
     trains_lm = family != "fusion_flamingo"
     report = model.freeze_backbones(train_input_embeddings=not trains_lm)
-    if trains_lm:
-        model.language_model.requires_grad_(True)
-        report["language_model"] = sum(p.numel() for p in model.language_model.parameters())
+    if trains_lm:  # the whole LM: its base decoder and its head
+        lm_parts = (model.language_model, model.lm_head)
+        for part in lm_parts:
+            part.requires_grad_(True)
+        report["language_model"] = sum(p.numel() for part in lm_parts for p in part.parameters())
     print(f"{family} stage 2 (instruct):", report)
     # Flamingo-style keeps its LM frozen: only the resampler and the gated blocks learn to answer, which takes longer
     instruct = steps["instruct"] * (4 if family == "fusion_flamingo" else 1)
