@@ -67,9 +67,9 @@ def media_cache_bytes(media_cache) -> int:
 def lm_bytes_read_per_token(model) -> int:
     """Weights one decoding step reads: the LM without its input embedding table (one row is looked up)."""
     embedding = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
-    total = sum(p.numel() * p.element_size() for p in model.language_model.parameters())
-    return total - (0 if tied else embedding.numel() * embedding.element_size())
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.language_model.parameters())  # the base decoder
+    return total - embedding.numel() * embedding.element_size() + head.numel() * head.element_size()
 
 
 # ---- loading each implementation -----------------------------------------------------------------------------
@@ -96,12 +96,21 @@ def load(spec):
         model.reuse_media_kv = spec["reuse_media_kv"]
     processor = processor_cls.from_pretrained(path)
     inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt").to(device)
-    return model, inputs, lambda: model(**inputs, use_cache=True), make_generate(model, inputs)
+    return model, inputs, lambda: model(**inputs, use_cache=True), make_generate(model, inputs, spec)
 
 
-def make_generate(model, inputs):
+def make_generate(model, inputs, spec):
+    """Greedy generation of exactly k tokens; `spec["static_compile"]`: a static cache and a compiled forward."""
+    options = {}
+    if spec.get("static_compile"):
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+        options = dict(cache_implementation="static", compile_config=compile_config)
+
     def generate(k):
-        return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False, **options)
     return generate
 
 
@@ -170,10 +179,11 @@ def compare(specs: dict) -> dict:
     repeats = max(spec["repeats"] for spec in specs.values())
     k = max(spec.get("new_tokens") or 0 for spec in specs.values())
     times = {name: {"prefill": [], "one": [], "many": []} for name in loaded}
-    for _, _, forward, generate in loaded.values():  # warm-up
+    for _, _, forward, generate in loaded.values():  # warm-up (a static cache compiles once per length: both)
         forward()
         if generate is not None and k:
-            generate(2)
+            generate(1)
+            generate(k)
     for round_ in range(repeats):
         order = list(loaded) if round_ % 2 == 0 else list(loaded)[::-1]  # A B, then B A: no order bias
         for name in order:

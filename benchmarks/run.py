@@ -5,7 +5,7 @@
     python benchmarks/run.py --size tiny --in-process --repeats 1   # the smoke run the test suite does
 
 1. Each family against the reference implementation on identical weights (converted by our scripts):
-   transformers' Llava and Blip2; for Flamingo, our decoding with cached cross-attention K/V against the same
+   transformers' Llava (also both with a static cache and a compiled forward) and Blip2; for Flamingo, our decoding with cached cross-attention K/V against the same
    model recomputing them every step (OpenFlamingo's behaviour), and OpenFlamingo's own forward.
 2. The seeds' trade-off table, measured on one vision tower and one LM for all three families.
 3. The physical bound: decode tokens/s as a fraction of (measured memory bandwidth / LM bytes read per token).
@@ -57,6 +57,9 @@ def reference_comparisons(work, size, args):
     one = dict(common, prompt=setups.LLAVA_PROMPT, num_images=1)
     rows.append(comparison("LLaVA-style", "transformers Llava", dict(one, kind="hf_llava", path=llava_hf),
                            dict(one, kind="ours", path=llava_ours), args))
+    static = dict(one, static_compile=True)
+    rows.append(comparison("LLaVA-style, static cache + compile", "transformers Llava, same settings",
+                           dict(static, kind="hf_llava", path=llava_hf), dict(static, kind="ours", path=llava_ours), args))
     blip2_hf, blip2_ours = setups.build_blip2(work, size)
     one = dict(common, prompt=setups.BLIP2_PROMPT, num_images=1)
     rows.append(comparison("BLIP-2-style", "transformers Blip2", dict(one, kind="hf_blip2", path=blip2_hf),
@@ -124,7 +127,7 @@ def tradeoffs(size, args):
                 records.append(dict(
                     family=FAMILY_NAMES[family], resolution=resolution, images=count, bridge_params=bridge,
                     tokens_per_image=model.config.num_image_tokens(), prompt_tokens=int(inputs["input_ids"].shape[1]),
-                    prefill_s=prefill, kv_cache_bytes=measure.cache_bytes(out.past_key_values),
+                    prefill_s=prefill, kv_cache_bytes=measure.cache_bytes(out.cache),
                     media_cache_bytes=measure.media_cache_bytes(getattr(out, "media_cache", None)),
                 ))
     lines = ["| family | px | images | bridge params | LM tokens / image | prompt tokens | prefill (s) | "
@@ -197,6 +200,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the models run (default: the GPU when there is one)")
     args = parser.parse_args(argv)
+    try:  # checked before the work, not after it
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error('the plot needs matplotlib: pip install -e ".[bench]"')
     torch.set_num_threads(os.cpu_count())
     size = setups.SIZES[args.size]
     with tempfile.TemporaryDirectory() as work:
