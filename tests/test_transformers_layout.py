@@ -242,7 +242,7 @@ def test_static_cache_and_compiled_decoding_give_the_dynamic_caches_tokens(saved
     inputs = processor(images=[random_image(i) for i in range(2 * n)], text=prompts, padding=True, return_tensors="pt")
     dynamic = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     static = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    compile_config = CompileConfig()
+    compile_config = CompileConfig(fullgraph=True)  # what `_can_compile_fullgraph` promises
     compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
     torch._dynamo.reset()
     compiled = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static",
