@@ -221,3 +221,47 @@ def test_mismatched_image_tokens_raise():
         model(input_ids=inputs["input_ids"], pixel_values=torch.cat([inputs["pixel_values"]] * 2))
     with pytest.raises(ValueError, match="one image each"):
         processor(images=[random_image(0), random_image(1)], text=PROMPTS[0])
+
+
+def lavis_training_checkpoint(reference) -> dict:
+    """What LAVIS's runner (`_save_checkpoint`) writes for `Blip2OPT` trained with its defaults: `{"model": ...,
+    "optimizer", "config", "scaler", "epoch"}`, the state dict less every parameter that does not require grad.
+    Blip2OPT freezes the EVA ViT and OPT and drops the Q-Former's text branch (`cls`, word/position embeddings, each
+    layer's `intermediate` / `output`). Buffers are not parameters, so `Qformer.bert.embeddings.position_ids` stays;
+    `named_parameters()` lists OPT's tied head once, as `embed_tokens`, so `opt_model.lm_head.weight` stays too."""
+    state = {k: v for k, v in lavis_state_dict(reference).items()
+             if not k.startswith("visual_encoder.") and ".intermediate.dense." not in k}
+    state["Qformer.bert.embeddings.position_ids"] = torch.arange(512)[None]
+    state["opt_model.lm_head.weight"] = reference.language_model.get_output_embeddings().weight.detach().clone()
+    return {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+            "config": {"model": {"arch": "blip2_opt", "freeze_vit": True}}, "scaler": None, "epoch": 4}
+
+
+def test_a_checkpoint_as_lavis_training_writes_it_converts(lavis_dirs, tmp_path, capsys):
+    reference = Blip2ForConditionalGeneration.from_pretrained(lavis_dirs / "hf_no_k_bias")
+    reference.vision_model.save_pretrained(tmp_path / "eva")  # the frozen tower comes from its own directory
+    tiny_image_processor(32).save_pretrained(tmp_path / "eva")
+    torch.save(lavis_training_checkpoint(reference), tmp_path / "checkpoint_4.pth")
+    args = lavis_args(lavis_dirs, tmp_path / "checkpoint_4.pth", tmp_path / "from_lavis")
+    args[args.index("--vision-tower") + 1] = str(tmp_path / "eva")
+    assert convert_blip2.main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "[language_model] the checkpoint holds 1 of its" in printed
+    assert convert_blip2.main(["--source", "hf", "--input", str(lavis_dirs / "hf_no_k_bias"),
+                               "--output", str(tmp_path / "from_hf")]) == 0
+    ours = FusionBlip2ForConditionalGeneration.from_pretrained(tmp_path / "from_lavis").eval()
+    a, b = ours.state_dict(), FusionBlip2ForConditionalGeneration.from_pretrained(tmp_path / "from_hf").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ours.config.vision_layer_norm_eps == 1e-5  # LAVIS's ln_vision is nn.LayerNorm's default
+    processor = AutoProcessor.from_pretrained(tmp_path / "from_lavis")
+    inputs = processor(images=[random_image(0)], text=["what is shown ?"], return_tensors="pt")
+    with torch.no_grad():  # ln_vision with LAVIS's eps against transformers' Blip2 (eps 1e-6 on its post_layernorm)
+        diff = (ours(**inputs).logits - reference(**inputs).logits).abs().max().item()
+    print(f"LAVIS training checkpoint vs transformers Blip2: max |dlogit| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_a_lavis_file_without_query_tokens_is_refused_in_one_line(lavis_dirs, tmp_path, capsys):
+    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 64)}, "epoch": 0}, tmp_path / "other.pth")
+    assert convert_blip2.main(lavis_args(lavis_dirs, tmp_path / "other.pth", tmp_path / "out")) == 1
+    assert "no `query_tokens`" in capsys.readouterr().err

@@ -1,6 +1,10 @@
 """Conversion parity: transformers' own Llava (the reference) vs the converted fusion_llava model."""
 
 import json
+import os
+import signal
+import stat
+import time
 
 import pytest
 import torch
@@ -159,3 +163,144 @@ def test_original_layout_converts_and_matches_transformers_llava(original_llava_
         diff = (logits - ref_logits).abs().max()
     print(f"original-layout parity vs transformers Llava: max |dlogit| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+# ---- checkpoints exactly as LLaVA's own code writes them ---------------------------------------------------------
+IMAGE_TOKEN_INDEX = -200  # LLaVA's constants.IMAGE_TOKEN_INDEX
+
+
+def llava_tokenizer_image_token(prompt, tokenizer):
+    """LLaVA's `mm_utils.tokenizer_image_token`: each chunk tokenized alone, the BOS kept once."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    separated = [x for chunk in zip(chunks, [[IMAGE_TOKEN_INDEX] * (offset + 1)] * len(chunks)) for x in chunk][:-1]
+    for x in separated:
+        ids.extend(x[offset:])
+    return ids
+
+
+def llava_expand2square(image, background):
+    """LLaVA's `expand2square` (`image_aspect_ratio: pad`)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    size = max(width, height)
+    result = Image.new(image.mode, (size, size), background)
+    result.paste(image, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+    return result
+
+
+def sentencepiece_llama_tokenizer():
+    """A Llama tokenizer (BPE, `▁` word boundaries, byte fallback, BOS) small enough for the tiny LM's 58 rows: like
+    Llama's own, it starts every text it is given with `▁`, so chunk-by-chunk and whole-prompt tokenization differ."""
+    from transformers import LlamaTokenizer
+
+    letters = sorted(set("".join(PROMPTS).replace("<image>", "").replace(" ", "").replace("\n", "")))
+    pieces = ["<unk>", "<s>", "</s>", "<0x0A>", "▁", *letters]
+    return LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], add_bos_token=True)
+
+
+@pytest.fixture(scope="module")
+def upstream_llava_dir(original_llava_dir, tmp_path_factory):
+    """The tiny weights as LLaVA's train.py saves them: the CLIP tower inside (`model.vision_tower.vision_tower.
+    vision_model.*`, transformers 4's CLIPVisionModel names), rotary `inv_freq` buffers in each layer, a
+    SentencePiece-style Llama tokenizer, `image_aspect_ratio: pad`."""
+    from safetensors.torch import load_file, save_file
+
+    llava_dir, vision_dir = original_llava_dir
+    root = tmp_path_factory.mktemp("upstream") / "llava"
+    root.mkdir()
+    (root / "config.json").write_text((llava_dir / "config.json").read_text())
+    weights = load_file(llava_dir / "model.safetensors")
+    tower = load_file(vision_dir / "model.safetensors")
+    weights.update({f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in tower.items()})
+    config = json.loads((llava_dir / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    for i in range(config["num_hidden_layers"]):
+        weights[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+    save_file(weights, root / "model.safetensors", metadata={"format": "pt"})
+    sentencepiece_llama_tokenizer().save_pretrained(root)
+    return root, vision_dir
+
+
+def test_a_checkpoint_as_llavas_training_writes_it_converts(upstream_llava_dir, llava_hf_dir, tmp_path, capsys):
+    llava_dir, vision_dir = upstream_llava_dir
+    out = tmp_path / "fusion"
+    assert convert_llava.main(["--source", "original", "--input", str(llava_dir), "--vision-tower", str(vision_dir),
+                               "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    ours = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = FusionLlavaProcessor.from_pretrained(out)
+    tokenizer = sentencepiece_llama_tokenizer()
+    # The token sequence LLaVA builds, `▁` after <image> included, with its one image index expanded to 16.
+    inputs = processor(images=random_image(3), text=PROMPTS[0], return_tensors="pt")
+    original = llava_tokenizer_image_token(PROMPTS[0], tokenizer)
+    expanded = [t for i in original for t in ([processor.image_token_id] * 16 if i == IMAGE_TOKEN_INDEX else [i])]
+    assert inputs["input_ids"][0].tolist() == expanded
+    after_image = tokenizer.convert_ids_to_tokens(original[original.index(IMAGE_TOKEN_INDEX) + 1:][:2])
+    assert after_image == ["▁", "<0x0A>"]  # whole-prompt tokenization has no `▁` there
+    # The tower taken from inside the checkpoint, the inv_freq buffers dropped: the model is transformers' Llava's.
+    reference = LlavaForConditionalGeneration.from_pretrained(llava_hf_dir).eval()
+    assert all(torch.equal(v, reference.model.vision_tower.state_dict()[k])
+               for k, v in ours.model.vision_tower.state_dict().items())
+    ref_ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.image_token_id, reference.config.image_token_id)
+    with torch.no_grad():
+        logits = ours(**inputs).logits
+        ref_logits = reference(input_ids=ref_ids, pixel_values=inputs["pixel_values"]).logits[..., : logits.shape[-1]]
+    diff = (logits - ref_logits).abs().max().item()
+    print(f"LLaVA-training layout vs transformers Llava: max |dlogit| = {diff:.2e}; converter said: "
+          + " | ".join(line for line in printed.splitlines() if line.startswith("[verify]")))
+    assert diff <= 1e-4
+    # `image_aspect_ratio: pad`: the processor pads as LLaVA's expand2square does, and says so in its config.
+    assert processor.pad_to_square and processor.chunked_tokenization
+    wide = random_image(4, size=(20, 48))
+    mean = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+    expected = processor.image_processor(llava_expand2square(wide, mean), return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor(images=wide, text=PROMPTS[0], return_tensors="pt")["pixel_values"], expected)
+
+
+# ---- the output folder -------------------------------------------------------------------------------------------
+def test_stale_partial_output_is_removed_and_the_output_gets_the_users_permissions(llava_hf_dir, tmp_path, capsys):
+    stale = tmp_path / ".fusion.partial-k1ll3d"  # what a SIGKILLed conversion to `fusion` leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    other = tmp_path / ".other.partial-abc"  # another output's: not ours to remove
+    other.mkdir()
+    umask = os.umask(0o022)
+    try:
+        assert convert_llava.main(["--source", "llava-hf", "--input", str(llava_hf_dir),
+                                   "--output", str(tmp_path / "fusion")]) == 0
+    finally:
+        os.umask(umask)
+    assert f"removing {stale}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-abc", "fusion"]
+    assert stat.S_IMODE((tmp_path / "fusion").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "fusion" / "model.safetensors").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_conversion_ends_in_one_line_and_leaves_nothing(how, tmp_path, capsys):
+    from vlm_fusion.conversion import common
+
+    def convert(args):
+        with common.atomic_output_dir(str(tmp_path / "out")) as partial:
+            (tmp_path / "partial-was").write_text(partial)
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    try:
+        assert common.run(convert, None) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGHUP, previous[1])
+    err = capsys.readouterr().err
+    assert err.strip() == "conversion interrupted: nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial-was"]

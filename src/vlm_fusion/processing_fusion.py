@@ -48,20 +48,83 @@ class FusionProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): defaults to a USER/ASSISTANT template.
         image_token (`str`, *optional*, defaults to `"<image>"`).
         image_seq_length (`int`, *optional*, defaults to 1): placeholders per image (the model's visual tokens).
+        chunked_tokenization (`bool`, *optional*, defaults to `False`):
+            Tokenize the text between `<image>` placeholders chunk by chunk, each as if it began a text, as the
+            original LLaVA's `tokenizer_image_token` does (a SentencePiece tokenizer then starts every chunk with
+            `▁`): the token sequence models trained that way saw.
+        pad_to_square (`bool`, *optional*, defaults to `False`):
+            Pad each image to a square with the image processor's mean colour before it is resized, as LLaVA-1.5
+            does (`image_aspect_ratio: pad`), instead of letting the image processor crop it.
     """
 
     def __init__(
-        self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=1
+        self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=1,
+        chunked_tokenization=False, pad_to_square=False,
     ):
         if not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"`image_seq_length` must be a positive integer, got {image_seq_length!r}.")
         self.image_token = image_token
         self.image_seq_length = image_seq_length
+        self.chunked_tokenization = bool(chunked_tokenization)
+        self.pad_to_square = bool(pad_to_square)
         self.image_token_id = add_special_token(tokenizer, image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if images is not None and self.pad_to_square:
+            images = self.padded_to_square(images)
+        if self.chunked_tokenization and text is not None:
+            return self.chunked_call(images, text, **kwargs)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def padded_to_square(self, images):
+        """`images` (one, a list, or nested lists) each padded to a square, centred, with the mean colour."""
+        if isinstance(images, (list, tuple)):
+            return [self.padded_to_square(image) for image in images]
+        from PIL import Image
+        from transformers.image_transforms import to_pil_image
+
+        image = images if isinstance(images, Image.Image) else to_pil_image(images)
+        width, height = image.size
+        if width == height:
+            return image
+        colour = tuple(int(x * 255) for x in self.image_processor.image_mean)  # as LLaVA truncates it
+        square = Image.new(image.mode, (max(width, height),) * 2, colour)
+        square.paste(image, ((max(width, height) - width) // 2, (max(width, height) - height) // 2))
+        return square
+
+    def chunked_call(self, images, text, return_tensors=None, padding=False, max_length=None, truncation=None,
+                     **kwargs):
+        """`__call__` with `chunked_tokenization`: each text split at `image_token`, its chunks tokenized alone."""
+        texts = [text] if isinstance(text, str) else list(text)
+        flat_images = make_flat_list_of_images(images) if images is not None else []
+        count = sum(t.count(self.image_token) for t in texts)
+        if count != len(flat_images):
+            raise ValueError(f"The texts hold {count} {self.image_token} tokens and {len(flat_images)} images were given.")
+        input_ids = [self.chunked_ids(t) for t in texts]
+        if max_length is not None and (too_long := [len(ids) for ids in input_ids if len(ids) > max_length]):
+            raise ValueError(f"Prompts of {too_long} tokens exceed max_length={max_length}; they are not truncated "
+                             "(cutting through an image's placeholders would break it).")
+        features = self.tokenizer.pad({"input_ids": input_ids}, padding=padding, max_length=max_length)
+        if flat_images:
+            features["pixel_values"] = self.image_processor(flat_images, **kwargs)["pixel_values"]
+        return BatchFeature(dict(features), tensor_type=return_tensors)
+
+    def chunked_ids(self, text: str) -> list[int]:
+        """The original LLaVA's `tokenizer_image_token`: every chunk tokenized with the tokenizer's special tokens,
+        the BOS it adds kept once at the very start, `image_seq_length` placeholders between chunks."""
+        chunks = [self.tokenizer(chunk).input_ids for chunk in text.split(self.image_token)]
+        bos = self.tokenizer.bos_token_id
+        offset = 1 if chunks[0] and bos is not None and chunks[0][0] == bos else 0
+        ids = chunks[0][:offset]
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids += [self.image_token_id] * self.image_seq_length
+            ids += chunk[offset:]
+        return ids
 
     def save_pretrained(self, save_directory, *args, remote_code: bool = False, **kwargs):
         """`ProcessorMixin.save_pretrained`; `remote_code=True` also writes the processor's code."""

@@ -8,6 +8,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -38,9 +39,30 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         if file.endswith(".safetensors"):
             state_dict.update(load_file(file))
         else:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-            state_dict.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded)
+            state_dict.update(unwrap_checkpoint(torch.load(file, map_location="cpu", weights_only=True), file))
     return state_dict
+
+
+# Where training scripts put the weights in the objects they save: LAVIS's runner `{"model": ..., "optimizer": ...,
+# "config": ..., "epoch": ...}`, Lightning `{"state_dict": ...}`, DeepSpeed/DDP dumps `{"module": ...}`.
+CHECKPOINT_WRAPPERS = ("model", "state_dict", "module")
+
+
+def unwrap_checkpoint(loaded, path: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded torch checkpoint: the object itself, or the one a training script wrapped."""
+    if not isinstance(loaded, dict):
+        raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict.")
+    for key in CHECKPOINT_WRAPPERS:
+        inner = loaded.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    others = sorted(k for k, v in loaded.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ConversionError(
+            f"{path} is neither a state dict nor one wrapped under {list(CHECKPOINT_WRAPPERS)}: its top-level keys "
+            f"{_preview(sorted(loaded))} include non-tensors ({_preview(others)})."
+        )
+    return loaded
 
 
 def rename_keys(state_dict: dict, rules: list[tuple[str, str | None]]) -> dict:
@@ -95,20 +117,47 @@ def load_exact(model: torch.nn.Module, state_dict: dict) -> None:
         model.tie_weights()
 
 
+def partial_prefix(output: str) -> str:
+    return f".{os.path.basename(output)}.partial-"
+
+
+def remove_stale_partials(output: str) -> list[str]:
+    """Remove what conversions to `output` killed before they could clean up (SIGKILL, SIGHUP) left behind."""
+    parent = os.path.dirname(output)
+    stale = sorted(glob.glob(os.path.join(glob.escape(parent), glob.escape(partial_prefix(output)) + "*")))
+    for path in stale:
+        print(f"[cleanup] removing {path}, left by an interrupted conversion to {os.path.basename(output)}")
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _user_permissions(path: str) -> None:
+    """`mkdtemp` makes folders 0700; the output gets what the user's umask gives a new folder (and its files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_output_dir(output: str, *, overwrite: bool = False):
-    """Yield a temporary directory beside `output`; it becomes `output` only if the block finishes."""
+    """Yield a temporary directory beside `output`; it becomes `output` only if the block finishes. Stale temporary
+    directories of earlier, killed conversions to the same output are removed first."""
     output = os.path.abspath(output)
     if os.path.exists(output) and not overwrite:
         raise ConversionError(f"{output} exists; pass --overwrite to replace it.")
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
+    remove_stale_partials(output)
+    tmp = tempfile.mkdtemp(prefix=partial_prefix(output), dir=parent)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _user_permissions(tmp)
     if os.path.exists(output):
         shutil.rmtree(output)
     os.replace(tmp, output)
@@ -201,13 +250,25 @@ def check_common_arguments(parser, args):
     return args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(convert, args) -> int:
-    """Run `convert(args)`; a conversion problem ends with its message on stderr and exit code 1."""
+    """
+    Run `convert(args)`; a conversion problem ends with its message on stderr and exit code 1. SIGTERM and SIGHUP
+    end it as Ctrl-C does — one line, the temporary output removed; what a SIGKILL leaves, the next run removes.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         convert(args)
     except (ConversionError, ValueError) as error:
         print(f"conversion failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("conversion interrupted: nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -84,6 +84,19 @@ def lavis_rules(lm_prefix: str) -> list[tuple[str, str | None]]:
     ]
 
 
+# LAVIS's `ln_vision` is `nn.LayerNorm(num_features)`: torch's default eps, whatever the tower's own norms use.
+LAVIS_LN_VISION_EPS = 1e-5
+
+
+def with_backbone(state_dict: dict, part: str, backbone: dict, args) -> dict:
+    """`state_dict` completed with the `part` (`vision_tower` / `language_model`) weights of its directory."""
+    held = sum(k.startswith(f"{part}.") for k in state_dict)
+    if held < len(backbone):
+        source = args.vision_tower if part == "vision_tower" else args.language_model
+        print(f"[{part}] the checkpoint holds {held} of its {len(backbone)} tensors; the rest come from {source}")
+    return {**{f"{part}.{k}": v for k, v in backbone.items()}, **state_dict}
+
+
 def merge_eva_qkv_bias(state_dict: dict) -> dict:
     """EVA keeps q and v biases (k has none); transformers' fused qkv bias is `cat(q_bias, 0, v_bias)`."""
     for key in [k for k in state_dict if k.endswith(".self_attn.q_bias")]:
@@ -94,13 +107,14 @@ def merge_eva_qkv_bias(state_dict: dict) -> dict:
 
 
 def share_vision_norm(state_dict: dict) -> dict:
-    """The tower's own `post_layernorm` is not on our path (the bridge norms the features); give it the same weights."""
+    """EVA has no final norm of its own (LAVIS's `ln_vision` is ours); the tower's `post_layernorm`, which is not on
+    our path, gets the same weights, as transformers' Blip2 conversion gives it."""
     for name in ("weight", "bias"):
-        state_dict.setdefault(f"vision_tower.post_layernorm.{name}", state_dict[f"vision_layernorm.{name}"].clone())
+        state_dict[f"vision_tower.post_layernorm.{name}"] = state_dict[f"vision_layernorm.{name}"].clone()
     return state_dict
 
 
-def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_token_id):
+def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_token_id, vision_layer_norm_eps):
     if qformer.hidden_act != "gelu":
         raise ConversionError(f"Q-Former activation {qformer.hidden_act!r} is not supported (only gelu).")
     return FusionBlip2Config(
@@ -114,7 +128,7 @@ def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_t
         cross_attention_frequency=qformer.cross_attention_frequency,
         qformer_layer_norm_eps=qformer.layer_norm_eps,
         qformer_dropout=qformer.hidden_dropout_prob,
-        vision_layer_norm_eps=vision_config.layer_norm_eps,
+        vision_layer_norm_eps=vision_layer_norm_eps,
         image_token_id=image_token_id,
     )
 
@@ -134,7 +148,8 @@ def convert_hf(args):
         raise ConversionError(f"The config's image token {image_token_id} is not the tokenizer's <image> "
                               f"({processor.image_token_id}).")
     config = fusion_config(source.vision_config, source.text_config, source.qformer_config,
-                           source.num_query_tokens, processor.image_token_id)
+                           source.num_query_tokens, processor.image_token_id,
+                           vision_layer_norm_eps=source.vision_config.layer_norm_eps)  # its post_layernorm
     state_dict = rename_keys(read_state_dict(args.input), hf_rules(conversion.lm_base_prefix(config.text_config)))
     for name in ("weight", "bias"):  # transformers norms inside the tower; our bridge norms the selected layer
         state_dict[f"vision_layernorm.{name}"] = state_dict[f"vision_tower.post_layernorm.{name}"].clone()
@@ -153,6 +168,9 @@ def convert_lavis(args):
     source = read_state_dict(args.input)
     if any(k.startswith(("t5_proj", "t5_model")) for k in source):
         raise ConversionError("LAVIS blip2_t5 checkpoints are not supported: the LM must be causal.")
+    if "query_tokens" not in source:
+        raise ConversionError(f"{args.input} is not a LAVIS BLIP-2 checkpoint: it has no `query_tokens` (its keys: "
+                              f"{conversion._preview(sorted(source))}).")
     vision_config = AutoConfig.from_pretrained(args.vision_tower)
     vision_config = getattr(vision_config, "vision_config", vision_config)
     text_config = AutoConfig.from_pretrained(args.language_model)
@@ -161,15 +179,16 @@ def convert_lavis(args):
                                      image_seq_length=source["query_tokens"].shape[1])
     qformer = _lavis_qformer_config(source, args)
     config = fusion_config(vision_config, text_config, qformer, source["query_tokens"].shape[1],
-                           processor.image_token_id)
+                           processor.image_token_id, vision_layer_norm_eps=LAVIS_LN_VISION_EPS)
     state_dict = merge_eva_qkv_bias(rename_keys(source, lavis_rules(conversion.lm_base_prefix(text_config))))
-    if not any(k.startswith("vision_tower.") for k in state_dict):
-        tower = load_vision_tower(args.vision_tower)
-        state_dict.update({f"vision_tower.{k}": v for k, v in tower.state_dict().items()})
-    if not any(k.startswith("language_model.") for k in state_dict):  # LAVIS keeps the frozen OPT out of the .pth
-        lm = AutoModelForCausalLM.from_pretrained(args.language_model)
-        state_dict.update({f"language_model.{k}": v for k, v in lm.state_dict().items()})
+    # LAVIS's runner saves trainable parameters only: the frozen ViT and LM are missing, except for what tying kept
+    # (the LM head, tied to the frozen embeddings). Each backbone comes from its directory; the file's own tensors
+    # of it, if any, go on top.
     state_dict = share_vision_norm(state_dict)
+    tower = load_vision_tower(args.vision_tower)
+    lm = AutoModelForCausalLM.from_pretrained(args.language_model)
+    for part, module in (("vision_tower", tower), ("language_model", lm)):
+        state_dict = with_backbone(state_dict, part, module.state_dict(), args)
     write_and_verify(args, config, state_dict, processor, reference=None)
 
 

@@ -46,7 +46,10 @@ def original_rules(lm_prefix: str, projector_type: str) -> list[tuple[str, str]]
         else [(r"^model\.mm_projector\.", "multi_modal_projector.linear_1.")]
     )
     return projector + [
-        (r"^model\.vision_tower\.vision_tower\.", "vision_tower."),
+        # LLaVA's own training saves the CLIP tower too, as `CLIPVisionModel` nested in its `CLIPVisionTower`
+        (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?", "vision_tower."),
+        # rotary inverse frequencies some releases carry: derived from the config, not weights
+        (r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$", None),
         (r"^model\.", f"language_model.{lm_prefix}."),
         (r"^lm_head\.", "language_model.lm_head."),
     ]
@@ -119,8 +122,10 @@ def convert_original(args):
     }
     text_config = AutoConfig.for_model(lm_type, **text_fields)
     tokenizer = AutoTokenizer.from_pretrained(args.input)
+    pad = raw.get("image_aspect_ratio") == "pad"
+    # The token sequence and the image framing the model was trained with: `tokenizer_image_token`, `expand2square`.
     processor = FusionLlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(args.vision_tower),
-                                     tokenizer=tokenizer)
+                                     tokenizer=tokenizer, chunked_tokenization=True, pad_to_square=pad)
     vision_tower = load_vision_tower(args.vision_tower)
     config = FusionLlavaConfig(
         vision_config=vision_tower.config,
@@ -131,8 +136,8 @@ def convert_original(args):
         image_token_id=processor.image_token_id,
     )
     processor.image_seq_length = config.num_image_tokens()
-    if raw.get("image_aspect_ratio") == "pad":
-        print("[note] the checkpoint was trained on images padded to a square; the image processor center-crops.")
+    if pad:
+        print("[note] the checkpoint was trained on images padded to a square: the processor pads them too.")
     source = read_state_dict(args.input)
     state_dict = rename_keys(source, original_rules(conversion.lm_base_prefix(text_config), projector_type))
     if not any(k.startswith("vision_tower.") for k in state_dict):
@@ -155,11 +160,12 @@ def convert_original(args):
         if select_feature == "patch":
             features = features[:, 1:]
         image_embeds = mm_projector(features.float())[0].to(args.dtype)
-        before, after = PROMPT.split("<image>")
+        # `tokenizer_image_token`: each chunk tokenized alone, the BOS kept once, one image position between.
+        before, after = (tokenizer(chunk).input_ids for chunk in PROMPT.split("<image>"))
+        offset = int(bool(before) and before[0] == tokenizer.bos_token_id)
         embed = lm.get_input_embeddings()
-        ids_before = tokenizer(before, return_tensors="pt").input_ids
-        ids_after = tokenizer(after, add_special_tokens=False, return_tensors="pt").input_ids
-        embeds = torch.cat([embed(ids_before)[0], image_embeds, embed(ids_after)[0]])[None]
+        ids_before, ids_after = torch.tensor(before[:offset] + before[offset:]), torch.tensor(after[offset:])
+        embeds = torch.cat([embed(ids_before), image_embeds, embed(ids_after)])[None]
         return lm(inputs_embeds=embeds).logits
 
     write_and_verify(args, config, state_dict, processor, reference)
