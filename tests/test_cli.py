@@ -61,7 +61,9 @@ def test_convert_dispatches_to_the_converters(capsys):
     for source, flag in (("llava", "--vision-tower"), ("blip2", "--qformer-heads"), ("openflamingo", "--checkpoint")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["convert", source, "--help"])
-        assert exit_info.value.code == 0 and flag in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and flag in out
+        assert out.startswith(f"usage: vlm-fusion convert {source} ") and "conversion_scripts" not in out
 
 
 # ---- the demo ---------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def test_shipped_demo_checkpoint_answers_every_question_type(family):
 def test_demo_command_prints_questions_and_verdicts(capsys):
     assert cli.main(["demo", "--family", "llava", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert "Q: how many shapes are there ?" in out and ("right" in out or "wrong" in out)
+    assert "Q: how many shapes are there ?" in out and ("-> right" in out or "-> WRONG, expected" in out)
 
 
 def test_training_script_runs(tmp_path):
@@ -121,3 +123,53 @@ def test_training_script_runs(tmp_path):
     assert set(results["fusion_llava"]) == set(shapes.QUESTION_TYPES)
     card = (tmp_path / "llava" / "README.md").read_text()
     assert "## Evaluation" in card and "| colour |" in card
+
+
+# ---- what a new user runs into ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", cli.DEMO_FAMILIES)
+def test_generate_with_a_demo_model_answers_through_its_chat_template(family, tmp_path, capsys):
+    rng = np.random.default_rng(1)  # the scene `vlm-fusion demo --seed 1` draws and asks about
+    scene = shapes.sample_scene(rng)
+    shapes.render(scene).save(tmp_path / "scene.png")
+    asked = shapes.questions(scene, rng)[:3]  # colour, shape, count
+    answers = []
+    for kind, question, truth in asked:
+        assert cli.main(["generate", "--model", f"demo:{family}", "--image", str(tmp_path / "scene.png"),
+                         "--prompt", question]) == 0
+        answers.append(capsys.readouterr().out.strip())
+    print(f"demo:{family}: " + "; ".join(f"{q!r} -> {a!r}" for (_, q, _), a in zip(asked, answers)))
+    assert answers == [truth for _, _, truth in asked]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "demo:llava", "--image", "IMAGE", "--prompt", "x", "--max-new-tokens", "0"], "must be at least 1"),
+    (["generate", "--model", "demo:llava", "--image", "IMAGE", "--prompt", "x", "--max-new-tokens", "-1"], "must be at least 1"),
+    (["generate", "--model", "demo:llava", "--image", "IMAGE", "--prompt", " "], "--prompt is empty"),
+    (["generate", "--model", "demo:llama", "--image", "IMAGE", "--prompt", "x"], "unknown demo model 'demo:llama'"),
+    (["generate", "--model", "demo:llava", "--image", "IMAGE", "--raw", "--prompt", "<image> <image> x"], "holds 2 <image>"),
+    (["tokens", "--patch-size", "0"], "must be at least 1"),
+    (["tokens", "--context", "0"], "must be at least 1"),
+    (["tokens", "--tiles", "-3"], "must be at least 1"),
+])
+def test_bad_input_is_one_line(argv, message, saved_model, capsys):
+    _, image = saved_model
+    argv = [str(image) if a == "IMAGE" else a for a in argv]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith(("vlm-fusion", "usage"))]) >= 1
+
+
+def test_a_corrupted_weights_file_is_named(saved_model, tmp_path, capsys):
+    path, image = saved_model
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in path.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'model.safetensors'} is not a readable safetensors file" in err and len(err.splitlines()) == 1

@@ -15,6 +15,17 @@ def fail(message: str) -> int:
     return 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def quiet():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging
@@ -26,6 +37,29 @@ def quiet():
 # ---- demo -------------------------------------------------------------------------------------------------------
 def demo_checkpoint(family: str) -> str:
     return str(importlib.resources.files("vlm_fusion.demo") / "checkpoints" / family)
+
+
+DEMO_PREFIX = "demo:"  # `--model demo:llava` names a demo checkpoint shipped in the package
+
+
+def resolve_model(name: str) -> str:
+    if not name.startswith(DEMO_PREFIX):
+        return name
+    family = name[len(DEMO_PREFIX):]
+    if family not in DEMO_FAMILIES:
+        raise ValueError(f"unknown demo model {name!r}; the demo models are "
+                         + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
+    return demo_checkpoint(family)
+
+
+def load_failure(path: str, error: Exception) -> str:
+    """One line for a model that does not load, naming the file at fault where there is one."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, SafetensorError) and os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        return f"{os.path.join(path, ', '.join(files))} is not a readable safetensors file ({error})"
+    return f"cannot load a model from {path}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
 
 
 def demo(args) -> int:
@@ -60,36 +94,57 @@ def demo(args) -> int:
             answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
             right = answer == truth
             score += right
-            print(f"  Q: {question:<40} A: {answer:<52} {'right' if right else f'wrong (expected: {truth})'}")
+            verdict = "-> right" if right else f'-> WRONG, expected "{truth}"'
+            print(f"  Q: {question:<40} A: {chr(34) + answer + chr(34):<54} {verdict}")
         print(f"  {score}/{len(asked)} right")
     return 0
 
 
 # ---- generate -------------------------------------------------------------------------------------------------
+def build_prompt(processor, prompt: str, raw: bool) -> str:
+    """The user's question in the model's chat template (one image first), or, with `raw`, the prompt as given."""
+    if raw or not getattr(processor, "chat_template", None):
+        return prompt if processor.image_token in prompt else f"{processor.image_token}{prompt}"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
 def generate(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
+    if not args.prompt.strip():
+        return fail("--prompt is empty: ask something about the image")
     if not os.path.isfile(args.image):
         return fail(f"no image file at {args.image}")
     try:
         image = Image.open(args.image).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         return fail(f"{args.image} is not a readable image ({error})")
+    try:
+        path = resolve_model(args.model)
+    except ValueError as error:
+        return fail(str(error))
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import vlm_fusion  # noqa: F401
 
-    quiet() if os.path.isdir(args.model) else None
+    quiet()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
-        processor = AutoProcessor.from_pretrained(args.model)
-    except (OSError, ValueError) as error:
-        return fail(f"cannot load a model from {args.model}: {error}")
-    prompt = args.prompt if processor.image_token in args.prompt else f"{processor.image_token}\n{args.prompt}"
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as error:  # any reason a checkpoint does not load is one line here
+        return fail(load_failure(path, error))
+    prompt = build_prompt(processor, args.prompt, args.raw)
+    if prompt.count(processor.image_token) != 1:
+        return fail(f"the prompt holds {prompt.count(processor.image_token)} {processor.image_token} markers; "
+                    "`generate` takes one image")
+    try:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    except ValueError as error:
+        return fail(str(error))
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return 0
 
@@ -97,7 +152,7 @@ def generate(args) -> int:
 # ---- convert ------------------------------------------------------------------------------------------------------
 def convert(args, rest) -> int:
     module = importlib.import_module(f"vlm_fusion.conversion.{CONVERTERS[args.source]}")
-    return module.main(rest)
+    return module.main(rest, prog=f"vlm-fusion convert {args.source}")
 
 
 # ---- tokens --------------------------------------------------------------------------------------------------------
@@ -138,21 +193,24 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="the image's seed (default: a fresh one)")
     p.add_argument("--save-image", metavar="PNG", help="also save the image (upscaled 4x)")
     p = commands.add_parser("generate", help="answer a prompt about an image with any vlm-fusion model")
-    p.add_argument("--model", required=True, help="directory or Hub id")
+    p.add_argument("--model", required=True,
+                   help="directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
     p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True, help="text; <image> marks where the image goes (default: before it)")
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="use --prompt as it is, no chat template (<image> marks the image; default: before the text)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
     p = commands.add_parser("convert", help="convert an upstream checkpoint (the rest goes to the converter)")
     p.add_argument("source", choices=sorted(CONVERTERS))
     p = commands.add_parser("tokens", help="the visual-token budget of each family")
-    p.add_argument("--image-size", type=int, default=336)
-    p.add_argument("--patch-size", type=int, default=14)
-    p.add_argument("--tiles", type=int, default=1)
+    p.add_argument("--image-size", type=positive_int, default=336)
+    p.add_argument("--patch-size", type=positive_int, default=14)
+    p.add_argument("--tiles", type=positive_int, default=1)
     p.add_argument("--thumbnail", action="store_true", help="add a downscaled whole-image crop to the tiles")
     p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
-    p.add_argument("--num-query-tokens", type=int, default=32, help="BLIP-2-style queries per crop")
-    p.add_argument("--num-latents", type=int, default=64, help="Flamingo-style latents per crop")
-    p.add_argument("--context", type=int, default=4096, help="the LM's context window")
+    p.add_argument("--num-query-tokens", type=positive_int, default=32, help="BLIP-2-style queries per crop")
+    p.add_argument("--num-latents", type=positive_int, default=64, help="Flamingo-style latents per crop")
+    p.add_argument("--context", type=positive_int, default=4096, help="the LM's context window")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
         return convert(argparse.Namespace(source=argv[1]), argv[2:])  # --help included

@@ -74,7 +74,7 @@ def rename_keys(state_dict: dict, rules: list[tuple[str, str | None]]) -> dict:
     """
     compiled = [(re.compile(pattern), target) for pattern, target in rules]
     renamed, unconsumed = {}, []
-    for key in tqdm(list(state_dict), desc="mapping keys", leave=False):
+    for key in state_dict:
         for pattern, target in compiled:
             if pattern.search(key):
                 if target is None:
@@ -240,6 +240,7 @@ def add_common_arguments(parser) -> None:
 
 
 def check_common_arguments(parser, args):
+    args.prog = parser.prog
     args.dtype = getattr(torch, args.dtype)
     if args.atol is None:
         args.atol = 1e-4 if args.dtype == torch.float32 else 5e-2
@@ -261,13 +262,18 @@ def run(convert, args) -> int:
     """
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the script's own lines say what happens; no loading bars between them
+    prog = getattr(args, "prog", None)
+    prefix = f"{prog}: " if prog else ""  # `vlm-fusion convert llava: error: ...`, as the CLI's own errors
     try:
         convert(args)
     except (ConversionError, ValueError) as error:
-        print(f"conversion failed: {error}", file=sys.stderr)
+        print(f"{prefix}error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("conversion interrupted: nothing was written", file=sys.stderr)
+        print(f"{prefix}conversion interrupted: nothing was written", file=sys.stderr)
         return 130
     return 0
 

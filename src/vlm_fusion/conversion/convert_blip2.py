@@ -1,10 +1,10 @@
 """Convert a BLIP-2 checkpoint (decoder-only LM) into a vlm-fusion `fusion_blip2` model with its processor.
 
     # transformers' Blip2ForConditionalGeneration layout (Salesforce/blip2-opt-2.7b and friends)
-    python conversion_scripts/convert_blip2.py --source hf --input DIR --output DIR
+    vlm-fusion convert blip2 --source hf --input DIR --output DIR
     # the original LAVIS layout; the vision tower (a Blip2VisionModel directory, with the image processor) and the
     # language model (with its tokenizer) supply what the .pth does not hold
-    python conversion_scripts/convert_blip2.py --source lavis --input FILE.pth --vision-tower DIR \\
+    vlm-fusion convert blip2 --source lavis --input FILE.pth --vision-tower DIR \\
         --language-model DIR --output DIR
 
 Every source key must be consumed by the tables below and every model weight filled, or nothing is written.
@@ -229,8 +229,8 @@ def write_and_verify(args, config, state_dict, processor, reference):
                                 config=config, state_dict=state_dict, processor=processor, verify=verify)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=["hf", "lavis"], required=True)
     parser.add_argument("--input", required=True, help="checkpoint directory (hf) or .pth file (lavis)")
     parser.add_argument("--vision-tower", help="Blip2VisionModel directory with the image processor (lavis)")
@@ -240,8 +240,8 @@ def parse_args(argv=None):
     return conversion.check_common_arguments(parser, parser.parse_args(argv))
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=None):
+    args = parse_args(argv, prog)
     return conversion.run((convert_hf if args.source == "hf" else convert_lavis), args)
 
 

@@ -1,9 +1,9 @@
 """Convert a LLaVA checkpoint into a vlm-fusion `fusion_llava` model (weights, config and processor).
 
     # transformers' LlavaForConditionalGeneration layout (llava-hf/*), with its processor
-    python conversion_scripts/convert_llava.py --source llava-hf --input DIR --output DIR
+    vlm-fusion convert llava --source llava-hf --input DIR --output DIR
     # the original LLaVA layout (liuhaotian/llava-v1.5-*): LM + `model.mm_projector.*`, vision tower separate
-    python conversion_scripts/convert_llava.py --source original --input DIR --vision-tower DIR --output DIR
+    vlm-fusion convert llava --source original --input DIR --vision-tower DIR --output DIR
 
 Every source key must be consumed by the tables below and every model weight filled, or nothing is written.
 Before finishing, the script loads the written model and the source implementation and compares their logits.
@@ -183,8 +183,8 @@ def write_and_verify(args, config, state_dict, processor, reference):
                                 config=config, state_dict=state_dict, processor=processor, verify=verify)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=["llava-hf", "original"], required=True)
     parser.add_argument("--input", required=True, help="checkpoint directory")
     parser.add_argument("--vision-tower", help="CLIP vision tower directory (--source original)")
@@ -192,8 +192,8 @@ def parse_args(argv=None):
     return conversion.check_common_arguments(parser, parser.parse_args(argv))
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=None):
+    args = parse_args(argv, prog)
     return conversion.run((convert_llava_hf if args.source == "llava-hf" else convert_original), args)
 
 

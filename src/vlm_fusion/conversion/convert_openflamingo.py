@@ -1,6 +1,6 @@
 """Convert a released OpenFlamingo checkpoint into a vlm-fusion `fusion_flamingo` model with its processor.
 
-    python conversion_scripts/convert_openflamingo.py --checkpoint checkpoint.pt --vision-tower CLIP_DIR \\
+    vlm-fusion convert openflamingo --checkpoint checkpoint.pt --vision-tower CLIP_DIR \\
         --language-model LM_DIR --cross-attention-every-n-layers N --output DIR
 
 The checkpoint is OpenFlamingo's flat state dict: `perceiver.*`, the gated blocks under
@@ -195,8 +195,8 @@ def open_flamingo_reference(args, source, config, tokenizer):
     return model.to(args.dtype).eval()
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="OpenFlamingo checkpoint.pt")
     parser.add_argument("--vision-tower", required=True, help="transformers CLIP directory with its image processor")
     parser.add_argument("--language-model", required=True, help="the base causal LM directory with its tokenizer")
@@ -210,8 +210,8 @@ def parse_args(argv=None):
     return conversion.check_common_arguments(parser, args)
 
 
-def main(argv=None):
-    return conversion.run(convert, parse_args(argv))
+def main(argv=None, prog=None):
+    return conversion.run(convert, parse_args(argv, prog))
 
 
 if __name__ == "__main__":
