@@ -173,3 +173,19 @@ def test_a_corrupted_weights_file_is_named(saved_model, tmp_path, capsys):
     assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert f"{broken / 'model.safetensors'} is not a readable safetensors file" in err and len(err.splitlines()) == 1
+
+
+def test_a_config_without_vision_config_is_refused_in_one_line(saved_model, tmp_path, capsys):
+    import json
+
+    path, image = saved_model
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in path.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    del config["vision_config"]
+    (broken / "config.json").write_text(json.dumps(config))
+    assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "has no `vision_config`" in err and len(err.splitlines()) == 1

@@ -296,3 +296,18 @@ def test_an_lm_head_with_unknown_logit_handling_is_refused():
                                text_config={**tiny_text_config("llama"), "model_type": OddConfig.model_type})
     with pytest.raises(ValueError, match=r"OddForCausalLM's head uses \['logit_bias'\]"):
         FusionLlavaForConditionalGeneration(config)
+
+
+# ---- generating past the LM's context ----------------------------------------------------------------------------
+def test_generating_past_learned_positions_stops_with_a_clear_error_and_past_rope_warns(caplog):
+    model, processor = build("fusion_llava", text="gpt2")  # 512 learned positions
+    inputs = inputs_for(processor)
+    length = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=rf"reach position {length + 600}, past the 512 positions .*gpt2"):
+        model.generate(**inputs, max_new_tokens=600, do_sample=False)
+    assert model.generate(**inputs, max_new_tokens=512 - length, min_new_tokens=512 - length).shape[1] == 512
+    model, processor = build("fusion_llava", text="llama")
+    model.config.text_config.max_position_embeddings = length + 2  # rotary: runs, with a warning
+    with caplog.at_level("WARNING"):
+        out = model.generate(**inputs_for(processor), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape[1] == length + 4 and "was not trained that far" in caplog.text

@@ -85,6 +85,17 @@ class FusionConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self.validate_fusion_fields()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config must name both backbones: without them it would silently build the default CLIP and Llama."""
+        missing = [key for key in ("vision_config", "text_config") if not config_dict.get(key)]
+        if missing:
+            raise ValueError(
+                f"This {cls.model_type} config has no {' and no '.join(f'`{k}`' for k in missing)}: a saved vlm-fusion "
+                "config names both backbones (save it again with `save_pretrained`, or add the missing sub-config)."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_fusion_fields(self):
         """Raise `ValueError` naming the first invalid field. Families extend this with their own fields."""
         if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) or self.image_token_id < 0:

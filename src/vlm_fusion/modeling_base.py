@@ -589,6 +589,36 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         return report
 
     # ---- generation ---------------------------------------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, after checking that the text fits the language model's positions."""
+        self.check_generation_length(args[0] if args else kwargs.get("input_ids"), kwargs)
+        return super().generate(*args, **kwargs)
+
+    def check_generation_length(self, input_ids, kwargs) -> None:
+        """
+        A prompt plus the tokens to generate past the LM's `max_position_embeddings`: an LM with learned position
+        embeddings (GPT-2, OPT) has no row for the positions past it, so this raises before generating (GPT-2 would
+        die with an `IndexError` midway); a rotary one (Llama, Qwen2) runs on untrained positions, so this warns.
+        """
+        text = self.config.text_config
+        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if not limit or prompt is None:
+            return
+        config = kwargs.get("generation_config") or self.generation_config
+        new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        total = prompt.shape[1] + new if new is not None else kwargs.get("max_length", config.max_length)
+        if total <= limit:
+            return
+        token_embeddings = self.get_input_embeddings()
+        learned = any(isinstance(m, nn.Embedding) and m is not token_embeddings for m in self.language_model.modules())
+        message = (f"the prompt ({prompt.shape[1]} tokens) and the tokens to generate reach position {total}, past "
+                   f"the {limit} positions of the language model ({text.model_type})")
+        if learned:
+            raise ValueError(f"{message}, whose learned position embeddings end there: shorten the prompt or lower "
+                             "`max_new_tokens`.")
+        logger.warning_once(f"{message}: it was not trained that far, and its output there may degrade.")
+
     def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:
         """How many of the batch's `num_images` images belong to each sample, from its placeholder count."""
         counts = (input_ids == self.config.image_token_id).sum(-1)  # (B,)
