@@ -189,3 +189,16 @@ def test_a_config_without_vision_config_is_refused_in_one_line(saved_model, tmp_
     assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "has no `vision_config`" in err and len(err.splitlines()) == 1
+
+
+def test_help_and_tokens_answer_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io, vlm_fusion_cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert vlm_fusion_cli.main(['tokens']) == 0\n"
+            "    try:\n        vlm_fusion_cli.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'vlm_fusion') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

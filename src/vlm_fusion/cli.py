@@ -1,29 +1,17 @@
-"""The `vlm-fusion` command: demo, generate, convert, tokens."""
+"""The commands of `vlm-fusion` (demo, generate, convert, tokens); the arguments are parsed in `vlm_fusion_cli`."""
 
-import argparse
 import importlib
-import importlib.resources
 import os
 import sys
 
-DEMO_FAMILIES = ("llava", "blip2", "flamingo")
-CONVERTERS = {"llava": "convert_llava", "blip2": "convert_blip2", "openflamingo": "convert_openflamingo"}
+from vlm_fusion.demo import FAMILIES as DEMO_FAMILIES
+from vlm_fusion.demo import checkpoint as demo_checkpoint
+from vlm_fusion_cli import CONVERTERS, DEMO_PREFIX, main  # noqa: F401  (`main`: `vlm_fusion.cli.main` as before)
 
 
 def fail(message: str) -> int:
     print(f"vlm-fusion: error: {message}", file=sys.stderr)
     return 2
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def quiet():
@@ -35,13 +23,6 @@ def quiet():
 
 
 # ---- demo -------------------------------------------------------------------------------------------------------
-def demo_checkpoint(family: str) -> str:
-    return str(importlib.resources.files("vlm_fusion.demo") / "checkpoints" / family)
-
-
-DEMO_PREFIX = "demo:"  # `--model demo:llava` names a demo checkpoint shipped in the package
-
-
 def resolve_model(name: str) -> str:
     if not name.startswith(DEMO_PREFIX):
         return name
@@ -153,75 +134,3 @@ def generate(args) -> int:
 def convert(args, rest) -> int:
     module = importlib.import_module(f"vlm_fusion.conversion.{CONVERTERS[args.source]}")
     return module.main(rest, prog=f"vlm-fusion convert {args.source}")
-
-
-# ---- tokens --------------------------------------------------------------------------------------------------------
-def visual_tokens(image_size: int, patch_size: int, tiles: int = 1, thumbnail: bool = False,
-                  num_query_tokens: int = 32, num_latents: int = 64) -> dict:
-    """LM positions per image for each family, and what they cost (the seeds' token-budget formulas)."""
-    if image_size < patch_size:
-        raise ValueError(f"--image-size ({image_size}) is smaller than --patch-size ({patch_size})")
-    crops = tiles + (1 if thumbnail else 0)
-    per_crop = (image_size // patch_size) ** 2
-    return {
-        "llava": {"lm_tokens": crops * per_crop, "note": f"{crops} crop(s) x {per_crop} patches"},
-        "blip2": {"lm_tokens": crops * num_query_tokens, "note": f"{crops} crop(s) x {num_query_tokens} queries"},
-        "flamingo": {"lm_tokens": 1, "note": f"1 <image> token; {crops * num_latents} latents reached by cross-attention"},
-    }
-
-
-def tokens(args) -> int:
-    try:
-        table = visual_tokens(args.image_size, args.patch_size, args.tiles, args.thumbnail, args.num_query_tokens,
-                              args.num_latents)
-    except ValueError as error:
-        return fail(str(error))
-    families = table if args.family == "all" else {args.family: table[args.family]}
-    print(f"{args.image_size}px, {args.patch_size}px patches, {args.tiles} tile(s)"
-          f"{' + thumbnail' if args.thumbnail else ''}; context window {args.context} tokens")
-    for family, row in families.items():
-        share = row["lm_tokens"] / args.context
-        print(f"  {family:<9} {row['lm_tokens']:>6} LM tokens per image  ({share:.1%} of the context)  {row['note']}")
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-fusion", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="ask the embedded demo checkpoints about a fresh synthetic image")
-    p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
-    p.add_argument("--seed", type=int, default=None, help="the image's seed (default: a fresh one)")
-    p.add_argument("--save-image", metavar="PNG", help="also save the image (upscaled 4x)")
-    p = commands.add_parser("generate", help="answer a prompt about an image with any vlm-fusion model")
-    p.add_argument("--model", required=True,
-                   help="directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")
-    p.add_argument("--raw", action="store_true",
-                   help="use --prompt as it is, no chat template (<image> marks the image; default: before the text)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=30)
-    p = commands.add_parser("convert", help="convert an upstream checkpoint (the rest goes to the converter)")
-    p.add_argument("source", choices=sorted(CONVERTERS))
-    p = commands.add_parser("tokens", help="the visual-token budget of each family")
-    p.add_argument("--image-size", type=positive_int, default=336)
-    p.add_argument("--patch-size", type=positive_int, default=14)
-    p.add_argument("--tiles", type=positive_int, default=1)
-    p.add_argument("--thumbnail", action="store_true", help="add a downscaled whole-image crop to the tiles")
-    p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
-    p.add_argument("--num-query-tokens", type=positive_int, default=32, help="BLIP-2-style queries per crop")
-    p.add_argument("--num-latents", type=positive_int, default=64, help="Flamingo-style latents per crop")
-    p.add_argument("--context", type=positive_int, default=4096, help="the LM's context window")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
-        return convert(argparse.Namespace(source=argv[1]), argv[2:])  # --help included
-    args, rest = parser.parse_known_args(argv)
-    if args.command != "convert" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "demo" and args.seed is None:
-        args.seed = int.from_bytes(os.urandom(4), "little")
-    return {"demo": demo, "generate": generate, "tokens": tokens}[args.command](args) if args.command != "convert" \
-        else convert(args, rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

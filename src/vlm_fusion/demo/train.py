@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from vlm_fusion import FAMILIES
 from vlm_fusion.demo import shapes
+from vlm_fusion.demo import card_usage
 from vlm_fusion.tools.hub import write_model_card
 from vlm_fusion.tools.tiny import tiny_tokenizer
 
@@ -287,7 +288,7 @@ def main(argv=None):
             evaluation = ("## Evaluation\n\nHeld-out synthetic scenes (seed 12345, 200 questions per type), greedy "
                           "exact match of the whole answer (for left_of, its reasoning too), measured by "
                           f"`vlm_fusion.demo.train.evaluate`:\n\n{accuracy_table(results[family])}\n")
-            write_model_card(model, path, repo_id=path, extra=evaluation)
+            write_model_card(model, path, repo_id=family, extra=evaluation, usage=card_usage(family.removeprefix("fusion_")))
             print(f"{family}:\n{accuracy_table(results[family])}")
     minutes = (time.perf_counter() - start) / 60
     print(f"trained {len(args.families)} families in {minutes:.1f} min")

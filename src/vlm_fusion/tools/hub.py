@@ -12,11 +12,9 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from vlm_fusion.modeling_base import causal_lm_class
 
-EXAMPLE_PROMPTS = {
-    "fusion_llava": "USER: <image>\\nWhat is shown in this image? ASSISTANT:",
-    "fusion_blip2": "Question: what is shown in this image? Answer:",
-    "fusion_flamingo": "<image>An image of",
-}
+# The card's usage snippet: where the model loads from (a Python expression), the image, the question.
+DEFAULT_USAGE = {"example_image": 'image = Image.new("RGB", (224, 224), "white")  # your image here',
+                 "example_question": "What is shown in this image?"}
 
 
 def _describe(config, name: str) -> str:
@@ -41,7 +39,9 @@ def family_fields(model) -> dict:
                 gated_layers=", ".join(map(str, config.gated_layer_indices())))
 
 
-def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False, extra: str = "") -> ModelCard:
+def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False, extra: str = "",
+                      usage: dict | None = None) -> ModelCard:
+    """The family's card; `usage` overrides `load_from` / `example_image` / `example_question` of its snippet."""
     config = model.config
     card_data = ModelCardData(
         library_name="transformers",
@@ -62,15 +62,16 @@ def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False
         bridge_parameters=_count(model.bridge_modules().values()),
         total_parameters=_count([model]),
         origin=config.origin or "Built from a configuration with randomly initialised weights.",
-        example_prompt=EXAMPLE_PROMPTS[config.model_type],
         remote_code=remote_code,
+        **{"load_from": repr(repo_id), **DEFAULT_USAGE, **(usage or {})},
         **family_fields(model),
     )
     return ModelCard(content.rstrip() + ("\n\n" + extra.strip() + "\n" if extra else "\n"))
 
 
-def write_model_card(model, save_directory, *, repo_id=None, tags=(), remote_code=False, extra: str = "") -> None:
+def write_model_card(model, save_directory, *, repo_id=None, tags=(), remote_code=False, extra: str = "",
+                     usage: dict | None = None) -> None:
     """Write `README.md` into `save_directory`; `extra` markdown (an evaluation, say) is appended."""
     repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
-    card = render_model_card(model, repo_id, tags=tags, remote_code=remote_code, extra=extra)
+    card = render_model_card(model, repo_id, tags=tags, remote_code=remote_code, extra=extra, usage=usage)
     card.save(os.path.join(save_directory, "README.md"))

@@ -1,0 +1,108 @@
+"""The `vlm-fusion` command's entry point: argument parsing (and the token arithmetic of `tokens`) only, so that `vlm-fusion --help` and bad arguments
+answer at once. The commands live in `vlm_fusion.cli`, imported (with torch and transformers) only to run one.
+
+Outside the `vlm_fusion` package on purpose: importing anything inside it imports the package, which registers the
+model families with transformers and so imports its modeling code (about 3 s).
+"""
+
+import argparse
+import os
+import sys
+
+DEMO_FAMILIES = ("llava", "blip2", "flamingo")  # as `vlm_fusion.demo.FAMILIES`
+DEMO_PREFIX = "demo:"  # `--model demo:llava` names a demo checkpoint shipped in the package
+CONVERTERS = {"llava": "convert_llava", "blip2": "convert_blip2", "openflamingo": "convert_openflamingo"}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# ---- tokens --------------------------------------------------------------------------------------------------------
+def visual_tokens(image_size: int, patch_size: int, tiles: int = 1, thumbnail: bool = False,
+                  num_query_tokens: int = 32, num_latents: int = 64) -> dict:
+    """LM positions per image for each family, and what they cost (the seeds' token-budget formulas)."""
+    if image_size < patch_size:
+        raise ValueError(f"--image-size ({image_size}) is smaller than --patch-size ({patch_size})")
+    crops = tiles + (1 if thumbnail else 0)
+    per_crop = (image_size // patch_size) ** 2
+    return {
+        "llava": {"lm_tokens": crops * per_crop, "note": f"{crops} crop(s) x {per_crop} patches"},
+        "blip2": {"lm_tokens": crops * num_query_tokens, "note": f"{crops} crop(s) x {num_query_tokens} queries"},
+        "flamingo": {"lm_tokens": 1, "note": f"1 <image> token; {crops * num_latents} latents reached by cross-attention"},
+    }
+
+
+def tokens(args) -> int:
+    try:
+        table = visual_tokens(args.image_size, args.patch_size, args.tiles, args.thumbnail, args.num_query_tokens,
+                              args.num_latents)
+    except ValueError as error:
+        print(f"vlm-fusion: error: {error}", file=sys.stderr)
+        return 2
+    families = table if args.family == "all" else {args.family: table[args.family]}
+    print(f"{args.image_size}px, {args.patch_size}px patches, {args.tiles} tile(s)"
+          f"{' + thumbnail' if args.thumbnail else ''}; context window {args.context} tokens")
+    for family, row in families.items():
+        share = row["lm_tokens"] / args.context
+        print(f"  {family:<9} {row['lm_tokens']:>6} LM tokens per image  ({share:.1%} of the context)  {row['note']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm-fusion", description="vlm-fusion: demo, generate, convert, tokens.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("demo", help="ask the embedded demo checkpoints about a fresh synthetic image")
+    p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
+    p.add_argument("--seed", type=int, default=None, help="the image's seed (default: a fresh one)")
+    p.add_argument("--save-image", metavar="PNG", help="also save the image (upscaled 4x)")
+    p = commands.add_parser("generate", help="answer a prompt about an image with any vlm-fusion model")
+    p.add_argument("--model", required=True,
+                   help="directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="use --prompt as it is, no chat template (<image> marks the image; default: before the text)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p = commands.add_parser("convert", help="convert an upstream checkpoint (the rest goes to the converter)")
+    p.add_argument("source", choices=sorted(CONVERTERS))
+    p = commands.add_parser("tokens", help="the visual-token budget of each family")
+    p.add_argument("--image-size", type=positive_int, default=336)
+    p.add_argument("--patch-size", type=positive_int, default=14)
+    p.add_argument("--tiles", type=positive_int, default=1)
+    p.add_argument("--thumbnail", action="store_true", help="add a downscaled whole-image crop to the tiles")
+    p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
+    p.add_argument("--num-query-tokens", type=positive_int, default=32, help="BLIP-2-style queries per crop")
+    p.add_argument("--num-latents", type=positive_int, default=64, help="Flamingo-style latents per crop")
+    p.add_argument("--context", type=positive_int, default=4096, help="the LM's context window")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
+        from vlm_fusion import cli  # --help included
+
+        return cli.convert(argparse.Namespace(source=argv[1]), argv[2:])
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "convert" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo" and args.seed is None:
+        args.seed = int.from_bytes(os.urandom(4), "little")
+    if args.command == "tokens":  # arithmetic: no model, no torch
+        return tokens(args)
+    from vlm_fusion import cli  # the commands, with torch and transformers: only now that the arguments are right
+
+    return {"demo": cli.demo, "generate": cli.generate}[args.command](args) if args.command != "convert" \
+        else cli.convert(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
