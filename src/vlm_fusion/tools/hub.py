@@ -5,6 +5,7 @@ shipped in the package as `vlm_fusion.model_cards`.
 """
 
 import importlib.resources
+import json
 import os
 
 import jinja2
@@ -63,7 +64,7 @@ def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False
         total_parameters=_count([model]),
         origin=config.origin or "Built from a configuration with randomly initialised weights.",
         remote_code=remote_code,
-        **{"load_from": repr(repo_id), **DEFAULT_USAGE, **(usage or {})},
+        **{"load_from": json.dumps(repo_id), **DEFAULT_USAGE, **(usage or {})},
         **family_fields(model),
     )
     return ModelCard(content.rstrip() + ("\n\n" + extra.strip() + "\n" if extra else "\n"))
