@@ -31,10 +31,9 @@ def random_image(seed: int, size=(40, 48)) -> Image.Image:
 def causal_lm_state_dict(model) -> dict:
     """The plain causal LM inside a vlm-fusion model (base decoder + head), keyed as its `*ForCausalLM` keys them;
     Flamingo's gated blocks left out."""
-    from transformers import AutoModelForCausalLM
+    from vlm_fusion.modeling_base import causal_lm_class
 
-    with torch.device("meta"):
-        prefix = AutoModelForCausalLM.from_config(model.config.text_config).base_model_prefix
+    prefix = causal_lm_class(model.config.text_config).base_model_prefix
     state = {f"{prefix}.{k}": v for k, v in model.language_model.state_dict().items() if "gated_cross_attn" not in k}
     return {**state, "lm_head.weight": model.lm_head.weight}
 

@@ -1,6 +1,7 @@
 """The `vlm-fusion` command and the shipped demo checkpoints."""
 
 import importlib.resources
+import shutil
 
 import numpy as np
 import pytest
@@ -165,10 +166,7 @@ def test_bad_input_is_one_line(argv, message, saved_model, capsys):
 
 def test_a_corrupted_weights_file_is_named(saved_model, tmp_path, capsys):
     path, image = saved_model
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in path.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = shutil.copytree(path, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
@@ -179,10 +177,7 @@ def test_a_config_without_vision_config_is_refused_in_one_line(saved_model, tmp_
     import json
 
     path, image = saved_model
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in path.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = shutil.copytree(path, tmp_path / "broken")
     config = json.loads((broken / "config.json").read_text())
     del config["vision_config"]
     (broken / "config.json").write_text(json.dumps(config))

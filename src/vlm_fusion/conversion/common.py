@@ -279,11 +279,10 @@ def run(convert, args) -> int:
 
 
 def lm_base_prefix(text_config) -> str:
-    """Where the causal LM keeps its decoder (`model` for Llama/OPT, `transformer` for GPT-2), built on meta."""
-    from transformers import AutoModelForCausalLM
+    """Where the causal LM keeps its decoder (`model` for Llama/OPT, `transformer` for GPT-2)."""
+    from vlm_fusion.modeling_base import causal_lm_class
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(text_config).base_model_prefix
+    return causal_lm_class(text_config).base_model_prefix
 
 
 def _preview(items, limit: int = 12) -> str:
