@@ -311,3 +311,25 @@ def test_generating_past_learned_positions_stops_with_a_clear_error_and_past_rop
     with caplog.at_level("WARNING"):
         out = model.generate(**inputs_for(processor), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape[1] == length + 4 and "was not trained that far" in caplog.text
+
+
+def test_the_base_model_built_from_config_runs_a_registered_attention_with_threaded_kwargs(saved):
+    """What vLLM's Transformers backend does: `AutoModel.from_config(config, attn_implementation=...)`, its own head,
+    and its own keyword arguments handed through `forward` to every attention call."""
+    family, path, model, processor = saved
+    calls = []
+
+    def recording(module, *args, **kwargs):
+        calls.append((type(module).__name__, kwargs.get("vlm_fusion_marker")))
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("vlm_fusion_threaded", recording)
+    base = AutoModel.from_config(copy.deepcopy(model.config), attn_implementation="vlm_fusion_threaded").eval()
+    assert type(base) is FAMILIES[family].base_model
+    base.load_state_dict(model.model.state_dict())
+    inputs = inputs_for(processor)
+    with torch.no_grad():
+        hidden = base(**inputs, vlm_fusion_marker="from the caller").last_hidden_state
+        assert torch.equal(model.lm_head(hidden), model(**inputs).logits)
+    lm_calls = [marker for name, marker in calls if name == "LlamaAttention"]
+    assert lm_calls == ["from the caller"] * model.config.text_config.num_hidden_layers
