@@ -146,7 +146,7 @@ def test_generate_with_a_demo_model_answers_through_its_chat_template(family, tm
     (["generate", "--model", "demo:llava", "--image", "IMAGE", "--prompt", "x", "--max-new-tokens", "0"], "must be at least 1"),
     (["generate", "--model", "demo:llava", "--image", "IMAGE", "--prompt", "x", "--max-new-tokens", "-1"], "must be at least 1"),
     (["generate", "--model", "demo:llava", "--image", "IMAGE", "--prompt", " "], "--prompt is empty"),
-    (["generate", "--model", "demo:llama", "--image", "IMAGE", "--prompt", "x"], "unknown demo model 'demo:llama'"),
+    (["generate", "--model", "demo:llama", "--image", "IMAGE", "--prompt", "x"], "unknown demo model 'llama'"),
     (["generate", "--model", "demo:llava", "--image", "IMAGE", "--raw", "--prompt", "<image> <image> x"], "holds 2 <image>"),
     (["tokens", "--patch-size", "0"], "must be at least 1"),
     (["tokens", "--context", "0"], "must be at least 1"),

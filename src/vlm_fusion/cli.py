@@ -24,13 +24,8 @@ def quiet():
 
 # ---- demo -------------------------------------------------------------------------------------------------------
 def resolve_model(name: str) -> str:
-    if not name.startswith(DEMO_PREFIX):
-        return name
-    family = name[len(DEMO_PREFIX):]
-    if family not in DEMO_FAMILIES:
-        raise ValueError(f"unknown demo model {name!r}; the demo models are "
-                         + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
-    return demo_checkpoint(family)
+    """A directory or Hub id as given; `demo:<family>` -> the shipped demo checkpoint."""
+    return demo_checkpoint(name[len(DEMO_PREFIX):]) if name.startswith(DEMO_PREFIX) else name
 
 
 def load_failure(path: str, error: Exception) -> str:
@@ -110,7 +105,8 @@ def generate(args) -> int:
 
     import vlm_fusion  # noqa: F401
 
-    quiet()
+    if os.path.isdir(path):  # a Hub id may still need the network
+        quiet()
     try:
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
         processor = AutoProcessor.from_pretrained(path)
