@@ -14,6 +14,7 @@ from transformers import (
 from conftest import load_script, random_image
 from vlm_fusion import FusionBlip2Config, FusionBlip2ForConditionalGeneration, FusionBlip2Processor
 from vlm_fusion.tools.tiny import (
+    WORDS,
     tiny_image_processor,
     tiny_model_and_processor,
     tiny_text_config,
@@ -265,3 +266,83 @@ def test_a_lavis_file_without_query_tokens_is_refused_in_one_line(lavis_dirs, tm
     torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 64)}, "epoch": 0}, tmp_path / "other.pth")
     assert convert_blip2.main(lavis_args(lavis_dirs, tmp_path / "other.pth", tmp_path / "out")) == 1
     assert "no `query_tokens`" in capsys.readouterr().err
+
+
+# ---- InstructBLIP: the instruction-aware Q-Former -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def instructblip_hf_dir(tmp_path_factory):
+    """A tiny transformers InstructBlipForConditionalGeneration (EVA ViT + OPT) with its InstructBlipProcessor, whose
+    Q-Former tokenizer has a vocabulary of its own."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.image_token = "<image>"
+    qformer_tokenizer = tiny_tokenizer(list(reversed(WORDS)))  # other ids for the same words
+    vision = {k: v for k, v in tiny_vision_config("clip").items() if k != "model_type"}
+    config = InstructBlipConfig(
+        vision_config=vision,
+        qformer_config=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                            cross_attention_frequency=2, vocab_size=len(qformer_tokenizer), max_position_embeddings=32,
+                            pad_token_id=qformer_tokenizer.pad_token_id),
+        text_config=tiny_text_config("opt", vocab_size=len(tokenizer)),
+        num_query_tokens=8, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-trivial norms, queries and text embeddings
+        for name, param in model.named_parameters():
+            if "layernorm" in name.lower() or "query_tokens" in name or name.endswith("bias") or "embeddings" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    path = tmp_path_factory.mktemp("instructblip_hf")
+    model.save_pretrained(path)
+    InstructBlipProcessor(image_processor=tiny_image_processor(32), tokenizer=tokenizer,
+                          qformer_tokenizer=qformer_tokenizer, num_query_tokens=8).save_pretrained(path)
+    return path
+
+
+def test_instructblip_converts_and_matches_transformers(instructblip_hf_dir, tmp_path):
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from vlm_fusion import FusionInstructBlipProcessor
+
+    out = tmp_path / "fusion"
+    assert convert_blip2.main(["--source", "instructblip", "--input", str(instructblip_hf_dir),
+                               "--output", str(out)]) == 0
+    reference = InstructBlipForConditionalGeneration.from_pretrained(instructblip_hf_dir).eval()
+    reference_processor = InstructBlipProcessor.from_pretrained(instructblip_hf_dir)
+    ours = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert isinstance(processor, FusionInstructBlipProcessor) and ours.config.qformer_text_input
+    assert "Instruction-aware, as InstructBLIP" in (out / "README.md").read_text()
+    images = [random_image(0), random_image(1)]
+    for prompt, image in zip(PROMPTS, images):  # both token streams as InstructBlipProcessor makes them
+        mine, theirs = (p(images=image, text=prompt, return_tensors="pt") for p in (processor, reference_processor))
+        for key in ("input_ids", "qformer_input_ids", "qformer_attention_mask"):
+            assert torch.equal(mine[key], theirs[key]), key
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=images, text=PROMPTS, padding=True, return_tensors="pt")  # instructions of 2 lengths
+    assert inputs["qformer_attention_mask"].sum(-1).tolist()[0] < inputs["qformer_input_ids"].shape[1]
+    with torch.no_grad():
+        for batch in ({k: v[:1] for k, v in inputs.items()}, inputs):  # single, then batched (both streams padded)
+            mask = batch["attention_mask"].bool()
+            diff = (ours(**batch).logits - reference(**batch).logits)[mask].abs().max().item()
+            print(f"instructblip parity ({len(batch['input_ids'])} samples): max |dlogit| = {diff:.2e}")
+            assert diff <= 1e-4
+        greedy = ours.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(greedy, reference.generate(**inputs, max_new_tokens=8, do_sample=False))
+        beams = ours.generate(**inputs, max_new_tokens=6, num_beams=3, do_sample=False)
+        assert torch.equal(beams, reference.generate(**inputs, max_new_tokens=6, num_beams=3, do_sample=False))
+        # The instruction matters: another one gives other visual tokens.
+        other = dict(inputs, qformer_input_ids=inputs["qformer_input_ids"].flip(-1))
+        assert not torch.allclose(ours(**other).logits, ours(**inputs).logits)
+    with pytest.raises(ValueError, match="pass `qformer_input_ids`"):
+        ours(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    # Two images in one prompt: each reads that prompt's instruction.
+    two = processor(images=images, text=["<image> <image> " + PROMPTS[0]], return_tensors="pt")
+    assert two["qformer_input_ids"].shape[0] == 1 and (two["input_ids"] == processor.image_token_id).sum() == 16
+    with torch.no_grad():
+        visual = ours.model.get_image_features(two["pixel_values"], qformer_input_ids=two["qformer_input_ids"].repeat(2, 1),
+                                               qformer_attention_mask=two["qformer_attention_mask"].repeat(2, 1))
+        spliced = ours.model(**two).image_hidden_states
+    assert torch.equal(spliced, visual.pooler_output)

@@ -27,7 +27,13 @@ from .modeling_flamingo import (
     PerceiverResampler,
 )
 from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaModel, FusionLlavaProjector
-from .processing_fusion import FusionBlip2Processor, FusionFlamingoProcessor, FusionLlavaProcessor, FusionProcessor
+from .processing_fusion import (
+    FusionBlip2Processor,
+    FusionFlamingoProcessor,
+    FusionInstructBlipProcessor,
+    FusionLlavaProcessor,
+    FusionProcessor,
+)
 
 __version__ = "0.2.0"
 
@@ -67,6 +73,7 @@ __all__ = [
     "FusionCausalLMOutputWithPast",
     "FusionConfig",
     "FusionForConditionalGeneration",
+    "FusionInstructBlipProcessor",
     "FusionModel",
     "FusionModelOutputWithPast",
     "FusionFlamingoConfig",

@@ -31,6 +31,10 @@ class FusionBlip2Config(FusionConfig):
     qformer_layer_norm_eps: float = 1e-12
     qformer_dropout: float = 0.1  # attention-probability and hidden dropout inside the Q-Former
     vision_layer_norm_eps: float = 1e-5  # the layer norm between the vision tower and the Q-Former
+    qformer_text_input: bool = False  # InstructBLIP: the queries also self-attend to the instruction's tokens
+    qformer_vocab_size: int = 30523  # the Q-Former's own (BERT) vocabulary, when it reads text
+    qformer_max_position_embeddings: int = 512  # longest instruction the Q-Former reads
+    qformer_pad_token_id: int = 0
 
     def validate_fusion_fields(self):
         super().validate_fusion_fields()
@@ -43,6 +47,12 @@ class FusionBlip2Config(FusionConfig):
                 f"`qformer_num_attention_heads` ({self.qformer_num_attention_heads})."
             )
         check_fraction("qformer_dropout", self.qformer_dropout)
+        if not isinstance(self.qformer_text_input, bool):
+            raise ValueError(f"`qformer_text_input` must be a bool, got {self.qformer_text_input!r}.")
+        for name in ("qformer_vocab_size", "qformer_max_position_embeddings"):
+            check_positive_int(name, getattr(self, name))
+        if not isinstance(self.qformer_pad_token_id, int) or not 0 <= self.qformer_pad_token_id < self.qformer_vocab_size:
+            raise ValueError(f"`qformer_pad_token_id` must be an id below `qformer_vocab_size`, got {self.qformer_pad_token_id!r}.")
         for name in ("qformer_layer_norm_eps", "vision_layer_norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -330,8 +330,10 @@ class FusionModel(FusionPreTrainedModel):
     (what `AutoModel` builds for `text_config`), without its head. `forward` returns the LM's `last_hidden_state`.
 
     Contract for a family: build its bridge in `__init__` (then call `post_init()`), name it in `_bridge_modules`,
-    and implement `get_image_features`.
+    and implement `encode_images`; inputs the bridge reads besides the pixels are named in `_image_inputs`.
     """
+
+    _image_inputs: tuple[str, ...] = ()  # forward's keyword inputs that go to the image encoding, not the LM
 
     def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
         super().__init__(config)
@@ -350,6 +352,14 @@ class FusionModel(FusionPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
+
+    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:
+        """How many of the batch's `num_images` images belong to each sample, from its placeholder count."""
+        counts = (input_ids == self.config.image_token_id).sum(-1)  # (B,)
+        total = int(counts.sum())
+        if num_images == 0 or total % num_images:
+            raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
+        return (counts // (total // num_images)).tolist()
 
     def modules_inside_backbones(self) -> list[nn.Module]:
         """The family's modules that live inside the vision tower or the LM (none but for Flamingo)."""
@@ -455,7 +465,8 @@ class FusionModel(FusionPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
             The images of the whole batch, in the order their placeholders appear (sample by sample).
         """
-        inputs_embeds, image_outputs = self.embed_inputs(input_ids, inputs_embeds, pixel_values)
+        image_inputs = {name: kwargs.pop(name) for name in self._image_inputs if name in kwargs}
+        inputs_embeds, image_outputs = self.embed_inputs(input_ids, inputs_embeds, pixel_values, **image_inputs)
         if position_ids is None:
             position_ids = self.left_padded_positions(attention_mask, inputs_embeds.shape[1])
         outputs = self.language_model(
@@ -594,6 +605,14 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         self.check_generation_length(args[0] if args else kwargs.get("input_ids"), kwargs)
         return super().generate(*args, **kwargs)
 
+    def _validate_model_kwargs(self, model_kwargs):
+        """transformers' check, told about the family's image inputs (`forward` takes them through `**kwargs`)."""
+        own = {name: model_kwargs.pop(name) for name in self.model_class._image_inputs if name in model_kwargs}
+        try:
+            super()._validate_model_kwargs(model_kwargs)
+        finally:
+            model_kwargs.update(own)
+
     def check_generation_length(self, input_ids, kwargs) -> None:
         """
         A prompt plus the tokens to generate past the LM's `max_position_embeddings`: an LM with learned position
@@ -619,19 +638,11 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
                              "`max_new_tokens`.")
         logger.warning_once(f"{message}: it was not trained that far, and its output there may degrade.")
 
-    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:
-        """How many of the batch's `num_images` images belong to each sample, from its placeholder count."""
-        counts = (input_ids == self.config.image_token_id).sum(-1)  # (B,)
-        total = int(counts.sum())
-        if num_images == 0 or total % num_images:
-            raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
-        return (counts // (total // num_images)).tolist()
-
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Beam search / num_return_sequences repeat each sample; its images must follow as a group: [A, B] -> [A, B, A, B].
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            groups = pixel_values.split(self.images_per_sample(input_ids, pixel_values.shape[0]))
+            groups = pixel_values.split(self.model.images_per_sample(input_ids, pixel_values.shape[0]))
             pixel_values = torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in groups])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs

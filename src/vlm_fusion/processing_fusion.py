@@ -59,7 +59,7 @@ class FusionProcessor(ProcessorMixin):
 
     def __init__(
         self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=1,
-        chunked_tokenization=False, pad_to_square=False,
+        chunked_tokenization=False, pad_to_square=False, **sub_processors,
     ):
         if not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"`image_seq_length` must be a positive integer, got {image_seq_length!r}.")
@@ -68,7 +68,8 @@ class FusionProcessor(ProcessorMixin):
         self.chunked_tokenization = bool(chunked_tokenization)
         self.pad_to_square = bool(pad_to_square)
         self.image_token_id = add_special_token(tokenizer, image_token)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE,
+                         **sub_processors)  # a subclass's further tokenizers (InstructBLIP's Q-Former tokenizer)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
@@ -193,6 +194,55 @@ class FusionBlip2Processor(FusionProcessor):
         features = self.tokenizer.pad(features, padding=padding)
         pixel_values = self.image_processor(images)["pixel_values"]
         return BatchFeature({**features, "pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`; a saved `FusionInstructBlipProcessor` loads as one (AutoProcessor maps
+        the family's config to this class, and resolves no other class name)."""
+        if cls is FusionBlip2Processor:
+            processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+            if processor_dict.get("qformer_text_input"):
+                return FusionInstructBlipProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+class FusionInstructBlipProcessor(FusionBlip2Processor):
+    """
+    Processor of instruction-aware BLIP-2-style models (InstructBLIP, `qformer_text_input=True`): as
+    [`FusionBlip2Processor`], plus the instruction in the Q-Former's own vocabulary, `qformer_input_ids` and
+    `qformer_attention_mask` `(batch_size, instruction_length)`, one row per prompt.
+
+    Args:
+        qformer_tokenizer: the Q-Former's tokenizer (BERT's, for InstructBLIP); saved in a `qformer_tokenizer` folder.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, qformer_tokenizer=None, chat_template=None,
+                 image_token="<image>", image_seq_length=1, qformer_text_input=True):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token,
+                         image_seq_length=image_seq_length, qformer_tokenizer=qformer_tokenizer)
+        self.qformer_text_input = True  # saved: how `FusionBlip2Processor.from_pretrained` knows to load this class
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["processor_class"] = FusionBlip2Processor.__name__  # the class AutoProcessor finds for the family
+        return output
+
+    def __call__(self, images=None, text=None, **kwargs):
+        encoded = super().__call__(images=images, text=text, **kwargs)
+        if text is None:
+            return encoded
+        texts = [text] if isinstance(text, str) else list(text)
+        instructions = [t.replace(self.image_token, "") for t in texts]  # the Q-Former reads the words only
+        padding = kwargs.get("padding", False)
+        qformer = self.qformer_tokenizer(instructions, padding=padding or (len(texts) > 1 and "longest"),
+                                         return_tensors=kwargs.get("return_tensors"))
+        encoded["qformer_input_ids"] = qformer["input_ids"]
+        encoded["qformer_attention_mask"] = qformer["attention_mask"]
+        return encoded
+
+    @property
+    def model_input_names(self):
+        return [*super().model_input_names, "qformer_input_ids", "qformer_attention_mask"]
 
 
 def add_flamingo_tokens(tokenizer, image_token="<image>", end_of_chunk_token="<|endofchunk|>") -> tuple[int, int]:

@@ -8,13 +8,23 @@ Legend: N images, C channels, H x W pixels, P visual tokens per image, D_v visio
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, Blip2VisionModel, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    Blip2VisionModel,
+    InstructBlipVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.utils import ModelOutput
 
 from .configuration_base import _vision_half
 
-# Vision models that AutoModel does not map from their config (BLIP-2's EVA ViT-g has no AutoModel entry).
-EXTRA_VISION_MODELS: dict[str, type[PreTrainedModel]] = {"blip_2_vision_model": Blip2VisionModel}
+# Vision models that AutoModel does not map from their config (BLIP-2's and InstructBLIP's EVA ViT-g).
+EXTRA_VISION_MODELS: dict[str, type[PreTrainedModel]] = {
+    "blip_2_vision_model": Blip2VisionModel,
+    "instructblip_vision_model": InstructBlipVisionModel,
+}
 
 # Tokens a tower emits before its patch tokens: CLS (+ registers) for ViT-like towers, none for SigLIP.
 NO_PREFIX_TOKEN_TYPES = {"siglip_vision_model", "siglip2_vision_model"}

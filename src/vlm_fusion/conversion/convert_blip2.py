@@ -2,6 +2,8 @@
 
     # transformers' Blip2ForConditionalGeneration layout (Salesforce/blip2-opt-2.7b and friends)
     vlm-fusion convert blip2 --source hf --input DIR --output DIR
+    # transformers' InstructBlipForConditionalGeneration (Salesforce/instructblip-vicuna-7b and friends)
+    vlm-fusion convert blip2 --source instructblip --input DIR --output DIR
     # the original LAVIS layout; the vision tower (a Blip2VisionModel directory, with the image processor) and the
     # language model (with its tokenizer) supply what the .pth does not hold
     vlm-fusion convert blip2 --source lavis --input FILE.pth --vision-tower DIR \\
@@ -17,7 +19,12 @@ import sys
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from vlm_fusion import FusionBlip2Config, FusionBlip2ForConditionalGeneration, FusionBlip2Processor
+from vlm_fusion import (
+    FusionBlip2Config,
+    FusionBlip2ForConditionalGeneration,
+    FusionBlip2Processor,
+    FusionInstructBlipProcessor,
+)
 from vlm_fusion.conversion import common as conversion
 from vlm_fusion.conversion.common import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
 from vlm_fusion.vision import load_vision_tower
@@ -57,6 +64,20 @@ def hf_rules(lm_prefix: str) -> list[tuple[str, str | None]]:
         (r"^language_projection\.", "language_projection."),
         (r"^language_model\.model\.", f"language_model.{lm_prefix}."),
         (r"^language_model\.lm_head\.", "language_model.lm_head."),
+    ]
+
+
+def instructblip_rules(lm_prefix: str) -> list[tuple[str, str | None]]:
+    """InstructBLIP: BLIP-2's keys, plus the Q-Former's text embeddings and each layer's text feed-forward."""
+    layer = r"^qformer\.encoder\.layer\.(\d+)\."
+    return [
+        (r"^qformer\.embeddings\.word_embeddings\.", "qformer.word_embeddings."),
+        (r"^qformer\.embeddings\.position_embeddings\.", "qformer.position_embeddings."),
+        (r"^qformer\.embeddings\.layernorm\.", "qformer.layernorm."),
+        (layer + r"intermediate\.dense\.", r"qformer.layers.\1.text_ff.0."),
+        (layer + r"output\.dense\.", r"qformer.layers.\1.text_ff.2."),
+        (layer + r"output\.LayerNorm\.", r"qformer.layers.\1.text_ff_norm."),
+        *hf_rules(lm_prefix),
     ]
 
 
@@ -114,7 +135,8 @@ def share_vision_norm(state_dict: dict) -> dict:
     return state_dict
 
 
-def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_token_id, vision_layer_norm_eps):
+def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_token_id, vision_layer_norm_eps,
+                  text_input: bool = False):
     if qformer.hidden_act != "gelu":
         raise ConversionError(f"Q-Former activation {qformer.hidden_act!r} is not supported (only gelu).")
     return FusionBlip2Config(
@@ -130,34 +152,49 @@ def fusion_config(vision_config, text_config, qformer, num_query_tokens, image_t
         qformer_dropout=qformer.hidden_dropout_prob,
         vision_layer_norm_eps=vision_layer_norm_eps,
         image_token_id=image_token_id,
+        **(dict(qformer_text_input=True, qformer_vocab_size=qformer.vocab_size,
+                qformer_max_position_embeddings=qformer.max_position_embeddings,
+                qformer_pad_token_id=qformer.pad_token_id) if text_input else {}),
     )
 
 
 # ---- transformers Blip2 -------------------------------------------------------------------------------------------
 def convert_hf(args):
+    """transformers' Blip2ForConditionalGeneration, or (`--source instructblip`) InstructBlipForConditionalGeneration."""
+    instruct = args.source == "instructblip"
     source = AutoConfig.from_pretrained(args.input)
-    if source.model_type != "blip-2":
-        raise ConversionError(f"--source hf expects a `blip-2` config, {args.input} holds {source.model_type!r}.")
-    if not source.use_decoder_only_language_model:
-        raise ConversionError("Encoder-decoder (T5) BLIP-2 checkpoints are not supported: the LM must be causal.")
+    expected = "instructblip" if instruct else "blip-2"
+    if source.model_type != expected:
+        raise ConversionError(f"--source {args.source} expects a `{expected}` config, {args.input} holds "
+                              f"{source.model_type!r}.")
+    if not getattr(source, "use_decoder_only_language_model", True):
+        raise ConversionError("Encoder-decoder (T5) checkpoints are not supported: the LM must be causal.")
     source_processor = AutoProcessor.from_pretrained(args.input)
-    processor = FusionBlip2Processor(image_processor=source_processor.image_processor,
-                                     tokenizer=source_processor.tokenizer, image_seq_length=source.num_query_tokens)
+    if instruct:
+        processor = FusionInstructBlipProcessor(image_processor=source_processor.image_processor,
+                                                tokenizer=source_processor.tokenizer,
+                                                qformer_tokenizer=source_processor.qformer_tokenizer,
+                                                image_seq_length=source.num_query_tokens)
+    else:
+        processor = FusionBlip2Processor(image_processor=source_processor.image_processor,
+                                         tokenizer=source_processor.tokenizer, image_seq_length=source.num_query_tokens)
     image_token_id = getattr(source, "image_token_id", None)
     if image_token_id is not None and image_token_id != processor.image_token_id:
         raise ConversionError(f"The config's image token {image_token_id} is not the tokenizer's <image> "
                               f"({processor.image_token_id}).")
     config = fusion_config(source.vision_config, source.text_config, source.qformer_config,
                            source.num_query_tokens, processor.image_token_id,
-                           vision_layer_norm_eps=source.vision_config.layer_norm_eps)  # its post_layernorm
-    state_dict = rename_keys(read_state_dict(args.input), hf_rules(conversion.lm_base_prefix(config.text_config)))
+                           vision_layer_norm_eps=source.vision_config.layer_norm_eps,  # its post_layernorm
+                           text_input=instruct)
+    rules = (instructblip_rules if instruct else hf_rules)(conversion.lm_base_prefix(config.text_config))
+    state_dict = rename_keys(read_state_dict(args.input), rules)
     for name in ("weight", "bias"):  # transformers norms inside the tower; our bridge norms the selected layer
         state_dict[f"vision_layernorm.{name}"] = state_dict[f"vision_tower.post_layernorm.{name}"].clone()
 
-    from transformers import Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-    reference = conversion.transformers_reference(Blip2ForConditionalGeneration, args.input, args.dtype,
-                                                  source_processor, PROMPT)
+    reference_cls = InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration
+    reference = conversion.transformers_reference(reference_cls, args.input, args.dtype, source_processor, PROMPT)
     write_and_verify(args, config, state_dict, processor, reference)
 
 
@@ -213,7 +250,7 @@ def _lavis_qformer_config(source, args):
 # ---- shared ----------------------------------------------------------------------------------------------------
 def write_and_verify(args, config, state_dict, processor, reference):
     def verify(path):
-        converted_processor = FusionBlip2Processor.from_pretrained(path)
+        converted_processor = FusionBlip2Processor.from_pretrained(path)  # InstructBLIP's loads as its own class
         model = FusionBlip2ForConditionalGeneration.from_pretrained(path, dtype=args.dtype).eval()
         inputs = converted_processor(images=sample_image(), text=PROMPT, return_tensors="pt")
         if reference is None:  # LAVIS itself does not install here: check the pieces we did not write
@@ -231,7 +268,7 @@ def write_and_verify(args, config, state_dict, processor, reference):
 
 def parse_args(argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["hf", "lavis"], required=True)
+    parser.add_argument("--source", choices=["hf", "instructblip", "lavis"], required=True)
     parser.add_argument("--input", required=True, help="checkpoint directory (hf) or .pth file (lavis)")
     parser.add_argument("--vision-tower", help="Blip2VisionModel directory with the image processor (lavis)")
     parser.add_argument("--language-model", help="causal LM directory with its tokenizer (lavis)")
@@ -242,7 +279,7 @@ def parse_args(argv=None, prog=None):
 
 def main(argv=None, prog=None):
     args = parse_args(argv, prog)
-    return conversion.run((convert_hf if args.source == "hf" else convert_lavis), args)
+    return conversion.run((convert_lavis if args.source == "lavis" else convert_hf), args)
 
 
 if __name__ == "__main__":

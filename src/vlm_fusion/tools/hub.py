@@ -35,7 +35,8 @@ def family_fields(model) -> dict:
                     strategy=config.vision_feature_select_strategy)
     if config.model_type == "fusion_blip2":
         return dict(num_query_tokens=config.num_query_tokens, qformer_layers=config.qformer_num_hidden_layers,
-                    qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency)
+                    qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency,
+                    instruction_aware=config.qformer_text_input)
     return dict(num_latents=config.num_latents, perceiver_depth=config.perceiver_depth,
                 gated_layers=", ".join(map(str, config.gated_layer_indices())))
 
