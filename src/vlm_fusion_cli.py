@@ -40,6 +40,17 @@ def visual_tokens(image_size: int, patch_size: int, tiles: int = 1, thumbnail: b
     }
 
 
+def height_width(text: str) -> tuple[int, int]:
+    """argparse type: `HEIGHTxWIDTH` in pixels."""
+    try:
+        height, width = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 480x640, got {text!r}")
+    if height <= 0 or width <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be at least 1 px, got {text!r}")
+    return height, width
+
+
 def tokens(args) -> int:
     try:
         table = visual_tokens(args.image_size, args.patch_size, args.tiles, args.thumbnail, args.num_query_tokens,
@@ -47,6 +58,18 @@ def tokens(args) -> int:
     except ValueError as error:
         print(f"vlm-fusion: error: {error}", file=sys.stderr)
         return 2
+    if args.anyres:  # LLaVA-NeXT: the count of the image's own size, as the model packs it
+        bad = [grid for grid in args.anyres if grid[0] % args.image_size or grid[1] % args.image_size]
+        if bad:
+            print(f"vlm-fusion: error: --anyres grids must be multiples of --image-size ({args.image_size}), got {bad}",
+                  file=sys.stderr)
+            return 2
+        from vlm_fusion.anyres import num_tokens  # imports torch and transformers
+
+        count = num_tokens(args.image, pinpoints=[list(g) for g in args.anyres], tile=args.image_size,
+                           patch=args.patch_size)
+        table["llava"] = {"lm_tokens": count, "note": f"anyres: a {args.image[0]}x{args.image[1]} image, base tile + "
+                                                      "unpadded grid + one newline per row"}
     families = table if args.family == "all" else {args.family: table[args.family]}
     print(f"{args.image_size}px, {args.patch_size}px patches, {args.tiles} tile(s)"
           f"{' + thumbnail' if args.thumbnail else ''}; context window {args.context} tokens")
@@ -54,10 +77,6 @@ def tokens(args) -> int:
         share = row["lm_tokens"] / args.context
         print(f"  {family:<9} {row['lm_tokens']:>6} LM tokens per image  ({share:.1%} of the context)  {row['note']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def main(argv=None) -> int:
@@ -86,6 +105,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-query-tokens", type=positive_int, default=32, help="BLIP-2-style queries per crop")
     p.add_argument("--num-latents", type=positive_int, default=64, help="Flamingo-style latents per crop")
     p.add_argument("--context", type=positive_int, default=4096, help="the LM's context window")
+    p.add_argument("--anyres", type=lambda text: [height_width(g) for g in text.split(",")], metavar="HxW,HxW,...",
+                   help="LLaVA-NeXT grids (image_grid_pinpoints), e.g. 336x672,672x336,672x672,1008x336,336x1008")
+    p.add_argument("--image", type=height_width, default=None, metavar="HxW",
+                   help="with --anyres: the image's own size, which sets its LLaVA-style token count")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
         from vlm_fusion import cli  # --help included
@@ -94,6 +117,8 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command != "convert" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "tokens" and bool(args.anyres) != bool(args.image):
+        parser.error("--anyres and --image go together")
     if args.command == "demo" and args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little")
     if args.command == "tokens":  # arithmetic: no model, no torch

@@ -197,3 +197,25 @@ def test_help_and_tokens_answer_without_importing_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'vlm_fusion') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.parametrize("height, width", [(480, 640), (1000, 300), (336, 336)])
+def test_tokens_counts_llava_next_images_as_transformers_does(height, width, capsys):
+    """llava-v1.6's settings (336 px tiles, 14 px patches, its five grids) against LlavaNextProcessor's own count."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from vlm_fusion.tools.tiny import tiny_tokenizer
+
+    grids = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    reference = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=grids),
+                                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1)
+    expected = reference._get_number_of_features(height, width, 336, 336) - 1  # "default" drops CLS
+    assert cli.main(["tokens", "--family", "llava", "--anyres", ",".join(f"{h}x{w}" for h, w in grids),
+                     "--image", f"{height}x{width}"]) == 0
+    out = capsys.readouterr().out
+    print(f"{height}x{width}: ours {out.split('LM tokens')[0].split()[-1]}, transformers {expected}")
+    assert f" {expected} LM tokens per image" in out

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForImageTextToText,
+    AutoProcessor,
     CLIPVisionModel,
     LlamaForCausalLM,
     LlavaConfig,
@@ -304,3 +305,68 @@ def test_an_interrupted_conversion_ends_in_one_line_and_leaves_nothing(how, tmp_
     err = capsys.readouterr().err
     assert err.strip() == "conversion interrupted: nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["partial-was"]
+
+
+# ---- LLaVA-NeXT: dynamic-resolution tiling ---------------------------------------------------------------------
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+NEXT_SIZES = [(40, 80), (90, 30), (50, 50)]  # (height, width): wide, tall, square
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(tmp_path_factory):
+    """A tiny transformers LlavaNextForConditionalGeneration (CLIP + Llama, 32 px tiles of 8 px patches) saved with its
+    LlavaNextProcessor."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaNextConfig(vision_config=tiny_vision_config("clip"),
+                             text_config=tiny_text_config("llama", vocab_size=len(tokenizer)),
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=PINPOINTS)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    path = tmp_path_factory.mktemp("llava_next")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_llava_next_converts_and_matches_transformers_at_several_aspect_ratios(llava_next_dir, tmp_path, capsys):
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    out = tmp_path / "fusion"
+    assert convert_llava.main(["--source", "llava-next", "--input", str(llava_next_dir), "--output", str(out)]) == 0
+    reference = LlavaNextForConditionalGeneration.from_pretrained(llava_next_dir).eval()
+    reference_processor = LlavaNextProcessor.from_pretrained(llava_next_dir)
+    ours = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    images = [random_image(i, size=size) for i, size in enumerate(NEXT_SIZES)]
+    counts = []
+    for image, size in zip(images, NEXT_SIZES):  # each image's placeholders: as transformers counts them
+        mine = processor(images=image, text=PROMPTS[0], return_tensors="pt")
+        theirs = reference_processor(images=image, text=PROMPTS[0], return_tensors="pt")
+        assert torch.equal(mine["input_ids"], theirs["input_ids"]) and torch.equal(mine["pixel_values"], theirs["pixel_values"])
+        counts.append(int((mine["input_ids"] == processor.image_token_id).sum()))
+        assert counts[-1] == ours.config.num_image_tokens(*size)
+        with torch.no_grad():
+            diff = (ours(**mine).logits - reference(**mine).logits).abs().max().item()
+        print(f"llava-next parity, one {size[0]}x{size[1]} image ({counts[-1]} tokens): max |dlogit| = {diff:.2e}")
+        assert diff <= 1e-4
+    assert len(set(counts)) == 3  # the three aspect ratios take different numbers of tokens
+    assert "Images are tiled as LLaVA-NeXT does" in (out / "README.md").read_text()
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images[:2], text=PROMPTS, padding=True, return_tensors="pt")  # mixed sizes, one batch
+    with torch.no_grad():
+        mask = batch["attention_mask"].bool()
+        diff = (ours(**batch).logits - reference(**batch).logits)[mask].abs().max().item()
+        print(f"llava-next parity, batch of {NEXT_SIZES[:2]}: max |dlogit| = {diff:.2e}")
+        assert diff <= 1e-4
+        assert torch.equal(ours.generate(**batch, max_new_tokens=6, do_sample=False),
+                           reference.generate(**batch, max_new_tokens=6, do_sample=False))
+        assert torch.equal(ours.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False),
+                           reference.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False))

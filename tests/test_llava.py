@@ -188,3 +188,67 @@ def test_resize_token_embeddings(text, tmp_path):
     assert logits.shape[-1] == old.shape[0] + 8
     model.save_pretrained(tmp_path)
     assert AutoModelForImageTextToText.from_pretrained(tmp_path).config.text_config.vocab_size == old.shape[0] + 8
+
+
+# ---- anyres (LLaVA-NeXT tiling) with any tower and any LM ---------------------------------------------------------
+@pytest.mark.parametrize("vision, text", [("siglip", "gpt2"), ("dinov2", "qwen2")])
+def test_anyres_tiling_with_any_tower_and_lm(vision, text, tmp_path):
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from vlm_fusion import FusionLlavaProcessor
+    from vlm_fusion.tools.tiny import tiny_tokenizer
+
+    grids = [[32, 64], [64, 32], [64, 64]]
+    tokenizer = tiny_tokenizer()
+    config = FusionLlavaConfig(vision_config=tiny_vision_config(vision), text_config=tiny_text_config(text, vocab_size=58),
+                               image_token_id=58, image_grid_pinpoints=grids)
+    model = FusionLlavaForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=grids)
+    processor = FusionLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8)
+    processor.tokenizer.padding_side = "left"
+    sizes = [(40, 80), (70, 30)]
+    images = [random_image(i, size=s) for i, s in enumerate(sizes)]
+    inputs = processor(images=images, text=[PROMPTS[0], PROMPTS[0]], padding=True, return_tensors="pt")
+    counts = (inputs["input_ids"] == processor.image_token_id).sum(-1).tolist()
+    assert counts == [config.num_image_tokens(*s) for s in sizes] and counts[0] != counts[1]
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.model.image_newline, model.model.image_newline)
+    reloaded_inputs = AutoProcessor.from_pretrained(tmp_path)(images=images, text=[PROMPTS[0]] * 2, padding=True,
+                                                              return_tensors="pt")
+    assert torch.equal(reloaded_inputs["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        batched = loaded(**inputs).logits
+        for i in range(2):  # each sample alone gives its logits in the batch
+            alone = processor(images=[images[i]], text=[PROMPTS[0]], return_tensors="pt")
+            valid = inputs["attention_mask"][i].bool()
+            torch.testing.assert_close(batched[i][valid], loaded(**alone).logits[0], atol=1e-5, rtol=1e-4)
+    cached = loaded.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(cached, loaded.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False))
+    beams = loaded.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+    assert beams.shape[0] == 2
+
+
+def test_anyres_beam_search_keeps_images_of_different_sizes_with_their_sample():
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from vlm_fusion import FusionLlavaProcessor
+    from vlm_fusion.tools.tiny import tiny_tokenizer
+
+    grids = [[32, 64], [64, 32], [64, 64]]
+    config = FusionLlavaConfig(vision_config=tiny_vision_config("clip"), text_config=tiny_text_config("llama", vocab_size=58),
+                               image_token_id=58, image_grid_pinpoints=grids)
+    model = FusionLlavaForConditionalGeneration(config).eval()
+    processor = FusionLlavaProcessor(image_processor=LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=grids),
+        tokenizer=tiny_tokenizer(), patch_size=8)
+    processor.tokenizer.padding_side = "left"
+    prompts = ["USER: <image> <image>\nwhich is red ? ASSISTANT:", PROMPTS[0]]
+    images = [random_image(0, size=(40, 80)), random_image(1, size=(70, 30)), random_image(2, size=(50, 50))]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+    for i, (prompt, own) in enumerate(zip(prompts, (images[:2], images[2:]))):
+        alone = processor(images=own, text=[prompt], return_tensors="pt")
+        assert torch.equal(beams[i, -3:], model.generate(**alone, max_new_tokens=3, num_beams=2, do_sample=False)[0, -3:])

@@ -189,8 +189,8 @@ def parts_key_mapping(config: FusionConfig, bridge: list[str]) -> dict[str, str]
     """
     prefix = re.escape(causal_lm_class(config.text_config).base_model_prefix)
     mapping = {r"^language_model\.lm_head\.": "lm_head.", rf"^language_model\.{prefix}\.": "model.language_model."}
-    for name in ["vision_tower", *bridge]:
-        mapping[rf"^{name}\."] = f"model.{name}."
+    for name in ["vision_tower", *bridge]:  # modules (`name.*`) and parameters (`name`) of the headless model
+        mapping[rf"^{name}(?=\.|$)"] = f"model.{name}"
     return mapping
 
 
@@ -214,6 +214,7 @@ class FusionPreTrainedModel(PreTrainedModel):
     # (each family adds its parts) and the LM head.
     _unquantized_modules = [r"(?:model\.)?vision_tower", "lm_head"]
     _bridge_modules: list[str] = []  # names of the family's bridge modules inside the headless model
+    _bridge_parameters: list[str] = []  # and of its bridge parameters held there directly (LLaVA-NeXT's image_newline)
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -255,7 +256,8 @@ class FusionPreTrainedModel(PreTrainedModel):
                 config_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only",
                                                         "subfolder", "trust_remote_code") if k in kwargs}
                 config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
-            bridge = getattr(cls, "model_class", cls)._bridge_modules
+            model_class = getattr(cls, "model_class", cls)
+            bridge = model_class._bridge_modules + model_class._bridge_parameters
             legacy = kwargs["key_mapping"] = parts_key_mapping(config, bridge)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if legacy is not None:  # save in today's layout, not back in the old one
@@ -334,6 +336,7 @@ class FusionModel(FusionPreTrainedModel):
     """
 
     _image_inputs: tuple[str, ...] = ()  # forward's keyword inputs that go to the image encoding, not the LM
+    _per_image_inputs: tuple[str, ...] = ()  # those of them given per image (the others are per sample)
 
     def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
         super().__init__(config)
@@ -353,13 +356,31 @@ class FusionModel(FusionPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> list[int]:
-        """How many of the batch's `num_images` images belong to each sample, from its placeholder count."""
-        counts = (input_ids == self.config.image_token_id).sum(-1)  # (B,)
-        total = int(counts.sum())
-        if num_images == 0 or total % num_images:
-            raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
-        return (counts // (total // num_images)).tolist()
+    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int, tokens_per_image=None) -> list[int]:
+        """
+        How many of the batch's `num_images` images belong to each sample, from its placeholder count; images whose
+        token counts differ (anyres) give theirs in `tokens_per_image`, in order.
+        """
+        counts = (input_ids == self.config.image_token_id).sum(-1).tolist()  # (B,)
+        if tokens_per_image is None:
+            total = sum(counts)
+            if num_images == 0 or total % num_images:
+                raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
+            return [count // (total // num_images) for count in counts]
+        per_sample, image = [], 0
+        for count in counts:  # each sample takes the next images until their tokens fill its placeholders
+            taken = 0
+            while count > 0 and image < len(tokens_per_image):
+                count -= tokens_per_image[image]
+                image, taken = image + 1, taken + 1
+            if count != 0:
+                raise ValueError(f"The image tokens of a sample do not add up to whole images ({tokens_per_image}).")
+            per_sample.append(taken)
+        return per_sample
+
+    def tokens_per_image(self, **image_inputs) -> list[int] | None:
+        """Each image's token count when they differ (anyres LLaVA-style); `None` when every image takes the same."""
+        return None
 
     def modules_inside_backbones(self) -> list[nn.Module]:
         """The family's modules that live inside the vision tower or the LM (none but for Flamingo)."""
@@ -411,16 +432,23 @@ class FusionModel(FusionPreTrainedModel):
         return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
 
     def merge_image_features(
-        self, inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_features: torch.Tensor
+        self, inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_features
     ) -> torch.Tensor:
-        """Write `image_features` `(N, P, D)` into the `image_mask` `(B, T)` positions of `inputs_embeds` `(B, T, D)`."""
-        N, P, D = image_features.shape
+        """Write `image_features` `(N, P, D)` (or, anyres, one `(P_i, D)` per image) into the `image_mask` `(B, T)`
+        positions of `inputs_embeds` `(B, T, D)`."""
+        if isinstance(image_features, (list, tuple)):
+            given = f"{len(image_features)} images of {[len(f) for f in image_features]} tokens"
+            image_features = torch.cat(list(image_features))  # (sum P_i, D)
+        else:
+            N, P, D = image_features.shape
+            given = f"{N} images x {P} tokens"
+        num_features = image_features.numel() // image_features.shape[-1]
         num_placeholders = int(image_mask.sum())
-        if num_placeholders != N * P:
+        if num_placeholders != num_features:
             raise ValueError(
                 "Image features and image tokens do not match: the text holds "
-                f"{num_placeholders} image tokens (id {self.config.image_token_id}), the images give {N * P} features "
-                f"({N} images x {P} tokens)."
+                f"{num_placeholders} image tokens (id {self.config.image_token_id}), the images give {num_features} "
+                f"features ({given})."
             )
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features)
@@ -588,6 +616,10 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         bridge = self.bridge_modules()
         for module in bridge.values():
             module.requires_grad_(True)
+        parameters = {name: getattr(self.model, name) for name in self.model_class._bridge_parameters
+                      if getattr(self.model, name, None) is not None}
+        for parameter in parameters.values():
+            parameter.requires_grad_(True)
         if train_input_embeddings:
             self.get_input_embeddings().requires_grad_(True)
         in_bridge = {id(p) for module in bridge.values() for p in module.parameters()}
@@ -596,6 +628,7 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
             name: sum(p.numel() for p in module.parameters() if p.requires_grad and (name in bridge or id(p) not in in_bridge))
             for name, module in parts.items()
         }
+        report.update({name: parameter.numel() for name, parameter in parameters.items()})
         logger.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in report.items()))
         return report
 
@@ -639,16 +672,20 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         logger.warning_once(f"{message}: it was not trained that far, and its output there may degrade.")
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # Beam search / num_return_sequences repeat each sample; its images must follow as a group: [A, B] -> [A, B, A, B].
-        pixel_values = model_kwargs.pop("pixel_values", None)
+        # Beam search / num_return_sequences repeat each sample; its images (and what is given per image, such as
+        # anyres `image_sizes`) must follow as a group: [A, B] -> [A, B, A, B].
+        per_image = {name: model_kwargs.pop(name) for name in ("pixel_values", *self.model_class._per_image_inputs)
+                     if model_kwargs.get(name) is not None}
+        pixel_values = per_image.get("pixel_values")
         if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            groups = pixel_values.split(self.model.images_per_sample(input_ids, pixel_values.shape[0]))
-            pixel_values = torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in groups])
+            tokens = self.model.tokens_per_image(**per_image)
+            sizes = self.model.images_per_sample(input_ids, pixel_values.shape[0], tokens)
+            per_image = {name: torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in value.split(sizes)])
+                         for name, value in per_image.items()}
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
-        if pixel_values is not None:
-            model_kwargs["pixel_values"] = pixel_values
+        model_kwargs.update(per_image)
         return input_ids, model_kwargs
 
     # ---- composing from pretrained parts ------------------------------------------------------------------------

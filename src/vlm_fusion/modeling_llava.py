@@ -2,6 +2,9 @@
 
 h_v = W2 GELU(W1 g_v + b1) + b2   (`mlp2x_gelu`),   h_v = W g_v + b   (`linear`)
 
+With `image_grid_pinpoints` (LLaVA-NeXT "anyres") each image arrives as tiles, base tile first; every tile is
+projected, and `anyres.pack` lays the grid out unpadded with a learned `image_newline` after each row.
+
 Module and state-dict names are those of transformers' `Llava` (`model.vision_tower`, `model.multi_modal_projector`,
 `model.language_model`, `lm_head`).
 
@@ -12,6 +15,9 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
+from transformers import initialization as init
+
+from .anyres import num_tiles, pack
 from .configuration_llava import FusionLlavaConfig
 from .modeling_base import FusionForConditionalGeneration, FusionModel
 
@@ -59,7 +65,10 @@ class FusionLlavaModel(FusionModel):
     config_class = FusionLlavaConfig
     _no_split_modules = ["FusionLlavaProjector"]
     _bridge_modules = ["multi_modal_projector"]
+    _bridge_parameters = ["image_newline"]  # anyres only
     _unquantized_modules = FusionModel._unquantized_modules + [r"(?:model\.)?multi_modal_projector"]
+    _image_inputs = ("image_sizes",)  # anyres: each image's original (height, width)
+    _per_image_inputs = ("image_sizes",)
 
     def __init__(self, config: FusionLlavaConfig, **parts):
         super().__init__(config, **parts)
@@ -69,10 +78,57 @@ class FusionLlavaModel(FusionModel):
             projector_type=config.projector_type,
             bias=config.projector_bias,
         )
+        if config.image_grid_pinpoints is not None:
+            self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))  # ends each grid row
         self.post_init()
 
-    def encode_images(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))  # (N, P, D)
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self and hasattr(self, "image_newline"):
+            init.normal_(self.image_newline, std=self.config.text_config.hidden_size ** -0.5)
+
+    @property
+    def anyres(self) -> dict | None:
+        """The tiling arithmetic's arguments, or `None` for one fixed-size image."""
+        if self.config.image_grid_pinpoints is None:
+            return None
+        return dict(pinpoints=self.config.image_grid_pinpoints, tile=self.config.vision_config.image_size,
+                    patch=self.config.vision_config.patch_size)
+
+    def tokens_per_image(self, image_sizes=None, **image_inputs) -> list[int] | None:
+        if self.anyres is None or image_sizes is None:
+            return None
+        return [self.config.num_image_tokens(int(h), int(w)) for h, w in image_sizes.tolist()]
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, image_sizes: torch.LongTensor | None = None,
+                           **kwargs):
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, or with anyres
+                `(num_images, max_tiles, channels, height, width)`: each image's tiles, base tile first).
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): anyres only, each image's
+                original (height, width).
+
+        Returns:
+            [`BaseModelOutputWithPooling`]: `pooler_output` holds the visual tokens, `(num_images, num_tokens,
+            hidden_size)`, or with anyres one `(num_tokens_i, hidden_size)` per image.
+        """
+        if self.anyres is None:
+            return super().get_image_features(pixel_values, **kwargs)
+        if image_sizes is None:
+            raise ValueError("This model tiles images (anyres): pass `image_sizes` (the processor gives them).")
+        tiles = [num_tiles(size, self.anyres["pinpoints"], self.anyres["tile"]) for size in image_sizes.tolist()]
+        if pixel_values.dim() == 5:  # (N, max_tiles, C, H, W) -> the real tiles of every image (sum T, C, H, W)
+            pixel_values = torch.cat([image[:count] for image, count in zip(pixel_values, tiles)])
+        return super().get_image_features(pixel_values, image_sizes=image_sizes, tiles=tiles, **kwargs)
+
+    def encode_images(self, features: torch.Tensor, image_sizes=None, tiles=None, **kwargs):
+        projected = self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))  # (N, P, D)
+        if tiles is None:
+            return projected
+        per_image = projected.split(tiles)  # (T_i, P, D) each
+        return [pack(image, size, newline=self.image_newline, **self.anyres)
+                for image, size in zip(per_image, image_sizes.tolist())]  # (num_tokens_i, D) each
 
 
 class FusionLlavaForConditionalGeneration(FusionForConditionalGeneration, GenerationMixin):

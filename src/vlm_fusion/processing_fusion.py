@@ -9,6 +9,8 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 from transformers.image_utils import make_flat_list_of_images
 from transformers.tokenization_utils_base import AddedToken
 
+from .anyres import num_tokens
+
 def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token") -> str:
     """A plain `ROLE: ` template (`"USER: <image>\\n...\\nASSISTANT:"`); message content is a string or a list of
     `{"type": "text", "text": ...}` and `{"type": "image"}` parts; `end_of_turn` (a Jinja expression) closes
@@ -158,7 +160,33 @@ class FusionProcessor(ProcessorMixin):
 
 
 class FusionLlavaProcessor(FusionProcessor):
-    """Processor of the LLaVA-style family: one placeholder per visual token (patch) of each image."""
+    """
+    Processor of the LLaVA-style family: one placeholder per visual token (patch) of each image.
+
+    Args:
+        patch_size (`int`, *optional*): the tower's patch size, for a tiling (anyres, LLaVA-NeXT) image processor
+            with `image_grid_pinpoints`: each image then gets as many placeholders as its size gives it tokens
+            (`anyres.num_tokens`), the count the model packs.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>",
+                 image_seq_length=1, chunked_tokenization=False, pad_to_square=False, patch_size=None):
+        self.patch_size = patch_size
+        if patch_size is not None and chunked_tokenization:
+            raise ValueError("`chunked_tokenization` and anyres (`patch_size`) do not go together.")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token,
+                         image_seq_length=image_seq_length, chunked_tokenization=chunked_tokenization,
+                         pad_to_square=pad_to_square)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        pinpoints = getattr(self.image_processor, "image_grid_pinpoints", None)
+        if self.patch_size is None or not pinpoints:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        size = image_inputs["image_sizes"][image_idx]
+        height, width = size.tolist() if hasattr(size, "tolist") else size
+        tile = image_inputs["pixel_values"][0][0].shape[-1]  # the side of one tile
+        return self.image_token * num_tokens((height, width), pinpoints=pinpoints, tile=tile,
+                                                    patch=self.patch_size)
 
 
 class FusionBlip2Processor(FusionProcessor):

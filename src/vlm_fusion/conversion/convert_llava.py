@@ -2,6 +2,8 @@
 
     # transformers' LlavaForConditionalGeneration layout (llava-hf/*), with its processor
     vlm-fusion convert llava --source llava-hf --input DIR --output DIR
+    # transformers' LlavaNextForConditionalGeneration (llava-hf/llava-v1.6-*): dynamic-resolution tiling
+    vlm-fusion convert llava --source llava-next --input DIR --output DIR
     # the original LLaVA layout (liuhaotian/llava-v1.5-*): LM + `model.mm_projector.*`, vision tower separate
     vlm-fusion convert llava --source original --input DIR --vision-tower DIR --output DIR
 
@@ -34,6 +36,7 @@ def llava_hf_rules(lm_prefix: str) -> list[tuple[str, str]]:
         (r"^model\.language_model\.", f"language_model.{lm_prefix}."),
         (r"^language_model\.model\.", f"language_model.{lm_prefix}."),
         (r"^(?:language_model\.)?lm_head\.", "language_model.lm_head."),
+        (r"^(?:model\.)?image_newline$", "image_newline"),  # LLaVA-NeXT's row separator
     ]
 
 
@@ -66,9 +69,13 @@ ORIGINAL_EXTRA_FIELDS = {
 
 # ---- llava-hf --------------------------------------------------------------------------------------------------
 def convert_llava_hf(args):
+    """transformers' Llava, or (`--source llava-next`) LlavaNext with its dynamic-resolution tiling."""
+    next_ = args.source == "llava-next"
     source = AutoConfig.from_pretrained(args.input)
-    if source.model_type != "llava":
-        raise ConversionError(f"--source llava-hf expects a `llava` config, {args.input} holds {source.model_type!r}.")
+    expected = "llava_next" if next_ else "llava"
+    if source.model_type != expected:
+        raise ConversionError(f"--source {args.source} expects a `{expected}` config, {args.input} holds "
+                              f"{source.model_type!r}.")
     if not isinstance(source.vision_feature_layer, int):
         raise ConversionError(f"Several vision feature layers ({source.vision_feature_layer}) are not supported.")
     if source.projector_hidden_act != "gelu":
@@ -83,6 +90,7 @@ def convert_llava_hf(args):
         vision_feature_layer=source.vision_feature_layer,
         vision_feature_select_strategy=source.vision_feature_select_strategy,
         image_token_id=source.image_token_id,
+        image_grid_pinpoints=source.image_grid_pinpoints if next_ else None,
     )
     state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(conversion.lm_base_prefix(text_config)))
     source_processor = AutoProcessor.from_pretrained(args.input)
@@ -91,11 +99,12 @@ def convert_llava_hf(args):
         tokenizer=source_processor.tokenizer,
         chat_template=source_processor.chat_template,
         image_seq_length=config.num_image_tokens(),
+        patch_size=source.vision_config.patch_size if next_ else None,
     )
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    reference = conversion.transformers_reference(LlavaForConditionalGeneration, args.input, args.dtype,
-                                                  source_processor, PROMPT)
+    reference_cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+    reference = conversion.transformers_reference(reference_cls, args.input, args.dtype, source_processor, PROMPT)
     write_and_verify(args, config, state_dict, processor, reference)
 
 
@@ -185,7 +194,7 @@ def write_and_verify(args, config, state_dict, processor, reference):
 
 def parse_args(argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["llava-hf", "original"], required=True)
+    parser.add_argument("--source", choices=["llava-hf", "llava-next", "original"], required=True)
     parser.add_argument("--input", required=True, help="checkpoint directory")
     parser.add_argument("--vision-tower", help="CLIP vision tower directory (--source original)")
     conversion.add_common_arguments(parser)
@@ -194,7 +203,7 @@ def parse_args(argv=None, prog=None):
 
 def main(argv=None, prog=None):
     args = parse_args(argv, prog)
-    return conversion.run((convert_llava_hf if args.source == "llava-hf" else convert_original), args)
+    return conversion.run((convert_original if args.source == "original" else convert_llava_hf), args)
 
 
 if __name__ == "__main__":

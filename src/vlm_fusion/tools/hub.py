@@ -31,8 +31,9 @@ def family_fields(model) -> dict:
     config = model.config
     if config.model_type == "fusion_llava":
         projector = "2-layer GELU MLP" if config.projector_type == "mlp2x_gelu" else "linear"
+        anyres = config.image_grid_pinpoints and ", ".join(f"{h}x{w}" for h, w in config.image_grid_pinpoints)
         return dict(projector=projector, vision_feature_layer=config.vision_feature_layer,
-                    strategy=config.vision_feature_select_strategy)
+                    strategy=config.vision_feature_select_strategy, anyres=anyres)
     if config.model_type == "fusion_blip2":
         return dict(num_query_tokens=config.num_query_tokens, qformer_layers=config.qformer_num_hidden_layers,
                     qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency,
