@@ -88,6 +88,9 @@ def load(spec):
     elif kind == "hf_blip2":
         from transformers import Blip2ForConditionalGeneration as model_cls
         from transformers import Blip2Processor as processor_cls
+    elif kind == "hf_idefics":
+        from transformers import IdeficsForVisionText2Text as model_cls
+        from transformers import IdeficsProcessor as processor_cls
     else:
         raise ValueError(kind)
     device = spec_device(spec)
@@ -95,7 +98,12 @@ def load(spec):
     if "reuse_media_kv" in spec:
         model.reuse_media_kv = spec["reuse_media_kv"]
     processor = processor_cls.from_pretrained(path)
-    inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt").to(device)
+    if kind == "hf_idefics":  # IdeficsProcessor takes the sample as a list of texts and images
+        sample = [spec["prompt"][0], *spec_images(spec)[0], spec["prompt"][1]]
+        inputs = processor(text=[sample], return_tensors="pt").to(device)
+    else:
+        prompt = spec["prompt"] if isinstance(spec["prompt"], str) else spec["idefics_text"]
+        inputs = processor(images=spec_images(spec), text=[prompt], return_tensors="pt").to(device)
     return model, inputs, lambda: model(**inputs, use_cache=True), make_generate(model, inputs, spec)
 
 

@@ -5,7 +5,8 @@
     python benchmarks/run.py --size tiny --in-process --repeats 1   # the smoke run the test suite does
 
 1. Each family against the reference implementation on identical weights (converted by our scripts):
-   transformers' Llava (also both with a static cache and a compiled forward) and Blip2; for Flamingo, our decoding with cached cross-attention K/V against the same
+   transformers' Llava (also both with a static cache and a compiled forward), Blip2 and Idefics (which recomputes
+   its cross-attention keys/values every step, where ours are cached); for Flamingo, our decoding with cached cross-attention K/V against the same
    model recomputing them every step (OpenFlamingo's behaviour), and OpenFlamingo's own forward.
 2. The seeds' trade-off table, measured on one vision tower and one LM for all three families.
 3. The physical bound: decode tokens/s as a fraction of (measured memory bandwidth / LM bytes read per token).
@@ -76,6 +77,12 @@ def reference_comparisons(work, size, args):
                                args))
     else:
         print("  (open-flamingo is not installed: the Flamingo rows are skipped)")
+    idefics = setups.build_idefics(work, size)
+    four = dict(common, num_images=4, nested_images=True, prompt=setups.IDEFICS_SAMPLE,
+                idefics_text=setups.idefics_text(idefics["bos"], 4))
+    rows.append(comparison("Flamingo-style (IDEFICS), 4 images", "transformers Idefics",
+                           dict(four, kind="hf_idefics", path=idefics["reference"]),
+                           dict(four, kind="ours", path=idefics["ours"]), args))
     return rows
 
 

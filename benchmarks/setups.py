@@ -10,7 +10,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPImageProcessorPil, CLIPVisionModel
 
-from vlm_fusion.conversion import convert_blip2, convert_llava, convert_openflamingo
+from vlm_fusion.conversion import convert_blip2, convert_idefics, convert_llava, convert_openflamingo
 from vlm_fusion.tools.tiny import tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 SIZES = {
@@ -132,6 +132,48 @@ def build_flamingo(root, size):
                                      "--atol", "1e-3"])
     return dict(checkpoint=checkpoint, vision_tower=clip_dir, language_model=lm_dir, ours=ours_dir,
                 every_n=f["every_n"])
+
+
+IDEFICS_SAMPLE = ("User:", "what is shown in these images ?")  # (text before the images, text after them)
+
+
+def idefics_text(bos: str, num_images: int) -> str:
+    """The text IdeficsProcessor writes for `IDEFICS_SAMPLE` around `num_images` images (for our processor)."""
+    fake, image = "<fake_token_around_image>", "<image>"
+    return bos + IDEFICS_SAMPLE[0] + fake + (image + fake) * num_images + IDEFICS_SAMPLE[1]
+
+
+def build_idefics(root, size):
+    """transformers' IDEFICS at the benchmark size (its gates opened), saved, and our conversion of it."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    v, lm, f = size["vision"], size["lm"], size["flamingo"]
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                                "<end_of_utterance>"]})
+    config = IdeficsConfig(
+        vocab_size=lm["vocab_size"], additional_vocab_size=2, hidden_size=lm["hidden_size"],
+        intermediate_size=lm["intermediate_size"], num_hidden_layers=lm["num_hidden_layers"],
+        num_attention_heads=lm["num_attention_heads"], cross_layer_interval=f["every_n"], use_resampler=True,
+        vision_config=dict(embed_dim=v["hidden_size"], image_size=v["image_size"], patch_size=v["patch_size"],
+                           num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
+                           intermediate_size=v["intermediate_size"]),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=f["latents"], resampler_depth=f["depth"],
+                              resampler_n_heads=f["heads"], resampler_head_dim=f["head_dim"]),
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    model = IdeficsForVisionText2Text(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "alpha" in name:
+                param.fill_(0.5)
+    source, ours = os.path.join(root, "idefics"), os.path.join(root, "idefics_ours")
+    model.save_pretrained(source)
+    IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=v["image_size"]), tokenizer=tokenizer,
+                     image_size=v["image_size"]).save_pretrained(source)
+    convert(convert_idefics, ["--input", source, "--output", ours, "--atol", "1e-3"])
+    return dict(reference=source, ours=ours, bos=tokenizer.bos_token)
 
 
 def family_model(family, size, image_size):

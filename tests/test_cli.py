@@ -59,7 +59,8 @@ def test_generate_errors_are_clear(saved_model, tmp_path, capsys):
 
 
 def test_convert_dispatches_to_the_converters(capsys):
-    for source, flag in (("llava", "--vision-tower"), ("blip2", "--qformer-heads"), ("openflamingo", "--checkpoint")):
+    for source, flag in (("llava", "--vision-tower"), ("blip2", "--qformer-heads"), ("openflamingo", "--checkpoint"),
+                         ("idefics", "--input")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["convert", source, "--help"])
         out = capsys.readouterr().out

@@ -233,3 +233,89 @@ def test_errors():
 
     with pytest.raises(ValueError, match="decoder layers of NoLayers"):
         find_decoder_layers(NoLayers())
+
+
+# ---- IDEFICS: a Flamingo with RMSNorm/SwiGLU blocks, vector gates, decoupled embeddings -----------------------------
+@pytest.fixture(scope="module")
+def idefics_dir(tmp_path_factory):
+    """A tiny transformers IdeficsForVisionText2Text (gates open, vector alphas, blocks before layers 0 and 2, two
+    decoupled extra tokens) saved with its IdeficsProcessor."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    from vlm_fusion.tools.tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                                "<end_of_utterance>"]})
+    config = IdeficsConfig(
+        vocab_size=len(tokenizer) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, cross_layer_interval=2, alpha_type="vector", use_resampler=True,
+        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
+                              resampler_head_dim=16),
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    model = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():  # open the gates (IDEFICS starts them at 0) and shake the norms
+        for name, param in model.named_parameters():
+            if "alpha" in name:
+                param.copy_(torch.randn_like(param))
+            elif "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    path = tmp_path_factory.mktemp("idefics")
+    model.save_pretrained(path)
+    IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tokenizer,
+                     image_size=32).save_pretrained(path)
+    return path
+
+
+def test_idefics_converts_and_matches_transformers_with_several_images_per_sample(idefics_dir, tmp_path):
+    from transformers import IdeficsForVisionText2Text, IdeficsProcessor
+
+    from vlm_fusion.conversion import convert_idefics
+
+    out = tmp_path / "fusion"
+    assert convert_idefics.main(["--input", str(idefics_dir), "--output", str(out)]) == 0
+    reference = IdeficsForVisionText2Text.from_pretrained(idefics_dir).eval()
+    reference_processor = IdeficsProcessor.from_pretrained(idefics_dir)
+    ours = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert ours.config.cross_attention_layers == [0, 2] and ours.config.gate_shape == "vector"
+    assert "The blocks are IDEFICS'" in (out / "README.md").read_text()
+    fake, image = "<fake_token_around_image>", "<image>"
+    images = [random_image(i) for i in range(3)]
+    samples = [["User:", images[0], images[1], "what is shown ?"], ["User:", images[2], "what colour is it ?"]]
+    texts = []
+    for sample in samples:  # the text IdeficsProcessor writes for an interleaved sample
+        text, last_was_image = processor.tokenizer.bos_token, False
+        for item in sample:
+            text += item if isinstance(item, str) else (image + fake if last_was_image else fake + image + fake)
+            last_was_image = not isinstance(item, str)
+        texts.append(text)
+    for sample, text, own in zip(samples, texts, (images[:2], images[2:])):
+        mine = processor(images=[own], text=[text], return_tensors="pt")
+        theirs = reference_processor(text=[sample], return_tensors="pt")
+        assert torch.equal(mine["input_ids"], theirs["input_ids"])
+        with torch.no_grad():
+            diff = (ours(**mine).logits - reference(**theirs).logits).abs().max().item()
+            text_only = causal_lm_of(ours)(input_ids=mine["input_ids"]).logits
+        print(f"IDEFICS parity, {len(own)} image(s): max |dlogit| = {diff:.2e} (images move the logits by "
+              f"{(ours(**mine).logits - text_only).abs().max().item():.2e})")
+        assert diff <= 1e-4
+        ours_tokens = ours.generate(**mine, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours_tokens, reference.generate(**theirs, max_new_tokens=6, do_sample=False))
+    # Both samples in one left-padded batch: two images and one.
+    processor.tokenizer.padding_side = reference_processor.tokenizer.padding_side = "left"
+    mine = processor(images=[images[:2], images[2:]], text=texts, padding=True, return_tensors="pt")
+    theirs = reference_processor(text=samples, padding=True, return_tensors="pt")
+    assert torch.equal(mine["input_ids"], theirs["input_ids"])
+    with torch.no_grad():
+        mask = mine["attention_mask"].bool()
+        diff = (ours(**mine).logits - reference(**theirs).logits)[mask].abs().max().item()
+    print(f"IDEFICS parity, batch of 2 (2 images + 1 image, left padding): max |dlogit| = {diff:.2e}")
+    assert diff <= 1e-4
+    assert torch.equal(ours.generate(**mine, max_new_tokens=6, do_sample=False),
+                       reference.generate(**theirs, max_new_tokens=6, do_sample=False))

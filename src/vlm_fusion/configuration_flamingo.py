@@ -1,6 +1,6 @@
 """Config of the Flamingo-style family: perceiver resampler + tanh-gated cross-attention inside a frozen LM."""
 
-from .configuration_base import FusionConfig, check_positive_int
+from .configuration_base import FusionConfig, check_choice, check_positive_int
 
 
 class FusionFlamingoConfig(FusionConfig):
@@ -41,6 +41,9 @@ class FusionFlamingoConfig(FusionConfig):
     cross_attention_layers: list[int] | None = None  # explicit decoder-layer indices; overrides the line above
     only_attend_immediate_media: bool = True  # text sees only its latest image (else every earlier image)
     end_of_chunk_token_id: int | None = None  # `<|endofchunk|>`, closes an image-text chunk
+    cross_attention_style: str = "openflamingo"  # "idefics": RMSNorm, SwiGLU feed-forward of the LM's width and act
+    gate_shape: str = "scalar"  # "vector": one tanh gate per hidden unit (IDEFICS's alpha_type="vector")
+    perceiver_activation: str = "gelu"  # "relu" in IDEFICS's resampler
 
     def validate_fusion_fields(self):
         super().validate_fusion_fields()
@@ -51,6 +54,9 @@ class FusionFlamingoConfig(FusionConfig):
         for name in ("max_num_media", "max_num_frames"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
+        check_choice("cross_attention_style", self.cross_attention_style, {"openflamingo", "idefics"})
+        check_choice("gate_shape", self.gate_shape, {"scalar", "vector"})
+        check_choice("perceiver_activation", self.perceiver_activation, {"gelu", "relu"})
         if not isinstance(self.only_attend_immediate_media, bool):
             raise ValueError(f"`only_attend_immediate_media` must be a bool, got {self.only_attend_immediate_media!r}.")
         if self.end_of_chunk_token_id is not None and (

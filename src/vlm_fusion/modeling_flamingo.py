@@ -36,9 +36,28 @@ from .modeling_base import (
 )
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+def feed_forward(dim: int, mult: int, activation: str = "gelu") -> nn.Sequential:
+    act = nn.GELU() if activation == "gelu" else nn.ReLU()
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), act,
                          nn.Linear(dim * mult, dim, bias=False))
+
+
+class SwiGLUFeedForward(nn.Module):
+    """IDEFICS's gated-block feed-forward: RMSNorm, then down(act(gate(x)) * up(x)) at the LM's own width."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, act: str, eps: float):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.norm = nn.RMSNorm(dim, eps=eps)
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.act = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -83,10 +102,10 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverLayer(nn.Module):
-    def __init__(self, *, dim: int, heads: int, dim_head: int, ff_mult: int):
+    def __init__(self, *, dim: int, heads: int, dim_head: int, ff_mult: int, activation: str = "gelu"):
         super().__init__()
         self.attn = PerceiverAttention(dim=dim, heads=heads, dim_head=dim_head)
-        self.ff = feed_forward(dim, ff_mult)
+        self.ff = feed_forward(dim, ff_mult, activation)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         latents = self.attn(media, latents) + latents
@@ -97,13 +116,14 @@ class PerceiverResampler(nn.Module):
     """Resamples each image's features `(N, V, D_v)` to `(N, L, D_v)` learned latents."""
 
     def __init__(self, *, dim: int, depth: int, heads: int, dim_head: int, num_latents: int, ff_mult: int,
-                 max_num_media: int | None = None, max_num_frames: int | None = None):
+                 max_num_media: int | None = None, max_num_frames: int | None = None, activation: str = "gelu"):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim)) if max_num_frames else None
         self.media_time_embs = nn.Parameter(torch.randn(max_num_media, 1, dim)) if max_num_media else None
         self.layers = nn.ModuleList(
-            PerceiverLayer(dim=dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult) for _ in range(depth)
+            PerceiverLayer(dim=dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, activation=activation)
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
 
@@ -124,10 +144,10 @@ class PerceiverResampler(nn.Module):
 class MaskedCrossAttention(nn.Module):
     """Text `(B, T, D)` attends to media keys/values `(B, H, M*L, d)` under a per-token media mask."""
 
-    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int):
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, rms_norm_eps: float | None = None):
         super().__init__()
         self.heads = heads
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if rms_norm_eps is None else nn.RMSNorm(dim, eps=rms_norm_eps)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_kv = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
@@ -146,12 +166,23 @@ class MaskedCrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int):
+    """
+    `style="openflamingo"`: LayerNorm, GELU feed-forward `dim * ff_mult` wide. `style="idefics"`: RMSNorm (the LM's
+    eps) and the LM's own SwiGLU feed-forward shape. Gates are one scalar each, or one per hidden unit (`vector_gates`).
+    """
+
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int, style: str = "openflamingo",
+                 vector_gates: bool = False, lm_intermediate_size: int | None = None, lm_act: str = "silu",
+                 rms_norm_eps: float = 1e-6):
         super().__init__()
-        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, dim_head=dim_head)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = feed_forward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        idefics = style == "idefics"
+        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, dim_head=dim_head,
+                                         rms_norm_eps=rms_norm_eps if idefics else None)
+        gate_shape = (1, 1, dim) if vector_gates else (1,)
+        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
+        self.ff = (SwiGLUFeedForward(dim=dim, hidden_dim=lm_intermediate_size, act=lm_act, eps=rms_norm_eps) if idefics
+                   else feed_forward(dim, ff_mult))
+        self.ff_gate = nn.Parameter(torch.zeros(gate_shape))
 
     def forward(self, x: torch.Tensor, context: "CrossAttentionContext | None" = None) -> torch.Tensor:
         if context is not None:
@@ -227,13 +258,18 @@ class FusionFlamingoModel(FusionModel):
             dim=dim_visual, depth=config.perceiver_depth, heads=config.perceiver_heads,
             dim_head=config.perceiver_head_dim, num_latents=config.num_latents, ff_mult=config.perceiver_ff_mult,
             max_num_media=config.max_num_media, max_num_frames=config.max_num_frames,
+            activation=config.perceiver_activation,
         )
         _, decoder_layers = find_decoder_layers(self.language_model)
+        text = config.text_config
         for index in config.gated_layer_indices():
             layer = decoder_layers[index]
             layer.gated_cross_attn_layer = GatedCrossAttentionBlock(
-                dim=config.text_config.hidden_size, dim_visual=dim_visual, heads=config.cross_attention_heads,
+                dim=text.hidden_size, dim_visual=dim_visual, heads=config.cross_attention_heads,
                 dim_head=config.cross_attention_head_dim, ff_mult=config.cross_attention_ff_mult,
+                style=config.cross_attention_style, vector_gates=config.gate_shape == "vector",
+                lm_intermediate_size=getattr(text, "intermediate_size", None), lm_act=getattr(text, "hidden_act", "silu"),
+                rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             )
             layer.register_forward_pre_hook(self._cross_attend, with_kwargs=True)
         self.reuse_media_kv = True  # False recomputes each block's media keys/values every step (OpenFlamingo)

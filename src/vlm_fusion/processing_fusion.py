@@ -76,6 +76,12 @@ class FusionProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
 
+    def _process_images(self, images, **kwargs):
+        processed, replacements = super()._process_images(images, **kwargs)
+        if not hasattr(processed, "keys"):  # IDEFICS' image processor returns the pixel tensor itself
+            processed = {"pixel_values": processed}
+        return processed, replacements
+
     def __call__(self, images=None, text=None, **kwargs):
         if images is not None and self.pad_to_square:
             images = self.padded_to_square(images)

@@ -39,7 +39,8 @@ def family_fields(model) -> dict:
                     qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency,
                     instruction_aware=config.qformer_text_input)
     return dict(num_latents=config.num_latents, perceiver_depth=config.perceiver_depth,
-                gated_layers=", ".join(map(str, config.gated_layer_indices())))
+                gated_layers=", ".join(map(str, config.gated_layer_indices())),
+                idefics=config.cross_attention_style == "idefics", gate_shape=config.gate_shape)
 
 
 def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False, extra: str = "",
