@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -180,13 +180,15 @@ def module_name(root: nn.Module, module: nn.Module) -> str:
     return next(name for name, candidate in root.named_modules() if candidate is module)
 
 
-def parts_key_mapping(config: FusionConfig, bridge: list[str]) -> dict[str, str]:
+def parts_key_mapping(config: FusionConfig, model_class: type["FusionModel"]) -> dict[str, str]:
     """
     Keys of the *parts layout* -> the model's own, as a transformers `key_mapping`. The parts layout names each part
     as it is built: `vision_tower.*`, each bridge module at the top level, and the whole causal LM's state dict under
     `language_model.*`. vlm-fusion < 0.2 saved checkpoints that way, and the conversion tables target it. The model's
-    own keys all start with `model.` or `lm_head.`, so no rule touches them.
+    own keys all start with `model.` or `lm_head.`, so no rule touches them. `model_class` is the family's headless model,
+    which names its bridge modules and parameters.
     """
+    bridge = model_class._bridge_modules + model_class._bridge_parameters
     prefix = re.escape(causal_lm_class(config.text_config).base_model_prefix)
     mapping = {r"^language_model\.lm_head\.": "lm_head.", rf"^language_model\.{prefix}\.": "model.language_model."}
     for name in ["vision_tower", *bridge]:  # modules (`name.*`) and parameters (`name`) of the headless model
@@ -256,15 +258,13 @@ class FusionPreTrainedModel(PreTrainedModel):
                 config_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only",
                                                         "subfolder", "trust_remote_code") if k in kwargs}
                 config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
-            model_class = getattr(cls, "model_class", cls)
-            bridge = model_class._bridge_modules + model_class._bridge_parameters
-            legacy = kwargs["key_mapping"] = parts_key_mapping(config, bridge)
+            legacy = kwargs["key_mapping"] = parts_key_mapping(config, getattr(cls, "model_class", cls))
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model  # (model, loading_info) with output_loading_info
         if legacy is not None:  # save in today's layout, not back in the old one
-            loaded = model[0] if isinstance(model, tuple) else model
             conversions = getattr(loaded, "_weight_conversions", None) or []
             loaded._weight_conversions = [c for c in conversions if not _is_legacy_rule(c, legacy)]
-        _remember_4bit_absmax(model[0] if isinstance(model, tuple) else model)
+        _remember_4bit_absmax(loaded)
         return model
 
     @classmethod
@@ -594,8 +594,9 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         logits = self.compute_logits(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            if input_ids is not None:
-                labels = labels.masked_fill((input_ids == self.config.image_token_id).to(labels.device), IGNORE_INDEX)
+            if input_ids is not None:  # no loss at image positions
+                image_mask = self.model.get_placeholder_mask(input_ids, None)
+                labels = labels.masked_fill(image_mask.to(labels.device), IGNORE_INDEX)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
         rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}

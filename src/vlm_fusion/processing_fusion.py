@@ -100,9 +100,10 @@ class FusionProcessor(ProcessorMixin):
         width, height = image.size
         if width == height:
             return image
+        side = max(width, height)
         colour = tuple(int(x * 255) for x in self.image_processor.image_mean)  # as LLaVA truncates it
-        square = Image.new(image.mode, (max(width, height),) * 2, colour)
-        square.paste(image, ((max(width, height) - width) // 2, (max(width, height) - height) // 2))
+        square = Image.new(image.mode, (side, side), colour)
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
         return square
 
     def chunked_call(self, images, text, return_tensors=None, padding=False, max_length=None, truncation=None,

@@ -189,8 +189,7 @@ def to_model_layout(state_dict: dict, model_cls, config) -> dict:
     `language_model.*`); this moves it into the model's own (`model.*`, `lm_head.*`) with the model's one mapping."""
     from vlm_fusion.modeling_base import parts_key_mapping
 
-    model_class = model_cls.model_class
-    rules = list(parts_key_mapping(config, model_class._bridge_modules + model_class._bridge_parameters).items())
+    rules = list(parts_key_mapping(config, model_cls.model_class).items())
     return rename_keys(state_dict, rules)
 
 
