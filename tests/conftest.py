@@ -47,6 +47,18 @@ def causal_lm_of(model):
     return lm
 
 
+def assert_same_logits(name, ours, reference, inputs, reference_inputs=None, atol=1e-4) -> float:
+    """Our logits against the reference's on the same batch (or on the reference processor's encoding of it), at the
+    positions `attention_mask` keeps; prints the largest difference and fails above `atol`."""
+    with torch.no_grad():
+        ours_logits = ours(**inputs).logits
+        reference_logits = reference(**(inputs if reference_inputs is None else reference_inputs)).logits
+    diff = (ours_logits - reference_logits)[inputs["attention_mask"].bool()].abs().max().item()
+    print(f"{name}: max |dlogit| = {diff:.2e}")
+    assert diff <= atol
+    return diff
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

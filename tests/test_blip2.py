@@ -11,7 +11,7 @@ from transformers import (
     Blip2VisionModel,
 )
 
-from conftest import load_script, random_image
+from conftest import assert_same_logits, load_script, random_image
 from vlm_fusion import FusionBlip2Config, FusionBlip2ForConditionalGeneration, FusionBlip2Processor
 from vlm_fusion.tools.tiny import (
     WORDS,
@@ -81,12 +81,9 @@ def test_hf_blip2_logits_and_greedy_tokens_match_transformers(blip2_hf_dir, conv
     # Batched, we pad at the far left; Blip2Processor pads between the queries and the text. Same ids to both models.
     inputs = processor(images=images, text=PROMPTS, padding=True, return_tensors="pt")
     assert (inputs["input_ids"][0, :5] == processor.tokenizer.pad_token_id).all()
+    for batch in ({k: v[:1] for k, v in inputs.items()}, inputs):  # single, then batched with left padding
+        assert_same_logits(f"blip2 hf parity ({len(batch['input_ids'])} samples)", ours, reference, batch)
     with torch.no_grad():
-        for batch in ({k: v[:1] for k, v in inputs.items()}, inputs):  # single, then batched with left padding
-            mask = batch["attention_mask"].bool()
-            diff = (ours(**batch).logits - reference(**batch).logits)[mask].abs().max().item()
-            print(f"blip2 hf parity ({len(batch['input_ids'])} samples): max |dlogit| = {diff:.2e}")
-            assert diff <= 1e-4
         assert torch.equal(ours.generate(**inputs, max_new_tokens=8, do_sample=False),
                            reference.generate(**inputs, max_new_tokens=8, do_sample=False))
 
@@ -323,12 +320,9 @@ def test_instructblip_converts_and_matches_transformers(instructblip_hf_dir, tmp
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=images, text=PROMPTS, padding=True, return_tensors="pt")  # instructions of 2 lengths
     assert inputs["qformer_attention_mask"].sum(-1).tolist()[0] < inputs["qformer_input_ids"].shape[1]
+    for batch in ({k: v[:1] for k, v in inputs.items()}, inputs):  # single, then batched (both streams padded)
+        assert_same_logits(f"instructblip parity ({len(batch['input_ids'])} samples)", ours, reference, batch)
     with torch.no_grad():
-        for batch in ({k: v[:1] for k, v in inputs.items()}, inputs):  # single, then batched (both streams padded)
-            mask = batch["attention_mask"].bool()
-            diff = (ours(**batch).logits - reference(**batch).logits)[mask].abs().max().item()
-            print(f"instructblip parity ({len(batch['input_ids'])} samples): max |dlogit| = {diff:.2e}")
-            assert diff <= 1e-4
         greedy = ours.generate(**inputs, max_new_tokens=8, do_sample=False)
         assert torch.equal(greedy, reference.generate(**inputs, max_new_tokens=8, do_sample=False))
         beams = ours.generate(**inputs, max_new_tokens=6, num_beams=3, do_sample=False)

@@ -18,7 +18,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from conftest import load_script, random_image
+from conftest import assert_same_logits, load_script, random_image
 from vlm_fusion import FusionLlavaForConditionalGeneration, FusionLlavaProcessor
 from vlm_fusion.tools.tiny import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
@@ -65,12 +65,9 @@ def test_llava_hf_logits_and_greedy_tokens_match_transformers(llava_hf_dir, conv
         inputs = processor(images=images, text=PROMPTS, padding=True, return_tensors="pt")
         ref_inputs = reference_processor(images=images, text=PROMPTS, padding=True, return_tensors="pt")
         assert torch.equal(inputs["input_ids"], ref_inputs["input_ids"])
+        for batch in ({k: v[:1] for k, v in inputs.items()}, inputs):  # single, then batched with left padding
+            assert_same_logits(f"llava-hf parity ({len(batch['input_ids'])} samples)", ours, reference, batch)
         with torch.no_grad():
-            for batch in ({k: v[:1] for k, v in inputs.items()}, inputs):  # single, then batched with left padding
-                mask = batch["attention_mask"].bool()
-                diff = (ours(**batch).logits - reference(**batch).logits)[mask].abs().max().item()
-                print(f"llava-hf parity ({len(batch['input_ids'])} samples): max |dlogit| = {diff:.2e}")
-                assert diff <= 1e-4
             ours_tokens = ours.generate(**inputs, max_new_tokens=8, do_sample=False)
             ref_tokens = reference.generate(**inputs, max_new_tokens=8, do_sample=False)
         assert torch.equal(ours_tokens, ref_tokens)
@@ -353,19 +350,14 @@ def test_llava_next_converts_and_matches_transformers_at_several_aspect_ratios(l
         assert torch.equal(mine["input_ids"], theirs["input_ids"]) and torch.equal(mine["pixel_values"], theirs["pixel_values"])
         counts.append(int((mine["input_ids"] == processor.image_token_id).sum()))
         assert counts[-1] == ours.config.num_image_tokens(*size)
-        with torch.no_grad():
-            diff = (ours(**mine).logits - reference(**mine).logits).abs().max().item()
-        print(f"llava-next parity, one {size[0]}x{size[1]} image ({counts[-1]} tokens): max |dlogit| = {diff:.2e}")
-        assert diff <= 1e-4
+        assert_same_logits(f"llava-next parity, one {size[0]}x{size[1]} image ({counts[-1]} tokens)", ours, reference,
+                           mine)
     assert len(set(counts)) == 3  # the three aspect ratios take different numbers of tokens
     assert "Images are tiled as LLaVA-NeXT does" in (out / "README.md").read_text()
     processor.tokenizer.padding_side = "left"
     batch = processor(images=images[:2], text=PROMPTS, padding=True, return_tensors="pt")  # mixed sizes, one batch
+    assert_same_logits(f"llava-next parity, batch of {NEXT_SIZES[:2]}", ours, reference, batch)
     with torch.no_grad():
-        mask = batch["attention_mask"].bool()
-        diff = (ours(**batch).logits - reference(**batch).logits)[mask].abs().max().item()
-        print(f"llava-next parity, batch of {NEXT_SIZES[:2]}: max |dlogit| = {diff:.2e}")
-        assert diff <= 1e-4
         assert torch.equal(ours.generate(**batch, max_new_tokens=6, do_sample=False),
                            reference.generate(**batch, max_new_tokens=6, do_sample=False))
         assert torch.equal(ours.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False),
