@@ -98,12 +98,11 @@ def load(spec):
     if "reuse_media_kv" in spec:
         model.reuse_media_kv = spec["reuse_media_kv"]
     processor = processor_cls.from_pretrained(path)
-    if kind == "hf_idefics":  # IdeficsProcessor takes the sample as a list of texts and images
+    if isinstance(spec["prompt"], tuple):  # an IDEFICS sample: a list of texts and images, for either processor
         sample = [spec["prompt"][0], *spec_images(spec)[0], spec["prompt"][1]]
         inputs = processor(text=[sample], return_tensors="pt").to(device)
     else:
-        prompt = spec["prompt"] if isinstance(spec["prompt"], str) else spec["idefics_text"]
-        inputs = processor(images=spec_images(spec), text=[prompt], return_tensors="pt").to(device)
+        inputs = processor(images=spec_images(spec), text=[spec["prompt"]], return_tensors="pt").to(device)
     return model, inputs, lambda: model(**inputs, use_cache=True), make_generate(model, inputs, spec)
 
 
@@ -154,7 +153,7 @@ def load_openflamingo(spec):
     processor = FusionFlamingoProcessor.from_pretrained(spec["path"])
     config = types.SimpleNamespace(image_token_id=processor.image_token_id,
                                    end_of_chunk_token_id=processor.end_of_chunk_token_id)
-    from vlm_fusion.processing_fusion import add_flamingo_tokens
+    from vlm_fusion.special_tokens import add_flamingo_tokens
 
     add_flamingo_tokens(tokenizer)
     source = torch.load(spec["checkpoint"], map_location="cpu")

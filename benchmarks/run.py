@@ -78,8 +78,7 @@ def reference_comparisons(work, size, args):
     else:
         print("  (open-flamingo is not installed: the Flamingo rows are skipped)")
     idefics = setups.build_idefics(work, size)
-    four = dict(common, num_images=4, nested_images=True, prompt=setups.IDEFICS_SAMPLE,
-                idefics_text=setups.idefics_text(idefics["bos"], 4))
+    four = dict(common, num_images=4, nested_images=True, prompt=setups.IDEFICS_SAMPLE)
     rows.append(comparison("Flamingo-style (IDEFICS), 4 images", "transformers Idefics",
                            dict(four, kind="hf_idefics", path=idefics["reference"]),
                            dict(four, kind="ours", path=idefics["ours"]), args))

@@ -137,12 +137,6 @@ def build_flamingo(root, size):
 IDEFICS_SAMPLE = ("User:", "what is shown in these images ?")  # (text before the images, text after them)
 
 
-def idefics_text(bos: str, num_images: int) -> str:
-    """The text IdeficsProcessor writes for `IDEFICS_SAMPLE` around `num_images` images (for our processor)."""
-    fake, image = "<fake_token_around_image>", "<image>"
-    return bos + IDEFICS_SAMPLE[0] + fake + (image + fake) * num_images + IDEFICS_SAMPLE[1]
-
-
 def build_idefics(root, size):
     """transformers' IDEFICS at the benchmark size (its gates opened), saved, and our conversion of it."""
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
@@ -173,7 +167,7 @@ def build_idefics(root, size):
     IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=v["image_size"]), tokenizer=tokenizer,
                      image_size=v["image_size"]).save_pretrained(source)
     convert(convert_idefics, ["--input", source, "--output", ours, "--atol", "1e-3"])
-    return dict(reference=source, ours=ours, bos=tokenizer.bos_token)
+    return dict(reference=source, ours=ours)
 
 
 def family_model(family, size, image_size):

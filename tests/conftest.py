@@ -31,7 +31,7 @@ def random_image(seed: int, size=(40, 48)) -> Image.Image:
 def causal_lm_state_dict(model) -> dict:
     """The plain causal LM inside a vlm-fusion model (base decoder + head), keyed as its `*ForCausalLM` keys them;
     Flamingo's gated blocks left out."""
-    from vlm_fusion.modeling_base import causal_lm_class
+    from vlm_fusion.language_model import causal_lm_class
 
     prefix = causal_lm_class(model.config.text_config).base_model_prefix
     state = {f"{prefix}.{k}": v for k, v in model.language_model.state_dict().items() if "gated_cross_attn" not in k}

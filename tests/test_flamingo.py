@@ -285,33 +285,63 @@ def test_idefics_converts_and_matches_transformers_with_several_images_per_sampl
     processor = AutoProcessor.from_pretrained(out)
     assert ours.config.cross_attention_layers == [0, 2] and ours.config.gate_shape == "vector"
     assert "The blocks are IDEFICS'" in (out / "README.md").read_text()
-    fake, image = "<fake_token_around_image>", "<image>"
     images = [random_image(i) for i in range(3)]
     samples = [["User:", images[0], images[1], "what is shown ?"], ["User:", images[2], "what colour is it ?"]]
-    texts = []
-    for sample in samples:  # the text IdeficsProcessor writes for an interleaved sample
-        text, last_was_image = processor.tokenizer.bos_token, False
-        for item in sample:
-            text += item if isinstance(item, str) else (image + fake if last_was_image else fake + image + fake)
-            last_was_image = not isinstance(item, str)
-        texts.append(text)
-    for sample, text, own in zip(samples, texts, (images[:2], images[2:])):
-        mine = processor(images=[own], text=[text], return_tensors="pt")
+    for sample in samples:  # each processor takes the interleaved sample as IDEFICS users write it
+        mine = processor(text=[sample], return_tensors="pt")
         theirs = reference_processor(text=[sample], return_tensors="pt")
         assert torch.equal(mine["input_ids"], theirs["input_ids"])
         with torch.no_grad():
             diff = (ours(**mine).logits - reference(**theirs).logits).abs().max().item()
             text_only = causal_lm_of(ours)(input_ids=mine["input_ids"]).logits
-        print(f"IDEFICS parity, {len(own)} image(s): max |dlogit| = {diff:.2e} (images move the logits by "
+        print(f"IDEFICS parity, {len(sample) - 2} image(s): max |dlogit| = {diff:.2e} (images move the logits by "
               f"{(ours(**mine).logits - text_only).abs().max().item():.2e})")
         assert diff <= 1e-4
         ours_tokens = ours.generate(**mine, max_new_tokens=6, do_sample=False)
         assert torch.equal(ours_tokens, reference.generate(**theirs, max_new_tokens=6, do_sample=False))
     # Both samples in one left-padded batch: two images and one.
     processor.tokenizer.padding_side = reference_processor.tokenizer.padding_side = "left"
-    mine = processor(images=[images[:2], images[2:]], text=texts, padding=True, return_tensors="pt")
+    mine = processor(text=samples, padding=True, return_tensors="pt")
     theirs = reference_processor(text=samples, padding=True, return_tensors="pt")
     assert torch.equal(mine["input_ids"], theirs["input_ids"])
     assert_same_logits("IDEFICS parity, batch of 2 (2 images + 1 image, left padding)", ours, reference, mine, theirs)
     assert torch.equal(ours.generate(**mine, max_new_tokens=6, do_sample=False),
                        reference.generate(**theirs, max_new_tokens=6, do_sample=False))
+
+
+def test_the_converted_idefics_processor_takes_idefics_processors_calls(idefics_dir, tmp_path):
+    """A converted IDEFICS' processor is a drop-in for `IdeficsProcessor`: separate images and text, interleaved lists,
+    one and several images per sample, a left-padded batch; same ids and mask, the same images (flat, without
+    IDEFICS' padding images), and a chat template that writes IDEFICS' instruct layout."""
+    from transformers import IdeficsProcessor
+
+    from vlm_fusion import FusionIdeficsProcessor
+    from vlm_fusion.conversion import convert_idefics
+
+    out = tmp_path / "fusion"
+    assert convert_idefics.main(["--input", str(idefics_dir), "--output", str(out)]) == 0
+    processor, reference = AutoProcessor.from_pretrained(out), IdeficsProcessor.from_pretrained(idefics_dir)
+    assert isinstance(processor, FusionIdeficsProcessor)
+    a, b, c = (random_image(i) for i in range(3))
+
+    def same(mine, theirs, images_per_sample):
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(mine[key], theirs[key]), key
+        real = [theirs["pixel_values"][i, :n] for i, n in enumerate(images_per_sample)]  # IDEFICS pads with zeros
+        assert torch.equal(mine["pixel_values"], torch.cat(real))
+
+    same(processor(images=[[a, b]], text=["User: what is shown ?"]),
+         reference(images=[[a, b]], text=["User: what is shown ?"]), [2])
+    same(processor(images=[a], text="User: what is shown ?"), reference(images=[a], text="User: what is shown ?"), [1])
+    sample = ["User:", a, "Describe.<end_of_utterance>", "\nAssistant:"]  # IDEFICS' interleaved form
+    same(processor(text=[sample]), reference(text=[sample]), [1])
+    processor.tokenizer.padding_side = reference.tokenizer.padding_side = "left"
+    batch = [["User:", a, b, "what is shown ?"], ["User:", c, "what colour is it ?<end_of_utterance>", "\nAssistant:"]]
+    same(processor(text=batch), reference(text=batch), [2, 1])
+    same(processor(images=[[a, b], [c]], text=["User: both ?", "User: one ?"]),
+         reference(images=[[a, b], [c]], text=["User: both ?", "User: one ?"]), [2, 1])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "User:<image>Describe.<end_of_utterance>\nAssistant:"
+    same(processor(images=[a], text=[prompt]), reference(text=[["User:", a, "Describe.<end_of_utterance>\nAssistant:"]]),
+         [1])

@@ -60,6 +60,29 @@ def test_save_pretrained_writes_a_model_card(family, tmp_path):
     exec(usage.replace(f'"{tmp_path.name}"', f'"{tmp_path}"'), {})
 
 
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_headless_model_saves_and_its_cards_snippet_runs(family, tmp_path):
+    """`AutoModel.from_pretrained(ckpt).save_pretrained(out)`: the card describes the headless model it is given."""
+    from transformers import AutoModel
+
+    model, processor = build(family)
+    model.save_pretrained(tmp_path / "full")
+    headless = AutoModel.from_pretrained(tmp_path / "full").eval()
+    headless.save_pretrained(tmp_path / "headless")
+    processor.save_pretrained(tmp_path / "headless")
+    readme = (tmp_path / "headless" / "README.md").read_text()
+    bridge = sum(p.numel() for m in model.bridge_modules().values() for p in m.parameters())
+    assert f"| parameters added by the bridge | {bridge:,} |" in readme
+    usage = readme.split("```python\n")[1].split("```")[0]
+    assert "AutoModel.from_pretrained" in usage and "generate" not in usage
+    exec(usage.replace('"headless"', f'"{tmp_path / "headless"}"'), {})
+    reloaded = AutoModel.from_pretrained(tmp_path / "headless").eval()
+    inputs = processor(images=[random_image(0)], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
+
+
 REMOTE = textwrap.dedent("""
     import sys, torch
     sys.modules["vlm_fusion"] = None  # the package cannot be imported here

@@ -140,6 +140,25 @@ def test_inputs_embeds_with_pixel_values():
         assert torch.equal(generated, model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, ids.shape[1]:])
 
 
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_beam_search_from_inputs_embeds_shares_the_images_out_as_from_input_ids(family):
+    """`generate(inputs_embeds=..., pixel_values=..., num_beams=2)`: the images follow their sample's beams, found
+    through the placeholders' embeddings (there are no `input_ids` to count them in)."""
+    model, processor = build(family)
+    model.resize_token_embeddings(max(model.config.image_token_id + 1, model.config.text_config.vocab_size))
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[random_image(0), random_image(1)], text=[PROMPT, "<image> what colour ?"],
+                       padding=True, return_tensors="pt")
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=2)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+    generated = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                               pixel_values=inputs["pixel_values"], **extra, **settings)
+    expected = model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(generated, expected)
+
+
 def test_output_loading_info(saved):
     family, path, model, processor = saved
     loaded, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
@@ -154,6 +173,13 @@ def test_get_image_features_returns_the_tower_outputs_and_the_visual_tokens(save
     assert out.pooler_output.shape[:2] == (1, model.config.num_image_tokens() if family != "fusion_flamingo" else 4)
     assert len(out.hidden_states) == model.config.vision_config.num_hidden_layers + 1
     assert model.get_image_features(pixel_values).hidden_states is None
+    # Set on the configs, as `from_pretrained(..., output_attentions=True)` does: the tower's default, as for the tower.
+    configured = copy.deepcopy(model)
+    configured.set_attn_implementation("eager")
+    for config in (configured.config, configured.config.vision_config, configured.config.text_config):
+        config.output_hidden_states = config.output_attentions = True
+    from_config = configured.get_image_features(pixel_values)
+    assert len(from_config.hidden_states) == len(from_config.attentions) + 1 == model.config.vision_config.num_hidden_layers + 1
     as_tuple = model.get_image_features(pixel_values, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], out.pooler_output)
     with torch.no_grad():

@@ -30,6 +30,7 @@ from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaMode
 from .processing_fusion import (
     FusionBlip2Processor,
     FusionFlamingoProcessor,
+    FusionIdeficsProcessor,
     FusionInstructBlipProcessor,
     FusionLlavaProcessor,
     FusionProcessor,
@@ -73,6 +74,7 @@ __all__ = [
     "FusionCausalLMOutputWithPast",
     "FusionConfig",
     "FusionForConditionalGeneration",
+    "FusionIdeficsProcessor",
     "FusionInstructBlipProcessor",
     "FusionModel",
     "FusionModelOutputWithPast",

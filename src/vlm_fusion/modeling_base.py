@@ -15,11 +15,7 @@ visual tokens into the text, the head, the loss, generation and composition from
 Legend: B batch, T text positions, N images (all samples together), P visual tokens per image, D LM width.
 """
 
-import copy
-import inspect
 import os
-import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +32,10 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .checkpoints import FusionCheckpointMixin
 from .configuration_base import FusionConfig
+from .language_model import LOGIT_HANDLING, build_lm_head, check_lm_head, split_causal_lm
+from .special_tokens import add_special_token
 from .vision import build_vision_tower, load_vision_tower, select_image_features
 
 IGNORE_INDEX = -100
@@ -71,53 +70,6 @@ class FusionCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
         return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
-@contextmanager
-def registered_for_auto_classes(model=None, processor=None):
-    """Register the classes for remote-code saving for the duration of one save (transformers keys off the class)."""
-    targets = []
-    if model is not None:
-        auto_class = "AutoModelForImageTextToText" if model.can_generate() else "AutoModel"
-        targets += [(type(model.config), "AutoConfig"), (type(model), auto_class)]
-    if processor is not None:
-        targets.append((type(processor), "AutoProcessor"))
-    previous = [cls.__dict__.get("_auto_class") for cls, _ in targets]
-    for cls, auto_class in targets:
-        cls._auto_class = auto_class
-    try:
-        yield
-    finally:
-        for (cls, _), value in zip(targets, previous):
-            if value is None:
-                del cls._auto_class
-            else:
-                cls._auto_class = value
-
-
-def _remember_4bit_absmax(model: torch.nn.Module) -> None:
-    """Keep each 4-bit weight's absmax as loaded (see `_restore_portable_4bit_layout`)."""
-    for module in model.modules():
-        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if quant_state is not None and not getattr(quant_state, "packing_format_for_cpu", False):
-            module._loaded_absmax = quant_state.absmax.clone()
-
-
-def _restore_portable_4bit_layout(model: torch.nn.Module) -> None:
-    """
-    bitsandbytes (0.50) repacks a 4-bit weight in place for its CPU kernels on the first forward, rounding its
-    absmax to bf16, and transformers' `save_pretrained` writes the weight as it finds it: a model saved after
-    inference reloaded as another model. Undo the packing and put back the absmax it was loaded with, so the
-    saved checkpoint is the loaded quantization; the next forward packs again.
-    """
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-            if hasattr(module, "_loaded_absmax"):
-                weight.quant_state.absmax = module._loaded_absmax.clone()
-
-
 def _mark_initialized(module: torch.nn.Module) -> None:
     """Keep `post_init` from re-initialising a pretrained part handed to the constructor."""
     for sub in module.modules():
@@ -126,77 +78,11 @@ def _mark_initialized(module: torch.nn.Module) -> None:
         tensor._is_hf_initialized = True
 
 
-# LM heads that do more than a linear map, reproduced here from the LM's config: attribute -> what the head does.
-# Any other `*logit*` attribute a causal LM's forward reads is refused at composition time (see `check_lm_head`).
-LOGIT_HANDLING = {
-    "logit_scale": lambda logits, scale: logits * scale,  # Cohere
-    "logits_scaling": lambda logits, scale: logits / scale,  # Granite
-    "final_logit_softcapping": lambda logits, cap: torch.tanh(logits / cap) * cap,  # Gemma 2 / 3
-}
-# Names a causal LM's forward may mention that do not change what the head computes.
-_HARMLESS_LOGIT_NAMES = {"logits", "logits_to_keep", "slice_logits_to_keep", "slice_indices", "CausalLMOutputWithPast"}
-
-
-def causal_lm_class(text_config) -> type[PreTrainedModel]:
-    try:
-        return AutoModelForCausalLM._model_mapping[type(text_config)]
-    except KeyError:
-        raise ValueError(f"No causal LM is known for text config {type(text_config).__name__} ({text_config.model_type!r}).")
-
-
-def check_lm_head(text_config) -> None:
-    """Refuse a causal LM whose head does something to its logits that `LOGIT_HANDLING` does not reproduce."""
-    source = inspect.getsource(causal_lm_class(text_config).forward)
-    unknown = {name for name in re.findall(r"\b\w*logit\w*\b", source)} - _HARMLESS_LOGIT_NAMES - set(LOGIT_HANDLING)
-    if unknown:
-        raise ValueError(
-            f"{causal_lm_class(text_config).__name__}'s head uses {sorted(unknown)} on its logits, which vlm-fusion does "
-            f"not reproduce (it reproduces {sorted(LOGIT_HANDLING)}); this language model is not supported."
-        )
-
-
-def split_causal_lm(causal_lm: PreTrainedModel) -> tuple[PreTrainedModel, nn.Module]:
-    """A causal LM -> `(base decoder, lm_head)`, checking the base is what `AutoModel` builds for its config."""
-    base, head = causal_lm.base_model, causal_lm.get_output_embeddings()
-    expected = AutoModel._model_mapping.get(type(causal_lm.config), None)
-    if base is causal_lm or head is None or (expected is not None and type(base) is not expected):
-        raise ValueError(
-            f"{type(causal_lm).__name__} does not split into a base decoder ({expected and expected.__name__}) and an "
-            "LM head; it cannot be the language model of a vlm-fusion model."
-        )
-    if type(head) is not nn.Linear:
-        raise ValueError(f"{type(causal_lm).__name__}'s head is a {type(head).__name__}, not a linear layer: not supported.")
-    return base, head
-
-
-def build_lm_head(text_config) -> nn.Linear:
-    """A fresh head shaped like the causal LM's own (width, vocabulary, bias), read off a meta-device instance."""
-    with torch.device("meta"):
-        _, head = split_causal_lm(AutoModelForCausalLM.from_config(text_config))
-    return nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-
-
 def module_name(root: nn.Module, module: nn.Module) -> str:
     return next(name for name, candidate in root.named_modules() if candidate is module)
 
 
-def parts_key_mapping(config: FusionConfig, model_class: type["FusionModel"]) -> dict[str, str]:
-    """
-    Keys of the *parts layout* -> the model's own, as a transformers `key_mapping`. The parts layout names each part
-    as it is built: `vision_tower.*`, each bridge module at the top level, and the whole causal LM's state dict under
-    `language_model.*`. vlm-fusion < 0.2 saved checkpoints that way, and the conversion tables target it. The model's
-    own keys all start with `model.` or `lm_head.`, so no rule touches them. `model_class` is the family's headless model,
-    which names its bridge modules and parameters.
-    """
-    bridge = model_class._bridge_modules + model_class._bridge_parameters
-    prefix = re.escape(causal_lm_class(config.text_config).base_model_prefix)
-    mapping = {r"^language_model\.lm_head\.": "lm_head.", rf"^language_model\.{prefix}\.": "model.language_model."}
-    for name in ["vision_tower", *bridge]:  # modules (`name.*`) and parameters (`name`) of the headless model
-        mapping[rf"^{name}(?=\.|$)"] = f"model.{name}"
-    return mapping
-
-
-class FusionPreTrainedModel(PreTrainedModel):
+class FusionPreTrainedModel(FusionCheckpointMixin, PreTrainedModel):
     """What the headless model and the generation model of every family declare to transformers."""
 
     config_class = FusionConfig
@@ -229,6 +115,15 @@ class FusionPreTrainedModel(PreTrainedModel):
         """
         return cls.is_remote_code()
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """
+        True: `set_attn_implementation` reaches both backbones, transformers models that take any implementation.
+        (transformers' heuristic reads an `*Attention(nn.Module)` class in the module as a model that cannot: the
+        bridge's own attention — Q-Former, resampler, gated cross-attention — is SDPA whatever is set.)
+        """
+        return True
+
     def initialize_weights(self):
         """
         transformers' initialisation, plus the family's own modules that live inside a backbone (Flamingo's gated
@@ -241,89 +136,6 @@ class FusionPreTrainedModel(PreTrainedModel):
             for block in model.modules_inside_backbones():
                 for module in block.modules():
                     model._init_weights(module)  # `transformers.initialization` leaves loaded tensors alone
-
-    # ---- loading, saving, publishing ------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """
-        `PreTrainedModel.from_pretrained`; a `quantization_config` keeps the family's `_unquantized_modules`, and
-        checkpoints written by vlm-fusion < 0.2 load through a `key_mapping` (see `parts_key_mapping`).
-        """
-        if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = cls.with_unquantized_defaults(kwargs["quantization_config"])
-        legacy = None
-        if kwargs.get("key_mapping") is None:
-            config = kwargs.get("config")
-            if not isinstance(config, FusionConfig):
-                config_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only",
-                                                        "subfolder", "trust_remote_code") if k in kwargs}
-                config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
-            legacy = kwargs["key_mapping"] = parts_key_mapping(config, getattr(cls, "model_class", cls))
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        loaded = model[0] if isinstance(model, tuple) else model  # (model, loading_info) with output_loading_info
-        if legacy is not None:  # save in today's layout, not back in the old one
-            conversions = getattr(loaded, "_weight_conversions", None) or []
-            loaded._weight_conversions = [c for c in conversions if not _is_legacy_rule(c, legacy)]
-        _remember_4bit_absmax(loaded)
-        return model
-
-    @classmethod
-    def with_unquantized_defaults(cls, quantization_config):
-        """A copy of `quantization_config` whose skip list also holds the family's `_unquantized_modules`."""
-        config = copy.deepcopy(quantization_config)
-        if not hasattr(config, "llm_int8_skip_modules"):
-            return config
-        user = list(config.llm_int8_skip_modules or [])
-        added = [m for m in getattr(cls, "model_class", cls)._unquantized_modules if m not in user]
-        if user and added:
-            logger.warning(
-                "vlm-fusion keeps %s unquantized in addition to your `llm_int8_skip_modules` %s (transformers would "
-                "otherwise drop its own lm_head exemption and quantize the vision tower and the bridge).", added, user
-            )
-        config.llm_int8_skip_modules = user + added
-        return config
-
-    def save_pretrained(self, save_directory, *args, remote_code: bool = False, repo_id: str | None = None,
-                        tags=(), **kwargs):
-        """
-        `PreTrainedModel.save_pretrained`, plus a model card (`README.md`) rendered from the family's template.
-        `remote_code=True` also writes the model's code beside the weights, so that `trust_remote_code=True`
-        loads it where vlm-fusion is not installed.
-        """
-        _restore_portable_4bit_layout(self)
-        with registered_for_auto_classes(self if remote_code else None):
-            result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            try:
-                from vlm_fusion.tools.hub import write_model_card
-            except ImportError:  # exported code, running without vlm-fusion installed
-                return result
-            tags = [*(self.model_tags or []), *tags]
-            write_model_card(self, save_directory, repo_id=repo_id, tags=tags, remote_code=remote_code)
-        return result
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token=None, revision: str | None = None, create_pr: bool = False,
-                    commit_description: str | None = None, tags=(), remote_code: bool = False,
-                    max_shard_size="50GB"):
-        """Upload what `save_pretrained` writes — weights, config, model card, and the code if `remote_code`."""
-        import tempfile
-
-        from huggingface_hub import create_repo
-
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, max_shard_size=max_shard_size, remote_code=remote_code, repo_id=repo_id,
-                                 tags=tags)
-            return self._upload_modified_files(
-                tmp, repo_id, files_timestamps={}, commit_message=commit_message or "Upload model", token=token,
-                create_pr=create_pr, revision=revision, commit_description=commit_description,
-            )
-
-
-def _is_legacy_rule(conversion, legacy: dict[str, str]) -> bool:
-    sources = getattr(conversion, "source_patterns", None) or []
-    return any(pattern in legacy for pattern in sources)
 
 
 class FusionModel(FusionPreTrainedModel):
@@ -356,15 +168,16 @@ class FusionModel(FusionPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int, tokens_per_image=None) -> list[int]:
+    def images_per_sample(self, image_mask: torch.BoolTensor, num_images: int, tokens_per_image=None) -> list[int]:
         """
-        How many of the batch's `num_images` images belong to each sample, from its placeholder count; images whose
-        token counts differ (anyres) give theirs in `tokens_per_image`, in order.
+        How many of the batch's `num_images` images belong to each sample, from its count of placeholder positions in
+        `image_mask` `(B, T)` (see `get_placeholder_mask`); images whose token counts differ (anyres) give theirs in
+        `tokens_per_image`, in order.
         """
-        counts = (input_ids == self.config.image_token_id).sum(-1).tolist()  # (B,)
+        counts = image_mask.sum(-1).tolist()  # (B,)
         if tokens_per_image is None:
             total = sum(counts)
-            if num_images == 0 or total % num_images:
+            if num_images == 0 or total == 0 or total % num_images:
                 raise ValueError(f"{total} image tokens cannot be shared evenly among {num_images} images.")
             return [count // (total // num_images) for count in counts]
         per_sample, image = [], 0
@@ -381,6 +194,10 @@ class FusionModel(FusionPreTrainedModel):
     def tokens_per_image(self, **image_inputs) -> list[int] | None:
         """Each image's token count when they differ (anyres LLaVA-style); `None` when every image takes the same."""
         return None
+
+    def bridge_modules(self) -> dict[str, nn.Module]:
+        """The parts of the model that are neither backbone: what the family adds and trains."""
+        return {name: getattr(self, name) for name in self._bridge_modules}
 
     def modules_inside_backbones(self) -> list[nn.Module]:
         """The family's modules that live inside the vision tower or the LM (none but for Flamingo)."""
@@ -404,11 +221,18 @@ class FusionModel(FusionPreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`).
+            output_hidden_states, output_attentions (`bool`, *optional*): return the vision tower's; default to its
+                config's (`vision_config.output_hidden_states` / `output_attentions`), as the tower itself does.
 
         Returns:
             [`BaseModelOutputWithPooling`]: `pooler_output` holds the visual tokens, `(num_images, num_tokens,
             hidden_size)`; `last_hidden_state`, `hidden_states` and `attentions` are the vision tower's.
         """
+        vision_config = self.vision_tower.config
+        if output_hidden_states is None:
+            output_hidden_states = vision_config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = vision_config.output_attentions
         features, tower = self.get_vision_features(pixel_values, output_attentions=output_attentions)
         visual_tokens = self.encode_images(features, **kwargs)
         return BaseModelOutputWithPooling(
@@ -605,7 +429,7 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
     # ---- training ---------------------------------------------------------------------------------------------
     def bridge_modules(self) -> dict[str, nn.Module]:
         """The parts of the model that are neither backbone: what the family adds and trains."""
-        return {name: getattr(self.model, name) for name in self.model_class._bridge_modules}
+        return self.model.bridge_modules()
 
     def freeze_backbones(self, *, train_input_embeddings: bool = False) -> dict[str, int]:
         """
@@ -678,9 +502,12 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         per_image = {name: model_kwargs.pop(name) for name in ("pixel_values", *self.model_class._per_image_inputs)
                      if model_kwargs.get(name) is not None}
         pixel_values = per_image.get("pixel_values")
-        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+        if pixel_values is not None and expand_size > 1:
+            # The placeholders are in `input_ids`, or, generating from `inputs_embeds`, only there.
+            ids = input_ids if input_ids is not None and input_ids.shape[1] else None
+            image_mask = self.model.get_placeholder_mask(ids, model_kwargs.get("inputs_embeds"))
             tokens = self.model.tokens_per_image(**per_image)
-            sizes = self.model.images_per_sample(input_ids, pixel_values.shape[0], tokens)
+            sizes = self.model.images_per_sample(image_mask, pixel_values.shape[0], tokens)
             per_image = {name: torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in value.split(sizes)])
                          for name, value in per_image.items()}
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
@@ -728,6 +555,4 @@ def _default_image_token_id(text_model_name_or_path, text_config) -> int:
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
     except (OSError, ValueError):
         return text_config.vocab_size
-    from .processing_fusion import add_special_token
-
     return add_special_token(tokenizer, "<image>")

@@ -190,10 +190,8 @@ class FusionBlip2Model(FusionModel):
     def embed_inputs(self, input_ids, inputs_embeds, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
         """The instruction is given per sample `(B, T)`; each image reads its own sample's."""
         if qformer_input_ids is not None and pixel_values is not None and len(pixel_values) != len(qformer_input_ids):
-            if input_ids is None:
-                raise ValueError(f"{len(pixel_values)} images and {len(qformer_input_ids)} instructions: with several "
-                                 "images per sample, pass `input_ids` so that each image finds its sample.")
-            per_sample = torch.as_tensor(self.images_per_sample(input_ids, len(pixel_values)), device=input_ids.device)
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
+            per_sample = torch.as_tensor(self.images_per_sample(image_mask, len(pixel_values)))
             qformer_input_ids = qformer_input_ids.repeat_interleave(per_sample.to(qformer_input_ids.device), dim=0)
             if qformer_attention_mask is not None:
                 qformer_attention_mask = qformer_attention_mask.repeat_interleave(

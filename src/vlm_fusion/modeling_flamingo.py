@@ -282,6 +282,10 @@ class FusionFlamingoModel(FusionModel):
         _, layers = find_decoder_layers(self.language_model)
         return {str(i): layers[i].gated_cross_attn_layer for i in self.config.gated_layer_indices()}
 
+    def bridge_modules(self) -> dict[str, nn.Module]:
+        return {**super().bridge_modules(),
+                "gated_cross_attn_layers": nn.ModuleList(self.gated_cross_attn_layers.values())}
+
     def modules_inside_backbones(self) -> list[nn.Module]:
         return list(self.gated_cross_attn_layers.values())
 
@@ -420,10 +424,6 @@ class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, Gen
     def encode_media(self, pixel_values, media_mask):
         return self.model.encode_media(pixel_values, media_mask)[0]
 
-    def bridge_modules(self) -> dict[str, nn.Module]:
-        return {**super().bridge_modules(),
-                "gated_cross_attn_layers": nn.ModuleList(self.gated_cross_attn_layers.values())}
-
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
@@ -440,7 +440,7 @@ class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, Gen
         if "image_token_id" not in kwargs and "media_token_id" not in kwargs:
             from transformers import AutoTokenizer
 
-            from .processing_fusion import add_flamingo_tokens
+            from .special_tokens import add_flamingo_tokens
 
             tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
             kwargs["image_token_id"], kwargs["end_of_chunk_token_id"] = add_flamingo_tokens(tokenizer)

@@ -5,11 +5,16 @@ tokens for one image (LLaVA-style: one per patch; BLIP-2-style: one per query). 
 and placeholders, and the refusal to truncate through a placeholder, come from transformers' `ProcessorMixin`.
 """
 
+import re
+
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
-from transformers.tokenization_utils_base import AddedToken
+from transformers.processing_utils import MultiModalData
 
 from .anyres import num_tokens
+from .remote_code import registered_for_auto_classes
+from .special_tokens import add_flamingo_tokens, add_special_token
+
 
 def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token") -> str:
     """A plain `ROLE: ` template (`"USER: <image>\\n...\\nASSISTANT:"`); message content is a string or a list of
@@ -32,11 +37,8 @@ def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token") -> 
 DEFAULT_CHAT_TEMPLATE = chat_template()
 
 
-def add_special_token(tokenizer, token: str) -> int:
-    """Add `token` to `tokenizer` as a special token unless it is there already; return its id."""
-    if token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(token, normalized=False, special=True)]})
-    return tokenizer.convert_tokens_to_ids(token)
+def _subclasses(cls) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 class FusionProcessor(ProcessorMixin):
@@ -75,6 +77,21 @@ class FusionProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Placeholders one `height` x `width` image takes in the text (the model's visual tokens for it)."""
+        return self.image_seq_length
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """
+        transformers' processor API (vLLM sizes each image's placeholders with it): for `image_sizes`, a list of
+        `(height, width)`, each image's placeholder count (`num_image_tokens`) and its entries in `pixel_values`
+        (`num_image_patches`, 1: one row per image).
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        counts = [self.num_image_tokens(int(height), int(width)) for height, width in image_sizes]
+        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
 
     def _process_images(self, images, **kwargs):
         processed, replacements = super()._process_images(images, **kwargs)
@@ -136,16 +153,36 @@ class FusionProcessor(ProcessorMixin):
             ids += chunk[offset:]
         return ids
 
+    # A variant of a family's processor (InstructBLIP's, IDEFICS') names that family's class here: AutoProcessor maps
+    # a family's config to its one registered class and resolves no other name, so the variant is saved as the
+    # family's class with its own name beside it (`fusion_processor_class`), and `from_pretrained` dispatches on it.
+    variant_of: type["FusionProcessor"] | None = None
+
+    def to_dict(self):
+        output = super().to_dict()
+        if self.variant_of is not None:
+            output["processor_class"] = self.variant_of.__name__
+            output["fusion_processor_class"] = type(self).__name__
+        return output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`; a saved variant of the family's processor loads as that variant."""
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        name = processor_dict.get("fusion_processor_class")
+        if name is None and processor_dict.get("qformer_text_input"):  # saved by vlm-fusion 0.2.0 before the field
+            name = "FusionInstructBlipProcessor"
+        variant = next((c for c in _subclasses(cls) if c.__name__ == name), None)
+        if variant is not None:
+            return variant.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory, *args, remote_code: bool = False, **kwargs):
         """`ProcessorMixin.save_pretrained`; `remote_code=True` also writes the processor's code."""
-        from .modeling_base import registered_for_auto_classes
-
         with registered_for_auto_classes(processor=self if remote_code else None):
             return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id, *args, remote_code: bool = False, **kwargs):
-        from .modeling_base import registered_for_auto_classes
-
         with registered_for_auto_classes(processor=self if remote_code else None):
             return super().push_to_hub(repo_id, *args, **kwargs)
 
@@ -185,15 +222,30 @@ class FusionLlavaProcessor(FusionProcessor):
                          image_seq_length=image_seq_length, chunked_tokenization=chunked_tokenization,
                          pad_to_square=pad_to_square)
 
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+    @property
+    def anyres(self) -> dict | None:
+        """The tiling arithmetic's arguments (anyres), or `None` when every image takes `image_seq_length`."""
         pinpoints = getattr(self.image_processor, "image_grid_pinpoints", None)
         if self.patch_size is None or not pinpoints:
+            return None
+        crop, size = getattr(self.image_processor, "crop_size", None), self.image_processor.size
+        # the side of one tile, as LLaVA-NeXT's image processor picks it
+        tile = (crop and crop.get("height")) or size.get("height") or size.get("shortest_edge")
+        return dict(pinpoints=pinpoints, tile=tile, patch=self.patch_size)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        if self.anyres is None:
+            return super().num_image_tokens(height, width)
+        if self.pad_to_square:
+            height = width = max(height, width)
+        return num_tokens((height, width), **self.anyres)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if self.anyres is None:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)
         size = image_inputs["image_sizes"][image_idx]
         height, width = size.tolist() if hasattr(size, "tolist") else size
-        tile = image_inputs["pixel_values"][0][0].shape[-1]  # the side of one tile
-        return self.image_token * num_tokens((height, width), pinpoints=pinpoints, tile=tile,
-                                                    patch=self.patch_size)
+        return self.image_token * num_tokens((height, width), **self.anyres)
 
 
 class FusionBlip2Processor(FusionProcessor):
@@ -230,16 +282,6 @@ class FusionBlip2Processor(FusionProcessor):
         pixel_values = self.image_processor(images)["pixel_values"]
         return BatchFeature({**features, "pixel_values": pixel_values}, tensor_type=return_tensors)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`ProcessorMixin.from_pretrained`; a saved `FusionInstructBlipProcessor` loads as one (AutoProcessor maps
-        the family's config to this class, and resolves no other class name)."""
-        if cls is FusionBlip2Processor:
-            processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
-            if processor_dict.get("qformer_text_input"):
-                return FusionInstructBlipProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
 
 class FusionInstructBlipProcessor(FusionBlip2Processor):
     """
@@ -251,16 +293,13 @@ class FusionInstructBlipProcessor(FusionBlip2Processor):
         qformer_tokenizer: the Q-Former's tokenizer (BERT's, for InstructBLIP); saved in a `qformer_tokenizer` folder.
     """
 
+    variant_of = FusionBlip2Processor
+
     def __init__(self, image_processor=None, tokenizer=None, qformer_tokenizer=None, chat_template=None,
                  image_token="<image>", image_seq_length=1, qformer_text_input=True):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token,
                          image_seq_length=image_seq_length, qformer_tokenizer=qformer_tokenizer)
-        self.qformer_text_input = True  # saved: how `FusionBlip2Processor.from_pretrained` knows to load this class
-
-    def to_dict(self):
-        output = super().to_dict()
-        output["processor_class"] = FusionBlip2Processor.__name__  # the class AutoProcessor finds for the family
-        return output
+        self.qformer_text_input = True
 
     def __call__(self, images=None, text=None, **kwargs):
         encoded = super().__call__(images=images, text=text, **kwargs)
@@ -278,16 +317,6 @@ class FusionInstructBlipProcessor(FusionBlip2Processor):
     @property
     def model_input_names(self):
         return [*super().model_input_names, "qformer_input_ids", "qformer_attention_mask"]
-
-
-def add_flamingo_tokens(tokenizer, image_token="<image>", end_of_chunk_token="<|endofchunk|>") -> tuple[int, int]:
-    """Add OpenFlamingo's special tokens in its order (`<|endofchunk|>`, `<image>`, then `<PAD>` if the tokenizer has
-    no pad token), so ids match checkpoints trained with it; return `(media_token_id, end_of_chunk_token_id)`."""
-    end_of_chunk_id = add_special_token(tokenizer, end_of_chunk_token)
-    media_id = add_special_token(tokenizer, image_token)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    return media_id, end_of_chunk_id
 
 
 class FusionFlamingoProcessor(FusionProcessor):
@@ -317,3 +346,114 @@ class FusionFlamingoProcessor(FusionProcessor):
 
 
 FLAMINGO_CHAT_TEMPLATE = chat_template(image="<image>", end_of_turn="'<|endofchunk|>'")
+
+
+IDEFICS_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].capitalize() + ':' }}"
+    "{% if message['content'] is string %}{{ ' ' + message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif part['type'] == 'text' %}{{ (' ' if loop.first else '') + part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_utterance>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+"""IDEFICS' instruct layout, `User: ...<end_of_utterance>\\nAssistant: ...<end_of_utterance>\\n`, images where they are."""
+
+
+class FusionIdeficsProcessor(FusionFlamingoProcessor):
+    """
+    The processor of a converted IDEFICS: takes the calls `IdeficsProcessor` takes and gives its `input_ids` and
+    `attention_mask`, with the images flat (`(num_images, channels, height, width)`, IDEFICS' padding images left out).
+
+    - `text` as interleaved lists of strings and images, one list per sample (`[["User:", image, "Describe."]]`),
+      assembled as `IdeficsProcessor` does: each string stripped of spaces, `<end_of_utterance>` between two
+      consecutive strings when the tokenizer holds it as a special token (`add_end_of_utterance_token`), an image URL
+      loaded as an image;
+    - `images` and `text` strings: a string without `<image>` gets its images where `IdeficsProcessor` puts them
+      (nested images, `images=[[a, b]]`, after the text; one image per text, `images=[a]`, before it); a string with
+      `<image>` keeps them where they are;
+    - each run of images is wrapped in `<fake_token_around_image>` (a text that already holds that token is taken as
+      written), every sample starts with BOS, written as text, and `add_eos_token` ends it with EOS;
+    - `padding="longest"` and `return_tensors="pt"` by default, as `IdeficsProcessor`.
+
+    A list of strings without images is a batch of texts here (`IdeficsProcessor` reads it as one sample).
+    """
+
+    variant_of = FusionFlamingoProcessor
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>",
+                 end_of_chunk_token="<end_of_utterance>", image_seq_length=1,
+                 image_wrapper_token="<fake_token_around_image>", add_end_of_utterance_token=None):
+        self.image_wrapper_token = image_wrapper_token
+        self.add_end_of_utterance_token = add_end_of_utterance_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or IDEFICS_CHAT_TEMPLATE,
+                         image_token=image_token, end_of_chunk_token=end_of_chunk_token,
+                         image_seq_length=image_seq_length)
+        add_special_token(tokenizer, image_wrapper_token)
+
+    def __call__(self, images=None, text=None, add_eos_token: bool = False, add_end_of_utterance_token=None,
+                 **kwargs):
+        if text is None:
+            return super().__call__(images=images, text=text, **kwargs)
+        samples, sample_images = self.idefics_samples(images, text, add_end_of_utterance_token)
+        texts = [self.idefics_text(sample, add_eos_token) for sample in samples]
+        kwargs = {"padding": "longest", "return_tensors": "pt", **kwargs, "add_special_tokens": False}
+        flat = [image for own in sample_images for image in own]
+        return super().__call__(images=flat or None, text=texts, **kwargs)
+
+    def idefics_samples(self, images, text, add_end_of_utterance_token=None) -> tuple[list[str], list[list]]:
+        """Each sample's text (images marked by `<image>`) and its images, from any form `IdeficsProcessor` takes."""
+        from transformers.image_utils import load_image
+        from transformers.models.idefics.processing_idefics import is_url
+
+        texts = [text] if isinstance(text, str) else list(text)
+        interleaved = any(isinstance(t, (list, tuple)) for t in texts) or any(not isinstance(t, str) for t in texts)
+        if interleaved:
+            if images is not None:
+                raise ValueError("Pass images either inside the interleaved `text` lists or as `images`, not both.")
+            samples = [list(t) for t in texts] if all(isinstance(t, (list, tuple)) for t in texts) else [texts]
+            eou = add_end_of_utterance_token
+            if eou is None:
+                eou = self.add_end_of_utterance_token
+            if eou is None:  # as IdeficsProcessor: when the tokenizer was trained with it
+                eou = self.end_of_chunk_token in self.tokenizer.special_tokens_map.get("additional_special_tokens", [])
+            out_texts, out_images = [], []
+            for sample in samples:
+                parts, own, last = [], [], None  # last: "text" or "image"
+                for item in sample:
+                    if isinstance(item, str) and not is_url(item.strip(" ")):
+                        if eou and last == "text":
+                            parts.append(self.end_of_chunk_token)
+                        parts.append(item.strip(" "))
+                        last = "text"
+                    else:
+                        own.append(load_image(item.strip(" ")) if isinstance(item, str) else item)
+                        parts.append(self.image_token)
+                        last = "image"
+                out_texts.append("".join(parts))
+                out_images.append(own)
+            return out_texts, out_images
+        if images is None:
+            return texts, [[] for _ in texts]
+        nested = isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple))
+        per_sample = [list(own) for own in images] if nested else [[image] for image in make_flat_list_of_images(images)]
+        if len(per_sample) != len(texts):
+            raise ValueError(f"{len(texts)} prompts and {len(per_sample)} samples of images: give the images nested, "
+                             "one list per prompt (`images=[[img1, img2], [img3]]`).")
+        if nested:  # as IdeficsProcessor: nested images go after their text, one image per text before it
+            texts = [t if self.image_token in t else t + self.image_token * len(own) for t, own in zip(texts, per_sample)]
+        else:
+            texts = [t if self.image_token in t else self.image_token + t for t in texts]
+        return texts, per_sample
+
+    def idefics_text(self, text: str, add_eos_token: bool = False) -> str:
+        """BOS, the text with each run of `<image>` wrapped in `<fake_token_around_image>`, and EOS if asked."""
+        if self.image_wrapper_token not in text:
+            image, wrapper = re.escape(self.image_token), self.image_wrapper_token
+            text = re.sub(f"(?:{image})+", lambda run: wrapper + (self.image_token + wrapper) * (
+                len(run.group(0)) // len(self.image_token)), text)
+        bos, eos = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
+        return (text if text.startswith(bos) else bos + text) + (eos if add_eos_token else "")

@@ -187,7 +187,7 @@ def write_and_verify(output: str, *, overwrite: bool, model_cls, config, state_d
 def to_model_layout(state_dict: dict, model_cls, config) -> dict:
     """The conversion tables target the parts layout (`vision_tower.*`, the bridge modules, the whole causal LM under
     `language_model.*`); this moves it into the model's own (`model.*`, `lm_head.*`) with the model's one mapping."""
-    from vlm_fusion.modeling_base import parts_key_mapping
+    from vlm_fusion.checkpoints import parts_key_mapping
 
     rules = list(parts_key_mapping(config, model_cls.model_class).items())
     return rename_keys(state_dict, rules)
@@ -281,7 +281,7 @@ def run(convert, args) -> int:
 
 def lm_base_prefix(text_config) -> str:
     """Where the causal LM keeps its decoder (`model` for Llama/OPT, `transformer` for GPT-2)."""
-    from vlm_fusion.modeling_base import causal_lm_class
+    from vlm_fusion.language_model import causal_lm_class
 
     return causal_lm_class(text_config).base_model_prefix
 

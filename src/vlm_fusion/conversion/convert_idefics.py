@@ -18,13 +18,13 @@ import sys
 import torch
 from transformers import AutoProcessor, CLIPVisionConfig, IdeficsConfig, LlamaConfig
 
-from vlm_fusion import FusionFlamingoConfig, FusionFlamingoForConditionalGeneration, FusionFlamingoProcessor
+from vlm_fusion import FusionFlamingoConfig, FusionFlamingoForConditionalGeneration, FusionIdeficsProcessor
 from vlm_fusion.conversion import common as conversion
 from vlm_fusion.conversion.common import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
 
-# Two images, each between IDEFICS's <fake_token_around_image> markers, as IdeficsProcessor writes a prompt.
+# IDEFICS wraps each run of images in <fake_token_around_image>; the check's prompt holds two images.
 FAKE, IMAGE = "<fake_token_around_image>", "<image>"
-PROMPT = f"User:{FAKE}{IMAGE}{FAKE}{IMAGE}{FAKE}What do the two images show?<end_of_utterance>\nAssistant:"
+PROMPT_START, PROMPT_END = "User:", "What do the two images show?<end_of_utterance>\nAssistant:"
 
 
 # One IDEFICS gated block (`model.gated_cross_attn_layers.J.*`) -> ours.
@@ -118,9 +118,9 @@ def convert(args):
     if source.model_type != "idefics":
         raise ConversionError(f"--input must hold an `idefics` config, {args.input} holds {source.model_type!r}.")
     source_processor = AutoProcessor.from_pretrained(args.input)
-    processor = FusionFlamingoProcessor(image_processor=source_processor.image_processor,
-                                        tokenizer=source_processor.tokenizer, image_token=IMAGE,
-                                        end_of_chunk_token="<end_of_utterance>")
+    processor = FusionIdeficsProcessor(image_processor=source_processor.image_processor,
+                                       tokenizer=source_processor.tokenizer, image_token=IMAGE, image_wrapper_token=FAKE,
+                                       end_of_chunk_token="<end_of_utterance>")
     config = fusion_config(source, processor.image_token_id, processor.end_of_chunk_token_id)
     if len(processor.tokenizer) > config.text_config.vocab_size:
         raise ConversionError(f"The tokenizer has {len(processor.tokenizer)} tokens, the LM "
@@ -131,12 +131,11 @@ def convert(args):
         from transformers import IdeficsForVisionText2Text
 
         model = FusionFlamingoForConditionalGeneration.from_pretrained(path, dtype=args.dtype).eval()
-        converted = FusionFlamingoProcessor.from_pretrained(path)
+        converted = FusionIdeficsProcessor.from_pretrained(path)
         images = [sample_image(source.vision_config.image_size, seed=0), sample_image(source.vision_config.image_size, seed=1)]
-        text = source_processor.tokenizer.bos_token + PROMPT  # IdeficsProcessor writes the BOS into the text
-        inputs = converted(images=[images], text=[text], return_tensors="pt")
-        reference_inputs = source_processor(text=[[PROMPT.split(FAKE)[0], images[0], images[1],
-                                                   PROMPT.split(FAKE)[-1]]], return_tensors="pt")
+        prompt = [PROMPT_START, images[0], images[1], PROMPT_END]  # an interleaved sample, as IDEFICS users write it
+        inputs = converted(text=[prompt], return_tensors="pt")
+        reference_inputs = source_processor(text=[prompt], return_tensors="pt")
         if not torch.equal(inputs["input_ids"], reference_inputs["input_ids"]):
             raise ConversionError("The converted processor tokenizes the sample prompt differently from IDEFICS'.")
         reference = IdeficsForVisionText2Text.from_pretrained(args.input, dtype=args.dtype).eval()

@@ -11,7 +11,7 @@ import os
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
-from vlm_fusion.modeling_base import causal_lm_class
+from vlm_fusion.language_model import causal_lm_class
 
 # The card's usage snippet: where the model loads from (a Python expression), the image, the question.
 DEFAULT_USAGE = {"example_image": 'image = Image.new("RGB", (224, 224), "white")  # your image here',
@@ -67,6 +67,7 @@ def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False
         total_parameters=_count([model]),
         origin=config.origin or "Built from a configuration with randomly initialised weights.",
         remote_code=remote_code,
+        headless=not model.can_generate(),
         **{"load_from": json.dumps(repo_id), **DEFAULT_USAGE, **(usage or {})},
         **family_fields(model),
     )

@@ -1,0 +1,101 @@
+"""How a vlm-fusion model meets its files: `from_pretrained`, `save_pretrained` and `push_to_hub`.
+
+On top of transformers' own: 4-bit loading keeps the family's `_unquantized_modules` in full precision; checkpoints
+in the *parts layout* (vlm-fusion < 0.2, and what the conversion tables target) load through a `key_mapping` and are
+saved again in today's layout; saving writes a model card (and, with `remote_code=True`, the model's code).
+"""
+
+import re
+
+from .configuration_base import FusionConfig
+from .language_model import causal_lm_class
+from .quantization import remember_4bit_absmax, restore_portable_4bit_layout, with_unquantized_modules
+from .remote_code import registered_for_auto_classes
+
+
+def parts_key_mapping(config: FusionConfig, model_class) -> dict[str, str]:
+    """
+    Keys of the *parts layout* -> the model's own, as a transformers `key_mapping`. The parts layout names each part
+    as it is built: `vision_tower.*`, each bridge module at the top level, and the whole causal LM's state dict under
+    `language_model.*`. vlm-fusion < 0.2 saved checkpoints that way, and the conversion tables target it. The model's
+    own keys all start with `model.` or `lm_head.`, so no rule touches them. `model_class` is the family's headless model,
+    which names its bridge modules and parameters.
+    """
+    bridge = model_class._bridge_modules + model_class._bridge_parameters
+    prefix = re.escape(causal_lm_class(config.text_config).base_model_prefix)
+    mapping = {r"^language_model\.lm_head\.": "lm_head.", rf"^language_model\.{prefix}\.": "model.language_model."}
+    for name in ["vision_tower", *bridge]:  # modules (`name.*`) and parameters (`name`) of the headless model
+        mapping[rf"^{name}(?=\.|$)"] = f"model.{name}"
+    return mapping
+
+
+def _is_legacy_rule(conversion, legacy: dict[str, str]) -> bool:
+    sources = getattr(conversion, "source_patterns", None) or []
+    return any(pattern in legacy for pattern in sources)
+
+
+class FusionCheckpointMixin:
+    """`from_pretrained` / `save_pretrained` / `push_to_hub` of every vlm-fusion model (headless or with its head)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`; a `quantization_config` keeps the family's `_unquantized_modules`, and
+        checkpoints written by vlm-fusion < 0.2 load through a `key_mapping` (see `parts_key_mapping`).
+        """
+        headless = getattr(cls, "model_class", cls)
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = with_unquantized_modules(kwargs["quantization_config"],
+                                                                     headless._unquantized_modules)
+        legacy = None
+        if kwargs.get("key_mapping") is None:
+            config = kwargs.get("config")
+            if not isinstance(config, FusionConfig):
+                config_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only",
+                                                        "subfolder", "trust_remote_code") if k in kwargs}
+                config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+            legacy = kwargs["key_mapping"] = parts_key_mapping(config, headless)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model  # (model, loading_info) with output_loading_info
+        if legacy is not None:  # save in today's layout, not back in the old one
+            conversions = getattr(loaded, "_weight_conversions", None) or []
+            loaded._weight_conversions = [c for c in conversions if not _is_legacy_rule(c, legacy)]
+        remember_4bit_absmax(loaded)
+        return model
+
+    def save_pretrained(self, save_directory, *args, remote_code: bool = False, repo_id: str | None = None,
+                        tags=(), **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, plus a model card (`README.md`) rendered from the family's template.
+        `remote_code=True` also writes the model's code beside the weights, so that `trust_remote_code=True`
+        loads it where vlm-fusion is not installed.
+        """
+        restore_portable_4bit_layout(self)
+        with registered_for_auto_classes(self if remote_code else None):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            try:
+                from vlm_fusion.tools.hub import write_model_card
+            except ImportError:  # exported code, running without vlm-fusion installed
+                return result
+            tags = [*(self.model_tags or []), *tags]
+            write_model_card(self, save_directory, repo_id=repo_id, tags=tags, remote_code=remote_code)
+        return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token=None, revision: str | None = None, create_pr: bool = False,
+                    commit_description: str | None = None, tags=(), remote_code: bool = False,
+                    max_shard_size="50GB"):
+        """Upload what `save_pretrained` writes — weights, config, model card, and the code if `remote_code`."""
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, max_shard_size=max_shard_size, remote_code=remote_code, repo_id=repo_id,
+                                 tags=tags)
+            return self._upload_modified_files(
+                tmp, repo_id, files_timestamps={}, commit_message=commit_message or "Upload model", token=token,
+                create_pr=create_pr, revision=revision, commit_description=commit_description,
+            )
