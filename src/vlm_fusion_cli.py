@@ -80,8 +80,107 @@ def tokens(args) -> int:
     return 0
 
 
+# ---- train ---------------------------------------------------------------------------------------------------------
+ACCELERATE_CONFIGS = ("ddp", "fsdp2", "zero2", "zero3")  # shipped in vlm_fusion/training/accelerate/
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """argparse type: `KEY=VALUE`, the value read as JSON when it parses (numbers, true/false, lists), else a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def add_train_parser(commands) -> None:
+    p = commands.add_parser(
+        "train", help="train a model on your data: one stage of LLaVA's recipe (align, instruct) or Flamingo's",
+        description="One stage of the recipe on transformers' Trainer: from a vlm-fusion checkpoint (--model) or from "
+                    "pretrained parts (--family, --vision-tower, --language-model), to a vlm-fusion checkpoint with "
+                    "its processor and a model card recording the training.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True, help="LLaVA JSON / JSON lines, or a local TRL-format dataset "
+                      "(`messages` + `images`: a save_to_disk folder, .json/.jsonl or .parquet)")
+    data.add_argument("--image-folder", help="the folder LLaVA-format image paths are relative to")
+    data.add_argument("--max-length", type=positive_int, default=2048, help="longest sample in tokens, images included")
+    data.add_argument("--skip-too-long", action="store_true",
+                      help="skip longer samples (with a count) instead of refusing the data; none is ever cut")
+    data.add_argument("--layout", choices=("plain", "chat"), help="default: the stage's (align: plain, else chat)")
+    data.add_argument("--plain-end", help='what ends a plain-layout sample (default "\\n"; Flamingo: <|endofchunk|>)')
+    model = p.add_argument_group("model")
+    model.add_argument("--stage", choices=("align", "instruct", "flamingo"), default="instruct")
+    model.add_argument("--model", help="a vlm-fusion checkpoint to start from (e.g. the align stage's output)")
+    model.add_argument("--family", choices=DEMO_FAMILIES, help="compose a new model of this family from parts")
+    model.add_argument("--vision-tower", help="with --family: a vision checkpoint (CLIP, SigLIP, DINOv2, ViT, ...)")
+    model.add_argument("--language-model", help="with --family: a causal LM checkpoint with its tokenizer")
+    model.add_argument("--bridge", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="with --family: a bridge config field, e.g. projector_type=mlp2x_gelu, num_query_tokens=32")
+    model.add_argument("--lora", action="store_true", help="instruct: LoRA adapters on the LM instead of training it")
+    model.add_argument("--qlora", action="store_true", help="instruct: the LM in 4-bit with LoRA adapters")
+    model.add_argument("--lora-r", type=positive_int, default=128)
+    model.add_argument("--lora-alpha", type=positive_int, default=256)
+    model.add_argument("--train-tower", action="store_true", help="train the vision tower too (at --tower-lr)")
+    optimisation = p.add_argument_group("optimisation")
+    optimisation.add_argument("--bridge-lr", type=float, help="default: the stage's (align 1e-3, instruct 2e-5)")
+    optimisation.add_argument("--lm-lr", type=float, help="default: the stage's (instruct 2e-5; LoRA 2e-4)")
+    optimisation.add_argument("--tower-lr", type=float, default=2e-6)
+    optimisation.add_argument("--batch-size", type=positive_int, default=8, help="per process")
+    optimisation.add_argument("--gradient-accumulation", type=positive_int, default=1)
+    optimisation.add_argument("--epochs", type=float, default=1.0)
+    optimisation.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    optimisation.add_argument("--warmup", type=float, help="a fraction of the steps (< 1) or steps (default 0.03)")
+    optimisation.add_argument("--weight-decay", type=float)
+    optimisation.add_argument("--bf16", action="store_true")
+    optimisation.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant")
+    optimisation.add_argument("--group-by-length", action="store_true", help="batch samples of similar length")
+    optimisation.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", required=True)
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    run.add_argument("--overwrite", action="store_true", help="empty a used --output-dir and start again")
+    run.add_argument("--logging-steps", type=positive_int, default=10)
+    run.add_argument("--save-steps", type=positive_int, default=500)
+    run.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    run.add_argument("--accelerate", metavar="CONFIG", help=f"run through `accelerate launch` with a shipped config "
+                     f"({', '.join(ACCELERATE_CONFIGS)}) or a config file of yours")
+    run.add_argument("--num-processes", type=positive_int, help="with --accelerate: processes (default: the config's)")
+
+
+def launch_training(args, argv: list[str]) -> int:
+    """`accelerate launch --config_file CONFIG [--num_processes N] -m vlm_fusion.training <the other flags>`."""
+    import subprocess
+
+    config = args.accelerate
+    if config in ACCELERATE_CONFIGS:
+        config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vlm_fusion", "training", "accelerate",
+                              f"{config}.yaml")
+    if not os.path.isfile(config):
+        print(f"vlm-fusion: error: --accelerate takes {', '.join(ACCELERATE_CONFIGS)} or a config file; no file "
+              f"{config}", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for i, item in enumerate(argv[1:], start=1):  # drop --accelerate / --num-processes (and their values)
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in ("--accelerate", "--num-processes"):
+            skip = "=" not in item
+            continue
+        rest.append(item)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    if args.num_processes:
+        command += ["--num_processes", str(args.num_processes)]
+    return subprocess.call([*command, "-m", "vlm_fusion.training", *rest])
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-fusion", description="vlm-fusion: demo, generate, convert, tokens.")
+    parser = argparse.ArgumentParser(prog="vlm-fusion", description="vlm-fusion: demo, generate, train, convert, tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="ask the embedded demo checkpoints about a fresh synthetic image")
     p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
@@ -110,6 +209,7 @@ def main(argv=None) -> int:
                    help="LLaVA-NeXT grids (image_grid_pinpoints), e.g. 336x672,672x336,672x672,1008x336,336x1008")
     p.add_argument("--image", type=height_width, default=None, metavar="HxW",
                    help="with --anyres: the image's own size, which sets its LLaVA-style token count")
+    add_train_parser(commands)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
         from vlm_fusion import cli  # --help included
@@ -126,8 +226,10 @@ def main(argv=None) -> int:
         return tokens(args)
     from vlm_fusion import cli  # the commands, with torch and transformers: only now that the arguments are right
 
-    return {"demo": cli.demo, "generate": cli.generate}[args.command](args) if args.command != "convert" \
-        else cli.convert(args, rest)
+    if args.command == "train" and args.accelerate:  # relaunch through accelerate's launcher, N processes
+        return launch_training(args, argv)
+    return {"demo": cli.demo, "generate": cli.generate, "train": cli.train}[args.command](args) \
+        if args.command != "convert" else cli.convert(args, rest)
 
 
 if __name__ == "__main__":

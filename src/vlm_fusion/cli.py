@@ -1,4 +1,4 @@
-"""The commands of `vlm-fusion` (demo, generate, convert, tokens); the arguments are parsed in `vlm_fusion_cli`."""
+"""The commands of `vlm-fusion` (demo, generate, train, convert, tokens); the arguments are parsed in `vlm_fusion_cli`."""
 
 import importlib
 import os
@@ -123,6 +123,31 @@ def generate(args) -> int:
     except ValueError as error:
         return fail(str(error))
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+# ---- train --------------------------------------------------------------------------------------------------------
+def train(args) -> int:
+    import dataclasses
+
+    from vlm_fusion.training import DataError, TrainOptions
+    from vlm_fusion.training import train as run
+
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names and k != "bridge"},
+                           bridge=dict(args.bridge))
+    try:
+        summary = run(options)
+    except DataError as error:
+        return fail(f"train: {error}")
+    if "stopped_at" in summary:
+        print(f"vlm-fusion train: stopped by SIGTERM after step {summary['stopped_at']}; its checkpoint is in "
+              f"{options.output_dir}: run the same command with --resume to continue", file=sys.stderr)
+        return 143
+    loss = summary["final_loss"]
+    print(f"vlm-fusion train: {summary['stage']} stage done: {summary['steps']} steps on {summary['samples']:,} "
+          f"samples, final loss {loss:.4f}; the model is in {options.output_dir}" if loss is not None else
+          f"vlm-fusion train: {summary['stage']} stage done; the model is in {options.output_dir}")
     return 0
 
 

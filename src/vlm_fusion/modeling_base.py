@@ -242,6 +242,25 @@ class FusionModel(FusionPreTrainedModel):
             attentions=tower.attentions if output_attentions else None,
         )
 
+    def blank_image_inputs(self) -> dict:
+        """One blank image as the image inputs `get_image_features` takes (`pixel_values` `(1, C, S, S)`, S the
+        tower's `image_size`)."""
+        vision = self.config.vision_config
+        weight = next(self.vision_tower.parameters())
+        size = vision.image_size
+        return {"pixel_values": torch.zeros(1, getattr(vision, "num_channels", 3), size, size, device=weight.device,
+                                            dtype=weight.dtype)}
+
+    def blank_image_tokens(self) -> torch.Tensor:
+        """
+        The visual tokens of a blank image. A training step whose batch holds no image adds them times 0, so that the
+        vision tower and the bridge run on every step of every process: under DDP no parameter is left unused, and
+        under FSDP or ZeRO-3 a process whose batch is text-only takes part in the same gathers as one whose batch has
+        images (otherwise it hangs). The loss is unchanged and the image path's gradients are exactly 0.
+        """
+        tokens = self.get_image_features(**self.blank_image_inputs(), return_dict=True).pooler_output
+        return torch.cat([t.flatten() for t in tokens]) if isinstance(tokens, (list, tuple)) else tokens
+
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
         """The `(B, T)` positions of `image_token_id`, read off `input_ids` or, without them, off `inputs_embeds`."""
         if input_ids is not None:
@@ -286,6 +305,8 @@ class FusionModel(FusionPreTrainedModel):
             image_mask = input_ids == self.config.image_token_id  # (B, T)
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
         if pixel_values is None:
+            if self.training:  # see `blank_image_tokens`: every training step runs the image path
+                inputs_embeds = inputs_embeds + 0.0 * self.blank_image_tokens().sum().to(inputs_embeds.dtype)
             return inputs_embeds, None
         image_outputs = self.get_image_features(pixel_values, return_dict=True, **kwargs)
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
@@ -430,6 +451,22 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
     def bridge_modules(self) -> dict[str, nn.Module]:
         """The parts of the model that are neither backbone: what the family adds and trains."""
         return self.model.bridge_modules()
+
+    def parameter_parts(self) -> dict[str, dict[str, nn.Parameter]]:
+        """
+        Every parameter by part, as training sets learning rates and freezing: `vision_tower`; `bridge`, the family's
+        modules and parameters (Flamingo's gated blocks included, though they live inside the LM's decoder layers);
+        `language_model`, the LM's base decoder and its head (a tied head counted once, with the embeddings).
+        """
+        bridge = {id(p) for module in self.bridge_modules().values() for p in module.parameters()}
+        bridge |= {id(getattr(self.model, name)) for name in self.model_class._bridge_parameters
+                   if getattr(self.model, name, None) is not None}
+        parts = {"vision_tower": {}, "bridge": {}, "language_model": {}}
+        for name, parameter in self.named_parameters():
+            part = ("bridge" if id(parameter) in bridge
+                    else "vision_tower" if name.startswith("model.vision_tower.") else "language_model")
+            parts[part][name] = parameter
+        return parts
 
     def freeze_backbones(self, *, train_input_embeddings: bool = False) -> dict[str, int]:
         """

@@ -187,6 +187,14 @@ class FusionBlip2Model(FusionModel):
                                qformer_attention_mask)  # (N, Q, D_q), fp32 under any dtype
         return self.language_projection(queries.to(self.language_projection.weight.dtype))  # (N, Q, D)
 
+    def blank_image_inputs(self) -> dict:
+        inputs = super().blank_image_inputs()
+        if self.config.qformer_text_input:  # an empty instruction: its one pad token
+            device = inputs["pixel_values"].device
+            inputs["qformer_input_ids"] = torch.full((1, 1), self.config.qformer_pad_token_id, device=device)
+            inputs["qformer_attention_mask"] = torch.ones(1, 1, dtype=torch.long, device=device)
+        return inputs
+
     def embed_inputs(self, input_ids, inputs_embeds, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
         """The instruction is given per sample `(B, T)`; each image reads its own sample's."""
         if qformer_input_ids is not None and pixel_values is not None and len(pixel_values) != len(qformer_input_ids):

@@ -340,6 +340,15 @@ class FusionFlamingoModel(FusionModel):
                            latents_per_image=L)
         return cache, image_outputs
 
+    def blank_media(self, batch_size: int) -> MediaCache:
+        """A blank image's latents for every sample, none of them visible (`num_media` 0): a text-only training step
+        still runs the tower, the resampler and every gated block's attention, whose output is then zeroed, so
+        their gradients are exactly 0 (see `FusionModel.blank_image_tokens`)."""
+        latents = self.blank_image_tokens()  # (1, L, D_v)
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=latents.device)
+        return MediaCache(media=latents.expand(batch_size, -1, -1), num_media=zeros, seen=zeros,
+                          latents_per_image=latents.shape[1])
+
     def _media_masks(self, cache: MediaCache, media_mask: torch.BoolTensor):
         """Which latents each token may attend to `(B, T, M*L)`, and which tokens have none `(B, T)`."""
         text_time = cache.seen[:, None] + media_mask.cumsum(-1)  # (B, T): index (from 1) of the latest image
@@ -378,6 +387,8 @@ class FusionFlamingoModel(FusionModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # `<image>` is a real LM token here
         image_outputs = None
+        if pixel_values is None and media_cache is None and self.training:
+            media_cache = self.blank_media(inputs_embeds.shape[0])  # see `blank_image_tokens`
         if pixel_values is not None or media_cache is not None:
             media_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
             if pixel_values is not None:

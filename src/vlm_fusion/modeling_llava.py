@@ -100,6 +100,15 @@ class FusionLlavaModel(FusionModel):
             return None
         return [self.config.num_image_tokens(int(h), int(w)) for h, w in image_sizes.tolist()]
 
+    def blank_image_inputs(self) -> dict:
+        inputs = super().blank_image_inputs()
+        if self.anyres is None:
+            return inputs
+        size = self.anyres["tile"]
+        tiles = num_tiles((size, size), self.anyres["pinpoints"], size)
+        image_sizes = torch.tensor([[size, size]], device=inputs["pixel_values"].device)
+        return {"pixel_values": inputs["pixel_values"][:, None].expand(-1, tiles, -1, -1, -1), "image_sizes": image_sizes}
+
     def get_image_features(self, pixel_values: torch.FloatTensor, image_sizes: torch.LongTensor | None = None,
                            **kwargs):
         r"""

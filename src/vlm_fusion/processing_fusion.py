@@ -82,6 +82,17 @@ class FusionProcessor(ProcessorMixin):
         """Placeholders one `height` x `width` image takes in the text (the model's visual tokens for it)."""
         return self.image_seq_length
 
+    def prompt_text(self, text: str) -> str:
+        """The text as this processor hands it to its tokenizer, `<image>` not yet expanded (as written here; the
+        IDEFICS processor adds BOS and the image wrappers)."""
+        return text
+
+    def adds_special_tokens(self, text: str) -> bool:
+        """Whether the tokenizer adds its special tokens (BOS) to `text`: not when the text already starts with BOS
+        (a chat template that writes it)."""
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
         """
         transformers' processor API (vLLM sizes each image's placeholders with it): for `image_sizes`, a list of
@@ -306,13 +317,17 @@ class FusionInstructBlipProcessor(FusionBlip2Processor):
         if text is None:
             return encoded
         texts = [text] if isinstance(text, str) else list(text)
-        instructions = [t.replace(self.image_token, "") for t in texts]  # the Q-Former reads the words only
-        padding = kwargs.get("padding", False)
-        qformer = self.qformer_tokenizer(instructions, padding=padding or (len(texts) > 1 and "longest"),
-                                         return_tensors=kwargs.get("return_tensors"))
-        encoded["qformer_input_ids"] = qformer["input_ids"]
-        encoded["qformer_attention_mask"] = qformer["attention_mask"]
+        encoded.update(self.qformer_inputs(texts, padding=kwargs.get("padding", False),
+                                           return_tensors=kwargs.get("return_tensors")))
         return encoded
+
+    def qformer_inputs(self, instructions: list[str], padding=False, return_tensors=None) -> dict:
+        """`qformer_input_ids` / `qformer_attention_mask` of each instruction, its `<image>` markers left out (the
+        Q-Former reads the words only)."""
+        instructions = [t.replace(self.image_token, "") for t in instructions]
+        qformer = self.qformer_tokenizer(instructions, padding=padding or (len(instructions) > 1 and "longest"),
+                                         return_tensors=return_tensors)
+        return {"qformer_input_ids": qformer["input_ids"], "qformer_attention_mask": qformer["attention_mask"]}
 
     @property
     def model_input_names(self):
@@ -399,7 +414,7 @@ class FusionIdeficsProcessor(FusionFlamingoProcessor):
         if text is None:
             return super().__call__(images=images, text=text, **kwargs)
         samples, sample_images = self.idefics_samples(images, text, add_end_of_utterance_token)
-        texts = [self.idefics_text(sample, add_eos_token) for sample in samples]
+        texts = [self.prompt_text(sample, add_eos_token) for sample in samples]
         kwargs = {"padding": "longest", "return_tensors": "pt", **kwargs, "add_special_tokens": False}
         flat = [image for own in sample_images for image in own]
         return super().__call__(images=flat or None, text=texts, **kwargs)
@@ -449,7 +464,10 @@ class FusionIdeficsProcessor(FusionFlamingoProcessor):
             texts = [t if self.image_token in t else self.image_token + t for t in texts]
         return texts, per_sample
 
-    def idefics_text(self, text: str, add_eos_token: bool = False) -> str:
+    def adds_special_tokens(self, text: str) -> bool:
+        return False  # BOS is written into the text, as IdeficsProcessor does
+
+    def prompt_text(self, text: str, add_eos_token: bool = False) -> str:
         """BOS, the text with each run of `<image>` wrapped in `<fake_token_around_image>`, and EOS if asked."""
         if self.image_wrapper_token not in text:
             image, wrapper = re.escape(self.image_token), self.image_wrapper_token

@@ -63,6 +63,24 @@ def tiny_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_bpe_tokenizer(words=WORDS, vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `words` in a moment (as GPT-2's and Llama 3's are byte-level BPEs), that
+    adds BOS as Llama's does: spaces belong to the next token, newlines are tokens, merges cross word pieces."""
+    from tokenizers import decoders, processors, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(words[i:] + words[:i]) + "\n" for i in range(len(words))]
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
 def tiny_image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 

@@ -1,0 +1,177 @@
+"""Training data: LLaVA's JSON and TRL's conversational datasets, read into one form and checked before training.
+
+LLaVA's format (`llava_v1_5_mix665k.json`, `blip_laion_cc_sbu_558k.json`): a JSON list (or JSON lines) of
+
+    {"id": ..., "image": "path" | ["path", ...] (optional), "conversations": [{"from": "human" | "gpt" | "system",
+     "value": "...<image>..."}, ...]}
+
+with image paths relative to `--image-folder`. TRL's conversational format: rows with `messages` (`role`, `content`:
+a string or `{"type": "text" | "image"}` parts) and `images`, from a local `datasets` dataset (a `save_to_disk`
+folder, JSON / JSON lines, or Parquet). Either way a sample becomes a `Conversation`: its id, its images (paths or PIL
+images) and its messages; `<image>` marks where each image goes.
+
+Every sample is checked in one pass before training starts (`check_images` for the image files), so that a missing
+image shows up now, named with its sample's id, and not hours in.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+IMAGE = "<image>"
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's `from` -> chat roles
+CHAT_ROLES = {"user", "assistant", "system"}
+
+
+class DataError(ValueError):
+    """Bad training data: one line naming the sample and what is wrong with it."""
+
+
+@dataclass
+class Conversation:
+    id: str
+    messages: list[dict]  # {"role", "content": str}, `<image>` where each image goes
+    images: list = field(default_factory=list)  # paths (checked to exist) or PIL images, in order of `<image>`
+
+    @property
+    def image_markers(self) -> int:
+        return sum(message["content"].count(IMAGE) for message in self.messages)
+
+
+def load(path: str, image_folder: str | None = None) -> tuple[list[Conversation], str]:
+    """The samples of `path` (a LLaVA JSON / JSON-lines file, or a local TRL-format dataset) and a name for it."""
+    if not os.path.exists(path):
+        raise DataError(f"no training data at {path}")
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
+        rows = read_json(path)
+        if rows and "conversations" in rows[0]:
+            return [llava_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
+        if rows and "messages" in rows[0]:
+            return [chat_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
+        raise DataError(f"{path}: the first sample has neither `conversations` (LLaVA) nor `messages` (TRL)")
+    rows = read_dataset(path)
+    return [chat_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
+
+
+def read_json(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            if path.endswith(".jsonl"):
+                return [json.loads(line) for line in f if line.strip()]
+            rows = json.load(f)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path} must hold a list of samples, not a {type(rows).__name__}")
+    return rows
+
+
+def read_dataset(path: str):
+    """A local `datasets` dataset: a `save_to_disk` folder, or Parquet files."""
+    import datasets
+
+    if os.path.isdir(path):
+        dataset = datasets.load_from_disk(path)
+    elif path.endswith(".parquet"):
+        dataset = datasets.load_dataset("parquet", data_files=path, split="train")
+    else:
+        raise DataError(f"{path}: expected a LLaVA .json/.jsonl file, a .parquet file or a `save_to_disk` folder")
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DataError(f"{path} holds the splits {sorted(dataset)}, none called `train`")
+        dataset = dataset["train"]
+    return dataset
+
+
+def sample_id(row: dict, index: int) -> str:
+    return str(row.get("id", f"#{index}"))
+
+
+def llava_conversation(row: dict, index: int, image_folder: str | None) -> Conversation:
+    sid = sample_id(row, index)
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"sample {sid}: empty conversation")
+    messages = []
+    for turn in turns:
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if role not in LLAVA_ROLES:
+            raise DataError(f"sample {sid}: unknown `from` role {role!r} (LLaVA's are {', '.join(LLAVA_ROLES)})")
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"sample {sid}: a {role} turn has no text `value`")
+        messages.append({"role": LLAVA_ROLES[role], "content": turn["value"]})
+    images = row.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    return Conversation(sid, messages, [resolve(image, image_folder) for image in images])
+
+
+def chat_conversation(row: dict, index: int, image_folder: str | None) -> Conversation:
+    sid = sample_id(row, index)
+    raw = row.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"sample {sid}: empty conversation")
+    messages = []
+    for message in raw:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            raise DataError(f"sample {sid}: unknown role {role!r} (the chat roles are {', '.join(sorted(CHAT_ROLES))})")
+        content = message.get("content")
+        if isinstance(content, list):  # parts: text and image, in order
+            text = ""
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    text += IMAGE
+                elif kind == "text":
+                    text += part.get("text") or ""
+                else:
+                    raise DataError(f"sample {sid}: a message part of type {kind!r} (only text and image are read)")
+            content = text
+        if not isinstance(content, str):
+            raise DataError(f"sample {sid}: a {role} message without text content")
+        messages.append({"role": role, "content": content})
+    images = row.get("images") or []
+    images = [images] if not isinstance(images, (list, tuple)) else list(images)
+    return Conversation(sid, messages, [resolve(image, image_folder) if isinstance(image, str) else image
+                                        for image in images])
+
+
+def resolve(path: str, image_folder: str | None) -> str:
+    return path if os.path.isabs(path) or image_folder is None else os.path.join(image_folder, path)
+
+
+def check(conversation: Conversation) -> None:
+    """What can be checked without the images' pixels: turns, roles, markers against images."""
+    sid, messages = conversation.id, conversation.messages
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"sample {sid}: no assistant (gpt) turn with text to learn from")
+    if conversation.image_markers != len(conversation.images):
+        raise DataError(f"sample {sid}: {conversation.image_markers} {IMAGE} marker(s) and {len(conversation.images)} "
+                        "image(s)")
+    if any(IMAGE in m["content"] for m in messages if m["role"] == "assistant"):
+        raise DataError(f"sample {sid}: an {IMAGE} in an assistant turn (images go in user turns)")
+
+
+def image_size(image, sid: str) -> tuple[int, int]:
+    """`(height, width)` of an image or image file, checking that the file is there and readable."""
+    if not isinstance(image, str):
+        return image.height, image.width
+    if not os.path.isfile(image):
+        raise DataError(f"sample {sid}: image file {image} is missing")
+    try:
+        with Image.open(image) as opened:
+            opened.verify()
+        with Image.open(image) as opened:
+            return opened.height, opened.width
+    except Exception as error:  # PIL raises many kinds for a broken file
+        raise DataError(f"sample {sid}: image file {image} is not a readable image ({error})") from None
+
+
+def open_image(image) -> Image.Image:
+    if isinstance(image, str):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    return image.convert("RGB")

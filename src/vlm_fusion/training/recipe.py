@@ -1,0 +1,347 @@
+"""`vlm-fusion train`: one stage of the recipe, from a vlm-fusion checkpoint or from pretrained parts, to a
+vlm-fusion checkpoint with its processor and a model card that records the training.
+
+    load the model (or compose it from a tower and an LM)  ->  read + check every sample, encode it  ->
+    freeze what the stage keeps (LoRA / QLoRA on the LM if asked)  ->  transformers' Trainer  ->  save
+
+Run it in one process (`vlm-fusion train ...`) or in several through accelerate's launcher
+(`vlm-fusion train --accelerate ddp|fsdp2|zero2|zero3 --num-processes N ...`, or `accelerate launch -m
+vlm_fusion.training ...` with a config of your own).
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers.utils import logging
+
+from . import data
+from .encoding import encode
+from .stages import LORA, STAGES, TOWER_LR
+
+logger = logging.get_logger("vlm_fusion.training")
+FAMILY_TYPES = {"llava": "fusion_llava", "blip2": "fusion_blip2", "flamingo": "fusion_flamingo"}
+
+
+@dataclass
+class TrainOptions:
+    """Everything one stage takes; the CLI's flags have the same names."""
+
+    data: str  # LLaVA JSON / JSON lines, or a local TRL-format dataset
+    output_dir: str
+    stage: str = "instruct"  # align | instruct | flamingo
+    image_folder: str | None = None
+    model: str | None = None  # a vlm-fusion checkpoint to start from ...
+    family: str | None = None  # ... or parts: llava | blip2 | flamingo
+    vision_tower: str | None = None
+    language_model: str | None = None
+    bridge: dict = field(default_factory=dict)  # the family's config fields (projector_type, num_query_tokens, ...)
+    layout: str | None = None  # plain | chat (default: the stage's)
+    plain_end: str | None = None  # what ends a plain sample (default "\n"; Flamingo's <|endofchunk|>)
+    max_length: int = 2048
+    skip_too_long: bool = False  # skip longer samples (with a count) instead of refusing the data
+    bridge_lr: float | None = None
+    lm_lr: float | None = None
+    train_tower: bool = False
+    tower_lr: float = TOWER_LR
+    lora: bool = False
+    qlora: bool = False
+    lora_r: int = LORA["r"]
+    lora_alpha: int = LORA["lora_alpha"]
+    batch_size: int = 8  # per process
+    gradient_accumulation: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1
+    warmup: float | None = None  # a fraction of the steps (< 1) or a number of steps (default: the stage's 0.03)
+    weight_decay: float | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    logging_steps: int = 10
+    save_steps: int = 500
+    seed: int = 0
+    workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+
+# ---- the output folder ------------------------------------------------------------------------------------------
+def prepare_output(options: TrainOptions):
+    """The last checkpoint to resume from, or `None`; refuses a folder in use unless told what to do with it (an
+    `--overwrite`n folder is emptied by `clear_output`, once the data have passed their checks)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = options.output_dir
+    if os.path.isfile(out):
+        raise data.DataError(f"--output-dir {out} is a file")
+    used = os.path.isdir(out) and os.listdir(out)
+    if options.resume:
+        last = get_last_checkpoint(out) if used else None
+        if last is None:
+            raise data.DataError(f"--resume: {out} holds no checkpoint-* folder to resume from")
+        return last
+    if used and not options.overwrite:
+        raise data.DataError(f"--output-dir {out} is not empty: pass --resume to continue its run, or --overwrite to "
+                             "start again")
+    return None
+
+
+def clear_output(options: TrainOptions) -> None:
+    if options.overwrite and not options.resume and os.path.isdir(options.output_dir) and is_main_process():
+        shutil.rmtree(options.output_dir)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---- model and processor -----------------------------------------------------------------------------------------
+def quantization(options):
+    if not options.qlora:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
+
+
+def load_model(options: TrainOptions, quantize: bool = True):
+    """The model and processor to train: a vlm-fusion checkpoint, or a new model composed from a tower and an LM."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vlm_fusion
+
+    bnb = quantization(options) if quantize else None
+    if options.model:
+        if options.family or options.vision_tower or options.language_model:
+            raise data.DataError("give either --model (a vlm-fusion checkpoint) or --family, --vision-tower and "
+                                 "--language-model (parts), not both")
+        kwargs = {"quantization_config": bnb} if bnb else {}
+        model = AutoModelForImageTextToText.from_pretrained(options.model, **kwargs)
+        if not hasattr(model, "parameter_parts"):
+            raise data.DataError(f"{options.model} holds a {type(model).__name__}, not a vlm-fusion model")
+        return model, AutoProcessor.from_pretrained(options.model)
+    missing = [flag for flag, value in (("--family", options.family), ("--vision-tower", options.vision_tower),
+                                        ("--language-model", options.language_model)) if not value]
+    if missing:
+        raise data.DataError(f"start from --model DIR, or from parts: missing {', '.join(missing)}")
+    family = vlm_fusion.FAMILIES[FAMILY_TYPES[options.family]]
+    text_kwargs = {"quantization_config": bnb} if bnb else {}
+    model = family.model.from_vision_text_pretrained(options.vision_tower, options.language_model,
+                                                     text_kwargs=text_kwargs, **options.bridge)
+    processor = family.processor.from_vision_text_pretrained(options.vision_tower, options.language_model, model.config)
+    return model, processor
+
+
+def freeze_for(model, stage, options) -> dict[str, int]:
+    """What the stage trains, as a count of trainable parameters per part."""
+    model.requires_grad_(False)
+    parts = model.parameter_parts()
+    trains = {"bridge": True, "language_model": stage.trains_language_model and not (options.lora or options.qlora),
+              "vision_tower": options.train_tower}
+    for part, on in trains.items():
+        for parameter in parts[part].values():
+            parameter.requires_grad_(on)
+    if stage.trains_input_embeddings:
+        model.get_input_embeddings().requires_grad_(True)
+    return trainable_per_part(model)
+
+
+def trainable_per_part(model) -> dict[str, int]:
+    from .trainer import unwrap
+
+    inner = unwrap(model)
+    counts = {part: sum(p.numel() for p in params.values() if p.requires_grad)
+              for part, params in inner.parameter_parts().items()}
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    if lora:
+        counts["lora_adapters"] = lora
+        counts["language_model"] -= lora
+    return counts
+
+
+def add_lora(model, options):
+    """LoRA adapters on every linear layer of the LM's decoder (not on the bridge's blocks inside it)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if options.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = [name for name, module in model.model.language_model.named_modules()
+               if isinstance(module, torch.nn.Linear) and "gated_cross_attn_layer" not in name]
+    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=LORA["lora_dropout"],
+                        target_modules=[f"model.language_model.{name}" for name in targets], bias="none")
+    model = get_peft_model(model, config)
+    for parameter in trained:  # get_peft_model freezes everything but the adapters: the bridge trains fully
+        parameter.requires_grad_(True)
+    return model
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+def prepare_data(options, processor, layout: str):
+    """Read, check and encode every sample before training; a bad sample is one line naming it."""
+    from tqdm.auto import tqdm
+
+    conversations, name = data.load(options.data, options.image_folder)
+    if not conversations:
+        raise data.DataError(f"{options.data} holds no samples")
+    plain_end = options.plain_end
+    if plain_end is None:  # LLaVA's `plain` separator; Flamingo's chunks end with <|endofchunk|>
+        plain_end = getattr(processor, "end_of_chunk_token", None) or "\n"
+    kept, encoded, too_long = [], [], []
+    quiet = not is_main_process()
+    for conversation in tqdm(conversations, desc="checking and encoding the samples", disable=quiet):
+        data.check(conversation)
+        sizes = [data.image_size(image, conversation.id) for image in conversation.images]
+        sample = encode(processor, conversation, sizes, layout, plain_end)
+        if len(sample.input_ids) > options.max_length:
+            too_long.append((conversation.id, len(sample.input_ids)))
+            continue
+        kept.append(conversation)
+        encoded.append(sample)
+    if too_long:
+        first = ", ".join(f"{sid} ({length})" for sid, length in too_long[:3])
+        message = (f"{len(too_long)} of {len(conversations)} samples are longer than --max-length {options.max_length} "
+                   f"tokens (e.g. {first}); a sample is never cut (an image's placeholders would break)")
+        if not options.skip_too_long:
+            raise data.DataError(message + ": raise --max-length, or pass --skip-too-long")
+        logger.warning("%s: skipped.", message)
+        if not kept:
+            raise data.DataError(message + ", and no sample is left")
+    return name, conversations, kept, encoded, too_long
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------
+def train(options: TrainOptions) -> dict:
+    """Run one stage; returns a summary (stage, data, samples, steps, final loss, where the model is)."""
+    from transformers import TrainingArguments
+
+    from .trainer import Collator, ConversationDataset, FusionTrainer, StopOnSignal, final_loss
+
+    if options.stage not in STAGES:
+        raise data.DataError(f"--stage must be one of {', '.join(STAGES)}, got {options.stage!r}")
+    stage = STAGES[options.stage]
+    layout = options.layout or stage.layout
+    if options.lora and options.qlora:
+        raise data.DataError("--lora and --qlora: choose one")
+    if (options.lora or options.qlora) and not stage.trains_language_model:
+        raise data.DataError(f"--lora / --qlora adapt the LM, which the {stage.name} stage keeps frozen")
+    resume_from = prepare_output(options)
+    torch.manual_seed(options.seed)
+    model, processor = load_model(options)
+    name, conversations, kept, encoded, too_long = prepare_data(options, processor, layout)
+
+    counts = freeze_for(model, stage, options)
+    if options.lora or options.qlora:
+        model = add_lora(model, options)
+        counts = trainable_per_part(model)
+    logger.warning("trainable parameters per part: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    adapters = options.lora or options.qlora
+    part_lrs = {"bridge": options.bridge_lr if options.bridge_lr is not None else stage.bridge_lr,
+                "language_model": options.lm_lr if options.lm_lr is not None else (
+                    stage.lora_lr if adapters else stage.lm_lr),
+                "vision_tower": options.tower_lr}
+    if stage.trains_input_embeddings:
+        part_lrs["input_embeddings"] = part_lrs["language_model"]
+
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    inner = getattr(getattr(model, "base_model", None), "model", model)
+    collator = Collator(pad, inner.model_class._per_image_inputs, getattr(inner.config, "qformer_pad_token_id", 0))
+    arguments = TrainingArguments(
+        output_dir=options.output_dir, per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation, num_train_epochs=options.epochs,
+        max_steps=options.max_steps, learning_rate=part_lrs["bridge"], lr_scheduler_type="cosine",
+        warmup_steps=stage.warmup if options.warmup is None else options.warmup,
+        weight_decay=stage.weight_decay if options.weight_decay is None else options.weight_decay,
+        bf16=options.bf16, gradient_checkpointing=options.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=options.logging_steps,
+        save_strategy="steps", save_steps=options.save_steps, save_total_limit=1, seed=options.seed,
+        data_seed=options.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=options.workers,
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+        # an unused tower layer (features from layer -2) would trip DDP when the tower trains
+        ddp_find_unused_parameters=options.train_tower,
+    )
+    clear_output(options)
+    dataset = ConversationDataset(processor, kept, encoded)
+    stopper = StopOnSignal()
+    trainer = FusionTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
+                            part_lrs=part_lrs, callbacks=[stopper])
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        stopper.restore()
+    summary = {"stage": stage.name, "layout": layout, "data": name, "samples": len(kept),
+               "samples_skipped": len(too_long), "steps": trainer.state.global_step,
+               "final_loss": final_loss(trainer.state.log_history), "trainable_parameters": counts,
+               "learning_rates": part_lrs, "output_dir": options.output_dir,
+               "options": {k: v for k, v in asdict(options).items() if k not in ("output_dir",)}}
+    if stopper.stopped_at is not None:
+        summary["stopped_at"] = stopper.stopped_at
+        return summary
+    save(trainer, model, processor, options, summary)
+    return summary
+
+
+def save(trainer, model, processor, options, summary):
+    """The stage's output: the model (LoRA merged into the LM), its processor, and a card recording the training."""
+    out = options.output_dir
+    if options.lora or options.qlora:
+        model = merged(trainer, model, options)
+        if trainer.is_world_process_zero():
+            model.save_pretrained(out)
+    else:
+        trainer.save_model(out)
+    if not trainer.is_world_process_zero():
+        return
+    from vlm_fusion.tools.hub import write_model_card
+
+    from .trainer import unwrap
+
+    processor.save_pretrained(out)
+    with open(os.path.join(out, "training_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    write_model_card(unwrap(model), out, extra=training_section(summary))
+
+
+def merged(trainer, model, options):
+    """The adapters (saved in `adapter/`) and the trained bridge on the base model in full precision, merged."""
+    from peft import PeftModel
+
+    adapter = os.path.join(options.output_dir, "adapter")
+    trained = {n.removeprefix("base_model.model."): p.detach().clone() for n, p in model.named_parameters()
+               if p.requires_grad and "lora_" not in n}
+    model.save_pretrained(adapter)
+    base, _ = load_model(options, quantize=False)
+    missing = [n for n in trained if n not in dict(base.named_parameters())]
+    if missing:
+        raise RuntimeError(f"trained parameters not found in the base model: {missing[:3]}")
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if name in trained:
+                parameter.copy_(trained[name].to(parameter.dtype))
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+
+def training_section(summary: dict) -> str:
+    o = summary["options"]
+    steps = f"{summary['steps']} steps" + (f" ({o['epochs']:g} epochs)" if o["max_steps"] < 0 else "")
+    adapters = " with LoRA on the LM (merged)" if o["lora"] else " with QLoRA on the LM (merged)" if o["qlora"] else ""
+    rows = [("stage", f"`{summary['stage']}` ({summary['layout']} layout){adapters}"),
+            ("data", f"`{summary['data']}`, {summary['samples']:,} samples"
+                     + (f" ({summary['samples_skipped']} longer than {o['max_length']} tokens skipped)"
+                        if summary["samples_skipped"] else "")),
+            ("trainable parameters", ", ".join(f"{k} {v:,}" for k, v in summary["trainable_parameters"].items())),
+            ("learning rates", ", ".join(f"{k} {v:g}" for k, v in summary["learning_rates"].items()
+                                         if summary["trainable_parameters"].get(k) or k == "input_embeddings"
+                                         or (k == "language_model" and summary["trainable_parameters"].get(
+                                             "lora_adapters")))),
+            ("batch", f"{o['batch_size']} per process x {o['gradient_accumulation']} accumulation"),
+            ("schedule", f"{steps}, cosine, warm-up {o['warmup'] if o['warmup'] is not None else STAGES[summary['stage']].warmup:g}"),
+            ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"## Training\n\nTrained with `vlm-fusion train`:\n\n| | |\n|---|---|\n{table}\n"

@@ -1,0 +1,43 @@
+"""The recipe's stages as plain data: what each one trains, on which layout, at which learning rates.
+
+| stage      | layout | trains                                   | learning rates (defaults)             | as in                  |
+|------------|--------|------------------------------------------|---------------------------------------|------------------------|
+| `align`    | plain  | the bridge                               | bridge 1e-3                           | LLaVA `pretrain.sh`    |
+| `instruct` | chat   | the bridge and the LM (or LoRA on it)    | bridge 2e-5, LM 2e-5 (LoRA 2e-4)      | LLaVA `finetune*.sh`   |
+| `flamingo` | chat   | the bridge (resampler, gated blocks) and the LM's input embeddings | 1e-4        | OpenFlamingo           |
+
+The vision tower stays frozen unless `train_tower` is set (then at `tower_lr`, LLaVA-OneVision's low rate).
+The `plain` layout is LLaVA's `preprocess_plain`: the images, then the assistant's text (the caption) and an end
+marker, the human turn dropped, the loss on the caption and the end; `chat` renders the conversation with the
+model's chat template, the loss on the assistant turns only.
+"""
+
+from dataclasses import dataclass
+
+LAYOUTS = ("plain", "chat")
+PARTS = ("vision_tower", "bridge", "language_model")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    layout: str
+    trains_language_model: bool  # the LM's base decoder and head (fully, or through LoRA)
+    trains_input_embeddings: bool  # Flamingo: the embeddings of its new tokens (<image>, <|endofchunk|>)
+    bridge_lr: float
+    lm_lr: float
+    lora_lr: float = 2e-4
+    warmup: float = 0.03  # a fraction of the steps, as LLaVA's warmup_ratio
+    weight_decay: float = 0.0
+
+
+STAGES = {
+    "align": Stage("align", layout="plain", trains_language_model=False, trains_input_embeddings=False,
+                   bridge_lr=1e-3, lm_lr=0.0),
+    "instruct": Stage("instruct", layout="chat", trains_language_model=True, trains_input_embeddings=False,
+                      bridge_lr=2e-5, lm_lr=2e-5),
+    "flamingo": Stage("flamingo", layout="chat", trains_language_model=False, trains_input_embeddings=True,
+                      bridge_lr=1e-4, lm_lr=1e-4),
+}
+TOWER_LR = 2e-6  # when the tower trains (LLaVA-OneVision trains it at a fifth of the LM's rate)
+LORA = dict(r=128, lora_alpha=256, lora_dropout=0.05)  # LLaVA-1.5's LoRA
