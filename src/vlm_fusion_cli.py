@@ -111,6 +111,8 @@ def add_train_parser(commands) -> None:
     data.add_argument("--skip-too-long", action="store_true",
                       help="skip longer samples (with a count) instead of refusing the data; none is ever cut")
     data.add_argument("--layout", choices=("plain", "chat"), help="default: the stage's (align: plain, else chat)")
+    data.add_argument("--chat-template", help="a Jinja chat template file for the chat layout (default: the "
+                      "processor's); saved with the output's processor")
     data.add_argument("--plain-end", help='what ends a plain-layout sample (default "\\n"; Flamingo: <|endofchunk|>)')
     model = p.add_argument_group("model")
     model.add_argument("--stage", choices=("align", "instruct", "flamingo"), default="instruct")

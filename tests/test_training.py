@@ -142,3 +142,179 @@ def test_stage_two_starts_from_stage_ones_output(parts, tmp_path):
                        tuned["model.vision_tower.embeddings.patch_embedding.weight"])
     assert not torch.equal(aligned["model.multi_modal_projector.linear_1.weight"],
                            tuned["model.multi_modal_projector.linear_1.weight"])
+
+
+# ---- other data formats -----------------------------------------------------------------------------------------
+def as_trl_rows(parts, rows):
+    """LLaVA rows in TRL's conversational form: `messages` with text and image parts, and `images`."""
+    from PIL import Image
+
+    out = []
+    for row in rows:
+        messages = []
+        for turn in row["conversations"]:
+            pieces = turn["value"].split("<image>")
+            content = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+            for piece in pieces[1:]:
+                content += [{"type": "image"}] + ([{"type": "text", "text": piece}] if piece else [])
+            messages.append({"role": {"human": "user", "gpt": "assistant"}[turn["from"]], "content": content})
+        images = row.get("image") or []
+        images = [images] if isinstance(images, str) else images
+        out.append({"id": row["id"], "messages": messages,
+                    "images": [Image.open(parts / "images" / name).convert("RGB") for name in images]})
+    return out
+
+
+def test_trl_conversational_datasets_encode_as_the_same_llava_json(parts, tmp_path):
+    from datasets import Dataset
+
+    from vlm_fusion.training import data
+    from vlm_fusion.training.encoding import encode
+
+    rows = json.loads((parts / "conversations.json").read_text())
+    trl = as_trl_rows(parts, rows)
+    Dataset.from_list(trl).save_to_disk(str(tmp_path / "disk"))
+    Dataset.from_list(trl).to_parquet(str(tmp_path / "data.parquet"))
+    names = [[row["image"]] if isinstance(row.get("image"), str) else row.get("image") or [] for row in rows]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({**row, "images": own})  # images as paths, in JSON lines
+                                                    for row, own in zip(trl, names)))
+    torch.manual_seed(0)
+    _, processor = load_model(options(parts, tmp_path / "unused"))
+
+    def encoded(path, folder=None):
+        samples = data.load(path, folder)[0]
+        return [encode(processor, s, [data.image_size(i, s.id) for i in s.images], "chat", "\n") for s in samples]
+
+    reference = encoded(str(parts / "conversations.json"), str(parts / "images"))
+    for path, folder in ((tmp_path / "disk", None), (tmp_path / "data.parquet", None),
+                         (tmp_path / "data.jsonl", str(parts / "images"))):
+        got = encoded(str(path), folder)
+        assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in reference], path
+    summary = train(options(parts, tmp_path / "out", "llava", "instruct", data=str(tmp_path / "disk"), max_steps=2,
+                            image_folder=None))
+    assert summary["data"] == "disk" and summary["samples"] == len(rows)
+
+
+# ---- bad input: one line each, nothing written ------------------------------------------------------------------
+def broken(rows, how):
+    rows = json.loads(json.dumps(rows))
+    if how == "missing image":
+        rows[3]["image"] = "nowhere.png"
+    elif how == "two markers, one image":
+        rows[1]["conversations"][0]["value"] = "<image> <image>\nwhat is this ?"
+    elif how == "empty conversation":
+        rows[2]["conversations"] = []
+    elif how == "unknown role":
+        rows[4]["conversations"][1]["from"] = "bot"
+    elif how == "no answer":
+        rows[5]["conversations"] = rows[5]["conversations"][:1]
+    return rows
+
+
+BAD = [("missing image", "sample cap3: image file .*nowhere.png is missing"),
+       ("two markers, one image", "sample cap1: 2 <image> marker\\(s\\) and 1 image\\(s\\)"),
+       ("empty conversation", "sample cap2: empty conversation"),
+       ("unknown role", "sample cap4: unknown `from` role 'bot'"),
+       ("no answer", "sample cap5: no assistant \\(gpt\\) turn"),
+       ("unreadable image", "sample cap0: image file .*0.png is not a readable image"),
+       ("too long", "16 of 16 samples are longer than --max-length 8 tokens .*never cut"),
+       ("output in use", "--output-dir .* is not empty: pass --resume .* or --overwrite")]
+
+
+@pytest.mark.parametrize("how,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_nothing_is_written(parts, tmp_path, capsys, how, message):
+    import shutil
+
+    from vlm_fusion_cli import main
+
+    images = tmp_path / "images"
+    shutil.copytree(parts / "images", images)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(broken(json.loads((parts / "captions.json").read_text()), how)))
+    if how == "unreadable image":
+        (images / "0.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    if how == "output in use":
+        out.mkdir()
+        (out / "something").write_text("x")
+    argv = ["train", "--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"),
+            "--language-model", str(parts / "lm"), "--data", str(data), "--image-folder", str(images),
+            "--output-dir", str(out), "--max-steps", "2"] + (["--max-length", "8"] if how == "too long" else [])
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]) and err[-1].startswith("vlm-fusion: error: train: "), err[-1]
+    assert not any("error" in line.lower() or "Traceback" in line for line in err[:-1])  # one line says it all
+    if how not in ("too long",):  # found before any model is loaded
+        assert not any("Loading weights" in line for line in err)
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["something"]
+
+
+def test_samples_over_max_length_can_be_skipped_with_a_count(parts, tmp_path):
+    rows = json.loads((parts / "captions.json").read_text())
+    rows[0]["conversations"][1]["value"] = "a red square " * 40
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    summary = train(options(parts, tmp_path / "out", data=str(tmp_path / "data.json"), max_length=64,
+                            skip_too_long=True, max_steps=2))
+    assert summary["samples"] == 15 and summary["samples_skipped"] == 1
+    assert "1 longer than 64 tokens skipped" in (tmp_path / "out" / "README.md").read_text()
+
+
+# ---- killed mid-run, then --resume ------------------------------------------------------------------------------
+KILLED_RUN = """
+import os, signal, sys
+from transformers import TrainerCallback
+from vlm_fusion.training import trainer
+from vlm_fusion_cli import main
+
+how, at = sys.argv[1], int(sys.argv[2])
+
+class Kill(TrainerCallback):  # the signal arrives while training runs, as a scheduler's or `kill`'s would
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == at:
+            os.kill(os.getpid(), getattr(signal, how))
+
+original = trainer.FusionTrainer.__init__
+def with_kill(self, *args, callbacks=(), **kwargs):
+    original(self, *args, callbacks=[*callbacks, Kill()], **kwargs)
+trainer.FusionTrainer.__init__ = with_kill
+sys.exit(main(["train", *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.parametrize("how,at,checkpoint", [("SIGTERM", 3, 4), ("SIGKILL", 5, 3)])
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(parts, tmp_path, how, at, checkpoint):
+    import subprocess
+    import sys
+
+    def argv(out):
+        return ["--stage", "instruct", "--family", "blip2", "--vision-tower", str(parts / "vision"),
+                "--language-model", str(parts / "lm"), "--data", str(parts / "conversations.json"),
+                "--image-folder", str(parts / "images"), "--output-dir", str(out), "--batch-size", "4",
+                "--max-steps", "8", "--save-steps", "3", "--logging-steps", "1", "--bridge-lr", "1e-3",
+                "--bridge", "num_query_tokens=4", "--bridge", "qformer_hidden_size=64",
+                "--bridge", "qformer_num_hidden_layers=1", "--bridge", "qformer_num_attention_heads=4",
+                "--bridge", "qformer_intermediate_size=128"]  # the Q-Former's dropout stays on: RNG state resumes too
+
+    from vlm_fusion_cli import main
+
+    assert main(["train", *argv(tmp_path / "whole")]) == 0
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, how, str(at), *argv(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=600)
+    if how == "SIGTERM":  # stopped after the step under way (the next), with a checkpoint, and said so
+        assert killed.returncode == 143, killed.stderr[-2000:]
+        assert "stopped by SIGTERM after step 4" in killed.stderr and "--resume" in killed.stderr
+    else:
+        assert killed.returncode == -9
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [f"checkpoint-{checkpoint}"]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert main(["train", *argv(tmp_path / "run"), "--resume"]) == 0
+    state = json.loads((tmp_path / "run" / "checkpoint-8" / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == list(range(1, 9))  # the step counter went on from the checkpoint
+    whole = json.loads((tmp_path / "whole" / "checkpoint-8" / "trainer_state.json").read_text())
+    rates = lambda s: [e["learning_rate"] for e in s["log_history"] if "loss" in e]  # noqa: E731
+    assert rates(state) == rates(whole)  # and so did the schedule
+    resumed, reference = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)

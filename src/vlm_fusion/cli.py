@@ -129,6 +129,7 @@ def generate(args) -> int:
 # ---- train --------------------------------------------------------------------------------------------------------
 def train(args) -> int:
     import dataclasses
+    import logging
 
     from vlm_fusion.training import DataError, TrainOptions
     from vlm_fusion.training import train as run
@@ -136,6 +137,7 @@ def train(args) -> int:
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names and k != "bridge"},
                            bridge=dict(args.bridge))
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice, on every import
     try:
         summary = run(options)
     except DataError as error:

@@ -7,14 +7,17 @@
    image ("empty red_circle_middle empty ..."), so that freezing them later is meaningful and the LM already knows
    how to answer from such a context; stage 1 then only has to map the image onto it. "Is the X left of the Y ?" is
    answered with its reasoning first ("the X is middle , the Y is left , so no"): a 4-layer LM does not learn the
-   comparison in one token within the budget.
-2. For each family, with transformers' `Trainer`: stage 1 aligns the bridge on captions with the vision tower and
-   the LM frozen; stage 2 instruction-tunes on the questions (LLaVA- and BLIP-2-style: bridge + LM; Flamingo-style,
-   as in its recipe: resampler + gated cross-attention + input embeddings, the LM frozen). The tower stays frozen.
-3. Evaluate on held-out scenes and write each model card with the accuracy per question type.
+   comparison in one token within the budget. These two are saved as pretrained parts, as a user would have them.
+2. Write the task in LLaVA's format (a JSON list of conversations and a folder of PNG images) and, for each family,
+   run the recipe of `vlm-fusion train` (`vlm_fusion.training`): the `align` stage composes the model from the parts
+   and trains the bridge on captions (asked as a question: the chat layout, not LLaVA's plain one), then `instruct`
+   (LLaVA- and BLIP-2-style: bridge + LM) or `flamingo` (resampler + gated cross-attention + input embeddings, the
+   LM frozen) on the questions. The tower stays frozen.
+3. Evaluate on held-out scenes and write each model card with its training and the accuracy per question type.
 """
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -25,19 +28,21 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     CLIPImageProcessorPil,
     CLIPVisionModel,
-    Trainer,
-    TrainingArguments,
     get_cosine_schedule_with_warmup,
 )
 from transformers.utils import logging as hf_logging
 
-from vlm_fusion import FAMILIES
-from vlm_fusion.demo import shapes
-from vlm_fusion.demo import card_usage
+from vlm_fusion.demo import card_usage, shapes
+from vlm_fusion.processing_fusion import chat_template
 from vlm_fusion.tools.hub import write_model_card
 from vlm_fusion.tools.tiny import tiny_tokenizer
+from vlm_fusion.training import TrainOptions
+from vlm_fusion.training import train as train_stage
+from vlm_fusion.training.recipe import training_section
 
 SEED = 0
 VISION = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -144,26 +149,9 @@ def pretrain_lm(tokenizer, steps: int, batch: int = 64):
     return lm.eval()
 
 
-# ---- 2. the families ------------------------------------------------------------------------------------------
-class Examples(torch.utils.data.Dataset):
-    """Tokenized examples: the prompt (with the family's `<image>` expansion) and the answer + eos as the target."""
-
-    def __init__(self, processor, data):
-        self.items = []
-        eos = processor.tokenizer.eos_token_id
-        for image, _, question, answer in tqdm(data, desc="tokenizing", leave=False):
-            prompt = processor(images=[image], text=[shapes.PROMPT.format(question=question)], return_tensors="pt")
-            answer_ids = processor.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [eos]
-            self.items.append((prompt["pixel_values"][0], prompt["input_ids"][0].tolist(), answer_ids))
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        return self.items[index]
-
-
+# ---- 2. the families, through the recipe --------------------------------------------------------------------------
 def collate(pad_id):
+    """(None, prompt ids, answer ids) -> a right-padded batch, the loss on the answers (the LM's text pretraining)."""
     def collate_fn(batch):
         length = max(len(p) + len(a) for _, p, a in batch)
         ids = torch.full((len(batch), length), pad_id)
@@ -174,71 +162,79 @@ def collate(pad_id):
             ids[row, : len(sequence)] = torch.tensor(sequence)
             labels[row, len(prompt) : len(sequence)] = torch.tensor(answer)
             mask[row, : len(sequence)] = 1
-        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if batch[0][0] is not None:
-            out["pixel_values"] = torch.stack([pixel for pixel, _, _ in batch])
-        return out
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return collate_fn
 
 
-def fit(model, dataset, pad_id, steps: int, learning_rate: float, work: str):
-    arguments = TrainingArguments(
-        output_dir=work, per_device_train_batch_size=32, max_steps=steps, learning_rate=learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=max(1, steps // 5),
-        save_strategy="no", report_to=[], use_cpu=True, seed=SEED, data_seed=SEED, dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-    Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collate(pad_id)).train()
+def save_parts(tower, lm, tokenizer, root) -> tuple[str, str]:
+    """The pretrained tower (with its image processor) and LM (with its tokenizer), as checkpoints on disk."""
+    vision, language = os.path.join(root, "vision"), os.path.join(root, "lm")
+    tower.save_pretrained(vision)
+    image_processor().save_pretrained(vision)
+    lm.save_pretrained(language)
+    tokenizer.save_pretrained(language)
+    return vision, language
 
 
-def build_family(family, tower, lm, tokenizer):
-    config_cls, model_cls, processor_cls, _ = FAMILIES[family]
-    processor_tokenizer = tiny_tokenizer(shapes.VOCABULARY)
-    probe = processor_cls(image_processor=image_processor(), tokenizer=processor_tokenizer, image_seq_length=1)
-    ids = {"image_token_id": probe.image_token_id}
-    if family == "fusion_flamingo":
-        ids["end_of_chunk_token_id"] = probe.end_of_chunk_token_id
-    language_model = AutoModelForCausalLM.from_config(lm.config)
-    language_model.load_state_dict(lm.state_dict())
-    vision_tower = CLIPVisionModel(tower.config)
-    vision_tower.load_state_dict(tower.state_dict())
-    config = config_cls(vision_config=tower.config, text_config=language_model.config, **ids,
-                        origin=ORIGIN.format(family=family), license="apache-2.0", **FAMILY_CONFIG[family])
-    model = model_cls(config, vision_tower=vision_tower, language_model=language_model)
-    if family == "fusion_flamingo":
-        model.resize_token_embeddings(len(probe.tokenizer))
-    processor = processor_cls(image_processor=image_processor(), tokenizer=tiny_tokenizer(shapes.VOCABULARY),
-                              image_seq_length=config.num_image_tokens())
-    return model, processor
+def write_llava_data(root, name: str, examples, images: str) -> str:
+    """`examples` in LLaVA's format: `<name>.json`, its images as PNG files `<images>_<position>.png` in
+    `root/images` (data sets drawn from the same seed share theirs)."""
+    folder = os.path.join(root, "images")
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for index, (image, _, question, answer) in enumerate(tqdm(examples, desc=f"writing {name}", leave=False)):
+        file = f"{images}_{index}.png"
+        if not os.path.exists(os.path.join(folder, file)):
+            image.save(os.path.join(folder, file))
+        rows.append({"id": f"{name}_{index}", "image": file, "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    path = os.path.join(root, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return path
+
+
+def task_data(root, steps) -> dict:
+    """Stage 1's captions and stage 2's question mixture (Flamingo's is 4x longer; the others take its start)."""
+    captions = shapes.examples(SEED + 3, steps["align"] * 32 // 2, kinds=("caption",))
+    mixture = shapes.examples(SEED + 4, steps["instruct"] * 4 * 32 // 2, kinds=QUESTION_MIX * 2 + ("caption",))
+    short = steps["instruct"] * 32 // 2  # what 1000 steps of 32 see twice, as before
+    return {"captions": write_llava_data(root, "shapes_captions", captions, "caption"),
+            "mixture": write_llava_data(root, "shapes_questions", mixture[:short], "question"),
+            "mixture_long": write_llava_data(root, "shapes_questions_long", mixture, "question")}
 
 
 ORIGIN = ("Trained from scratch by `python -m vlm_fusion.demo.train` on the synthetic shapes task of "
           "`vlm_fusion.demo.shapes` (seeded): a tiny CLIP-style tower and a tiny Llama pretrained on the task, then "
-          "stage 1 (bridge only, on captions) and stage 2 (questions) with transformers' Trainer.")
+          "the recipe of `vlm-fusion train`: the align stage (bridge only, on captions) and the {stage} stage "
+          "(questions).")
 
 
-def train_family(family, tower, lm, tokenizer, steps, work):
-    torch.manual_seed(SEED)
-    model, processor = build_family(family, tower, lm, tokenizer)
-    pad = processor.tokenizer.pad_token_id
-    model.train()
-    print(f"{family} stage 1 (align):", model.freeze_backbones())
-    captions = Examples(processor, shapes.examples(SEED + 3, steps["align"] * 32 // 2, kinds=("caption",)))
-    fit(model, captions, pad, steps["align"], 1e-3, work)
-    trains_lm = family != "fusion_flamingo"
-    report = model.freeze_backbones(train_input_embeddings=not trains_lm)
-    if trains_lm:  # the whole LM: its base decoder and its head
-        lm_parts = (model.language_model, model.lm_head)
-        for part in lm_parts:
-            part.requires_grad_(True)
-        report["language_model"] = sum(p.numel() for part in lm_parts for p in part.parameters())
-    print(f"{family} stage 2 (instruct):", report)
+def train_family(family, vision, language, data, steps, work):
+    """The two stages of `family` with `vlm_fusion.training`, as `vlm-fusion train` runs them; the trained model, its
+    processor and the second stage's summary."""
+    flamingo = family == "fusion_flamingo"
+    stage2 = "flamingo" if flamingo else "instruct"
+    common = dict(image_folder=os.path.join(work, "images"), batch_size=32, seed=SEED, weight_decay=0.0,
+                  logging_steps=max(1, steps["align"] // 5), save_steps=10**9, max_length=256)
+    name = family.removeprefix("fusion_")
+    bridge = {**FAMILY_CONFIG[family], "origin": ORIGIN.format(stage=stage2), "license": "apache-2.0"}
+    align = os.path.join(work, name, "align")
+    # Every family's answers end with the LM's eos (Flamingo's own template ends them with <|endofchunk|>, which a
+    # frozen, untied LM head cannot learn to emit)
+    template = chat_template(image="<image>", end_of_turn="eos_token") if flamingo else None
+    train_stage(TrainOptions(data=data["captions"], output_dir=align, stage="align", layout="chat", family=name,
+                             chat_template=template,
+                             vision_tower=vision, language_model=language, bridge=bridge, max_steps=steps["align"],
+                             bridge_lr=1e-3, warmup=max(1, steps["align"] // 20), **common))
     # Flamingo-style keeps its LM frozen: only the resampler and the gated blocks learn to answer, which takes longer
-    instruct = steps["instruct"] * (4 if family == "fusion_flamingo" else 1)
-    mixture = shapes.examples(SEED + 4, instruct * 32 // 2, kinds=QUESTION_MIX * 2 + ("caption",))
-    fit(model, Examples(processor, mixture), pad, instruct, STAGE2_LR, work)
-    model.requires_grad_(True)
-    return model.eval(), processor
+    instruct = steps["instruct"] * (4 if flamingo else 1)
+    tuned = os.path.join(work, name, stage2)
+    summary = train_stage(TrainOptions(
+        data=data["mixture_long" if flamingo else "mixture"], output_dir=tuned, stage=stage2, model=align,
+        max_steps=instruct, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, instruct // 20),
+        **{**common, "logging_steps": max(1, instruct // 5)}))
+    return AutoModelForImageTextToText.from_pretrained(tuned).eval(), AutoProcessor.from_pretrained(tuned), summary
 
 
 # ---- 3. evaluation ---------------------------------------------------------------------------------------------
@@ -279,8 +275,10 @@ def main(argv=None):
     tower, lm = pretrain_vision(steps["vision"]), pretrain_lm(tokenizer, steps["lm"])
     results = {}
     with tempfile.TemporaryDirectory() as work:
+        vision, language = save_parts(tower, lm, tokenizer, work)
+        data = task_data(work, steps)
         for family in args.families:
-            model, processor = train_family(family, tower, lm, tokenizer, steps, work)
+            model, processor, summary = train_family(family, vision, language, data, steps, work)
             results[family] = evaluate(model, processor)
             path = os.path.join(args.out, family.removeprefix("fusion_"))
             model.save_pretrained(path)
@@ -288,7 +286,8 @@ def main(argv=None):
             evaluation = ("## Evaluation\n\nHeld-out synthetic scenes (seed 12345, 200 questions per type), greedy "
                           "exact match of the whole answer (for left_of, its reasoning too), measured by "
                           f"`vlm_fusion.demo.train.evaluate`:\n\n{accuracy_table(results[family])}\n")
-            write_model_card(model, path, repo_id=family, extra=evaluation, usage=card_usage(family.removeprefix("fusion_")))
+            write_model_card(model, path, repo_id=family, extra=training_section(summary) + "\n" + evaluation,
+                             usage=card_usage(family.removeprefix("fusion_")))
             print(f"{family}:\n{accuracy_table(results[family])}")
     minutes = (time.perf_counter() - start) / 60
     print(f"trained {len(args.families)} families in {minutes:.1f} min")

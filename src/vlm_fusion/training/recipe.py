@@ -39,6 +39,7 @@ class TrainOptions:
     language_model: str | None = None
     bridge: dict = field(default_factory=dict)  # the family's config fields (projector_type, num_query_tokens, ...)
     layout: str | None = None  # plain | chat (default: the stage's)
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one (default: the processor's)
     plain_end: str | None = None  # what ends a plain sample (default "\n"; Flamingo's <|endofchunk|>)
     max_length: int = 2048
     skip_too_long: bool = False  # skip longer samples (with a count) instead of refusing the data
@@ -108,7 +109,19 @@ def quantization(options):
 
 
 def load_model(options: TrainOptions, quantize: bool = True):
-    """The model and processor to train: a vlm-fusion checkpoint, or a new model composed from a tower and an LM."""
+    """The model and processor to train: a vlm-fusion checkpoint, or a new model composed from a tower and an LM;
+    `chat_template` replaces the processor's (and is saved with it)."""
+    model, processor = load_model_and_processor(options, quantize)
+    if options.chat_template:
+        template = options.chat_template
+        if os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
+        processor.chat_template = template
+    return model, processor
+
+
+def load_model_and_processor(options: TrainOptions, quantize: bool):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import vlm_fusion
@@ -181,22 +194,31 @@ def add_lora(model, options):
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
-def prepare_data(options, processor, layout: str):
-    """Read, check and encode every sample before training; a bad sample is one line naming it."""
+def read_data(options):
+    """Read and check every sample and its images before anything is loaded: a bad one is one line naming it."""
     from tqdm.auto import tqdm
 
     conversations, name = data.load(options.data, options.image_folder)
     if not conversations:
         raise data.DataError(f"{options.data} holds no samples")
+    sizes = []
+    for conversation in tqdm(conversations, desc="checking the samples and their images", disable=not is_main_process()):
+        data.check(conversation)
+        sizes.append([data.image_size(image, conversation.id) for image in conversation.images])
+    return name, conversations, sizes
+
+
+def encode_data(options, processor, layout: str, conversations, sizes):
+    """Each sample's ids and labels; samples over `max_length` are refused (or skipped, with a count), never cut."""
+    from tqdm.auto import tqdm
+
     plain_end = options.plain_end
     if plain_end is None:  # LLaVA's `plain` separator; Flamingo's chunks end with <|endofchunk|>
         plain_end = getattr(processor, "end_of_chunk_token", None) or "\n"
     kept, encoded, too_long = [], [], []
-    quiet = not is_main_process()
-    for conversation in tqdm(conversations, desc="checking and encoding the samples", disable=quiet):
-        data.check(conversation)
-        sizes = [data.image_size(image, conversation.id) for image in conversation.images]
-        sample = encode(processor, conversation, sizes, layout, plain_end)
+    for conversation, image_sizes in tqdm(list(zip(conversations, sizes)), desc="encoding the samples",
+                                          disable=not is_main_process()):
+        sample = encode(processor, conversation, image_sizes, layout, plain_end)
         if len(sample.input_ids) > options.max_length:
             too_long.append((conversation.id, len(sample.input_ids)))
             continue
@@ -211,7 +233,7 @@ def prepare_data(options, processor, layout: str):
         logger.warning("%s: skipped.", message)
         if not kept:
             raise data.DataError(message + ", and no sample is left")
-    return name, conversations, kept, encoded, too_long
+    return kept, encoded, too_long
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------
@@ -230,9 +252,10 @@ def train(options: TrainOptions) -> dict:
     if (options.lora or options.qlora) and not stage.trains_language_model:
         raise data.DataError(f"--lora / --qlora adapt the LM, which the {stage.name} stage keeps frozen")
     resume_from = prepare_output(options)
+    name, conversations, sizes = read_data(options)
     torch.manual_seed(options.seed)
     model, processor = load_model(options)
-    name, conversations, kept, encoded, too_long = prepare_data(options, processor, layout)
+    kept, encoded, too_long = encode_data(options, processor, layout, conversations, sizes)
 
     counts = freeze_for(model, stage, options)
     if options.lora or options.qlora:
@@ -257,8 +280,8 @@ def train(options: TrainOptions) -> dict:
         max_steps=options.max_steps, learning_rate=part_lrs["bridge"], lr_scheduler_type="cosine",
         warmup_steps=stage.warmup if options.warmup is None else options.warmup,
         weight_decay=stage.weight_decay if options.weight_decay is None else options.weight_decay,
-        bf16=options.bf16, gradient_checkpointing=options.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=options.logging_steps,
+        bf16=options.bf16, **checkpointing_arguments(options.gradient_checkpointing),
+        logging_steps=options.logging_steps, dataloader_pin_memory=torch.cuda.is_available(),
         save_strategy="steps", save_steps=options.save_steps, save_total_limit=1, seed=options.seed,
         data_seed=options.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=options.workers,
         include_num_input_tokens_seen="non_padding",
@@ -285,6 +308,18 @@ def train(options: TrainOptions) -> dict:
         return summary
     save(trainer, model, processor, options, summary)
     return summary
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Non-reentrant activation checkpointing, under the name this transformers gives it (5.24 renamed
+    `gradient_checkpointing` to `activation_checkpointing`)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if any(f.name == "activation_checkpointing"
+                                             for f in dataclasses.fields(TrainingArguments)) else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {}
 
 
 def save(trainer, model, processor, options, summary):
