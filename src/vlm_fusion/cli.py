@@ -138,10 +138,13 @@ def train(args) -> int:
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names and k != "bridge"},
                            bridge=dict(args.bridge))
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice, on every import
+    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process speaks
     try:
         summary = run(options)
     except DataError as error:
-        return fail(f"train: {error}")
+        return fail(f"train: {error}") if main_process else 2
+    if not main_process:
+        return 143 if "stopped_at" in summary else 0
     if "stopped_at" in summary:
         print(f"vlm-fusion train: stopped by SIGTERM after step {summary['stopped_at']}; its checkpoint is in "
               f"{options.output_dir}: run the same command with --resume to continue", file=sys.stderr)

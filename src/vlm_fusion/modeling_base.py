@@ -115,6 +115,16 @@ class FusionPreTrainedModel(FusionCheckpointMixin, PreTrainedModel):
         """
         return cls.is_remote_code()
 
+    def post_init(self):
+        """
+        transformers' `post_init`, which gathers the parts' `_no_split_modules` (the LM's decoder layer, the tower's
+        encoder layer, the bridge's blocks: what device maps keep whole and FSDP wraps as units), less the classes a
+        part's family lists that this model does not hold (CLIP's vision tower lists CLIP's text embeddings).
+        """
+        super().post_init()
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         """

@@ -194,14 +194,19 @@ def write_llava_data(root, name: str, examples, images: str) -> str:
     return path
 
 
-def task_data(root, steps) -> dict:
-    """Stage 1's captions and stage 2's question mixture (Flamingo's is 4x longer; the others take its start)."""
+def task_data(root, steps, families) -> dict:
+    """Stage 1's captions and stage 2's question mixture (Flamingo's is 4x longer; the others take its start), for
+    the families to train."""
     captions = shapes.examples(SEED + 3, steps["align"] * 32 // 2, kinds=("caption",))
-    mixture = shapes.examples(SEED + 4, steps["instruct"] * 4 * 32 // 2, kinds=QUESTION_MIX * 2 + ("caption",))
-    short = steps["instruct"] * 32 // 2  # what 1000 steps of 32 see twice, as before
-    return {"captions": write_llava_data(root, "shapes_captions", captions, "caption"),
-            "mixture": write_llava_data(root, "shapes_questions", mixture[:short], "question"),
-            "mixture_long": write_llava_data(root, "shapes_questions_long", mixture, "question")}
+    flamingo = "fusion_flamingo" in families
+    mixture = shapes.examples(SEED + 4, steps["instruct"] * (4 if flamingo else 1) * 32 // 2,
+                              kinds=QUESTION_MIX * 2 + ("caption",))
+    short = steps["instruct"] * 32 // 2  # each sample seen twice in the instruct stage
+    data = {"captions": write_llava_data(root, "shapes_captions", captions, "caption"),
+            "mixture": write_llava_data(root, "shapes_questions", mixture[:short], "question")}
+    if flamingo:
+        data["mixture_long"] = write_llava_data(root, "shapes_questions_long", mixture, "question")
+    return data
 
 
 ORIGIN = ("Trained from scratch by `python -m vlm_fusion.demo.train` on the synthetic shapes task of "
@@ -276,7 +281,7 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as work:
         vision, language = save_parts(tower, lm, tokenizer, work)
-        data = task_data(work, steps)
+        data = task_data(work, steps, args.families)
         for family in args.families:
             model, processor, summary = train_family(family, vision, language, data, steps, work)
             results[family] = evaluate(model, processor)

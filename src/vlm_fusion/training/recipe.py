@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging
 
 from . import data
+from .distributed import training_arguments
 from .encoding import encode
 from .stages import LORA, STAGES, TOWER_LR
 
@@ -275,6 +276,7 @@ def train(options: TrainOptions) -> dict:
     inner = getattr(getattr(model, "base_model", None), "model", model)
     collator = Collator(pad, inner.model_class._per_image_inputs, getattr(inner.config, "qformer_pad_token_id", 0))
     arguments = TrainingArguments(
+        **training_arguments(),  # the CPU, and the engine accelerate was launched with
         output_dir=options.output_dir, per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.gradient_accumulation, num_train_epochs=options.epochs,
         max_steps=options.max_steps, learning_rate=part_lrs["bridge"], lr_scheduler_type="cosine",
