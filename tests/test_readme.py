@@ -25,3 +25,24 @@ def test_readme_snippet_runs_alone(index, tmp_path):
     if index == 0:
         assert "FusionLlavaForConditionalGeneration sees 16 visual tokens" in done.stdout
     assert done.stdout.strip(), f"README snippet {index + 1} printed nothing"
+
+
+def test_the_training_commands_run_as_written(tmp_path):
+    """The README's training section: its snippet writes the parts, then each `vlm-fusion train` command runs as
+    printed, in order, and ends with a checkpoint that loads."""
+    section = (ROOT / "README.md").read_text().split("## Train on your data")[1].split("\n## ")[0]
+    snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].replace("\\\n", " ")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, check=True, capture_output=True)
+    vlm_fusion = os.path.join(os.path.dirname(sys.executable), "vlm-fusion")
+    for line in [line for line in commands.splitlines() if line.startswith("vlm-fusion ")]:
+        done = subprocess.run([vlm_fusion, *line.split()[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+        assert "stage done" in done.stdout, done.stdout
+    from transformers import AutoModelForImageTextToText
+
+    for out in ("llava-align", "llava-instruct", "llava-lora"):
+        assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / out)).__name__ == \
+            "FusionLlavaForConditionalGeneration"

@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_training_parts
-from vlm_fusion.tools.tiny import TINY_QFORMER
-from vlm_fusion.training import DataError, TrainOptions, train
+from vlm_fusion.tools.tiny import TINY_QFORMER, write_training_parts
+from vlm_fusion.training import TrainOptions, train
 from vlm_fusion.training.recipe import load_model
 
 BRIDGES = {
@@ -24,7 +23,7 @@ BRIDGES = {
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    return make_training_parts(tmp_path_factory.mktemp("parts"))
+    return write_training_parts(tmp_path_factory.mktemp("parts"))
 
 
 def options(parts, out, family="llava", stage="align", data="captions.json", **kwargs):

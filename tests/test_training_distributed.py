@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_training_parts, random_image
+from conftest import random_image
+from vlm_fusion.tools.tiny import write_training_parts
 
 ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
 TOLERANCE = 1e-5  # losses and weights: summation order differs across processes (seen: 4.8e-7 and 3.5e-6)
@@ -52,7 +53,7 @@ INSTRUMENTED = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    return make_training_parts(tmp_path_factory.mktemp("parts"))
+    return write_training_parts(tmp_path_factory.mktemp("parts"))
 
 
 @pytest.fixture(scope="module")

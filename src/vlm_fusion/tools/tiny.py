@@ -109,3 +109,53 @@ def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip",
                               image_seq_length=config.num_image_tokens())
     assert processor.image_token_id == config.image_token_id
     return model_cls(config).eval(), processor
+
+
+TRAINING_COLOURS = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
+
+
+def write_training_parts(root, text: str = "llama", samples: int = 16):
+    """Pretrained parts and data as a user of `vlm-fusion train` has them: a tiny CLIP tower with its image
+    processor, a tiny causal LM with a byte-level BPE tokenizer (BOS added, as Llama's), an image folder and two
+    LLaVA-format files: image-caption pairs (`captions.json`) and multi-turn conversations (`conversations.json`:
+    one, two or no images per sample)."""
+    import json
+    import pathlib
+
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+
+    root = pathlib.Path(root)
+    torch.manual_seed(0)
+    CLIPVisionModel(AutoConfig.for_model(**tiny_vision_config("clip"))).save_pretrained(root / "vision")
+    tiny_image_processor().save_pretrained(root / "vision")
+    tokenizer = tiny_bpe_tokenizer()
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config(text, vocab_size=len(tokenizer))))
+    lm.save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    (root / "images").mkdir(parents=True)
+    names = list(TRAINING_COLOURS)
+    for i in range(samples):
+        Image.new("RGB", (32, 32), TRAINING_COLOURS[names[i % 4]]).save(root / "images" / f"{i}.png")
+    captions = [{"id": f"cap{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat is this ?"}, {"from": "gpt", "value": f"a {names[i % 4]} square"}]}
+        for i in range(samples)]
+    conversations = []
+    for i in range(samples):
+        colour, other = names[i % 4], names[(i + 1) % 4]
+        if i % 4 == 3:  # text only
+            conversations.append({"id": f"txt{i}", "conversations": [
+                {"from": "human", "value": "what colour is the sky ?"}, {"from": "gpt", "value": "blue"}]})
+        elif i % 4 == 2:  # two images
+            conversations.append({"id": f"two{i}", "image": [f"{i}.png", f"{(i + 1) % samples}.png"],
+                                  "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nwhat colours are these ?"},
+                {"from": "gpt", "value": f"{colour} and {other}"}]})
+        else:
+            conversations.append({"id": f"conv{i}", "image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": colour},
+                {"from": "human", "value": "is it a square ?"}, {"from": "gpt", "value": "yes"}]})
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "conversations.json").write_text(json.dumps(conversations))
+    return root

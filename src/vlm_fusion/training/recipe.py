@@ -328,8 +328,8 @@ def save(trainer, model, processor, options, summary):
     """The stage's output: the model (LoRA merged into the LM), its processor, and a card recording the training."""
     out = options.output_dir
     if options.lora or options.qlora:
-        model = merged(trainer, model, options)
-        if trainer.is_world_process_zero():
+        model = merged(trainer, model, options)  # `None` but on the main process
+        if model is not None:
             model.save_pretrained(out)
     else:
         trainer.save_model(out)
@@ -346,21 +346,25 @@ def save(trainer, model, processor, options, summary):
 
 
 def merged(trainer, model, options):
-    """The adapters (saved in `adapter/`) and the trained bridge on the base model in full precision, merged."""
+    """The adapters (saved in `adapter/`) and the trained bridge on the base model in full precision, merged; the full
+    state dict is gathered from every process (FSDP, ZeRO-3), and the merge happens on the main one."""
     from peft import PeftModel
 
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
     adapter = os.path.join(options.output_dir, "adapter")
-    trained = {n.removeprefix("base_model.model."): p.detach().clone() for n, p in model.named_parameters()
-               if p.requires_grad and "lora_" not in n}
-    model.save_pretrained(adapter)
+    model.save_pretrained(adapter, state_dict=state)
+    trained = {name.removeprefix("base_model.model."): state[name] for name, p in model.named_parameters()
+               if p.requires_grad and "lora_" not in name}
     base, _ = load_model(options, quantize=False)
-    missing = [n for n in trained if n not in dict(base.named_parameters())]
+    parameters = dict(base.named_parameters())
+    missing = [name for name in trained if name not in parameters]
     if missing:
         raise RuntimeError(f"trained parameters not found in the base model: {missing[:3]}")
     with torch.no_grad():
-        for name, parameter in base.named_parameters():
-            if name in trained:
-                parameter.copy_(trained[name].to(parameter.dtype))
+        for name, tensor in trained.items():
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
     return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 

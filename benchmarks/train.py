@@ -1,0 +1,204 @@
+"""Training throughput: `vlm-fusion train` against TRL's SFTTrainer on the same model, data and global batch.
+
+    python benchmarks/train.py                      # default size (CLIP-B/16-sized tower + 12-layer 1024-wide LM)
+    python benchmarks/train.py --size tiny --steps 2 --samples 8   # the smoke run the test suite does
+
+One row per stage — align (bridge only), instruct (bridge + LM) on the LLaVA-style family, and the Flamingo stage
+(resampler + gated blocks + input embeddings) on the Flamingo-style family. Both trainers start from the same
+parts (random weights: speed does not depend on them), freeze the same parts, see the same conversations in the
+same chat layout (TRL has no plain layout, so the align row uses the chat layout too) and the same batch and number
+of steps; each runs in its own process. Reported: samples/s and tokens/s of the training loop (Trainer's own
+`train_runtime`, tokens = non-padding input tokens, images' placeholders included), the wall time including data
+preparation (our pre-pass; TRL's dataset preparation), and peak resident memory; ratios ours / TRL (above 1 is
+faster, below 1 is less memory).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+import measure  # noqa: E402
+import setups  # noqa: E402
+
+STAGES = {  # row -> (family, stage)
+    "align": ("llava", "align"),
+    "instruct": ("llava", "instruct"),
+    "flamingo": ("flamingo", "flamingo"),
+}
+
+
+def write_parts(root, size, samples: int):
+    """The tower and LM of `size` (random weights) with an image processor and a byte-level BPE tokenizer, and
+    `samples` two-turn LLaVA-format conversations about solid-colour images."""
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+
+    from vlm_fusion.tools.tiny import tiny_bpe_tokenizer
+
+    torch.manual_seed(0)
+    vision = setups.vision_config(size)
+    CLIPVisionModel(AutoConfig.for_model(**vision)).save_pretrained(os.path.join(root, "vision"))
+    setups.image_processor(size["image_size"]).save_pretrained(os.path.join(root, "vision"))
+    tokenizer = tiny_bpe_tokenizer()
+    lm_config = {**size["lm"], "vocab_size": max(size["lm"]["vocab_size"], len(tokenizer))}
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**lm_config))
+    lm.save_pretrained(os.path.join(root, "lm"))
+    tokenizer.save_pretrained(os.path.join(root, "lm"))
+    os.makedirs(os.path.join(root, "images"))
+    colours = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
+    rows = []
+    for i in range(samples):
+        name = list(colours)[i % 4]
+        Image.new("RGB", (size["image_size"],) * 2, colours[name]).save(os.path.join(root, "images", f"{i}.png"))
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the image ?"},
+            {"from": "gpt", "value": f"the image is {name} , a solid {name} square"},
+            {"from": "human", "value": "is it a circle ?"}, {"from": "gpt", "value": "no , it is a square"}]})
+    with open(os.path.join(root, "data.json"), "w") as f:
+        json.dump(rows, f)
+
+
+def bridge_options(family, size) -> dict:
+    if family == "llava":
+        return {"projector_type": "mlp2x_gelu"}
+    f = size["flamingo"]
+    return dict(num_latents=f["latents"], perceiver_depth=f["depth"], perceiver_heads=f["heads"],
+                perceiver_head_dim=f["head_dim"], cross_attention_heads=f["heads"], cross_attention_head_dim=f["head_dim"],
+                cross_attention_every_n_layers=f["every_n"])
+
+
+def options(root, out, family, stage, args):
+    from vlm_fusion.training import TrainOptions
+
+    return TrainOptions(data=os.path.join(root, "data.json"), image_folder=os.path.join(root, "images"),
+                        output_dir=out, stage=stage, layout="chat", family=family,
+                        vision_tower=os.path.join(root, "vision"), language_model=os.path.join(root, "lm"),
+                        bridge=bridge_options(family, setups.SIZES[args.size]), batch_size=args.batch_size,
+                        max_steps=args.steps, logging_steps=args.steps, save_steps=10**9, warmup=0.0)
+
+
+def run_ours(root, out, family, stage, args) -> dict:
+    import time
+
+    from vlm_fusion.training import train
+
+    start = time.perf_counter()
+    summary = train(options(root, out, family, stage, args))
+    wall = time.perf_counter() - start
+    state = json.load(open(os.path.join(out, f"checkpoint-{args.steps}", "trainer_state.json")))
+    metrics = next(e for e in reversed(state["log_history"]) if "train_runtime" in e)
+    return dict(runtime=metrics["train_runtime"], tokens=metrics["num_input_tokens_seen"], wall=wall,
+                samples=summary["steps"] * args.batch_size)
+
+
+def run_trl(root, out, family, stage, args) -> dict:
+    """TRL's SFTTrainer on the same model (composed and frozen by the recipe's own functions) and conversations."""
+    import time
+
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+    from trl import SFTConfig, SFTTrainer
+
+    from vlm_fusion.training import STAGES, data
+    from vlm_fusion.training.recipe import freeze_for, load_model
+
+    start = time.perf_counter()
+    run = options(root, out, family, stage, args)
+    torch.manual_seed(run.seed)
+    model, processor = load_model(run)
+    freeze_for(model, STAGES[stage], run)
+    rows = []
+    for sample in data.load(run.data, run.image_folder)[0]:
+        messages = []
+        for message in sample.messages:
+            head, *rest = message["content"].split("<image>")
+            content = ([{"type": "text", "text": head}] if head else []) + [
+                part for text in rest for part in ({"type": "image"}, {"type": "text", "text": text})]
+            messages.append({"role": message["role"], "content": content})
+        rows.append({"messages": messages, "images": [Image.open(p).convert("RGB") for p in sample.images]})
+    config = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                       learning_rate=STAGES[stage].bridge_lr, lr_scheduler_type="cosine", logging_steps=args.steps,
+                       save_strategy="no", report_to=[], max_length=None, bf16=False, seed=run.seed,
+                       include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False,
+                       use_cpu=not torch.cuda.is_available())
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=processor)
+    output = trainer.train()
+    wall = time.perf_counter() - start
+    return dict(runtime=output.metrics["train_runtime"], tokens=trainer.state.num_input_tokens_seen, wall=wall,
+                samples=args.steps * args.batch_size)
+
+
+def measure_one(which, root, family, stage, args) -> dict:
+    """One trainer in a fresh process: its loop's time, tokens and wall time, and the process's peak memory."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import train as bench, measure; "
+            "args = bench.parse(json.loads(sys.argv[6])); "
+            "out = getattr(bench, 'run_' + sys.argv[2])(sys.argv[3], sys.argv[7], sys.argv[4], sys.argv[5], args); "
+            "out['peak_mb'] = measure.peak_rss_mb(); print(json.dumps(out))")
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), which, root,
+                               family, stage, json.dumps(args.argv), os.path.join(out, "run")],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise RuntimeError(f"{which} {stage} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["samples_per_s"] = result["samples"] / result["runtime"]
+    result["tokens_per_s"] = result["tokens"] / result["runtime"]
+    return result
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(setups.SIZES), default="default")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2, help="global batch (one process)")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    args.argv = list(argv or [])
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv if argv is not None else sys.argv[1:])
+    size = setups.SIZES[args.size]
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        print(f"building the parts ({args.size}) and {args.samples} conversations ...", flush=True)
+        write_parts(root, size, args.samples)
+        for row in args.stages:
+            family, stage = STAGES[row]
+            ours = measure_one("ours", root, family, stage, args)
+            trl = measure_one("trl", root, family, stage, args)
+            rows.append(dict(stage=row, family=family, ours=ours, trl=trl,
+                             samples_ratio=ours["samples_per_s"] / trl["samples_per_s"],
+                             tokens_ratio=ours["tokens_per_s"] / trl["tokens_per_s"],
+                             memory_ratio=ours["peak_mb"] / trl["peak_mb"]))
+            print(f"  {row}: ours {ours['samples_per_s']:.2f} samples/s, TRL {trl['samples_per_s']:.2f}", flush=True)
+    lines = ["| stage | family | samples/s ours / TRL | x | tokens/s ours / TRL | x | wall s ours / TRL | "
+             "peak MB ours / TRL | memory x |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, t = r["ours"], r["trl"]
+        lines.append(f"| {r['stage']} | {r['family']} | {o['samples_per_s']:.2f} / {t['samples_per_s']:.2f} | "
+                     f"{r['samples_ratio']:.2f} | {o['tokens_per_s']:.0f} / {t['tokens_per_s']:.0f} | "
+                     f"{r['tokens_ratio']:.2f} | {o['wall']:.0f} / {t['wall']:.0f} | {o['peak_mb']:.0f} / "
+                     f"{t['peak_mb']:.0f} | {r['memory_ratio']:.2f} |")
+    report = (f"# Training: vlm-fusion train vs TRL SFTTrainer (size `{args.size}`, global batch {args.batch_size}, "
+              f"{args.steps} steps, {os.cpu_count()} CPU threads)\n\n" + "\n".join(lines) + "\n")
+    print("\n" + report)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "training.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
