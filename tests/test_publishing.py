@@ -97,6 +97,9 @@ REMOTE = textwrap.dedent("""
     with torch.no_grad():
         logits = model(**inputs).logits
     print(type(model).__module__, type(processor).__module__)
+    from transformers import AutoConfig, AutoModel  # the headless model, as vLLM's Transformers backend builds it
+    base = AutoModel.from_config(AutoConfig.from_pretrained(path, trust_remote_code=True), trust_remote_code=True)
+    print("headless:", type(base).__name__)
     torch.save(logits, inputs_file + ".out")
 """)
 
@@ -108,7 +111,7 @@ def test_remote_code_export_loads_without_the_package(family, tmp_path):
     processor.save_pretrained(tmp_path / "model", remote_code=True)
     assert type(model).__dict__.get("_auto_class") is None  # the registration lasted one save only
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForImageTextToText"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForImageTextToText", "AutoModel"}  # vLLM builds AutoModel
     image = random_image(0)
     inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
     with torch.no_grad():
@@ -121,6 +124,7 @@ def test_remote_code_export_loads_without_the_package(family, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "transformers_modules" in run.stdout
+    assert f"headless: {type(model.model).__name__}" in run.stdout
     assert torch.equal(torch.load(tmp_path / "inputs.pt.out"), expected)
 
 
