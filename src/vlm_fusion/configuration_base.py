@@ -8,7 +8,8 @@ and an invalid value raises ``ValueError`` naming the field.
 import copy
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+from .compat import TRANSFORMERS_BUILDS_SUB_CONFIGS, SubConfigSpec, build_sub_configs
 
 # Vision configs of composite image-text models: the fusion model only needs their vision half.
 _COMPOSITE_VISION_KEY = "vision_config"
@@ -59,6 +60,8 @@ class FusionConfig(PreTrainedConfig):
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
+    if not TRANSFORMERS_BUILDS_SUB_CONFIGS:  # transformers 5.19 reads the sub-configs' classes here
+        sub_configs = {key: spec.config_class for key, spec in sub_configs_defaults.items()}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -79,6 +82,7 @@ class FusionConfig(PreTrainedConfig):
             self.vision_config = dict(self.vision_config)
             if isinstance(self.vision_config.get(_COMPOSITE_VISION_KEY), dict):
                 self.vision_config = self.vision_config[_COMPOSITE_VISION_KEY]
+        kwargs = build_sub_configs(self, kwargs)
         super().__post_init__(**kwargs)
         self.vision_config = _vision_half(self.vision_config)
         # The wrapped causal LM ties its own head; mirror its choice so `tie_weights` sees it at the top level too.

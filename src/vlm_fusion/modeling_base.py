@@ -22,17 +22,18 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPooling,
-    MultimodalBaseModelOutputWithPast,
-    MultimodalCausalLMOutputWithPast,
-)
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .checkpoints import FusionCheckpointMixin
+from .compat import (
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+    cache_kwargs,
+    slice_logits_to_keep,
+    takes_cache_as_past_key_values,
+)
 from .configuration_base import FusionConfig
 from .language_model import LOGIT_HANDLING, build_lm_head, check_lm_head, split_causal_lm
 from .special_tokens import add_special_token
@@ -330,7 +331,7 @@ class FusionModel(FusionPreTrainedModel):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]  # (B, T)
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @takes_cache_as_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -353,8 +354,8 @@ class FusionModel(FusionPreTrainedModel):
         if position_ids is None:
             position_ids = self.left_padded_positions(attention_mask, inputs_embeds.shape[1])
         outputs = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            use_cache=use_cache, return_dict=True, **kwargs,
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            **cache_kwargs(self.language_model, cache), use_cache=use_cache, return_dict=True, **kwargs,
         )
         return FusionModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
@@ -420,7 +421,7 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         return logits
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @takes_cache_as_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .compat import cache_kwargs, is_activation_checkpointing, takes_cache_as_past_key_values
 from .configuration_flamingo import FusionFlamingoConfig
 from .modeling_base import (
     FusionCausalLMOutputWithPast,
@@ -370,7 +370,7 @@ class FusionFlamingoModel(FusionModel):
 
     # ---- forward ----------------------------------------------------------------------------------------------
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @takes_cache_as_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -395,21 +395,25 @@ class FusionFlamingoModel(FusionModel):
         image_outputs = None
         if pixel_values is None and media_cache is None and self.training:
             media_cache = self.blank_media(inputs_embeds.shape[0])  # see `blank_image_tokens`
+        # transformers 5.19 checkpoints a decoder layer with its hooks, so the backward replays the gated blocks: they
+        # need the context then, and must compute their media keys/values again as the forward did, not find them kept
+        checkpointing = self.training and is_activation_checkpointing(self)
         if pixel_values is not None or media_cache is not None:
             media_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
             if pixel_values is not None:
                 media_cache, image_outputs = self.encode_media(pixel_values, media_mask)
             allowed, no_media = self._media_masks(media_cache, media_mask)
-            self._context = CrossAttentionContext(media_cache, allowed, no_media, self.reuse_media_kv)
+            self._context = CrossAttentionContext(media_cache, allowed, no_media,
+                                                  self.reuse_media_kv and not checkpointing)
         if position_ids is None:
             position_ids = self.left_padded_positions(attention_mask, inputs_embeds.shape[1])
         try:
             outputs = self.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                use_cache=use_cache, return_dict=True, **kwargs,
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                **cache_kwargs(self.language_model, cache), use_cache=use_cache, return_dict=True, **kwargs,
             )
         finally:
-            if not (self.training and getattr(self, "is_activation_checkpointing", False)):  # checkpointing replays the hooks in backward
+            if not checkpointing:
                 self._context = None
         if media_cache is not None:
             media_cache = MediaCache(media=media_cache.media, num_media=media_cache.num_media,

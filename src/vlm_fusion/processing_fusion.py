@@ -110,6 +110,18 @@ class FusionProcessor(ProcessorMixin):
             processed = {"pixel_values": processed}
         return processed, replacements
 
+    def validate_inputs(self, images=None, text=None, **kwargs):
+        super().validate_inputs(images=images, text=text, **kwargs)
+        # transformers 5.19 leaves this check out (a surplus `<image>` then dies in its expansion, StopIteration)
+        if images is not None and text is not None:
+            texts = [text] if isinstance(text, str) else text
+            num_tokens = sum(sample.count(self.image_token) for sample in texts)
+            num_images = len(make_flat_list_of_images(images))
+            if num_tokens != num_images:
+                raise ValueError(f"The total number of {self.image_token} tokens in the prompts should be the same as "
+                                 f"the number of images passed. Found total {num_tokens} {self.image_token} tokens "
+                                 f"and {num_images} images.")
+
     def __call__(self, images=None, text=None, **kwargs):
         if images is not None and self.pad_to_square:
             images = self.padded_to_square(images)
