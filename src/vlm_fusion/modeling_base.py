@@ -371,6 +371,7 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
     """
 
     model_class: type[FusionModel] = FusionModel
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # tensor parallel: the head as its tied embeddings (Llava's)
     output_class = FusionCausalLMOutputWithPast
 
     def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):

@@ -151,20 +151,25 @@ class FusionBlip2Model(FusionModel):
         super().__init__(config, **parts)
         vision_dim = config.vision_config.hidden_size
         self.vision_layernorm = nn.LayerNorm(vision_dim, eps=config.vision_layer_norm_eps)
-        self.qformer = FusionQFormer(
-            num_queries=config.num_query_tokens,
-            dim=config.qformer_hidden_size,
-            depth=config.qformer_num_hidden_layers,
-            heads=config.qformer_num_attention_heads,
-            ff_dim=config.qformer_intermediate_size,
-            context_dim=vision_dim,
-            cross_attention_frequency=config.cross_attention_frequency,
-            eps=config.qformer_layer_norm_eps,
-            dropout=config.qformer_dropout,
-            text_vocab_size=config.qformer_vocab_size if config.qformer_text_input else None,
-            text_max_positions=config.qformer_max_position_embeddings,
-            text_pad_token_id=config.qformer_pad_token_id,
-        )
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)  # `_keep_in_fp32_modules_strict`: fp32 whatever the model is built in
+        try:
+            self.qformer = FusionQFormer(
+                num_queries=config.num_query_tokens,
+                dim=config.qformer_hidden_size,
+                depth=config.qformer_num_hidden_layers,
+                heads=config.qformer_num_attention_heads,
+                ff_dim=config.qformer_intermediate_size,
+                context_dim=vision_dim,
+                cross_attention_frequency=config.cross_attention_frequency,
+                eps=config.qformer_layer_norm_eps,
+                dropout=config.qformer_dropout,
+                text_vocab_size=config.qformer_vocab_size if config.qformer_text_input else None,
+                text_max_positions=config.qformer_max_position_embeddings,
+                text_pad_token_id=config.qformer_pad_token_id,
+            )
+        finally:
+            torch.set_default_dtype(previous)
         self.language_projection = nn.Linear(config.qformer_hidden_size, config.text_config.hidden_size)
         self.post_init()
 
