@@ -1,0 +1,116 @@
+"""lmms-eval through its own command line (`lmms-eval --model vlm_fusion ...`) on the demo models and the shipped
+shapes_vqa task: its scores equal the package's own evaluation of the same items, its per-item answers equal
+`model.generate`'s. Runs where lmms-eval is installed (the `[eval]` extra; `.ci/run` builds that environment)."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval")
+
+from conftest import ROOT  # noqa: E402
+from vlm_fusion.demo import checkpoint, shapes  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "lmms_eval"
+PER_KIND = 5
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """The example task as shipped, its data written by the example's own script (5 questions per type)."""
+    root = tmp_path_factory.mktemp("shapes_vqa")
+    subprocess.run([sys.executable, str(EXAMPLE / "write_shapes_vqa.py"), "--out", str(root / "data"),
+                    "--per-kind", str(PER_KIND)], check=True, capture_output=True)
+    (root / "task").mkdir()
+    shutil.copy(EXAMPLE / "utils.py", root / "task")
+    yaml = (EXAMPLE / "shapes_vqa.yaml").read_text()
+    (root / "task" / "shapes_vqa.yaml").write_text(yaml.replace("dataset_path: examples/lmms_eval/shapes_vqa_data",
+                                                                f"dataset_path: {root / 'data'}"))
+    return root
+
+
+def lmms_eval(task, out, model_args: str, batch_size: int):
+    """One run of lmms-eval's command line; its results and per-sample answers (it exits 0 even when it fails, so the
+    files are what tells)."""
+    command = [os.path.join(os.path.dirname(sys.executable), "lmms-eval"), "--model", "vlm_fusion", "--model_args",
+               model_args, "--tasks", "shapes_vqa", "--include_path", str(task / "task"), "--batch_size",
+               str(batch_size), "--output_path", str(out), "--log_samples"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    results = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
+    samples = glob.glob(str(out / "**" / "*_samples_shapes_vqa.jsonl"), recursive=True)
+    return done, (json.load(open(results[0])) if results else None), \
+        ([json.loads(line) for line in open(samples[0])] if samples else None)
+
+
+def direct_answers(path, trust_remote_code=False):
+    """The package's own answers: each question through the model's chat template, processor and `generate`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    nested = model.config.model_type == "fusion_flamingo"
+    answers = []
+    for image, kind, question, truth in shapes.examples(12345, PER_KIND * len(shapes.QUESTION_TYPES)):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[[image]] if nested else [image], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        answers.append((kind, processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), truth))
+    return answers
+
+
+def answers_of(samples) -> list[str]:
+    """Each document's answer, in document order, from lmms-eval's samples file."""
+    responses = [sample["filtered_resps"] for sample in sorted(samples, key=lambda s: s["doc_id"])]
+    return [r if isinstance(r, str) else r[0] for r in responses]
+
+
+def scores(answers) -> dict:
+    per_kind = {kind: [a.strip() == t for k, a, t in answers if k == kind] for kind in shapes.QUESTION_TYPES}
+    return {"exact_match": sum(a.strip() == t for _, a, t in answers) / len(answers),
+            **{kind: sum(v) / len(v) for kind, v in per_kind.items()}}
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
+def test_lmms_eval_scores_and_answers_equal_the_packages_own(task, tmp_path, family):
+    expected = direct_answers(checkpoint(family))
+    for batch_size in (1, 4):
+        done, results, samples = lmms_eval(task, tmp_path / f"b{batch_size}", f"pretrained={checkpoint(family)}",
+                                           batch_size)
+        assert results is not None, done.stdout[-3000:] + done.stderr[-3000:]
+        metrics = results["results"]["shapes_vqa"]
+        got = {name: metrics[f"{name},none"] for name in ("exact_match", *shapes.QUESTION_TYPES)}
+        print(f"{family}, batch {batch_size}: lmms-eval {got}")
+        assert got == pytest.approx(scores(expected))
+        assert answers_of(samples) == [answer for _, answer, _ in expected]
+
+
+def test_a_remote_code_export_is_evaluated_the_same_way(task, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    exported = tmp_path / "exported"
+    AutoModelForImageTextToText.from_pretrained(checkpoint("llava")).save_pretrained(exported, remote_code=True)
+    AutoProcessor.from_pretrained(checkpoint("llava")).save_pretrained(exported, remote_code=True)
+    done, results, samples = lmms_eval(task, tmp_path / "out", f"pretrained={exported},trust_remote_code=True", 4)
+    assert results is not None, done.stdout[-3000:] + done.stderr[-3000:]
+    assert answers_of(samples) == [answer for _, answer, _ in direct_answers(checkpoint("llava"))]
+
+
+def test_a_folder_that_is_not_a_vlm_fusion_model_is_named_in_one_line(task, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlm_fusion.tools.tiny import tiny_text_config
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config("llama"))).save_pretrained(tmp_path / "lm")
+    done, results, _ = lmms_eval(task, tmp_path / "out", f"pretrained={tmp_path / 'lm'}", 1)
+    assert results is None  # lmms-eval exits 0 all the same
+    message = f"pretrained={tmp_path / 'lm'} is not a vlm-fusion model: its config.json is a 'llama' model"
+    assert message in done.stdout + done.stderr
