@@ -31,6 +31,7 @@ RUNNER = ROOT / "tests" / "vllm_runner.py"
 PROMPT = "USER: <image>\nwhat is shown ? ASSISTANT:"
 BLIP2_PROMPT = "Question: what is shown ? Answer:"  # no <image>: the placeholders go in front, as in BLIP-2
 NEW_TOKENS = 8
+CHATS = {"llava": ["what is shown ?", "how many shapes are there ?"], "blip2": ["what is shown ?"]}
 
 
 def head_32(kind="llama", **kwargs):
@@ -109,7 +110,8 @@ def converted_instructblip(root):
 
 
 def transformers_tokens(path, requests, trust_remote_code=False):
-    """Greedy tokens from transformers' `generate`, one request at a time, and the prompt ids it saw."""
+    """Greedy tokens from transformers' `generate`, one request at a time, and the prompt ids it saw; a request with a
+    `question` is a chat, its prompt the processor's chat template."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
@@ -117,7 +119,10 @@ def transformers_tokens(path, requests, trust_remote_code=False):
     out = []
     for request in requests:
         images = [random_image(seed, size) for seed, size in request["images"]]
-        inputs = processor(images=images or None, text=[request["prompt"]], return_tensors="pt")
+        prompt = request.get("prompt") or processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request["question"]}]}],
+            add_generation_prompt=True)
+        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
         prompt = inputs["input_ids"][0].tolist()
@@ -165,14 +170,18 @@ def served(tmp_path_factory):
                 files.append(str(root / f"image_{seed}_{size[0]}x{size[1]}.png"))
                 random_image(seed, size).save(files[-1])
             job_requests.append({"prompt": request["prompt"], "images": files})
-        jobs.append({"name": name, "model": str(path), "requests": job_requests, "max_tokens": NEW_TOKENS})
+        job = {"name": name, "model": str(path), "requests": job_requests, "max_tokens": NEW_TOKENS}
+        if name in CHATS:  # the questions as chats, through the model's chat template (BOS and all)
+            job["chat"] = [{"question": q, "images": [job_requests[0]["images"][0]]} for q in CHATS[name]]
+        jobs.append(job)
     (root / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")],
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((root / "results.json").read_text())
-    references = {name: transformers_tokens(path, requests[name]) for name, path in checkpoints.items()
-                  if name != "flamingo"}
+    references = {name: transformers_tokens(path, requests[name] + [
+        {"question": q, "images": requests[name][0]["images"]} for q in CHATS.get(name, [])])
+        for name, path in checkpoints.items() if name != "flamingo"}
     return results, references
 
 

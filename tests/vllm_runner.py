@@ -13,6 +13,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default asks
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def data_url(path) -> str:
+    import base64
+
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
 def main(jobs_file, results_file):
     from PIL import Image
     from vllm import LLM, SamplingParams
@@ -25,9 +32,15 @@ def main(jobs_file, results_file):
         except Exception as error:  # the refusal a test expects, or what went wrong
             results[job["name"]] = {"error": f"{type(error).__name__}: {error}"}
             continue
+        sampling = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
         prompts = [{"prompt": r["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in r["images"]]}}
                    if r["images"] else {"prompt": r["prompt"]} for r in job["requests"]]
-        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8)))
+        outputs = llm.generate(prompts, sampling)
+        if job.get("chat"):  # the same questions as chats: vLLM applies the model's chat template itself
+            conversations = [[{"role": "user", "content": [
+                *[{"type": "image_url", "image_url": {"url": data_url(p)}} for p in r["images"]],
+                {"type": "text", "text": r["question"]}]}] for r in job["chat"]]
+            outputs = outputs + llm.chat(conversations, sampling)
         results[job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outputs],
                                 "prompt_tokens": [list(o.prompt_token_ids) for o in outputs]}
         del llm

@@ -16,11 +16,13 @@ from .remote_code import registered_for_auto_classes
 from .special_tokens import add_flamingo_tokens, add_special_token
 
 
-def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token") -> str:
+def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token", bos: bool = False) -> str:
     """A plain `ROLE: ` template (`"USER: <image>\\n...\\nASSISTANT:"`); message content is a string or a list of
     `{"type": "text", "text": ...}` and `{"type": "image"}` parts; `end_of_turn` (a Jinja expression) closes
-    assistant turns."""
+    assistant turns; `bos` starts the text with the tokenizer's BOS (for a tokenizer that adds one, as Llama's own
+    templates do: engines such as vLLM tokenize a chat's text without special tokens)."""
     return (
+        ("{{ bos_token }}" if bos else "") +
         "{% for message in messages %}"
         "{{ message['role'].upper() + ': ' }}"
         "{% if message['content'] is string %}{{ message['content'] }}"
@@ -34,7 +36,9 @@ def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token") -> 
     )
 
 
-DEFAULT_CHAT_TEMPLATE = chat_template()
+def tokenizer_adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def _subclasses(cls) -> list[type]:
@@ -72,8 +76,14 @@ class FusionProcessor(ProcessorMixin):
         self.chunked_tokenization = bool(chunked_tokenization)
         self.pad_to_square = bool(pad_to_square)
         self.image_token_id = add_special_token(tokenizer, image_token)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE,
+        if chat_template is None:  # USER / ASSISTANT turns, with the BOS the tokenizer would add
+            chat_template = self.default_chat_template(tokenizer)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template,
                          **sub_processors)  # a subclass's further tokenizers (InstructBLIP's Q-Former tokenizer)
+
+    @staticmethod
+    def default_chat_template(tokenizer) -> str:
+        return chat_template(bos=tokenizer_adds_bos(tokenizer))
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
@@ -123,6 +133,8 @@ class FusionProcessor(ProcessorMixin):
                                  f"and {num_images} images.")
 
     def __call__(self, images=None, text=None, **kwargs):
+        if text is not None and "add_special_tokens" not in kwargs:  # a text the chat template began with BOS
+            kwargs["add_special_tokens"] = self.adds_special_tokens(text if isinstance(text, str) else text[0])
         if images is not None and self.pad_to_square:
             images = self.padded_to_square(images)
         if self.chunked_tokenization and text is not None:
@@ -149,6 +161,7 @@ class FusionProcessor(ProcessorMixin):
     def chunked_call(self, images, text, return_tensors=None, padding=False, max_length=None, truncation=None,
                      **kwargs):
         """`__call__` with `chunked_tokenization`: each text split at `image_token`, its chunks tokenized alone."""
+        kwargs.pop("add_special_tokens", None)  # each chunk takes the tokenizer's, BOS kept once (`chunked_ids`)
         texts = [text] if isinstance(text, str) else list(text)
         flat_images = make_flat_list_of_images(images) if images is not None else []
         count = sum(t.count(self.image_token) for t in texts)
@@ -363,7 +376,11 @@ class FusionFlamingoProcessor(FusionProcessor):
         self.end_of_chunk_token = end_of_chunk_token
         _, self.end_of_chunk_token_id = add_flamingo_tokens(tokenizer, image_token, end_of_chunk_token)
         super().__init__(image_processor, tokenizer, image_token=image_token, image_seq_length=1,
-                         chat_template=chat_template or FLAMINGO_CHAT_TEMPLATE)
+                         chat_template=chat_template)
+
+    @staticmethod
+    def default_chat_template(tokenizer) -> str:
+        return chat_template(image="<image>", end_of_turn="'<|endofchunk|>'", bos=tokenizer_adds_bos(tokenizer))
 
     @classmethod
     def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, config, **kwargs):
@@ -374,8 +391,6 @@ class FusionFlamingoProcessor(FusionProcessor):
                              f"{processor.end_of_chunk_token_id}, the config expects {config.end_of_chunk_token_id}.")
         return processor
 
-
-FLAMINGO_CHAT_TEMPLATE = chat_template(image="<image>", end_of_turn="'<|endofchunk|>'")
 
 
 IDEFICS_CHAT_TEMPLATE = (
