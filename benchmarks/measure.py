@@ -210,3 +210,16 @@ def compare(specs: dict) -> dict:
             result["lm_bytes_per_token"] = lm_bytes_read_per_token(model)
         results[name] = result
     return results
+
+
+def write_report(out: str, name: str, report: str, rows) -> None:
+    """Print a benchmark's markdown `report` and write it, with its `rows` as JSON, to `out/{name}.md|json`."""
+    import json
+    import os
+
+    print("\n" + report)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(rows, f, indent=2)

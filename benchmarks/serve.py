@@ -12,7 +12,6 @@ keeps one core for itself and computes on the other (transformers uses both); on
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
+import measure  # noqa: E402
 import setups  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def run_vllm(path, batch, new_tokens, image_size) -> float:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-def measure(which, path, batch, args) -> float:
+def tokens_per_second(which, path, batch, args) -> float:
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import serve; "
             f"print('TOKENS_PER_S', serve.run_{which}({path!r}, {batch}, {args.new_tokens}, "
             f"{setups.SIZES[args.size]['image_size']}))")
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as root:
         save_model(root, setups.SIZES[args.size])
         for batch in args.batches:
-            hf = measure("transformers", root, batch, args)
-            vllm = measure("vllm", root, batch, args)
+            hf = tokens_per_second("transformers", root, batch, args)
+            vllm = tokens_per_second("vllm", root, batch, args)
             rows.append(dict(batch=batch, transformers=hf, vllm=vllm, ratio=vllm / hf))
             print(f"  batch {batch}: transformers {hf:.1f} tok/s, vLLM {vllm:.1f} tok/s", flush=True)
     lines = ["| batch | transformers generate (tok/s) | vLLM LLM.generate (tok/s) | vLLM / transformers |",
@@ -112,12 +112,7 @@ def main(argv=None) -> int:
                                     for r in rows]
     report = (f"# Serving: vLLM vs transformers (LLaVA-style, size `{args.size}`, {args.new_tokens} new tokens, greedy, "
               f"{os.cpu_count()} CPU threads)\n\n" + "\n".join(lines) + "\n")
-    print("\n" + report)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serving.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(args.out, "serving.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    measure.write_report(args.out, "serving", report, rows)
     return 0
 
 

@@ -191,12 +191,7 @@ def main(argv=None) -> int:
                      f"{t['peak_mb']:.0f} | {r['memory_ratio']:.2f} |")
     report = (f"# Training: vlm-fusion train vs TRL SFTTrainer (size `{args.size}`, global batch {args.batch_size}, "
               f"{args.steps} steps, {os.cpu_count()} CPU threads)\n\n" + "\n".join(lines) + "\n")
-    print("\n" + report)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "training.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    measure.write_report(args.out, "training", report, rows)
     return 0
 
 

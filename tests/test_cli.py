@@ -112,6 +112,21 @@ def test_shipped_demo_checkpoint_answers_every_question_type(family):
     assert min(accuracy["colour"], accuracy["shape"], accuracy["count"]) >= 0.95 and accuracy["left_of"] >= 0.85
 
 
+@pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
+def test_the_demo_prompt_is_what_the_models_chat_template_renders(family):
+    """The demo asks (CLI, evaluation, the LM's text pretraining) in the text the recipe trained on: the chat
+    template's rendering of a question about one image."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(CHECKPOINTS / family))
+    question = "what colour is the star ?"
+    as_trained = [{"role": "user", "content": f"<image>\n{question}"}]  # as LLaVA's JSON gives it to the recipe
+    as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]  # lmms-eval, vLLM
+    for messages in (as_trained, as_parts):
+        assert processor.apply_chat_template(messages, add_generation_prompt=True) == shapes.PROMPT.format(
+            question=question)
+
+
 def test_demo_command_prints_questions_and_verdicts(capsys):
     assert cli.main(["demo", "--family", "llava", "--seed", "3"]) == 0
     out = capsys.readouterr().out

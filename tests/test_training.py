@@ -3,6 +3,7 @@ TRL's conversational format, LoRA / QLoRA, resuming, and every kind of bad input
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -298,8 +299,10 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(parts, tmp_
     from vlm_fusion_cli import main
 
     assert main(["train", *argv(tmp_path / "whole")]) == 0
+    # the killed run computes on as many threads as this process (bit-identical weights need the same reductions)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, how, str(at), *argv(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=env)
     if how == "SIGTERM":  # stopped after the step under way (the next), with a checkpoint, and said so
         assert killed.returncode == 143, killed.stderr[-2000:]
         assert "stopped by SIGTERM after step 4" in killed.stderr and "--resume" in killed.stderr

@@ -16,7 +16,7 @@ COLUMNS = ("left", "middle", "right")
 IMAGE_SIZE = 96
 GRID = 3
 QUESTION_TYPES = ("colour", "shape", "count", "left_of")
-PROMPT = "USER: <image>\n{question} ASSISTANT:"
+PROMPT = "USER: <image>\n{question}\nASSISTANT:"  # what the demo models' chat template renders for a question
 CAPTION_QUESTION = "describe the image ."
 MAX_ANSWER_TOKENS = 16  # the longest answers: a three-shape caption, the reasoning of "left_of" (+ eos)
 
