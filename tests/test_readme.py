@@ -1,5 +1,6 @@
 """Every Python snippet of the README runs on its own, in a fresh process and an empty folder, as a reader pastes it."""
 
+import json
 import os
 import re
 import subprocess
@@ -46,3 +47,7 @@ def test_the_training_commands_run_as_written(tmp_path):
     for out in ("llava-align", "llava-instruct", "llava-lora"):
         assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / out)).__name__ == \
             "FusionLlavaForConditionalGeneration"
+        # runs shorter than --logging-steps still log their last step: the summary and the card have a final loss
+        summary = json.loads((tmp_path / out / "training_summary.json").read_text())
+        assert summary["final_loss"] > 0
+        assert f"| final loss | {summary['final_loss']:.4f} |" in (tmp_path / out / "README.md").read_text()

@@ -242,7 +242,7 @@ def train(options: TrainOptions) -> dict:
     """Run one stage; returns a summary (stage, data, samples, steps, final loss, where the model is)."""
     from transformers import TrainingArguments
 
-    from .trainer import Collator, ConversationDataset, FusionTrainer, StopOnSignal, final_loss
+    from .trainer import Collator, ConversationDataset, FusionTrainer, LogTheLastStep, StopOnSignal, final_loss
 
     if options.stage not in STAGES:
         raise data.DataError(f"--stage must be one of {', '.join(STAGES)}, got {options.stage!r}")
@@ -295,7 +295,7 @@ def train(options: TrainOptions) -> dict:
     dataset = ConversationDataset(processor, kept, encoded)
     stopper = StopOnSignal()
     trainer = FusionTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
-                            part_lrs=part_lrs, callbacks=[stopper])
+                            part_lrs=part_lrs, callbacks=[stopper, LogTheLastStep()])
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:

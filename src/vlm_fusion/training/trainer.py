@@ -181,6 +181,16 @@ class StopOnSignal(TrainerCallback):
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class LogTheLastStep(TrainerCallback):
+    """The run's last step (its end, or a stop) is always logged: a run shorter than `logging_steps` still shows its
+    loss, and the summary and the card their final loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True
+        return control
+
+
 def final_loss(log_history: list[dict]) -> float | None:
     losses = [entry["loss"] for entry in log_history if "loss" in entry and math.isfinite(entry["loss"])]
     return losses[-1] if losses else None
