@@ -21,3 +21,13 @@ def test_benchmark_smoke_run_writes_all_tables(tmp_path):
     assert {r["family"] for r in results["tradeoffs"]} == {"LLaVA-style", "BLIP-2-style", "Flamingo-style"}
     assert results["bound"]["bandwidth"]["read_gbs"] > 0
     assert (tmp_path / "benchmarks.png").stat().st_size > 10_000
+
+
+def test_the_training_benchmark_runs(tmp_path):
+    """benchmarks/train.py on the tiny size: a row per stage, both trainers measured."""
+    import train
+
+    assert train.main(["--size", "tiny", "--steps", "2", "--samples", "8", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "training.json").read_text())
+    assert [r["stage"] for r in rows] == ["align", "instruct", "flamingo"]
+    assert all(r["ours"]["samples_per_s"] > 0 and r["trl"]["samples_per_s"] > 0 for r in rows)
