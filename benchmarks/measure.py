@@ -7,6 +7,8 @@ models of one comparison side by side and times them in alternation (A B, B A, A
 do not count.
 """
 
+import json
+import os
 import resource
 import statistics
 import time
@@ -214,9 +216,6 @@ def compare(specs: dict) -> dict:
 
 def write_report(out: str, name: str, report: str, rows) -> None:
     """Print a benchmark's markdown `report` and write it, with its `rows` as JSON, to `out/{name}.md|json`."""
-    import json
-    import os
-
     print("\n" + report)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.md"), "w") as f:

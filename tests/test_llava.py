@@ -253,3 +253,18 @@ def test_anyres_beam_search_keeps_images_of_different_sizes_with_their_sample():
     for i, (prompt, own) in enumerate(zip(prompts, (images[:2], images[2:]))):
         alone = processor(images=own, text=[prompt], return_tensors="pt")
         assert torch.equal(beams[i, -3:], model.generate(**alone, max_new_tokens=3, num_beams=2, do_sample=False)[0, -3:])
+
+
+def test_a_batch_with_bos_written_in_some_texts_only_is_refused():
+    """The chat template writes BOS where the tokenizer adds one, and the processor then adds none; a batch that mixes
+    both kinds of text would get one of them wrong, so it is refused in one line."""
+    from vlm_fusion import FusionLlavaProcessor
+    from vlm_fusion.tools.tiny import tiny_bpe_tokenizer, tiny_image_processor
+
+    processor = FusionLlavaProcessor(image_processor=tiny_image_processor(), tokenizer=tiny_bpe_tokenizer())
+    bos = processor.tokenizer.bos_token
+    written = processor(text=[f"{bos}USER: hi"], return_tensors="pt")["input_ids"][0].tolist()
+    added = processor(text=["USER: hi"], return_tensors="pt")["input_ids"][0].tolist()
+    assert written == added and written.count(processor.tokenizer.bos_token_id) == 1
+    with pytest.raises(ValueError, match="some of the texts start with"):
+        processor(text=[f"{bos}USER: hi", "USER: hi"], padding=True)

@@ -134,7 +134,11 @@ class FusionProcessor(ProcessorMixin):
 
     def __call__(self, images=None, text=None, **kwargs):
         if text is not None and "add_special_tokens" not in kwargs:  # a text the chat template began with BOS
-            kwargs["add_special_tokens"] = self.adds_special_tokens(text if isinstance(text, str) else text[0])
+            adds = {self.adds_special_tokens(t) for t in ([text] if isinstance(text, str) else text)}
+            if len(adds) > 1:  # one tokenizer call takes one add_special_tokens for the whole batch
+                raise ValueError(f"some of the texts start with {self.tokenizer.bos_token} and some do not: write it "
+                                 "in all of them or in none (or pass add_special_tokens)")
+            kwargs["add_special_tokens"] = adds.pop()
         if images is not None and self.pad_to_square:
             images = self.padded_to_square(images)
         if self.chunked_tokenization and text is not None:
