@@ -141,10 +141,19 @@ PUSH_AND_LOAD = textwrap.dedent("""
     processor.push_to_hub(repo_id)
     loaded = AutoModelForImageTextToText.from_pretrained(repo_id).eval()
     loaded_processor = AutoProcessor.from_pretrained(repo_id)
+    state = loaded.state_dict()
+    changed = [key for key, value in model.state_dict().items() if not torch.equal(state[key], value)]
+    assert not changed, f"weights changed through the Hub: {changed}"
     inputs = loaded_processor(images=[random_image(0)], text=[PROMPT], return_tensors="pt")
+    assert all(torch.equal(inputs[k], v) for k, v in processor(images=[random_image(0)], text=[PROMPT],
+                                                               return_tensors="pt").items())
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
-    print("identical logits", repo_id)
+        got, expected = loaded(**inputs).logits, model(**inputs).logits
+    # What the Hub round trip must keep is checked bit for bit above (weights, processor output). The logits of two
+    # model instances were unequal once in CI (BLIP-2; never reproduced here): CPU BLAS does not promise one
+    # summation order for tensors at other addresses or under another thread split, so they get a float32 margin.
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    print("identical weights, logits within", (got - expected).abs().max().item(), repo_id)
 """)
 
 
@@ -164,7 +173,7 @@ def test_push_to_hub_and_from_pretrained_through_a_local_hub(family, tmp_path):
     finally:
         server.shutdown()
     assert run.returncode == 0, run.stderr[-4000:] + f"\nunhandled: {state.unhandled}"
-    assert "identical logits" in run.stdout
+    assert "identical weights" in run.stdout
     (repo,) = state.repos.values()
     uploaded = sorted(repo["files"])
     print(family, "uploaded:", uploaded)
