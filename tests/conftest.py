@@ -15,6 +15,11 @@ import vlm_fusion  # noqa: F401  (registers the families)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def changed_weights(model, state) -> list:
+    """The names of `model`'s weights that are not bit-identical in `state` (another copy's state dict)."""
+    return [key for key, value in model.state_dict().items() if not torch.equal(state[key], value)]
+
+
 def load_script(name: str):
     """Import `conversion_scripts/<name>.py` as a module (scripts are not part of the package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "conversion_scripts" / f"{name}.py")

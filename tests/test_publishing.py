@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import random_image
+from conftest import changed_weights, random_image
 from vlm_fusion.tools.tiny import tiny_model_and_processor
 
 FAMILIES = {
@@ -126,14 +126,14 @@ def test_remote_code_export_loads_without_the_package(family, tmp_path):
     assert "transformers_modules" in run.stdout
     assert f"headless: {type(model.model).__name__}" in run.stdout
     out = torch.load(tmp_path / "inputs.pt.out")
-    assert not [key for key, value in model.state_dict().items() if not torch.equal(out["state"][key], value)]
+    assert not changed_weights(model, out["state"])
     torch.testing.assert_close(out["logits"], expected)  # another process: see the Hub test
 
 
 PUSH_AND_LOAD = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[2])
-    from conftest import random_image
+    from conftest import changed_weights, random_image
     from test_publishing import build, PROMPT
     from transformers import AutoModelForImageTextToText, AutoProcessor
     family = sys.argv[1]
@@ -143,8 +143,7 @@ PUSH_AND_LOAD = textwrap.dedent("""
     processor.push_to_hub(repo_id)
     loaded = AutoModelForImageTextToText.from_pretrained(repo_id).eval()
     loaded_processor = AutoProcessor.from_pretrained(repo_id)
-    state = loaded.state_dict()
-    changed = [key for key, value in model.state_dict().items() if not torch.equal(state[key], value)]
+    changed = changed_weights(model, loaded.state_dict())
     assert not changed, f"weights changed through the Hub: {changed}"
     inputs = loaded_processor(images=[random_image(0)], text=[PROMPT], return_tensors="pt")
     assert all(torch.equal(inputs[k], v) for k, v in processor(images=[random_image(0)], text=[PROMPT],
