@@ -6,10 +6,16 @@ that registers anything).
 
 from typing import NamedTuple
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .configuration_base import FusionConfig
-from .configuration_blip2 import FusionBlip2Config
+from .configuration_blip2 import FusionBlip2Config, FusionBlip2QFormerConfig
 from .configuration_flamingo import FusionFlamingoConfig
 from .configuration_llava import FusionLlavaConfig
 from .modeling_base import (
@@ -19,16 +25,18 @@ from .modeling_base import (
     FusionModelOutputWithPast,
     FusionPreTrainedModel,
 )
-from .modeling_blip2 import FusionBlip2ForConditionalGeneration, FusionBlip2Model, FusionQFormer
+from .modeling_blip2 import FusionBlip2ForConditionalGeneration, FusionBlip2Model
 from .modeling_flamingo import (
     FusionFlamingoForConditionalGeneration,
     FusionFlamingoModel,
     GatedCrossAttentionBlock,
     PerceiverResampler,
 )
+from .modeling_qformer import FusionBlip2ForImageTextRetrieval, FusionQFormer
 from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaModel, FusionLlavaProjector
 from .processing_fusion import (
     FusionBlip2Processor,
+    FusionBlip2QFormerProcessor,
     FusionFlamingoProcessor,
     FusionIdeficsProcessor,
     FusionInstructBlipProcessor,
@@ -65,12 +73,22 @@ for _model_type, _family in FAMILIES.items():
     AutoModelForImageTextToText.register(_family.config, _family.model, exist_ok=True)
     AutoProcessor.register(_family.config, _family.processor, exist_ok=True)
 
+# BLIP-2's stage 1: the Q-Former with its text side and heads, no LM (a retrieval / zero-shot classification model).
+AutoConfig.register(FusionBlip2QFormerConfig.model_type, FusionBlip2QFormerConfig, exist_ok=True)
+AutoModel.register(FusionBlip2QFormerConfig, FusionBlip2ForImageTextRetrieval, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(FusionBlip2QFormerConfig, FusionBlip2ForImageTextRetrieval,
+                                                 exist_ok=True)
+AutoProcessor.register(FusionBlip2QFormerConfig, FusionBlip2QFormerProcessor, exist_ok=True)
+
 __all__ = [
     "FAMILIES",
     "FusionBlip2Config",
     "FusionBlip2ForConditionalGeneration",
+    "FusionBlip2ForImageTextRetrieval",
     "FusionBlip2Model",
     "FusionBlip2Processor",
+    "FusionBlip2QFormerConfig",
+    "FusionBlip2QFormerProcessor",
     "FusionCausalLMOutputWithPast",
     "FusionConfig",
     "FusionForConditionalGeneration",

@@ -48,7 +48,7 @@ class FusionCheckpointMixin:
             kwargs["quantization_config"] = with_unquantized_modules(kwargs["quantization_config"],
                                                                      headless._unquantized_modules)
         legacy = None
-        if kwargs.get("key_mapping") is None:
+        if kwargs.get("key_mapping") is None and getattr(headless, "legacy_parts_layout", True):
             config = kwargs.get("config")
             if not isinstance(config, FusionConfig):
                 config_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only",

@@ -73,6 +73,7 @@ class FusionConfig(PreTrainedConfig):
     origin: str | None = None  # how the weights were produced ("composed from X + Y", "converted from Z")
     base_models: list[str] | None = None  # Hub ids the weights come from (the card's `base_model`)
     license: str | None = None  # the card's `license`, when known
+    required_sub_configs = ("vision_config", "text_config")  # what a saved config must name (not a field)
 
     def __post_init__(self, **kwargs):
         # Never mutate configs handed in (transformers resets their attention implementation below).
@@ -92,11 +93,11 @@ class FusionConfig(PreTrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """A saved config must name both backbones: without them it would silently build the default CLIP and Llama."""
-        missing = [key for key in ("vision_config", "text_config") if not config_dict.get(key)]
+        missing = [key for key in cls.required_sub_configs if not config_dict.get(key)]
         if missing:
             raise ValueError(
                 f"This {cls.model_type} config has no {' and no '.join(f'`{k}`' for k in missing)}: a saved vlm-fusion "
-                "config names both backbones (save it again with `save_pretrained`, or add the missing sub-config)."
+                "config names its backbones (save it again with `save_pretrained`, or add the missing sub-config)."
             )
         return super().from_dict(config_dict, **kwargs)
 

@@ -1,5 +1,6 @@
 """Config of the BLIP-2-style family: a Q-Former compresses the image's patches to N_q tokens for the LM."""
 
+from .compat import TRANSFORMERS_BUILDS_SUB_CONFIGS
 from .configuration_base import FusionConfig, check_fraction, check_positive_int
 
 
@@ -61,3 +62,71 @@ class FusionBlip2Config(FusionConfig):
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         """Visual tokens the LM sees per image: always `num_query_tokens`, whatever the resolution."""
         return self.num_query_tokens
+
+
+class FusionBlip2QFormerConfig(FusionBlip2Config):
+    r"""
+    Configuration of [`FusionBlip2ForImageTextRetrieval`], BLIP-2's stage 1: a vision tower and a Q-Former with its text
+    side and heads (ITC projections, ITM head, ITG head), no LM. Takes the Q-Former fields of [`FusionBlip2Config`]
+    (`text_config` stays `None`: the Q-Former reads text in its own vocabulary) and the stage-1 fields below.
+    A [`FusionBlip2ForConditionalGeneration`] is built from it and an LM with
+    `FusionBlip2ForConditionalGeneration.from_qformer_pretrained`.
+
+    Example:
+
+    ```python
+    >>> from vlm_fusion import FusionBlip2QFormerConfig
+    >>> from vlm_fusion.tools.tiny import tiny_vision_config
+    >>> config = FusionBlip2QFormerConfig(vision_config=tiny_vision_config("siglip"), qformer_vocab_size=100)
+    >>> config.embed_dim, config.max_text_length
+    (256, 32)
+    ```
+    """
+
+    model_type = "fusion_blip2_qformer"
+    sub_configs_defaults = {"vision_config": FusionBlip2Config.sub_configs_defaults["vision_config"]}
+    if not TRANSFORMERS_BUILDS_SUB_CONFIGS:
+        sub_configs = {"vision_config": FusionBlip2Config.sub_configs_defaults["vision_config"].config_class}
+    required_sub_configs = ("vision_config",)
+
+    qformer_text_input: bool = True  # stage 1 always reads captions
+    embed_dim: int = 256  # width of the ITC space (`vision_projection` / `text_projection`)
+    max_text_length: int = 32  # captions are cut to this many Q-Former tokens (LAVIS's max_txt_len)
+    qformer_bos_token_id: int = 30522  # `[DEC]`: replaces `[CLS]` as the first token of the ITG pass
+    temperature: float = 0.07  # initial ITC temperature (learned, used clamped to [0.001, 0.5] as in BLIP)
+    label_smoothing: float = 0.1  # on the ITC and ITG cross-entropies (LAVIS)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = True  # ITG's decoder is the Q-Former's word embeddings (BERT's, as LAVIS ties them)
+
+    def validate_fusion_fields(self):
+        super().validate_fusion_fields()
+        if self.text_config is not None:
+            raise ValueError("`text_config` must be None: a stage-1 Q-Former has no language model (compose one with "
+                             "`FusionBlip2ForConditionalGeneration.from_qformer_pretrained`).")
+        if not self.qformer_text_input:
+            raise ValueError("`qformer_text_input` must be True: the stage-1 Q-Former reads captions.")
+        for name in ("embed_dim", "max_text_length"):
+            check_positive_int(name, getattr(self, name))
+        if self.max_text_length > self.qformer_max_position_embeddings:
+            raise ValueError(f"`max_text_length` ({self.max_text_length}) exceeds `qformer_max_position_embeddings` "
+                             f"({self.qformer_max_position_embeddings}).")
+        if not isinstance(self.qformer_bos_token_id, int) or not 0 <= self.qformer_bos_token_id < self.qformer_vocab_size:
+            raise ValueError(f"`qformer_bos_token_id` must be an id below `qformer_vocab_size`, got "
+                             f"{self.qformer_bos_token_id!r}.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0.001 <= self.temperature <= 0.5:
+            raise ValueError(f"`temperature` must be a number in [0.001, 0.5], got {self.temperature!r}.")
+        check_fraction("label_smoothing", self.label_smoothing)
+
+    def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
+        return self.num_query_tokens
+
+    def generation_fields(self) -> dict:
+        """The fields a [`FusionBlip2Config`] takes over from this stage-1 config (the tower's and the Q-Former's)."""
+        own = {"embed_dim", "max_text_length", "qformer_bos_token_id", "temperature", "label_smoothing",
+               "qformer_text_input", "text_config", "image_token_id", "origin", "base_models", "license"}
+        fields = {f for f in FusionBlip2Config.__dataclass_fields__ if f.startswith(("qformer_", "vision_"))}
+        fields |= {"num_query_tokens", "cross_attention_frequency"}
+        return {name: getattr(self, name) for name in sorted(fields - own)}

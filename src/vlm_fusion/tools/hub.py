@@ -34,6 +34,10 @@ def family_fields(model) -> dict:
         anyres = config.image_grid_pinpoints and ", ".join(f"{h}x{w}" for h, w in config.image_grid_pinpoints)
         return dict(projector=projector, vision_feature_layer=config.vision_feature_layer,
                     strategy=config.vision_feature_select_strategy, anyres=anyres)
+    if config.model_type == "fusion_blip2_qformer":
+        return dict(num_query_tokens=config.num_query_tokens, qformer_layers=config.qformer_num_hidden_layers,
+                    qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency,
+                    embed_dim=config.embed_dim, max_text_length=config.max_text_length)
     if config.model_type == "fusion_blip2":
         return dict(num_query_tokens=config.num_query_tokens, qformer_layers=config.qformer_num_hidden_layers,
                     qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency,
@@ -43,14 +47,18 @@ def family_fields(model) -> dict:
                 idefics=config.cross_attention_style == "idefics", gate_shape=config.gate_shape)
 
 
+def pipeline_tag(config) -> str:
+    return "zero-shot-image-classification" if config.model_type == "fusion_blip2_qformer" else "image-text-to-text"
+
+
 def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False, extra: str = "",
                       usage: dict | None = None) -> ModelCard:
     """The family's card; `usage` overrides `load_from` / `example_image` / `example_question` of its snippet."""
     config = model.config
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        tags=list(dict.fromkeys(["vlm-fusion", config.model_type, "image-text-to-text", *tags])),
+        pipeline_tag=pipeline_tag(config),
+        tags=list(dict.fromkeys(["vlm-fusion", config.model_type, pipeline_tag(config), *tags])),
         base_model=list(config.base_models) if config.base_models else None,
         license=config.license,
     )
@@ -61,7 +69,8 @@ def render_model_card(model, repo_id: str, *, tags=(), remote_code: bool = False
         model_name=repo_id.rstrip("/").split("/")[-1],
         repo_id=repo_id,
         vision_tower=_describe(config.vision_config, type(model.vision_tower).__name__),
-        language_model=_describe(config.text_config, causal_lm_class(config.text_config).__name__),
+        language_model=config.text_config and _describe(config.text_config,
+                                                        causal_lm_class(config.text_config).__name__),
         visual_tokens=config.num_image_tokens(),
         bridge_parameters=_count(model.bridge_modules().values()),
         total_parameters=_count([model]),

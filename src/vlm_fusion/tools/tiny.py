@@ -81,6 +81,37 @@ def tiny_bpe_tokenizer(words=WORDS, vocab_size: int = 384) -> PreTrainedTokenize
                                    pad_token="<pad>")
 
 
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_bert_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer with BERT's special tokens and template (`[CLS] text [SEP]`; ids: [PAD]=0,
+    [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then the words): the Q-Former's tokenizer, as bert-base-uncased is BLIP-2's."""
+    from tokenizers import normalizers, processors
+
+    vocab = {token: i for i, token in enumerate(BERT_SPECIAL_TOKENS + list(dict.fromkeys(w.lower() for w in words)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_qformer_retrieval(vision: str = "clip", *, image_size: int = 32, **config_kwargs):
+    """A tiny random BLIP-2 stage-1 model (`FusionBlip2ForImageTextRetrieval`) and its processor."""
+    from vlm_fusion import FusionBlip2ForImageTextRetrieval, FusionBlip2QFormerConfig, FusionBlip2QFormerProcessor
+
+    processor = FusionBlip2QFormerProcessor(image_processor=tiny_image_processor(image_size),
+                                            tokenizer=tiny_bert_tokenizer())
+    config = FusionBlip2QFormerConfig(
+        vision_config=tiny_vision_config(vision, image_size=image_size), **TINY_QFORMER,
+        **{"qformer_vocab_size": len(processor.tokenizer), "qformer_bos_token_id": processor.bos_token_id,
+           "embed_dim": 32, **config_kwargs})
+    return FusionBlip2ForImageTextRetrieval(config).eval(), processor
+
+
 def tiny_image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
