@@ -99,7 +99,8 @@ def key_value(text: str) -> tuple[str, object]:
 
 def add_train_parser(commands) -> None:
     p = commands.add_parser(
-        "train", help="train a model on your data: one stage of LLaVA's recipe (align, instruct) or Flamingo's",
+        "train", help="train a model on your data: one stage of LLaVA's recipe (align, instruct), BLIP-2's stage 1 "
+                      "(qformer) or Flamingo's",
         description="One stage of the recipe on transformers' Trainer: from a vlm-fusion checkpoint (--model) or from "
                     "pretrained parts (--family, --vision-tower, --language-model), to a vlm-fusion checkpoint with "
                     "its processor and a model card recording the training.")
@@ -115,11 +116,17 @@ def add_train_parser(commands) -> None:
                       "processor's); saved with the output's processor")
     data.add_argument("--plain-end", help='what ends a plain-layout sample (default "\\n"; Flamingo: <|endofchunk|>)')
     model = p.add_argument_group("model")
-    model.add_argument("--stage", choices=("align", "instruct", "flamingo"), default="instruct")
-    model.add_argument("--model", help="a vlm-fusion checkpoint to start from (e.g. the align stage's output)")
+    model.add_argument("--stage", choices=("align", "instruct", "flamingo", "qformer"), default="instruct",
+                       help="qformer: BLIP-2's stage 1 (ITC + ITM + ITG) on image-caption pairs, no LM")
+    model.add_argument("--model", help="a vlm-fusion checkpoint to start from (e.g. the align stage's output; for "
+                       "--stage align with --language-model, a stage-1 Q-Former checkpoint: BLIP-2's stage 2)")
     model.add_argument("--family", choices=DEMO_FAMILIES, help="compose a new model of this family from parts")
     model.add_argument("--vision-tower", help="with --family: a vision checkpoint (CLIP, SigLIP, DINOv2, ViT, ...)")
     model.add_argument("--language-model", help="with --family: a causal LM checkpoint with its tokenizer")
+    model.add_argument("--qformer-init", help="--stage qformer: a BERT checkpoint the Q-Former starts from "
+                       "(BLIP-2: bert-base-uncased); its tokenizer becomes the Q-Former's")
+    model.add_argument("--qformer-tokenizer", help="--stage qformer from scratch (no --qformer-init): the Q-Former's "
+                       "tokenizer")
     model.add_argument("--bridge", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="with --family: a bridge config field, e.g. projector_type=mlp2x_gelu, num_query_tokens=32")
     model.add_argument("--lora", action="store_true", help="instruct: LoRA adapters on the LM instead of training it")
@@ -181,8 +188,30 @@ def launch_training(args, argv: list[str]) -> int:
     return subprocess.call([*command, "-m", "vlm_fusion.training", *rest])
 
 
+# ---- evaluate -------------------------------------------------------------------------------------------------------
+def add_evaluate_parser(commands) -> None:
+    p = commands.add_parser("evaluate", help="evaluate a model on your data: retrieval (a stage-1 Q-Former)")
+    evaluations = p.add_subparsers(dest="evaluation", required=True)
+    p = evaluations.add_parser(
+        "retrieval", help="image-text retrieval R@1/5/10 of a stage-1 Q-Former checkpoint, by LAVIS's procedure",
+        description="LAVIS's BLIP-2 retrieval evaluation: ITC similarity for every image-caption pair, ITM re-ranking "
+                    "of each image's top k captions and each caption's top k images, then R@1/5/10 both ways, printed "
+                    "and written as JSON under LAVIS's key names (txt_r1 ... r_mean, agg_metrics).")
+    p.add_argument("--model", required=True, help="a stage-1 Q-Former checkpoint (model_type fusion_blip2_qformer)")
+    p.add_argument("--data", required=True, help="image-caption samples, in any format `vlm-fusion train` reads; the "
+                   "caption is the assistant turn; an image in several samples is one image with several captions")
+    p.add_argument("--image-folder", help="the folder LLaVA-format image paths are relative to")
+    p.add_argument("--k", type=positive_int, default=128, help="candidates ITM re-ranks per image and per caption, "
+                   "the best by ITC (LAVIS's k_test; capped at the number of candidates)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images, captions or image-caption pairs per "
+                   "forward pass")
+    p.add_argument("--output", metavar="FILE.json", help="where to write the metrics (default: "
+                   "<model>/retrieval_results.json)")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-fusion", description="vlm-fusion: demo, generate, train, convert, tokens.")
+    parser = argparse.ArgumentParser(prog="vlm-fusion",
+                                     description="vlm-fusion: demo, generate, train, evaluate, convert, tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="ask the embedded demo checkpoints about a fresh synthetic image")
     p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
@@ -212,6 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--image", type=height_width, default=None, metavar="HxW",
                    help="with --anyres: the image's own size, which sets its LLaVA-style token count")
     add_train_parser(commands)
+    add_evaluate_parser(commands)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
         from vlm_fusion import cli  # --help included
@@ -230,6 +260,8 @@ def main(argv=None) -> int:
 
     if args.command == "train" and args.accelerate:  # relaunch through accelerate's launcher, N processes
         return launch_training(args, argv)
+    if args.command == "evaluate":
+        return {"retrieval": cli.evaluate_retrieval}[args.evaluation](args)
     return {"demo": cli.demo, "generate": cli.generate, "train": cli.train}[args.command](args) \
         if args.command != "convert" else cli.convert(args, rest)
 

@@ -121,3 +121,37 @@ class FusionBlip2ForConditionalGeneration(FusionForConditionalGeneration, Genera
 
     config_class = FusionBlip2Config
     model_class = FusionBlip2Model
+
+    @classmethod
+    def from_qformer_pretrained(cls, qformer_name_or_path: str, text_model_name_or_path: str, *,
+                                text_kwargs: dict | None = None, **config_kwargs):
+        """
+        BLIP-2's generative stage from its stage 1: the stage-1 checkpoint's vision tower, layer norm and Q-Former (its
+        queries, self- and cross-attention and query FFN; with `qformer_text_input=True`, InstructBLIP's, also the text
+        embeddings and text FFN it reads the instruction with), a pretrained causal LM, and a new
+        `language_projection`. The stage-1 heads (ITC, ITM, ITG) are left behind.
+        """
+        from transformers import AutoModelForCausalLM
+
+        from .modeling_base import _default_image_token_id
+        from .modeling_qformer import FusionBlip2ForImageTextRetrieval
+
+        stage1 = FusionBlip2ForImageTextRetrieval.from_pretrained(qformer_name_or_path)
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
+        if "image_token_id" not in config_kwargs:
+            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, language_model.config)
+        config_kwargs.setdefault("origin", f"BLIP-2's generative stage from the stage-1 Q-Former "
+                                           f"`{qformer_name_or_path}` and the language model `{text_model_name_or_path}`;"
+                                           " the language projection was initialised.")
+        config = cls.config_class(**{**stage1.config.generation_fields(), "text_config": language_model.config,
+                                     **config_kwargs})
+        model = cls(config, vision_tower=stage1.vision_tower, language_model=language_model)
+        carried = {k: v for k, v in stage1.state_dict().items() if k.startswith(("vision_layernorm.", "qformer."))}
+        bridge = {k: v for k, v in model.model.state_dict().items() if k.startswith(("vision_layernorm.", "qformer."))}
+        if not config.qformer_text_input:  # the generation path reads no text
+            carried = {k: v for k, v in carried.items() if k in bridge}
+        if set(carried) != set(bridge):
+            raise ValueError(f"The stage-1 Q-Former of {qformer_name_or_path} does not fit: missing "
+                             f"{sorted(set(bridge) - set(carried))[:3]}, extra {sorted(set(carried) - set(bridge))[:3]}.")
+        model.model.load_state_dict(carried, strict=False)
+        return model

@@ -18,8 +18,8 @@ Stage 1 (`FusionBlip2ForImageTextRetrieval`, facts from LAVIS's `Blip2Qformer`):
     ITC  image_feats = norm(vision_projection(queries)) (N, Q, E), text_feat = norm(text_projection(text[:, 0]))
          (N, E); s(i, t) = max_q image_feats[i, q] . text_feat[t] / temperature; cross-entropy both ways, label
          smoothing 0.1, captions of the same image all positive.
-    ITM  for each text a hard negative image, for each image a hard negative text, drawn from softmax(s) over the
-         global batch (positives excluded); itm_head on the queries' outputs of the bidirectional pass, mean over
+    ITM  for each text a hard negative image, for each image a hard negative text, drawn with weights softmax(s) +
+         1e-4 over the global batch (positives at 0); itm_head on the queries' outputs of the bidirectional pass, mean over
          the queries -> 2 logits; cross-entropy on [positives, negative images, negative texts].
     ITG  the caption with `[DEC]` for `[CLS]`, causal pattern, `text_head` (BERT's prediction head, decoder tied to
          the word embeddings) -> next-token cross-entropy, label smoothing 0.1.
@@ -263,12 +263,12 @@ def itc_loss(sim_i2t, sim_t2i, positives, label_smoothing: float) -> torch.Tenso
 
 
 def draw_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None) -> torch.LongTensor:
-    """For each row of `sim` `(B, B)`, a column drawn with probability softmax(sim) over its non-positive columns
-    (BLIP-2's hard negatives)."""
+    """For each row of `sim` `(B, B)`, a column drawn with weight softmax(sim) + 1e-4, its positive columns at 0
+    (BLIP-2's hard negatives, weighted as LAVIS 1.0.2 weighs them)."""
     if bool(positives.all(1).any()):
         raise ValueError("ITM needs, for every sample, another image in the global batch: this batch holds a single "
                          "image (or every caption in it belongs to one image).")
-    weights = F.softmax(sim.float().masked_fill(positives, float("-inf")), dim=1)  # (B, B)
+    weights = (F.softmax(sim.float(), dim=1) + 1e-4).masked_fill(positives, 0.0)  # (B, B)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
 
 

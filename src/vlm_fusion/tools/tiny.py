@@ -147,7 +147,8 @@ TRAINING_COLOURS = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 8
 
 def write_training_parts(root, text: str = "llama", samples: int = 16):
     """Pretrained parts and data as a user of `vlm-fusion train` has them: a tiny CLIP tower with its image
-    processor, a tiny causal LM with a byte-level BPE tokenizer (BOS added, as Llama's), an image folder and two
+    processor, a tiny causal LM with a byte-level BPE tokenizer (BOS added, as Llama's), a tiny BERT with a BERT-style
+    tokenizer (what BLIP-2's Q-Former starts from), an image folder and two
     LLaVA-format files: image-caption pairs (`captions.json`) and multi-turn conversations (`conversations.json`:
     one, two or no images per sample)."""
     import json
@@ -155,7 +156,7 @@ def write_training_parts(root, text: str = "llama", samples: int = 16):
 
     import torch
     from PIL import Image
-    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+    from transformers import AutoConfig, AutoModelForCausalLM, BertForMaskedLM, CLIPVisionModel
 
     root = pathlib.Path(root)
     torch.manual_seed(0)
@@ -165,6 +166,11 @@ def write_training_parts(root, text: str = "llama", samples: int = 16):
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config(text, vocab_size=len(tokenizer))))
     lm.save_pretrained(root / "lm")
     tokenizer.save_pretrained(root / "lm")
+    bert_tokenizer = tiny_bert_tokenizer()  # the Q-Former's start for BLIP-2's stage 1 (bert-base-uncased's stand-in)
+    bert = AutoConfig.for_model("bert", vocab_size=len(bert_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+    BertForMaskedLM(bert).save_pretrained(root / "bert")
+    bert_tokenizer.save_pretrained(root / "bert")
     (root / "images").mkdir(parents=True)
     names = list(TRAINING_COLOURS)
     for i in range(samples):

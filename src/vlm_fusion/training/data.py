@@ -139,6 +139,31 @@ def chat_conversation(row: dict, index: int, image_folder: str | None) -> Conver
                                         for image in images])
 
 
+@dataclass
+class CaptionPair:
+    """An image and its caption: what BLIP-2's stage 1 and retrieval read from the `align` formats."""
+
+    id: str
+    image: object  # a path or a PIL image
+    caption: str
+
+
+def caption_pairs(conversations: list[Conversation]) -> list[CaptionPair]:
+    """Each sample's one image and its caption (its assistant text, `<image>` markers and spaces around it stripped);
+    a sample without exactly one image or without a caption is one line naming it."""
+    pairs = []
+    for conversation in conversations:
+        sid = conversation.id
+        if len(conversation.images) != 1:
+            raise DataError(f"sample {sid}: {len(conversation.images)} images; an image-caption pair has one")
+        caption = " ".join(m["content"].replace(IMAGE, "").strip() for m in conversation.messages
+                           if m["role"] == "assistant").strip()
+        if not caption:
+            raise DataError(f"sample {sid}: no caption (an assistant / gpt turn with text)")
+        pairs.append(CaptionPair(sid, conversation.images[0], caption))
+    return pairs
+
+
 def resolve(path: str, image_folder: str | None) -> str:
     return path if os.path.isabs(path) or image_folder is None else os.path.join(image_folder, path)
 

@@ -32,12 +32,14 @@ class TrainOptions:
 
     data: str  # LLaVA JSON / JSON lines, or a local TRL-format dataset
     output_dir: str
-    stage: str = "instruct"  # align | instruct | flamingo
+    stage: str = "instruct"  # align | instruct | flamingo | qformer
     image_folder: str | None = None
     model: str | None = None  # a vlm-fusion checkpoint to start from ...
     family: str | None = None  # ... or parts: llava | blip2 | flamingo
     vision_tower: str | None = None
     language_model: str | None = None
+    qformer_init: str | None = None  # --stage qformer: a BERT checkpoint the Q-Former starts from (BLIP-2's)
+    qformer_tokenizer: str | None = None  # --stage qformer from scratch: the Q-Former's tokenizer
     bridge: dict = field(default_factory=dict)  # the family's config fields (projector_type, num_query_tokens, ...)
     layout: str | None = None  # plain | chat (default: the stage's)
     chat_template: str | None = None  # a Jinja chat template, or a file holding one (default: the processor's)
@@ -128,6 +130,28 @@ def load_model_and_processor(options: TrainOptions, quantize: bool):
     import vlm_fusion
 
     bnb = quantization(options) if quantize else None
+    stage1 = bool(options.model) and is_qformer_checkpoint(options.model)
+    if stage1 and not options.language_model:
+        raise data.DataError(f"{options.model} is a stage-1 Q-Former checkpoint (no LM): give --language-model LM to "
+                             "build BLIP-2's generation model from it (its generative stage: --stage align)")
+    if options.model and options.language_model and not stage1:
+        raise data.DataError(f"--model with --language-model starts BLIP-2's generative stage from a stage-1 Q-Former "
+                             f"checkpoint (vlm-fusion train --stage qformer), and {options.model} is not one; a "
+                             "vlm-fusion generation checkpoint already has its LM: drop --language-model")
+    if stage1:
+        if options.family not in (None, "blip2") or options.vision_tower:
+            raise data.DataError("a stage-1 Q-Former checkpoint brings its vision tower and is BLIP-2-style: drop "
+                                 "--vision-tower (and --family)")
+        model = vlm_fusion.FusionBlip2ForConditionalGeneration.from_qformer_pretrained(
+            options.model, options.language_model, text_kwargs={"quantization_config": bnb} if bnb else None,
+            **options.bridge)
+        processor_class = vlm_fusion.FusionInstructBlipProcessor if model.config.qformer_text_input \
+            else vlm_fusion.FusionBlip2Processor
+        extra = {"qformer_tokenizer": AutoProcessor.from_pretrained(options.model).tokenizer} \
+            if model.config.qformer_text_input else {}
+        processor = processor_class.from_vision_text_pretrained(options.model, options.language_model, model.config,
+                                                                **extra)
+        return model, processor
     if options.model:
         if options.family or options.vision_tower or options.language_model:
             raise data.DataError("give either --model (a vlm-fusion checkpoint) or --family, --vision-tower and "
@@ -147,6 +171,15 @@ def load_model_and_processor(options: TrainOptions, quantize: bool):
                                                      text_kwargs=text_kwargs, **options.bridge)
     processor = family.processor.from_vision_text_pretrained(options.vision_tower, options.language_model, model.config)
     return model, processor
+
+
+def is_qformer_checkpoint(path: str) -> bool:
+    """Whether `path` holds BLIP-2's stage 1 (`fusion_blip2_qformer`), read off its config."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as f:
+        return json.load(f).get("model_type") == "fusion_blip2_qformer"
 
 
 def freeze_for(model, stage, options) -> dict[str, int]:
@@ -246,6 +279,10 @@ def train(options: TrainOptions) -> dict:
 
     if options.stage not in STAGES:
         raise data.DataError(f"--stage must be one of {', '.join(STAGES)}, got {options.stage!r}")
+    if options.stage == "qformer":
+        from . import qformer
+
+        return qformer.train(options)
     stage = STAGES[options.stage]
     layout = options.layout or stage.layout
     if options.lora and options.qlora:

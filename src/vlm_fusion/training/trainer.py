@@ -147,7 +147,8 @@ class FusionTrainer(Trainer):
             logs["samples_per_second"] = round((step - last_step) * self.args.train_batch_size
                                                * self.args.gradient_accumulation_steps * self.args.world_size
                                                / elapsed, 3)
-            logs["tokens_per_second"] = round((tokens - last_tokens) / elapsed, 1)
+            if self.args.include_num_input_tokens_seen not in (False, None, "no"):
+                logs["tokens_per_second"] = round((tokens - last_tokens) / elapsed, 1)
         if "loss" in logs:
             self._last_log = (now, step, tokens)
         super().log(logs, start_time)
