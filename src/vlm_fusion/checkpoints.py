@@ -34,6 +34,14 @@ def _is_legacy_rule(conversion, legacy: dict[str, str]) -> bool:
     return any(pattern in legacy for pattern in sources)
 
 
+def without_tied_copies(state_dict: dict, tied: dict) -> dict:
+    """`state_dict` less each tied parameter (`tied`: target -> source) that equals its source: what transformers
+    leaves out of a save when the two share memory, as they no longer do once gathered from shards."""
+    drop = {target for target, source in (tied or {}).items() if target in state_dict and source in state_dict
+            and state_dict[target].shape == state_dict[source].shape and state_dict[target].equal(state_dict[source])}
+    return {k: v for k, v in state_dict.items() if k not in drop}
+
+
 class FusionCheckpointMixin:
     """`from_pretrained` / `save_pretrained` / `push_to_hub` of every vlm-fusion model (headless or with its head)."""
 
@@ -71,6 +79,8 @@ class FusionCheckpointMixin:
         loads it where vlm-fusion is not installed.
         """
         restore_portable_4bit_layout(self)
+        if kwargs.get("state_dict") is not None:  # gathered (FSDP, ZeRO-3): tied copies no longer share memory
+            kwargs["state_dict"] = without_tied_copies(kwargs["state_dict"], getattr(self, "all_tied_weights_keys", {}))
         with registered_for_auto_classes(self if remote_code else None):
             result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -226,13 +226,32 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every process's gradient of the gathered tensor and keeps this process's rows.
+    (torch's `distributed.nn.functional.all_gather` sends its gradients through gloo as they lie in memory: a
+    non-contiguous one, as einsum's backward gives, arrived scrambled, so two processes trained unlike one.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out, dim=0)  # (W * b, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss reaches every row
+        b = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * b : (dist.get_rank() + 1) * b]
+
+
 def gather(x: torch.Tensor, *, grad: bool) -> torch.Tensor:
     """Every process's `x` `(b, ...)`, in rank order `(W * b, ...)`; with `grad`, gradients flow back to each owner."""
     rank, size = world()
     if size == 1:
         return x
     if grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()), dim=0)
+        return _GatherWithGrad.apply(x.contiguous())
     out = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
@@ -332,7 +351,7 @@ class FusionBlip2ForImageTextRetrieval(FusionPreTrainedModel):
         self.text_projection = nn.Linear(dim, config.embed_dim)
         self.itm_head = nn.Linear(dim, 2)
         self.text_head = QFormerTextHead(dim=dim, vocab_size=config.qformer_vocab_size, eps=config.qformer_layer_norm_eps)
-        self.temperature = nn.Parameter(torch.tensor(float(config.temperature)))
+        self.temperature = nn.Parameter(torch.full((1,), float(config.temperature)))  # (1,): FSDP2 shards no scalar
         self.post_init()
 
     def _init_weights(self, module):

@@ -161,8 +161,12 @@ def make_trainer_class():
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._parts:
-                logs.update({name: round(sum(v) / len(v), 4) for name, v in self._parts.items()})
+            if "loss" in logs and self._parts:  # the mean since the last log, over every process (as `loss`)
+                means = torch.tensor([sum(v) / len(v) for v in self._parts.values()], dtype=torch.float64)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(means)
+                    means /= torch.distributed.get_world_size()
+                logs.update({name: round(float(mean), 4) for name, mean in zip(self._parts, means)})
                 self._parts.clear()
             super().log(logs, start_time)
 
