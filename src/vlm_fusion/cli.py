@@ -1,4 +1,5 @@
-"""The commands of `vlm-fusion` (demo, generate, train, convert, tokens); the arguments are parsed in `vlm_fusion_cli`."""
+"""The commands of `vlm-fusion` (demo, generate, train, evaluate, convert, tokens); the arguments are parsed in
+`vlm_fusion_cli`."""
 
 import importlib
 import os
@@ -153,6 +154,43 @@ def train(args) -> int:
     print(f"vlm-fusion train: {summary['stage']} stage done: {summary['steps']} steps on {summary['samples']:,} "
           f"samples, final loss {loss:.4f}; the model is in {options.output_dir}" if loss is not None else
           f"vlm-fusion train: {summary['stage']} stage done; the model is in {options.output_dir}")
+    return 0
+
+
+# ---- evaluate -----------------------------------------------------------------------------------------------------
+def evaluate_retrieval(args) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from vlm_fusion.evaluation import retrieval
+    from vlm_fusion.training import DataError
+
+    try:
+        path = resolve_model(args.model)
+    except ValueError as error:
+        return fail(str(error))
+    if os.path.isdir(path):  # a Hub id may still need the network
+        quiet()
+    try:
+        retrieval.check_model_type(path)  # before the data: one line, in a moment
+        samples = retrieval.read_samples(args.data, args.image_folder)
+    except DataError as error:
+        return fail(f"evaluate retrieval: {error}")
+    try:
+        model, processor = retrieval.load(path)
+    except Exception as error:  # any reason a checkpoint does not load is one line here
+        return fail(load_failure(path, error))
+    metrics = retrieval.evaluate(model, processor, samples, k=args.k, batch_size=args.batch_size, progress=tqdm)
+    output = args.output or os.path.join(path if os.path.isdir(path) else ".", "retrieval_results.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    setup = {"model": args.model, "data": args.data, "images": len(samples.images), "texts": len(samples.texts),
+             "k_test": args.k}
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump({**metrics, "setup": setup}, f, indent=2)
+    print("vlm-fusion evaluate retrieval: "
+          + retrieval.report(metrics, images=len(samples.images), texts=len(samples.texts), k=args.k))
+    print(f"written to {output}")
     return 0
 
 
