@@ -319,7 +319,9 @@ class FusionBlip2ForImageTextRetrieval(FusionPreTrainedModel):
     base_model_prefix = ""
     main_input_name = "pixel_values"
     _no_split_modules = ["QFormerLayer"]
-    _keep_in_fp32_modules_strict = ["qformer"]  # post-norm layers with eps 1e-12: fp32 under fp16 and bf16 alike
+    _keep_in_fp32_modules_strict = ["qformer", "text_head"]  # post-norm layers with eps 1e-12: fp32 under fp16 and bf16
+    # alike; `text_head` too, its decoder being the Q-Former's (fp32) word embeddings: in bf16 its dense / norm / bias
+    # met that fp32 decoder and the Q-Former's fp32 states, and `return_loss=True` failed with a dtype mismatch
     _tied_weights_keys = {"text_head.decoder.weight": "qformer.word_embeddings.weight"}
     _bridge_modules = ["vision_layernorm", "qformer", "vision_projection", "text_projection", "itm_head", "text_head"]
     _bridge_parameters = ["temperature"]
@@ -350,7 +352,8 @@ class FusionBlip2ForImageTextRetrieval(FusionPreTrainedModel):
         self.vision_projection = nn.Linear(dim, config.embed_dim)
         self.text_projection = nn.Linear(dim, config.embed_dim)
         self.itm_head = nn.Linear(dim, 2)
-        self.text_head = QFormerTextHead(dim=dim, vocab_size=config.qformer_vocab_size, eps=config.qformer_layer_norm_eps)
+        self.text_head = QFormerTextHead(dim=dim, vocab_size=config.qformer_vocab_size,
+                                         eps=config.qformer_layer_norm_eps).float()  # fp32, as its tied decoder
         self.temperature = nn.Parameter(torch.full((1,), float(config.temperature)))  # (1,): FSDP2 shards no scalar
         self.post_init()
 

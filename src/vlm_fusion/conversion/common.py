@@ -186,9 +186,13 @@ def write_and_verify(output: str, *, overwrite: bool, model_cls, config, state_d
 
 def to_model_layout(state_dict: dict, model_cls, config) -> dict:
     """The conversion tables target the parts layout (`vision_tower.*`, the bridge modules, the whole causal LM under
-    `language_model.*`); this moves it into the model's own (`model.*`, `lm_head.*`) with the model's one mapping."""
+    `language_model.*`); this moves it into the model's own (`model.*`, `lm_head.*`) with the model's one mapping.
+    A model without a headless model inside (BLIP-2's stage 1, `FusionBlip2ForImageTextRetrieval`) keeps the keys its
+    tables give."""
     from vlm_fusion.checkpoints import parts_key_mapping
 
+    if getattr(model_cls, "model_class", None) is None:
+        return state_dict
     rules = list(parts_key_mapping(config, model_cls.model_class).items())
     return rename_keys(state_dict, rules)
 
