@@ -175,14 +175,8 @@ def make_trainer_class():
 
 def train(options) -> dict:
     """Run stage 1; returns the summary (as `recipe.train`)."""
-    from dataclasses import asdict
-
-    from transformers import TrainingArguments
-
-    from .distributed import training_arguments
-    from .recipe import checkpointing_arguments, clear_output, freeze_for, prepare_output, save
+    from .recipe import freeze_for, prepare_output, run_stage, stage_arguments
     from .stages import STAGES
-    from .trainer import LogTheLastStep, StopOnSignal, final_loss
 
     stage = STAGES["qformer"]
     for flag, value in (("--lora", options.lora), ("--qlora", options.qlora)):
@@ -200,36 +194,8 @@ def train(options) -> dict:
     logger.warning("trainable parameters per part: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
     part_lrs = {"bridge": options.bridge_lr if options.bridge_lr is not None else stage.bridge_lr,
                 "language_model": 0.0, "vision_tower": options.tower_lr}
-    arguments = TrainingArguments(
-        **training_arguments(),
-        output_dir=options.output_dir, per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation, num_train_epochs=options.epochs,
-        max_steps=options.max_steps, learning_rate=part_lrs["bridge"],
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": stage.min_lr_rate},
-        warmup_steps=stage.warmup if options.warmup is None else options.warmup,
-        weight_decay=stage.weight_decay if options.weight_decay is None else options.weight_decay,
-        bf16=options.bf16, **checkpointing_arguments(options.gradient_checkpointing),
-        logging_steps=options.logging_steps, dataloader_pin_memory=torch.cuda.is_available(),
-        save_strategy="steps", save_steps=options.save_steps, save_total_limit=1, seed=options.seed,
-        data_seed=options.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=options.workers,
-        ddp_find_unused_parameters=options.train_tower,
-    )
-    clear_output(options)
-    stopper = StopOnSignal()
-    trainer = make_trainer_class()(model=model, args=arguments, train_dataset=CaptionDataset(processor, pairs),
-                                   data_collator=CaptionCollator(processor), part_lrs=part_lrs,
-                                   callbacks=[stopper, LogTheLastStep()])
-    try:
-        trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        stopper.restore()
-    summary = {"stage": stage.name, "layout": stage.layout, "data": name, "samples": len(pairs),
-               "samples_skipped": 0, "captions_truncated": truncated, "steps": trainer.state.global_step,
-               "final_loss": final_loss(trainer.state.log_history), "trainable_parameters": counts,
-               "learning_rates": part_lrs, "output_dir": options.output_dir,
-               "options": {k: v for k, v in asdict(options).items() if k not in ("output_dir",)}}
-    if stopper.stopped_at is not None:
-        summary["stopped_at"] = stopper.stopped_at
-        return summary
-    save(trainer, model, processor, options, summary)
-    return summary
+    arguments = stage_arguments(options, stage, part_lrs["bridge"])
+    summary = {"stage": stage.name, "layout": stage.layout, "data": name, "samples": len(pairs), "samples_skipped": 0,
+               "captions_truncated": truncated}
+    return run_stage(make_trainer_class(), model, processor, options, arguments, CaptionDataset(processor, pairs),
+                     CaptionCollator(processor), part_lrs, counts, resume_from, summary)

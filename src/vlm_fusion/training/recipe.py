@@ -273,9 +273,7 @@ def encode_data(options, processor, layout: str, conversations, sizes):
 # ---- the stage -------------------------------------------------------------------------------------------------
 def train(options: TrainOptions) -> dict:
     """Run one stage; returns a summary (stage, data, samples, steps, final loss, where the model is)."""
-    from transformers import TrainingArguments
-
-    from .trainer import Collator, ConversationDataset, FusionTrainer, LogTheLastStep, StopOnSignal, final_loss
+    from .trainer import Collator, ConversationDataset, FusionTrainer
 
     if options.stage not in STAGES:
         raise data.DataError(f"--stage must be one of {', '.join(STAGES)}, got {options.stage!r}")
@@ -312,35 +310,51 @@ def train(options: TrainOptions) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     inner = getattr(getattr(model, "base_model", None), "model", model)
     collator = Collator(pad, inner.model_class._per_image_inputs, getattr(inner.config, "qformer_pad_token_id", 0))
-    arguments = TrainingArguments(
+    arguments = stage_arguments(options, stage, part_lrs["bridge"], include_num_input_tokens_seen="non_padding",
+                                train_sampling_strategy="group_by_length" if options.group_by_length else "random")
+    summary = {"stage": stage.name, "layout": layout, "data": name, "samples": len(kept),
+               "samples_skipped": len(too_long)}
+    return run_stage(FusionTrainer, model, processor, options, arguments, ConversationDataset(processor, kept, encoded),
+                     collator, part_lrs, counts, resume_from, summary)
+
+
+def stage_arguments(options: TrainOptions, stage, learning_rate: float, **extra):
+    """`TrainingArguments` of a stage: the options, the stage's defaults, this machine and launch; `extra` on top."""
+    from transformers import TrainingArguments
+
+    schedule = {"lr_scheduler_type": "cosine"} if not stage.min_lr_rate else {
+        "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": stage.min_lr_rate}}
+    return TrainingArguments(
         **training_arguments(),  # the CPU, and the engine accelerate was launched with
         output_dir=options.output_dir, per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.gradient_accumulation, num_train_epochs=options.epochs,
-        max_steps=options.max_steps, learning_rate=part_lrs["bridge"], lr_scheduler_type="cosine",
+        max_steps=options.max_steps, learning_rate=learning_rate, **schedule,
         warmup_steps=stage.warmup if options.warmup is None else options.warmup,
         weight_decay=stage.weight_decay if options.weight_decay is None else options.weight_decay,
         bf16=options.bf16, **checkpointing_arguments(options.gradient_checkpointing),
         logging_steps=options.logging_steps, dataloader_pin_memory=torch.cuda.is_available(),
         save_strategy="steps", save_steps=options.save_steps, save_total_limit=1, seed=options.seed,
         data_seed=options.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=options.workers,
-        include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
         # an unused tower layer (features from layer -2) would trip DDP when the tower trains
-        ddp_find_unused_parameters=options.train_tower,
+        ddp_find_unused_parameters=options.train_tower, **extra,
     )
+
+
+def run_stage(trainer_class, model, processor, options, arguments, dataset, collator, part_lrs, counts, resume_from,
+              summary: dict) -> dict:
+    """Train (stopping cleanly on SIGTERM), then save the model, its processor and a card; returns the summary."""
+    from .trainer import LogTheLastStep, StopOnSignal, final_loss
+
     clear_output(options)
-    dataset = ConversationDataset(processor, kept, encoded)
     stopper = StopOnSignal()
-    trainer = FusionTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
+    trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
                             part_lrs=part_lrs, callbacks=[stopper, LogTheLastStep()])
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
         stopper.restore()
-    summary = {"stage": stage.name, "layout": layout, "data": name, "samples": len(kept),
-               "samples_skipped": len(too_long), "steps": trainer.state.global_step,
-               "final_loss": final_loss(trainer.state.log_history), "trainable_parameters": counts,
-               "learning_rates": part_lrs, "output_dir": options.output_dir,
+    summary = {**summary, "steps": trainer.state.global_step, "final_loss": final_loss(trainer.state.log_history),
+               "trainable_parameters": counts, "learning_rates": part_lrs, "output_dir": options.output_dir,
                "options": {k: v for k, v in asdict(options).items() if k not in ("output_dir",)}}
     if stopper.stopped_at is not None:
         summary["stopped_at"] = stopper.stopped_at
