@@ -4,7 +4,10 @@
     python benchmarks/train.py --size tiny --steps 2 --samples 8   # the smoke run the test suite does
 
 One row per stage — align (bridge only), instruct (bridge + LM) on the LLaVA-style family, and the Flamingo stage
-(resampler + gated blocks + input embeddings) on the Flamingo-style family. Both trainers start from the same
+(resampler + gated blocks + input embeddings) on the Flamingo-style family. A `qformer` row measures BLIP-2's stage 1
+(ITC + ITM + ITG, the tower frozen, no LM) against LAVIS 1.0.2's own `Blip2Qformer` (its files, from its PyPI wheel,
+imported with stand-ins for what they import: `tests/lavis_reference.py`) on the same tower, sizes (BLIP-2's Q-Former:
+12 layers, 768 wide, 32 queries) and batch: forward, backward and an AdamW step, timed after a warm-up step. Both trainers start from the same
 parts (random weights: speed does not depend on them), freeze the same parts, see the same conversations in the
 same chat layout (TRL has no plain layout, so the align row uses the chat layout too) and the same batch and number
 of steps; each runs in its own process. Reported: samples/s and tokens/s of the training loop (Trainer's own
@@ -28,7 +31,9 @@ STAGES = {  # row -> (family, stage)
     "align": ("llava", "align"),
     "instruct": ("llava", "instruct"),
     "flamingo": ("flamingo", "flamingo"),
+    "qformer": ("blip2", "qformer"),
 }
+QFORMER_VOCAB, QFORMER_TEXT = 30523, 32  # bert-base-uncased + [DEC]; LAVIS's max_txt_len
 
 
 def write_parts(root, size, samples: int):
@@ -134,11 +139,108 @@ def run_trl(root, out, family, stage, args) -> dict:
                 samples=args.steps * args.batch_size)
 
 
+def qformer_batch(size, batch: int):
+    """The same random images and captions for both Q-Formers: ids drawn past BERT's special tokens, `[CLS]` first."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, size["image_size"], size["image_size"], generator=generator)
+    ids = torch.randint(1000, QFORMER_VOCAB - 1, (batch, QFORMER_TEXT), generator=generator)
+    ids[:, 0] = 101  # [CLS]
+    return pixels, ids, torch.ones_like(ids)
+
+
+def qformer_steps(step, args) -> dict:
+    """`step()` once to warm up, then `args.steps` times, timed."""
+    import time
+
+    step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    runtime = time.perf_counter() - start
+    return dict(runtime=runtime, wall=runtime, tokens=args.steps * args.batch_size * QFORMER_TEXT,
+                samples=args.steps * args.batch_size)
+
+
+def run_ours_qformer(root, out, args) -> dict:
+    import torch
+
+    from vlm_fusion import FusionBlip2ForImageTextRetrieval, FusionBlip2QFormerConfig
+    from vlm_fusion.vision import load_vision_tower
+
+    size = setups.SIZES[args.size]
+    q = size["qformer"]
+    torch.manual_seed(0)
+    config = FusionBlip2QFormerConfig(
+        vision_config=load_vision_tower(os.path.join(root, "vision")).config, num_query_tokens=q["queries"],
+        qformer_hidden_size=q["hidden"], qformer_num_hidden_layers=q["layers"], qformer_num_attention_heads=q["heads"],
+        qformer_intermediate_size=q["ffn"], qformer_vocab_size=QFORMER_VOCAB, qformer_bos_token_id=QFORMER_VOCAB - 1)
+    model = FusionBlip2ForImageTextRetrieval(config, vision_tower=load_vision_tower(os.path.join(root, "vision")))
+    model.vision_tower.requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    pixels, ids, mask = qformer_batch(size, args.batch_size)
+
+    def step():
+        loss = model(pixel_values=pixels, input_ids=ids, attention_mask=mask, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return qformer_steps(step, args)
+
+
+def run_lavis_qformer(root, out, args) -> dict:
+    """LAVIS's `Blip2Qformer.forward` (stage 1) on the same frozen tower: `visual_encoder` gives the tower's last
+    hidden layer, as our model reads it."""
+    import pathlib
+
+    import torch
+    from transformers import BatchEncoding
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    from lavis_reference import build_lavis_qformer
+
+    from vlm_fusion.vision import load_vision_tower
+
+    size = setups.SIZES[args.size]
+    q = size["qformer"]
+    tower = load_vision_tower(os.path.join(root, "vision")).requires_grad_(False)
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, pixels):
+            return self.tower(pixels, output_hidden_states=True).hidden_states[-1]
+
+    model = build_lavis_qformer(vision_width=tower.config.hidden_size, hidden_size=q["hidden"], num_layers=q["layers"],
+                                num_heads=q["heads"], intermediate_size=q["ffn"], cross_attention_freq=2,
+                                num_query_tokens=q["queries"], vocab_size=QFORMER_VOCAB, max_position_embeddings=512,
+                                embed_dim=256, max_txt_len=QFORMER_TEXT, bos_token_id=QFORMER_VOCAB - 1, jitter=0)
+    model.visual_encoder = Tower()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    pixels, ids, mask = qformer_batch(size, args.batch_size)
+    samples = {"image": pixels, "text_input": BatchEncoding({"input_ids": ids, "attention_mask": mask})}
+
+    def step():
+        model(samples).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return qformer_steps(step, args)
+
+
 def measure_one(which, root, family, stage, args) -> dict:
     """One trainer in a fresh process: its loop's time, tokens and wall time, and the process's peak memory."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import train as bench, measure; "
             "args = bench.parse(json.loads(sys.argv[6])); "
-            "out = getattr(bench, 'run_' + sys.argv[2])(sys.argv[3], sys.argv[7], sys.argv[4], sys.argv[5], args); "
+            "run = getattr(bench, 'run_' + sys.argv[2]); "
+            "out = run(sys.argv[3], sys.argv[7], args) if sys.argv[5] == 'qformer' else "
+            "run(sys.argv[3], sys.argv[7], sys.argv[4], sys.argv[5], args); "
             "out['peak_mb'] = measure.peak_rss_mb(); print(json.dumps(out))")
     with tempfile.TemporaryDirectory() as out:
         done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), which, root,
@@ -174,22 +276,26 @@ def main(argv=None) -> int:
         write_parts(root, size, args.samples)
         for row in args.stages:
             family, stage = STAGES[row]
-            ours = measure_one("ours", root, family, stage, args)
-            trl = measure_one("trl", root, family, stage, args)
-            rows.append(dict(stage=row, family=family, ours=ours, trl=trl,
+            qformer = stage == "qformer"  # BLIP-2's stage 1: against LAVIS, not TRL (which has no such stage)
+            ours = measure_one("ours_qformer" if qformer else "ours", root, family, stage, args)
+            trl = measure_one("lavis_qformer" if qformer else "trl", root, family, stage, args)
+            rows.append(dict(stage=row, family=family, ours=ours, trl=trl, baseline="LAVIS" if qformer else "TRL",
                              samples_ratio=ours["samples_per_s"] / trl["samples_per_s"],
                              tokens_ratio=ours["tokens_per_s"] / trl["tokens_per_s"],
                              memory_ratio=ours["peak_mb"] / trl["peak_mb"]))
-            print(f"  {row}: ours {ours['samples_per_s']:.2f} samples/s, TRL {trl['samples_per_s']:.2f}", flush=True)
-    lines = ["| stage | family | samples/s ours / TRL | x | tokens/s ours / TRL | x | wall s ours / TRL | "
-             "peak MB ours / TRL | memory x |", "|---|---|---|---|---|---|---|---|---|"]
+            print(f"  {row}: ours {ours['samples_per_s']:.2f} samples/s, {rows[-1]['baseline']} "
+                  f"{trl['samples_per_s']:.2f}", flush=True)
+    lines = ["| stage | family | baseline | samples/s ours / baseline | x | tokens/s ours / baseline | x | "
+             "wall s ours / baseline | peak MB ours / baseline | memory x |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, t = r["ours"], r["trl"]
-        lines.append(f"| {r['stage']} | {r['family']} | {o['samples_per_s']:.2f} / {t['samples_per_s']:.2f} | "
+        lines.append(f"| {r['stage']} | {r['family']} | {r['baseline']} | {o['samples_per_s']:.2f} / "
+                     f"{t['samples_per_s']:.2f} | "
                      f"{r['samples_ratio']:.2f} | {o['tokens_per_s']:.0f} / {t['tokens_per_s']:.0f} | "
                      f"{r['tokens_ratio']:.2f} | {o['wall']:.0f} / {t['wall']:.0f} | {o['peak_mb']:.0f} / "
                      f"{t['peak_mb']:.0f} | {r['memory_ratio']:.2f} |")
-    report = (f"# Training: vlm-fusion train vs TRL SFTTrainer (size `{args.size}`, global batch {args.batch_size}, "
+    report = (f"# Training: vlm-fusion train vs TRL SFTTrainer; BLIP-2 stage 1 vs LAVIS (size `{args.size}`, global "
+              f"batch {args.batch_size}, "
               f"{args.steps} steps, {os.cpu_count()} CPU threads)\n\n" + "\n".join(lines) + "\n")
     measure.write_report(args.out, "training", report, rows)
     return 0
