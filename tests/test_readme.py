@@ -51,3 +51,28 @@ def test_the_training_commands_run_as_written(tmp_path):
         summary = json.loads((tmp_path / out / "training_summary.json").read_text())
         assert summary["final_loss"] > 0
         assert f"| final loss | {summary['final_loss']:.4f} |" in (tmp_path / out / "README.md").read_text()
+
+
+def test_the_stage1_commands_run_as_written(tmp_path):
+    """The README's BLIP-2 stage-1 section: after the training section's snippet writes the parts, each command runs
+    as printed, in order: stage 1, retrieval, stage 2 from stage 1."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", readme.split("## Train on your data")[1], flags=re.S)[0]
+    section = readme.split("## BLIP-2's stage 1")[1].split("\n## ")[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].replace("\\\n", " ")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, check=True, capture_output=True)
+    vlm_fusion = os.path.join(os.path.dirname(sys.executable), "vlm-fusion")
+    lines = [line for line in commands.splitlines() if line.startswith("vlm-fusion ")]
+    assert [line.split()[1] for line in lines] == ["train", "evaluate", "train"]
+    for line in lines:
+        done = subprocess.run([vlm_fusion, *line.split()[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+    results = json.loads((tmp_path / "qformer" / "retrieval_results.json").read_text())
+    assert {"txt_r1", "img_r1", "r_mean"} <= set(results)
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    assert type(AutoModel.from_pretrained(tmp_path / "qformer")).__name__ == "FusionBlip2ForImageTextRetrieval"
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "blip2-align")).__name__ == \
+        "FusionBlip2ForConditionalGeneration"
