@@ -1,16 +1,19 @@
 """Timing, memory and bandwidth measurements.
 
-`footprint(spec)` loads one model in a fresh process and reports its `from_pretrained` time and the process's peak
-resident memory (and peak GPU memory when `spec["device"]` is a GPU) after a prefill. `compare(specs)` loads the
-models of one comparison side by side and times them in alternation (A B, B A, A B, ...), so drift of a shared machine hits both alike; latencies are medians over
-`repeats` runs after a warm-up. Decode speed is (K - 1) / (T(K tokens) - T(1 token)): prefill and the first token
-do not count.
+`footprint(spec)` loads one model in a process of its own and reports its `from_pretrained` time and the process's
+peak resident memory (and peak GPU memory when `spec["device"]` is a GPU) after a prefill; `serve_footprints` forks
+those processes from one that has imported torch and transformers and done nothing else, so that those imports are
+paid once and not counted as loading (their memory is counted). `compare(specs)` loads the models of one comparison
+side by side and times them in alternation (A B, B A, A B, ...), so drift of a shared machine hits both alike;
+latencies are medians over `repeats` runs after a warm-up. Decode speed is (K - 1) / (T(K tokens) - T(1 token)):
+prefill and the first token do not count.
 """
 
 import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -100,7 +103,7 @@ def load(spec):
     if "reuse_media_kv" in spec:
         model.reuse_media_kv = spec["reuse_media_kv"]
     processor = processor_cls.from_pretrained(path)
-    if isinstance(spec["prompt"], tuple):  # an IDEFICS sample: a list of texts and images, for either processor
+    if isinstance(spec["prompt"], list):  # an IDEFICS sample: [text before the images, text after them]
         sample = [spec["prompt"][0], *spec_images(spec)[0], spec["prompt"][1]]
         inputs = processor(text=[sample], return_tensors="pt").to(device)
     else:
@@ -167,9 +170,39 @@ def load_openflamingo(spec):
     return model, inputs, forward, None
 
 
+FOOTPRINT = "FOOTPRINT "  # marks the line that carries a measurement among whatever else a process prints
+
+
+def serve_footprints() -> None:
+    """Measure each spec read from stdin (a JSON line) in a process forked for it; answer one marked JSON line each.
+
+    This process imports torch and transformers' base and does nothing else (no model, no CUDA context), so that
+    each fork starts where a fresh interpreter stands after those imports, without paying for them (~4 s) each time:
+    its peak RSS counts from this process's resident size at fork, as a fresh one's would from the same imports.
+    """
+    import traceback
+
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.processing_utils  # noqa: F401
+
+    assert not torch.cuda.is_initialized()  # a CUDA context does not survive a fork
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                answer = {"result": footprint(json.loads(line))}
+            except BaseException:
+                answer = {"error": traceback.format_exc()}
+            print(FOOTPRINT + json.dumps(answer), flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status:  # it died before it could answer
+            print(FOOTPRINT + json.dumps({"error": f"the measuring process ended with status {status}"}), flush=True)
+
+
 @torch.no_grad()
 def footprint(spec) -> dict:
-    """`from_pretrained` time and peak RSS (after one prefill) of one model; run it in a fresh process."""
+    """`from_pretrained` time and peak RSS (after one prefill) of one model; run it in a process of its own."""
     start = time.perf_counter()
     _, _, forward, _ = load(spec)
     load_s = time.perf_counter() - start
@@ -207,7 +240,8 @@ def compare(specs: dict) -> dict:
                   "prompt_tokens": int(inputs["input_ids"].shape[1])}
         if times[name]["many"]:
             decode_s = statistics.median(times[name]["many"]) - statistics.median(times[name]["one"])
-            result["decode_tok_s"] = (k - 1) / max(decode_s, 1e-9)
+            if decode_s > 0:  # otherwise k tokens were too few to time apart from one: no figure, not a huge one
+                result["decode_tok_s"] = (k - 1) / decode_s
         if specs[name]["kind"] == "ours":
             result["lm_bytes_per_token"] = lm_bytes_read_per_token(model)
         results[name] = result

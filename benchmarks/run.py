@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                 # default size, ~10 minutes on a 2-core CPU
     python benchmarks/run.py --size large    # CLIP-L/14-336 + 1.3B LM
-    python benchmarks/run.py --size tiny --in-process --repeats 1   # the smoke run the test suite does
+    python benchmarks/run.py --size tiny --repeats 1 --new-tokens 3   # the smoke run (scripts/gpu_check.py --dry-run)
 
 1. Each family against the reference implementation on identical weights (converted by our scripts):
    transformers' Llava (also both with a static cache and a compiled forward), Blip2 and Idefics (which recomputes
@@ -23,29 +23,77 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 import measure  # noqa: E402
 import setups  # noqa: E402
 
 
-def footprint(spec, in_process: bool) -> dict:
-    """Load time and peak RSS of one model, in a fresh process unless `in_process`."""
-    if in_process:
-        return measure.footprint(spec)
+class Footprints:
+    """Load time and peak RSS of one model at a time, each in a process of its own: forked from a helper that has
+    imported torch and transformers and nothing else (`measure.serve_footprints`), or a fresh interpreter when a
+    forked measurement fails (from then on); in this process with `in_process` (not per model, then)."""
+
+    def __init__(self, in_process: bool):
+        self.in_process, self.server, self.log = in_process, None, None
+
+    def __call__(self, spec) -> dict:
+        if self.in_process:
+            return measure.footprint(spec)
+        if self.server is not False:
+            answer = self.forked(spec)
+            if "result" in answer:
+                return answer["result"]
+            print(f"  (a forked measurement failed; fresh interpreters measure from now on)\n{answer['error'][-2000:]}",
+                  flush=True)
+            self.close()
+            self.server = False
+        return fresh_interpreter(spec)
+
+    def forked(self, spec) -> dict:
+        if self.server is None:
+            self.log = tempfile.TemporaryFile("w+")
+            self.server = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                            "import measure; measure.serve_footprints()", HERE],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        try:
+            self.server.stdin.write(json.dumps(spec) + "\n")
+            self.server.stdin.flush()
+            for line in self.server.stdout:
+                if line.startswith(measure.FOOTPRINT):
+                    return json.loads(line[len(measure.FOOTPRINT):])
+        except BrokenPipeError:  # it had ended already
+            pass
+        self.log.seek(0)
+        return {"error": f"the helper process ended:\n{self.log.read()[-2000:]}"}
+
+    def close(self) -> None:
+        if self.server:
+            try:
+                self.server.stdin.close()
+            except BrokenPipeError:
+                pass
+            self.server.wait()
+
+
+def fresh_interpreter(spec) -> dict:
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import measure; "
             "print(json.dumps(measure.footprint(json.loads(sys.argv[2]))))")
-    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), json.dumps(spec)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, HERE, json.dumps(spec)], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"loading {spec['kind']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def comparison(family, reference, ref_spec, ours_spec, args):
-    """One row: both models timed in alternation in this process, each loaded alone for its footprint."""
+    """One row: both models timed in alternation in this process, each loaded alone for its footprint. The specs
+    go through JSON first, as to the footprint's fresh process, so that both ways of measuring read the same spec."""
+    ref_spec, ours_spec = json.loads(json.dumps(ref_spec)), json.loads(json.dumps(ours_spec))
     timed = measure.compare({"ref": ref_spec, "ours": ours_spec})
-    ref = {**timed["ref"], **footprint(ref_spec, args.in_process)}
-    ours = {**timed["ours"], **footprint(ours_spec, args.in_process)}
+    ref = {**timed["ref"], **args.footprint(ref_spec)}
+    ours = {**timed["ours"], **args.footprint(ours_spec)}
+    print(f"  {family} vs {reference}: prefill {ours['prefill_s']:.4f} / {ref['prefill_s']:.4f} s, decode "
+          f"{tok_s(ours)} / {tok_s(ref)} tok/s (ours / reference)", flush=True)  # each row as soon as it is measured
     return family, reference, ref, ours
 
 
@@ -85,6 +133,10 @@ def reference_comparisons(work, size, args):
     return rows
 
 
+def tok_s(side) -> str:
+    return f"{side['decode_tok_s']:.1f}" if "decode_tok_s" in side else "n/a"
+
+
 def ratio(numerator, denominator):
     return None if numerator is None or denominator is None else numerator / denominator
 
@@ -100,7 +152,7 @@ def reference_table(rows):
                       prefill_speedup=ratio(ref["prefill_s"], ours["prefill_s"]),
                       decode_speedup=ratio(ours.get("decode_tok_s"), ref.get("decode_tok_s")))
         records.append(record)
-        decode = (f"{ours['decode_tok_s']:.1f} / {ref['decode_tok_s']:.1f}" if "decode_tok_s" in ref else "n/a")
+        decode = f"{tok_s(ours)} / {tok_s(ref)}" if "decode_tok_s" in ref or "decode_tok_s" in ours else "n/a"
         lines.append(
             f"| {family} | {reference} | {ours['prefill_s']:.3f} / {ref['prefill_s']:.3f} | "
             f"{record['prefill_speedup']:.2f} | {decode} | "
@@ -212,8 +264,12 @@ def main(argv=None):
         parser.error('the plot needs matplotlib: pip install -e ".[bench]"')
     torch.set_num_threads(os.cpu_count())
     size = setups.SIZES[args.size]
-    with tempfile.TemporaryDirectory() as work:
-        reference_md, reference_records = reference_table(reference_comparisons(work, size, args))
+    args.footprint = Footprints(args.in_process)
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            reference_md, reference_records = reference_table(reference_comparisons(work, size, args))
+    finally:
+        args.footprint.close()
     tradeoff_md, tradeoff_records = tradeoffs(size, args)
     bound_md, bound_records = bound_table(reference_records, args.device)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU threads"

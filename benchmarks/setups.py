@@ -134,7 +134,8 @@ def build_flamingo(root, size):
                 every_n=f["every_n"])
 
 
-IDEFICS_SAMPLE = ("User:", "what is shown in these images ?")  # (text before the images, text after them)
+# [text before the images, text after them]: a list, as a spec is JSON (each footprint is measured in a fresh process)
+IDEFICS_SAMPLE = ["User:", "what is shown in these images ?"]
 
 
 def build_idefics(root, size):
