@@ -12,8 +12,11 @@
    run the recipe of `vlm-fusion train` (`vlm_fusion.training`): the `align` stage composes the model from the parts
    and trains the bridge on captions (asked as a question: the chat layout, not LLaVA's plain one), then `instruct`
    (LLaVA- and BLIP-2-style: bridge + LM) or `flamingo` (resampler + gated cross-attention + input embeddings, the
-   LM frozen) on the questions. The tower stays frozen.
-3. Evaluate on held-out scenes and write each model card with its training and the accuracy per question type.
+   LM frozen) on the questions. The tower stays frozen. The BLIP-2-style model first goes through BLIP-2's stage 1
+   (`qformer`: ITC + ITM + ITG on the captions, no LM; the Q-Former from scratch with a BERT-style tokenizer of the
+   task's words), and its `align` stage starts from that Q-Former; `--ablation` also trains it without stage 1.
+3. Evaluate on held-out scenes and write each model card with its training and the accuracy per question type; the
+   stage-1 Q-Former's held-out image-text retrieval (`vlm-fusion evaluate retrieval`'s procedure) is printed.
 """
 
 import argparse
@@ -39,7 +42,7 @@ from transformers.utils import logging as hf_logging
 from vlm_fusion.demo import card_usage, shapes
 from vlm_fusion.processing_fusion import chat_template
 from vlm_fusion.tools.hub import write_model_card
-from vlm_fusion.tools.tiny import tiny_tokenizer
+from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_tokenizer
 from vlm_fusion.training import TrainOptions
 from vlm_fusion.training import train as train_stage
 from vlm_fusion.training.recipe import training_section
@@ -57,7 +60,9 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-STEPS = dict(vision=800, lm=3000, align=300, instruct=1000)  # --quick divides them by 10
+STEPS = dict(vision=800, lm=3000, qformer=600, align=300, instruct=1000)  # --quick divides them by 10
+# BLIP-2's stage 1 on the demo's Q-Former: its sizes above, a 64-wide contrastive space, captions of at most 32 tokens
+QFORMER = dict(embed_dim=64, max_text_length=32)
 STAGE2_LR = 1e-3
 # "what colour is the X ?" takes the LM longest to learn (48 cell words to match "X" against): half the questions
 QUESTION_MIX = ("colour", "left_of", "colour", "shape", "colour", "count")
@@ -219,29 +224,60 @@ ORIGIN = ("Trained from scratch by `python -m vlm_fusion.demo.train` on the synt
           "`vlm_fusion.demo.shapes` (seeded): a tiny CLIP-style tower and a tiny Llama pretrained on the task, then "
           "the recipe of `vlm-fusion train`: the align stage (bridge only, on captions) and the {stage} stage "
           "(questions).")
+ORIGIN_STAGE1 = ("Trained from scratch by `python -m vlm_fusion.demo.train` on the synthetic shapes task of "
+                 "`vlm_fusion.demo.shapes` (seeded): a tiny CLIP-style tower and a tiny Llama pretrained on the task, "
+                 "then the recipe of `vlm-fusion train`: BLIP-2's stage 1 (the Q-Former with ITC + ITM + ITG on "
+                 "captions, no LM), the align stage from it (Q-Former and projection, the LM frozen) and the {stage} "
+                 "stage (questions).")
 
 
-def train_family(family, vision, language, data, steps, work):
-    """The two stages of `family` with `vlm_fusion.training`, as `vlm-fusion train` runs them; the trained model, its
-    processor and the second stage's summary."""
+def train_qformer(vision, data, steps, work) -> str:
+    """BLIP-2's stage 1 (`vlm-fusion train --stage qformer`) on the captions: the demo's Q-Former from scratch, with a
+    BERT-style tokenizer of the task's words; returns the stage-1 checkpoint."""
+    tokenizer = os.path.join(work, "qformer_tokenizer")
+    tiny_bert_tokenizer(shapes.VOCABULARY).save_pretrained(tokenizer)
+    out = os.path.join(work, "blip2", "qformer")
+    train_stage(TrainOptions(
+        data=data["captions"], image_folder=os.path.join(work, "images"), output_dir=out, stage="qformer",
+        vision_tower=vision, qformer_tokenizer=tokenizer, bridge={**FAMILY_CONFIG["fusion_blip2"], **QFORMER},
+        batch_size=32, seed=SEED, max_steps=steps["qformer"], bridge_lr=1e-3, warmup=max(1, steps["qformer"] // 20),
+        logging_steps=max(1, steps["qformer"] // 5), save_steps=10**9))
+    return out
+
+
+def evaluate_retrieval(model_dir, root, seed: int = 12345, count: int = 200) -> dict:
+    """LAVIS's retrieval metrics of a stage-1 Q-Former on held-out captioned scenes (seed 12345)."""
+    from vlm_fusion.evaluation import retrieval
+
+    path = write_llava_data(root, "heldout_captions", shapes.examples(seed, count, kinds=("caption",)), "heldout")
+    model, processor = retrieval.load(model_dir)
+    return retrieval.evaluate(model, processor, retrieval.read_samples(path, os.path.join(root, "images")))
+
+
+def train_family(family, vision, language, data, steps, work, stage1: str | None = None):
+    """The two stages of `family` with `vlm_fusion.training`, as `vlm-fusion train` runs them (the BLIP-2-style
+    model's `align` from the stage-1 Q-Former `stage1`, if given); the trained model, its processor and the second
+    stage's summary."""
     flamingo = family == "fusion_flamingo"
     stage2 = "flamingo" if flamingo else "instruct"
     common = dict(image_folder=os.path.join(work, "images"), batch_size=32, seed=SEED, weight_decay=0.0,
                   logging_steps=max(1, steps["align"] // 5), save_steps=10**9, max_length=256)
     name = family.removeprefix("fusion_")
-    bridge = {**FAMILY_CONFIG[family], "origin": ORIGIN.format(stage=stage2), "license": "apache-2.0"}
-    align = os.path.join(work, name, "align")
+    origin = ORIGIN_STAGE1 if stage1 else ORIGIN
+    bridge = {**FAMILY_CONFIG[family], "origin": origin.format(stage=stage2), "license": "apache-2.0"}
+    align = os.path.join(work, name + ("" if stage1 or family != "fusion_blip2" else "_without_stage1"), "align")
     # Every family's answers end with the LM's eos (Flamingo's own template ends them with <|endofchunk|>, which a
     # frozen, untied LM head cannot learn to emit), and an image part renders as `<image>\n`, as the LLaVA-format
     # data writes it, so that a chat with image parts (lmms-eval's, vLLM's) renders as the text trained on
     template = chat_template(end_of_turn="eos_token") if flamingo else None
-    train_stage(TrainOptions(data=data["captions"], output_dir=align, stage="align", layout="chat", family=name,
-                             chat_template=template,
-                             vision_tower=vision, language_model=language, bridge=bridge, max_steps=steps["align"],
-                             bridge_lr=1e-3, warmup=max(1, steps["align"] // 20), **common))
+    parts = dict(model=stage1, language_model=language, bridge={"origin": bridge["origin"], "license": "apache-2.0"}) \
+        if stage1 else dict(family=name, vision_tower=vision, language_model=language, bridge=bridge)
+    train_stage(TrainOptions(data=data["captions"], output_dir=align, stage="align", layout="chat",
+                             chat_template=template, max_steps=steps["align"], bridge_lr=1e-3,
+                             warmup=max(1, steps["align"] // 20), **parts, **common))
     # Flamingo-style keeps its LM frozen: only the resampler and the gated blocks learn to answer, which takes longer
     instruct = steps["instruct"] * (4 if flamingo else 1)
-    tuned = os.path.join(work, name, stage2)
+    tuned = os.path.join(os.path.dirname(align), stage2)
     summary = train_stage(TrainOptions(
         data=data["mixture_long" if flamingo else "mixture"], output_dir=tuned, stage=stage2, model=align,
         max_steps=instruct, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, instruct // 20),
@@ -278,6 +314,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "checkpoints"))
     parser.add_argument("--families", nargs="+", default=list(FAMILY_CONFIG), choices=list(FAMILY_CONFIG))
     parser.add_argument("--quick", action="store_true", help="a tenth of the steps (a smoke run; poor accuracy)")
+    parser.add_argument("--ablation", action="store_true", help="also train the BLIP-2-style model without stage 1 "
+                        "(BLIP-2's ablation) and print its accuracy beside the shipped one's")
     args = parser.parse_args(argv)
     steps = {k: max(2, v // 10) if args.quick else v for k, v in STEPS.items()}
     torch.set_num_threads(os.cpu_count())
@@ -290,7 +328,17 @@ def main(argv=None):
         vision, language = save_parts(tower, lm, tokenizer, work)
         data = task_data(work, steps, args.families)
         for family in args.families:
-            model, processor, summary = train_family(family, vision, language, data, steps, work)
+            stage1 = None
+            if family == "fusion_blip2":
+                stage1 = train_qformer(vision, data, steps, work)
+                results["retrieval"] = evaluate_retrieval(stage1, work)
+                print("stage-1 Q-Former, held-out retrieval: " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in results["retrieval"].items()))
+                if args.ablation:
+                    model, processor, _ = train_family(family, vision, language, data, steps, work)
+                    results["fusion_blip2_without_stage1"] = evaluate(model, processor)
+                    print(f"fusion_blip2 without stage 1:\n{accuracy_table(results['fusion_blip2_without_stage1'])}")
+            model, processor, summary = train_family(family, vision, language, data, steps, work, stage1)
             results[family] = evaluate(model, processor)
             path = os.path.join(args.out, family.removeprefix("fusion_"))
             model.save_pretrained(path)
