@@ -168,7 +168,8 @@ class Check:
             output.write(f"$ {' '.join(command)}\n")
             output.flush()
             process = subprocess.Popen(command, cwd=REPO, env=env or self.env, stdout=output,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=default_sigint)
             try:
                 code = wait(process, self.left() - KILL_GRACE_S)
             except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: they reach this process, not the step's session
@@ -192,6 +193,12 @@ class Check:
         self.report["finished"] = now()
         write(os.path.join(self.out, "report.json"), json.dumps(self.report, indent=2, default=str) + "\n")
         write(os.path.join(self.out, "report.md"), markdown(self.report, self.out))
+
+
+def default_sigint() -> None:
+    """In the step's process: SIGINT back to its default. A check started in the background of a non-interactive
+    shell (`cmd &`) inherits SIGINT ignored, and its steps then slept through the SIGINT meant to end them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait(process, timeout: float):
