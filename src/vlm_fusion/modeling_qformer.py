@@ -288,6 +288,8 @@ def draw_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.
         raise ValueError("ITM needs, for every sample, another image in the global batch: this batch holds a single "
                          "image (or every caption in it belongs to one image).")
     weights = (F.softmax(sim.float(), dim=1) + 1e-4).masked_fill(positives, 0.0)  # (B, B)
+    if generator is not None and generator.device != weights.device:  # the trainer's generator is a CPU one
+        return torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(weights.device)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
 
 
