@@ -11,7 +11,6 @@ width, D LM width, H heads, d head width.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
