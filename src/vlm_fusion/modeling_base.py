@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
@@ -34,7 +34,7 @@ from .compat import (
     slice_logits_to_keep,
     takes_cache_as_past_key_values,
 )
-from .configuration_base import FusionConfig
+from .configuration_base import FusionConfig, _vision_half
 from .language_model import LOGIT_HANDLING, build_lm_head, check_lm_head, split_causal_lm
 from .special_tokens import add_special_token
 from .vision import build_vision_tower, load_vision_tower, select_image_features
@@ -585,16 +585,33 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         """
         vision_tower = load_vision_tower(vision_model_name_or_path, **(vision_kwargs or {}))
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
+        config = cls._composed_config(vision_model_name_or_path, text_model_name_or_path, vision_tower.config,
+                                      language_model.config, config_kwargs)
+        return cls(config, vision_tower=vision_tower, language_model=language_model)
+
+    @classmethod
+    def config_from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str,
+                                           **config_kwargs):
+        """The config `from_vision_text_pretrained` composes, from the two checkpoints' configs alone: no weight is
+        read (what `vlm-fusion train` builds its processor from before the data pass)."""
+        vision_config = _vision_half(AutoConfig.from_pretrained(vision_model_name_or_path))
+        text_config = AutoConfig.from_pretrained(text_model_name_or_path)
+        return cls._composed_config(vision_model_name_or_path, text_model_name_or_path, vision_config, text_config,
+                                    config_kwargs)
+
+    @classmethod
+    def _composed_config(cls, vision_model_name_or_path, text_model_name_or_path, vision_config, text_config,
+                         config_kwargs: dict):
+        config_kwargs = dict(config_kwargs)
         if "image_token_id" not in config_kwargs:
-            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, language_model.config)
+            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, text_config)
         config_kwargs.setdefault(
             "origin", f"Composed from the pretrained vision tower `{vision_model_name_or_path}` and language model "
             f"`{text_model_name_or_path}`; only the bridge was initialised."
         )
         hub_ids = [p for p in (vision_model_name_or_path, text_model_name_or_path) if not os.path.exists(p)]
         config_kwargs.setdefault("base_models", hub_ids or None)
-        config = cls.config_class(vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs)
-        return cls(config, vision_tower=vision_tower, language_model=language_model)
+        return cls.config_class(vision_config=vision_config, text_config=text_config, **config_kwargs)
 
 
 def _default_image_token_id(text_model_name_or_path, text_config) -> int:

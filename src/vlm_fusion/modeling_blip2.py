@@ -132,18 +132,12 @@ class FusionBlip2ForConditionalGeneration(FusionForConditionalGeneration, Genera
         """
         from transformers import AutoModelForCausalLM
 
-        from .modeling_base import _default_image_token_id
         from .modeling_qformer import FusionBlip2ForImageTextRetrieval
 
         stage1 = FusionBlip2ForImageTextRetrieval.from_pretrained(qformer_name_or_path)
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
-        if "image_token_id" not in config_kwargs:
-            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, language_model.config)
-        config_kwargs.setdefault("origin", f"BLIP-2's generative stage from the stage-1 Q-Former "
-                                           f"`{qformer_name_or_path}` and the language model `{text_model_name_or_path}`;"
-                                           " the language projection was initialised.")
-        config = cls.config_class(**{**stage1.config.generation_fields(), "text_config": language_model.config,
-                                     **config_kwargs})
+        config = cls._stage2_config(qformer_name_or_path, text_model_name_or_path, stage1.config,
+                                    language_model.config, config_kwargs)
         model = cls(config, vision_tower=stage1.vision_tower, language_model=language_model)
         carried = {k: v for k, v in stage1.state_dict().items() if k.startswith(("vision_layernorm.", "qformer."))}
         bridge = {k: v for k, v in model.model.state_dict().items() if k.startswith(("vision_layernorm.", "qformer."))}
@@ -154,3 +148,24 @@ class FusionBlip2ForConditionalGeneration(FusionForConditionalGeneration, Genera
                              f"{sorted(set(bridge) - set(carried))[:3]}, extra {sorted(set(carried) - set(bridge))[:3]}.")
         model.model.load_state_dict(carried, strict=False)
         return model
+
+    @classmethod
+    def config_from_qformer_pretrained(cls, qformer_name_or_path: str, text_model_name_or_path: str, **config_kwargs):
+        """The config `from_qformer_pretrained` composes, from the two checkpoints' configs alone (no weight read)."""
+        from transformers import AutoConfig
+
+        return cls._stage2_config(qformer_name_or_path, text_model_name_or_path,
+                                  AutoConfig.from_pretrained(qformer_name_or_path),
+                                  AutoConfig.from_pretrained(text_model_name_or_path), config_kwargs)
+
+    @classmethod
+    def _stage2_config(cls, qformer_name_or_path, text_model_name_or_path, stage1_config, text_config, config_kwargs):
+        from .modeling_base import _default_image_token_id
+
+        config_kwargs = dict(config_kwargs)
+        if "image_token_id" not in config_kwargs:
+            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, text_config)
+        config_kwargs.setdefault("origin", f"BLIP-2's generative stage from the stage-1 Q-Former "
+                                           f"`{qformer_name_or_path}` and the language model `{text_model_name_or_path}`;"
+                                           " the language projection was initialised.")
+        return cls.config_class(**{**stage1_config.generation_fields(), "text_config": text_config, **config_kwargs})

@@ -458,15 +458,27 @@ class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, Gen
         As for every family. `<image>` and `<|endofchunk|>` get the ids OpenFlamingo's token order gives them in the
         LM's tokenizer (as `FusionFlamingoProcessor` adds them), and the LM's embeddings grow to hold them.
         """
-        if "image_token_id" not in kwargs and "media_token_id" not in kwargs:
-            from transformers import AutoTokenizer
-
-            from .special_tokens import add_flamingo_tokens
-
-            tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
-            kwargs["image_token_id"], kwargs["end_of_chunk_token_id"] = add_flamingo_tokens(tokenizer)
-        model = super().from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path, **kwargs)
+        model = super().from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path,
+                                                    **flamingo_token_ids(text_model_name_or_path, kwargs))
         needed = max(model.config.image_token_id, model.config.end_of_chunk_token_id or 0) + 1
         if needed > model.config.text_config.vocab_size:
             model.resize_token_embeddings(needed)
         return model
+
+    @classmethod
+    def config_from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, **kwargs):
+        return super().config_from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path,
+                                                          **flamingo_token_ids(text_model_name_or_path, kwargs))
+
+
+def flamingo_token_ids(text_model_name_or_path: str, kwargs: dict) -> dict:
+    """`kwargs` with the ids OpenFlamingo's token order gives `<image>` and `<|endofchunk|>` in the LM's tokenizer,
+    unless given."""
+    if "image_token_id" in kwargs or "media_token_id" in kwargs:
+        return kwargs
+    from transformers import AutoTokenizer
+
+    from .special_tokens import add_flamingo_tokens
+
+    image_token_id, end_of_chunk_token_id = add_flamingo_tokens(AutoTokenizer.from_pretrained(text_model_name_or_path))
+    return {**kwargs, "image_token_id": image_token_id, "end_of_chunk_token_id": end_of_chunk_token_id}
