@@ -111,9 +111,21 @@ def add_train_parser(commands) -> None:
     data.add_argument("--max-length", type=positive_int, default=2048, help="longest sample in tokens, images included")
     data.add_argument("--skip-too-long", action="store_true",
                       help="skip longer samples (with a count) instead of refusing the data; none is ever cut")
+    data.add_argument("--streaming", action="store_true",
+                      help="align / qformer: stream image-caption pairs from a local `datasets` dataset (an image and a "
+                      "caption column; save_to_disk folder or .parquet) instead of reading it whole; WebDataset shards "
+                      "(--data 'shards/{00000..00999}.tar' or a folder of .tar files) are always streamed; give "
+                      "--max-steps unless the number of samples is known")
     data.add_argument("--layout", choices=("plain", "chat"), help="default: the stage's (align: plain, else chat)")
     data.add_argument("--chat-template", help="a Jinja chat template file for the chat layout (default: the "
                       "processor's); saved with the output's processor")
+    data.add_argument("--eval-data", help="held-out samples in the formats of --data: their loss is logged every "
+                      "--eval-steps (eval_loss) and drawn in the loss curve")
+    data.add_argument("--eval-steps", type=positive_int, help="steps between two evaluations (default: --save-steps)")
+    data.add_argument("--data-cache", help="where the data pass caches the encoded samples, for every process, "
+                      "--resume and reruns (default: $VLM_FUSION_DATA_CACHE, else ~/.cache/vlm_fusion/data)")
+    data.add_argument("--data-workers", type=int, help="processes of the data pass (default: one per core, at most "
+                      "16; 0: in the training process)")
     data.add_argument("--plain-end", help='what ends a plain-layout sample (default "\\n"; Flamingo: <|endofchunk|>)')
     model = p.add_argument_group("model")
     model.add_argument("--stage", choices=("align", "instruct", "flamingo", "qformer"), default="instruct",
@@ -155,6 +167,8 @@ def add_train_parser(commands) -> None:
     run.add_argument("--logging-steps", type=positive_int, default=10)
     run.add_argument("--save-steps", type=positive_int, default=500)
     run.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    run.add_argument("--report-to", choices=("tensorboard", "wandb", "none"), default="none",
+                     help="also send the logs to TensorBoard (event files in OUTPUT_DIR/runs) or Weights & Biases")
     run.add_argument("--accelerate", metavar="CONFIG", help=f"run through `accelerate launch` with a shipped config "
                      f"({', '.join(ACCELERATE_CONFIGS)}) or a config file of yours")
     run.add_argument("--num-processes", type=positive_int, help="with --accelerate: processes (default: the config's)")

@@ -4,6 +4,10 @@ import os
 import pathlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network (the local-Hub test sets 0)
+if "VLM_FUSION_DATA_CACHE" not in os.environ:  # `vlm-fusion train`'s data cache: this run's own, not ~/.cache
+    import tempfile
+
+    os.environ["VLM_FUSION_DATA_CACHE"] = tempfile.mkdtemp(prefix="vlm-fusion-data-cache-")
 
 import numpy as np
 import pytest

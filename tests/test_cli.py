@@ -140,6 +140,7 @@ def test_training_script_runs(tmp_path):
     assert set(results["fusion_llava"]) == set(shapes.QUESTION_TYPES)
     card = (tmp_path / "llava" / "README.md").read_text()
     assert "## Evaluation" in card and "| colour |" in card
+    assert "![training loss](loss.png)" in card and (tmp_path / "llava" / "loss.png").is_file()  # shipped with it
 
 
 # ---- what a new user runs into ----------------------------------------------------------------------------------

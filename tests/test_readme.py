@@ -51,6 +51,9 @@ def test_the_training_commands_run_as_written(tmp_path):
         summary = json.loads((tmp_path / out / "training_summary.json").read_text())
         assert summary["final_loss"] > 0
         assert f"| final loss | {summary['final_loss']:.4f} |" in (tmp_path / out / "README.md").read_text()
+    # the instruct command's held-out loss was logged every 2 steps
+    history = json.loads(next((tmp_path / "llava-instruct").glob("checkpoint-*/trainer_state.json")).read_text())
+    assert [e["step"] for e in history["log_history"] if "eval_loss" in e] == [2, 4, 6, 8]
 
 
 def test_the_stage1_commands_run_as_written(tmp_path):

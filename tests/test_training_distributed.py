@@ -96,8 +96,12 @@ def run(parts, probe, out, engine=None):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
                    *script, *argv, "--batch-size", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                               "VLM_FUSION_DATA_CACHE": str(out.parent / "data-cache")})  # a cache of this run's own
     assert done.returncode == 0, done.stderr[-4000:]
+    # one process ran the data pass; the other waited for it and read its cache
+    assert done.stderr.count("data cache: built") == 1, done.stderr[-4000:]
+    assert done.stderr.count("data cache: reused") == (1 if engine else 0), done.stderr[-4000:]
     state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     batches = [[json.loads(line) for line in open(f"{record}.{rank}")] for rank in range(2 if engine else 1)]

@@ -22,6 +22,7 @@
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -343,6 +344,8 @@ def main(argv=None):
             path = os.path.join(args.out, family.removeprefix("fusion_"))
             model.save_pretrained(path)
             processor.save_pretrained(path)
+            if summary.get("loss_curve"):  # the card shows the stage's loss curve: it ships beside the card
+                shutil.copy(os.path.join(summary["output_dir"], summary["loss_curve"]), path)
             evaluation = ("## Evaluation\n\nHeld-out synthetic scenes (seed 12345, 200 questions per type), greedy "
                           "exact match of the whole answer (for left_of, its reasoning too), measured by "
                           f"`vlm_fusion.demo.train.evaluate`:\n\n{accuracy_table(results[family])}\n")

@@ -56,6 +56,78 @@ def load(path: str, image_folder: str | None = None) -> tuple[list[Conversation]
     return [chat_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
 
 
+def blocks(path: str, image_folder: str | None, size: int):
+    """The samples of `path` as `load` reads them, `size` at a time as `[(index, Conversation), ...]`, never the
+    whole file in memory (a JSON list is parsed object by object)."""
+    if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
+        rows, convert = iter_json(path), None
+    else:
+        rows, convert = iter(read_dataset(path)), chat_conversation
+    block = []
+    for index, row in enumerate(rows):
+        if convert is None:  # the first row says which format the file is in
+            if not isinstance(row, dict) or not ("conversations" in row or "messages" in row):
+                raise DataError(f"{path}: the first sample has neither `conversations` (LLaVA) nor `messages` (TRL)")
+            convert = llava_conversation if "conversations" in row else chat_conversation
+        block.append((index, convert(row, index, image_folder)))
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def iter_json(path: str, chunk: int = 1 << 20):
+    """The objects of a JSON list (or of JSON lines), one at a time, read `chunk` characters at a time."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise DataError(f"{path} is not valid JSON lines (line {number}: {error.msg})") from None
+            return
+        decoder, buffer, position, done, count = json.JSONDecoder(), f.read(chunk), 0, False, 0
+
+        def skip(characters):  # whitespace, then `characters` if there (returns whether it was)
+            nonlocal buffer, position, done
+            while True:
+                while position < len(buffer) and buffer[position].isspace():
+                    position += 1
+                if position < len(buffer) or done:
+                    break
+                buffer, position = buffer[position:] + f.read(chunk), 0
+                done = position >= len(buffer)
+            if buffer.startswith(characters, position):
+                position += len(characters)
+                return True
+            return False
+
+        if not skip("["):
+            raise DataError(f"{path} must hold a list of samples (a JSON list, or JSON lines in a .jsonl file)")
+        if skip("]"):
+            return
+        while True:
+            skip("")
+            while True:
+                try:
+                    row, end = decoder.raw_decode(buffer, position)
+                    break
+                except json.JSONDecodeError as error:
+                    more = f.read(chunk)
+                    if not more:
+                        raise DataError(f"{path} is not valid JSON (sample {count + 1} of the list: {error.msg})") \
+                            from None
+                    buffer, position = buffer[position:] + more, 0
+            yield row
+            position, count = end, count + 1
+            if skip("]"):
+                return
+            if not skip(","):
+                raise DataError(f"{path} is not valid JSON (expected `,` or `]` after sample {count} of the list)")
+
+
 def read_json(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         try:

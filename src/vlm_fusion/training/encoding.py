@@ -6,9 +6,21 @@ a target when it starts inside an assistant span. The spans of a chat come from 
 prefixes: the `i`-th assistant turn is what `messages[: i + 1]` adds to `messages[:i]` with its generation prompt —
 so any chat template that renders a conversation turn by turn works, no markers needed. Each `<image>` then becomes
 the processor's placeholders for that image (ignored by the loss), so the ids equal the processor's own.
+
+`encode` is the reference: plain and slow (every prefix through `apply_chat_template`, a Python loop over tokens).
+`Encoder` gives the same ids and labels at the speed a data pass over LLaVA's 665K conversations needs — the chat
+template's compiled Jinja called directly, the Rust tokenizer called directly, the labels computed with numpy, the
+placeholder counts remembered per image size — and checks itself against `encode` on its first sample and then every
+`VERIFY_EVERY`-th: a difference switches it to the reference for good, with a warning. It returns a sample as a
+*row* (the text's own ids with one `<image>` token per image, a target flag per id, each image's placeholder count),
+which `expand` turns into the ids and labels the model reads: a row is a quarter of the expanded size (576 placeholders
+per CLIP-336 image), which is what the on-disk cache (`cache.py`) holds.
 """
 
+import logging
 from dataclasses import dataclass
+
+import numpy as np
 
 from .data import IMAGE, Conversation, DataError
 
@@ -24,8 +36,10 @@ class Encoded:
     instruction: str  # the user turns' text (InstructBLIP's Q-Former reads it)
 
 
-def render(processor, conversation: Conversation, layout: str, plain_end: str) -> tuple[str, list[tuple[int, int]]]:
-    """The text of `conversation` in `layout` and the character spans the loss is on."""
+def render(processor, conversation: Conversation, layout: str, plain_end: str,
+           renderer=None) -> tuple[str, list[tuple[int, int]]]:
+    """The text of `conversation` in `layout` and the character spans the loss is on; `renderer(messages,
+    add_generation_prompt)` renders with the chat template (default: the tokenizer's `apply_chat_template`)."""
     messages = conversation.messages
     if layout == "plain":
         turns = [m for m in messages if m["role"] != "system"]
@@ -39,10 +53,14 @@ def render(processor, conversation: Conversation, layout: str, plain_end: str) -
     if not processor.chat_template:
         raise DataError("the processor has no chat template: the chat layout needs one (set `chat_template`)")
 
+    renderer = renderer or (lambda upto_messages, generation_prompt: processor.tokenizer.apply_chat_template(
+        upto_messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=generation_prompt))
+    renders = {}
+
     def rendered(upto, generation_prompt=False):
-        return processor.prompt_text(processor.tokenizer.apply_chat_template(
-            messages[:upto], chat_template=processor.chat_template, tokenize=False,
-            add_generation_prompt=generation_prompt))
+        if (upto, generation_prompt) not in renders:
+            renders[upto, generation_prompt] = processor.prompt_text(renderer(messages[:upto], generation_prompt))
+        return renders[upto, generation_prompt]
 
     text, spans = rendered(len(messages)), []
     for i, message in enumerate(messages):
@@ -105,3 +123,115 @@ def encode(processor, conversation: Conversation, image_sizes: list[tuple[int, i
         raise DataError(f"sample {conversation.id}: fewer {IMAGE} tokens than images after tokenization")
     instruction = " ".join(m["content"] for m in conversation.messages if m["role"] == "user")
     return Encoded(text, input_ids, labels, add_special, instruction)
+
+
+# ---- the data pass's encoder ---------------------------------------------------------------------------------------
+VERIFY_EVERY = 1000  # samples between two checks of the fast path against `encode`
+
+
+def expand(ids, targets, image_tokens, image_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row's `(input_ids, labels)`: each `<image>` id repeated to its placeholder count (labels -100 there and
+    wherever the row's target flag is off)."""
+    ids, targets = np.asarray(ids, dtype=np.int64), np.asarray(targets, dtype=bool)
+    repeats = np.ones(len(ids), dtype=np.int64)
+    repeats[ids == image_token_id] = image_tokens
+    input_ids = np.repeat(ids, repeats)
+    return input_ids, np.where(np.repeat(targets, repeats), input_ids, IGNORE_INDEX)
+
+
+class Encoder:
+    """`encode`, fast, as rows: `encoder(conversation, image_sizes)` -> `{"text", "add_special_tokens",
+    "instruction", "ids", "targets", "image_tokens", "length"}`."""
+
+    def __init__(self, processor, layout: str, plain_end: str):
+        self.processor, self.layout, self.plain_end = processor, layout, plain_end
+        self.image_token_id = processor.image_token_id
+        self._counts: dict[tuple[int, int], int] = {}
+        self._seen, self.fast = 0, True
+        self._template = self._compiled_template() if layout == "chat" and processor.chat_template else None
+        backend = getattr(processor.tokenizer, "_tokenizer", None)
+        self._rust = backend if hasattr(backend, "encode") and not getattr(processor, "chunked_tokenization", False) \
+            else None
+
+    def __call__(self, conversation: Conversation, image_sizes: list[tuple[int, int]]) -> dict:
+        check = self._seen % VERIFY_EVERY == 0
+        self._seen += 1
+        if not self.fast:
+            return self.reference_row(conversation, image_sizes)
+        row = self._fast_row(conversation, image_sizes)
+        if check:
+            reference = self.reference_row(conversation, image_sizes)
+            if not rows_equal(row, reference):
+                logging.getLogger("vlm_fusion.training").warning(
+                    "sample %s: the fast encoder differs from the reference one (chat template or tokenizer "
+                    "behaviour it does not reproduce); encoding the rest the reference way", conversation.id)
+                self.fast = False
+                return reference
+        return row
+
+    def reference_row(self, conversation, image_sizes) -> dict:
+        encoded = encode(self.processor, conversation, image_sizes, self.layout, self.plain_end)
+        counts = self.image_tokens(image_sizes)
+        ids, targets, image, position = [], [], 0, 0
+        while position < len(encoded.input_ids):  # fold each image's placeholders back into one `<image>`
+            token = encoded.input_ids[position]
+            ids.append(token)
+            targets.append(encoded.labels[position] != IGNORE_INDEX)
+            if token == self.image_token_id:
+                position, image = position + counts[image], image + 1
+            else:
+                position += 1
+        return {"text": encoded.text, "add_special_tokens": encoded.add_special_tokens,
+                "instruction": encoded.instruction, "ids": ids, "targets": targets, "image_tokens": counts,
+                "length": len(encoded.input_ids)}
+
+    def image_tokens(self, image_sizes) -> list[int]:
+        missing = [tuple(size) for size in image_sizes if tuple(size) not in self._counts]
+        if missing:
+            found = self.processor._get_num_multimodal_tokens(image_sizes=missing)["num_image_tokens"]
+            self._counts.update(zip(missing, found))
+        return [self._counts[tuple(size)] for size in image_sizes]
+
+    def _fast_row(self, conversation, image_sizes) -> dict:
+        text, spans = render(self.processor, conversation, self.layout, self.plain_end, self._render)
+        add_special = self.processor.adds_special_tokens(text)
+        if self._rust is not None:
+            encoding = self._rust.encode(text, add_special_tokens=add_special)
+            ids, offsets = encoding.ids, encoding.offsets
+        else:
+            ids, offsets = token_offsets(self.processor, text, add_special)
+        ids = np.asarray(ids, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        targets = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            targets |= (starts >= a) & (starts < b)
+        targets &= (ends > starts) & (ids != self.image_token_id)
+        found = int((ids == self.image_token_id).sum())
+        if found != len(image_sizes):
+            more = "more" if found > len(image_sizes) else "fewer"
+            raise DataError(f"sample {conversation.id}: {more} {IMAGE} tokens than images after tokenization")
+        counts = self.image_tokens(image_sizes)
+        instruction = " ".join(m["content"] for m in conversation.messages if m["role"] == "user")
+        return {"text": text, "add_special_tokens": add_special, "instruction": instruction, "ids": ids.tolist(),
+                "targets": targets.tolist(), "image_tokens": counts, "length": len(ids) - found + sum(counts)}
+
+    def _compiled_template(self):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:
+            return _compile_jinja_template(self.processor.chat_template)
+        except Exception:  # the reference path reports a template that does not compile
+            return None
+
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        if self._template is None:
+            return self.processor.tokenizer.apply_chat_template(
+                messages, chat_template=self.processor.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self.processor.tokenizer.special_tokens_map)
+
+
+def rows_equal(a: dict, b: dict) -> bool:
+    return all(list(a[k]) == list(b[k]) if isinstance(a[k], (list, np.ndarray)) else a[k] == b[k] for k in b)

@@ -183,6 +183,10 @@ def train(options) -> dict:
         if value:
             raise data.DataError(f"{flag} adapts the LM, which --stage qformer does not load")
     resume_from = prepare_output(options)
+    from . import streaming
+
+    if streaming.wanted(options):  # image-caption pairs streamed from shards or a `datasets` dataset
+        return streaming.train_qformer(options, resume_from)
     name, pairs = read_pairs(options)
     torch.manual_seed(options.seed)
     model, processor = load_model(options)

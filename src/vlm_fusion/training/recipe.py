@@ -1,8 +1,11 @@
 """`vlm-fusion train`: one stage of the recipe, from a vlm-fusion checkpoint or from pretrained parts, to a
 vlm-fusion checkpoint with its processor and a model card that records the training.
 
-    load the model (or compose it from a tower and an LM)  ->  read + check every sample, encode it  ->
+    the processor (from configs: no weight read)  ->  the data pass: read + check + encode every sample once, into
+    the on-disk cache every process reads (cache.py)  ->  load the model (or compose it from a tower and an LM)  ->
     freeze what the stage keeps (LoRA / QLoRA on the LM if asked)  ->  transformers' Trainer  ->  save
+
+Image-caption pairs streamed from WebDataset shards (`align`, `qformer`) take `streaming.py`'s path instead.
 
 Run it in one process (`vlm-fusion train ...`) or in several through accelerate's launcher
 (`vlm-fusion train --accelerate ddp|fsdp2|zero2|zero3 --num-processes N ...`, or `accelerate launch -m
@@ -19,8 +22,8 @@ from transformers.utils import logging
 
 from . import data
 from .distributed import training_arguments
-from .encoding import encode
 from .stages import LORA, STAGES, TOWER_LR
+from .watch import LOSS_CURVE, plot_losses, report_to
 
 logger = logging.get_logger("vlm_fusion.training")
 FAMILY_TYPES = {"llava": "fusion_llava", "blip2": "fusion_blip2", "flamingo": "fusion_flamingo"}
@@ -46,6 +49,7 @@ class TrainOptions:
     plain_end: str | None = None  # what ends a plain sample (default "\n"; Flamingo's <|endofchunk|>)
     max_length: int = 2048
     skip_too_long: bool = False  # skip longer samples (with a count) instead of refusing the data
+    streaming: bool = False  # stream image-caption pairs (training/streaming.py); WebDataset shards always are
     bridge_lr: float | None = None
     lm_lr: float | None = None
     train_tower: bool = False
@@ -67,8 +71,13 @@ class TrainOptions:
     save_steps: int = 500
     seed: int = 0
     workers: int = 0
+    eval_data: str | None = None  # held-out samples (the formats of `data`): their loss every `eval_steps`
+    eval_steps: int | None = None  # default: `save_steps`
+    data_cache: str | None = None  # the data pass's cache folder (default: $VLM_FUSION_DATA_CACHE or ~/.cache/...)
+    data_workers: int | None = None  # processes of the data pass (default: one per core; 0: in this process)
     resume: bool = False
     overwrite: bool = False
+    report_to: str = "none"  # tensorboard | wandb | none: transformers' integration the logs also go to
 
 
 # ---- the output folder ------------------------------------------------------------------------------------------
@@ -111,10 +120,11 @@ def quantization(options):
                               bnb_4bit_compute_dtype=torch.bfloat16 if options.bf16 else torch.float32)
 
 
-def load_model(options: TrainOptions, quantize: bool = True):
+def load_model(options: TrainOptions, quantize: bool = True, weights: bool = True):
     """The model and processor to train: a vlm-fusion checkpoint, or a new model composed from a tower and an LM;
-    `chat_template` replaces the processor's (and is saved with it)."""
-    model, processor = load_model_and_processor(options, quantize)
+    `chat_template` replaces the processor's (and is saved with it). `weights=False`: the processor alone (and
+    `None`), from configs and tokenizers."""
+    model, processor = load_model_and_processor(options, quantize, weights)
     if options.chat_template:
         template = options.chat_template
         if os.path.isfile(template):
@@ -124,7 +134,7 @@ def load_model(options: TrainOptions, quantize: bool = True):
     return model, processor
 
 
-def load_model_and_processor(options: TrainOptions, quantize: bool):
+def load_model_and_processor(options: TrainOptions, quantize: bool, weights: bool = True):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import vlm_fusion
@@ -142,20 +152,25 @@ def load_model_and_processor(options: TrainOptions, quantize: bool):
         if options.family not in (None, "blip2") or options.vision_tower:
             raise data.DataError("a stage-1 Q-Former checkpoint brings its vision tower and is BLIP-2-style: drop "
                                  "--vision-tower (and --family)")
-        model = vlm_fusion.FusionBlip2ForConditionalGeneration.from_qformer_pretrained(
+        blip2 = vlm_fusion.FusionBlip2ForConditionalGeneration
+        model = blip2.from_qformer_pretrained(
             options.model, options.language_model, text_kwargs={"quantization_config": bnb} if bnb else None,
-            **options.bridge)
-        processor_class = vlm_fusion.FusionInstructBlipProcessor if model.config.qformer_text_input \
+            **options.bridge) if weights else None
+        config = model.config if weights else blip2.config_from_qformer_pretrained(options.model,
+                                                                                   options.language_model,
+                                                                                   **options.bridge)
+        processor_class = vlm_fusion.FusionInstructBlipProcessor if config.qformer_text_input \
             else vlm_fusion.FusionBlip2Processor
         extra = {"qformer_tokenizer": AutoProcessor.from_pretrained(options.model).tokenizer} \
-            if model.config.qformer_text_input else {}
-        processor = processor_class.from_vision_text_pretrained(options.model, options.language_model, model.config,
-                                                                **extra)
+            if config.qformer_text_input else {}
+        processor = processor_class.from_vision_text_pretrained(options.model, options.language_model, config, **extra)
         return model, processor
     if options.model:
         if options.family or options.vision_tower or options.language_model:
             raise data.DataError("give either --model (a vlm-fusion checkpoint) or --family, --vision-tower and "
                                  "--language-model (parts), not both")
+        if not weights:
+            return None, AutoProcessor.from_pretrained(options.model)
         kwargs = {"quantization_config": bnb} if bnb else {}
         model = AutoModelForImageTextToText.from_pretrained(options.model, **kwargs)
         if not hasattr(model, "parameter_parts"):
@@ -166,6 +181,10 @@ def load_model_and_processor(options: TrainOptions, quantize: bool):
     if missing:
         raise data.DataError(f"start from --model DIR, or from parts: missing {', '.join(missing)}")
     family = vlm_fusion.FAMILIES[FAMILY_TYPES[options.family]]
+    if not weights:
+        config = family.model.config_from_vision_text_pretrained(options.vision_tower, options.language_model,
+                                                                 **options.bridge)
+        return None, family.processor.from_vision_text_pretrained(options.vision_tower, options.language_model, config)
     text_kwargs = {"quantization_config": bnb} if bnb else {}
     model = family.model.from_vision_text_pretrained(options.vision_tower, options.language_model,
                                                      text_kwargs=text_kwargs, **options.bridge)
@@ -228,46 +247,47 @@ def add_lora(model, options):
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
-def read_data(options):
-    """Read and check every sample and its images before anything is loaded: a bad one is one line naming it."""
-    from tqdm.auto import tqdm
-
-    conversations, name = data.load(options.data, options.image_folder)
-    if not conversations:
-        raise data.DataError(f"{options.data} holds no samples")
-    sizes = []
-    for conversation in tqdm(conversations, desc="checking the samples and their images", disable=not is_main_process()):
-        data.check(conversation)
-        sizes.append([data.image_size(image, conversation.id) for image in conversation.images])
-    return name, conversations, sizes
+def data_processor(options):
+    """The processor the data are encoded with, composed from the checkpoints' configs and tokenizers: no weight is
+    read before the data pass."""
+    _, processor = load_model(options, weights=False)
+    return processor
 
 
-def encode_data(options, processor, layout: str, conversations, sizes):
-    """Each sample's ids and labels; samples over `max_length` are refused (or skipped, with a count), never cut."""
-    from tqdm.auto import tqdm
+def plain_end(options, processor) -> str:
+    if options.plain_end is not None:
+        return options.plain_end
+    return getattr(processor, "end_of_chunk_token", None) or "\n"  # LLaVA's separator; Flamingo's <|endofchunk|>
 
-    plain_end = options.plain_end
-    if plain_end is None:  # LLaVA's `plain` separator; Flamingo's chunks end with <|endofchunk|>
-        plain_end = getattr(processor, "end_of_chunk_token", None) or "\n"
-    kept, encoded, too_long = [], [], []
-    for conversation, image_sizes in tqdm(list(zip(conversations, sizes)), desc="encoding the samples",
-                                          disable=not is_main_process()):
-        sample = encode(processor, conversation, image_sizes, layout, plain_end)
-        if len(sample.input_ids) > options.max_length:
-            too_long.append((conversation.id, len(sample.input_ids)))
-            continue
-        kept.append(conversation)
-        encoded.append(sample)
-    if too_long:
-        first = ", ".join(f"{sid} ({length})" for sid, length in too_long[:3])
-        message = (f"{len(too_long)} of {len(conversations)} samples are longer than --max-length {options.max_length} "
-                   f"tokens (e.g. {first}); a sample is never cut (an image's placeholders would break)")
+
+def prepare_data(options, processor, layout: str, path: str, flag: str = "--data"):
+    """The data pass (`cache.prepare`: every sample read, checked and encoded once, then cached) and the samples within
+    `--max-length`: longer ones are refused (or skipped, with a count), never cut. Returns `(prepared, indices,
+    skipped)`."""
+    import numpy as np
+
+    from .cache import prepare
+
+    try:
+        prepared = prepare(path, options.image_folder, processor, layout, plain_end(options, processor),
+                           root=options.data_cache, workers=options.data_workers, show_progress=is_main_process())
+    except data.DataError as error:
+        raise data.DataError(f"{flag}: {error}" if flag != "--data" else str(error)) from None
+    lengths = prepared.dataset.data.column("length").to_numpy()
+    keep = np.flatnonzero(lengths <= options.max_length)
+    skipped = len(lengths) - len(keep)
+    if skipped:
+        over = np.flatnonzero(lengths > options.max_length)[:3]
+        first = ", ".join(f"{prepared.dataset[int(i)]['id']} ({lengths[i]})" for i in over)
+        message = (f"{flag}: " if flag != "--data" else "") + (
+            f"{skipped} of {len(lengths)} samples are longer than --max-length {options.max_length} tokens "
+            f"(e.g. {first}); a sample is never cut (an image's placeholders would break)")
         if not options.skip_too_long:
             raise data.DataError(message + ": raise --max-length, or pass --skip-too-long")
         logger.warning("%s: skipped.", message)
-        if not kept:
+        if not len(keep):
             raise data.DataError(message + ", and no sample is left")
-    return kept, encoded, too_long
+    return prepared, keep, skipped
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------
@@ -277,6 +297,7 @@ def train(options: TrainOptions) -> dict:
 
     if options.stage not in STAGES:
         raise data.DataError(f"--stage must be one of {', '.join(STAGES)}, got {options.stage!r}")
+    report_to(options.report_to)  # its package missing: one line, before anything loads
     if options.stage == "qformer":
         from . import qformer
 
@@ -288,10 +309,16 @@ def train(options: TrainOptions) -> dict:
     if (options.lora or options.qlora) and not stage.trains_language_model:
         raise data.DataError(f"--lora / --qlora adapt the LM, which the {stage.name} stage keeps frozen")
     resume_from = prepare_output(options)
-    name, conversations, sizes = read_data(options)
+    from . import streaming
+
+    if streaming.wanted(options):  # image-caption pairs streamed from shards or a `datasets` dataset
+        return streaming.train_align(options, stage, layout, resume_from)
+    processor = data_processor(options)
+    prepared, kept, too_long = prepare_data(options, processor, layout, options.data)
+    evaluation = prepare_data(options, processor, layout, options.eval_data, "--eval-data") if options.eval_data \
+        else None
     torch.manual_seed(options.seed)
     model, processor = load_model(options)
-    kept, encoded, too_long = encode_data(options, processor, layout, conversations, sizes)
 
     counts = freeze_for(model, stage, options)
     if options.lora or options.qlora:
@@ -311,11 +338,24 @@ def train(options: TrainOptions) -> dict:
     inner = getattr(getattr(model, "base_model", None), "model", model)
     collator = Collator(pad, inner.model_class._per_image_inputs, getattr(inner.config, "qformer_pad_token_id", 0))
     arguments = stage_arguments(options, stage, part_lrs["bridge"], include_num_input_tokens_seen="non_padding",
-                                train_sampling_strategy="group_by_length" if options.group_by_length else "random")
-    summary = {"stage": stage.name, "layout": layout, "data": name, "samples": len(kept),
-               "samples_skipped": len(too_long)}
-    return run_stage(FusionTrainer, model, processor, options, arguments, ConversationDataset(processor, kept, encoded),
-                     collator, part_lrs, counts, resume_from, summary)
+                                train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+                                **evaluation_arguments(options))
+    summary = {"stage": stage.name, "layout": layout, "data": prepared.name, "samples": len(kept),
+               "samples_skipped": too_long, "data_cache": {"folder": prepared.folder, "built": prepared.built}}
+    if evaluation is not None:
+        summary["eval_data"] = {"data": evaluation[0].name, "samples": len(evaluation[1]),
+                                "samples_skipped": evaluation[2]}
+    return run_stage(FusionTrainer, model, processor, options, arguments, ConversationDataset(processor, prepared, kept),
+                     collator, part_lrs, counts, resume_from, summary,
+                     eval_dataset=ConversationDataset(processor, *evaluation[:2]) if evaluation else None)
+
+
+def evaluation_arguments(options) -> dict:
+    """The held-out loss on `--eval-data` every `--eval-steps` (default: at each checkpoint, `--save-steps`)."""
+    if not options.eval_data:
+        return {}
+    return {"eval_strategy": "steps", "eval_steps": options.eval_steps or options.save_steps,
+            "per_device_eval_batch_size": options.batch_size, "prediction_loss_only": True}
 
 
 def stage_arguments(options: TrainOptions, stage, learning_rate: float, **extra):
@@ -334,23 +374,29 @@ def stage_arguments(options: TrainOptions, stage, learning_rate: float, **extra)
         bf16=options.bf16, **checkpointing_arguments(options.gradient_checkpointing),
         logging_steps=options.logging_steps, dataloader_pin_memory=torch.cuda.is_available(),
         save_strategy="steps", save_steps=options.save_steps, save_total_limit=1, seed=options.seed,
-        data_seed=options.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=options.workers,
+        data_seed=options.seed, report_to=report_to(options.report_to), remove_unused_columns=False,
+        dataloader_num_workers=options.workers,
         # an unused tower layer (features from layer -2) would trip DDP when the tower trains
         ddp_find_unused_parameters=options.train_tower, **extra,
     )
 
 
 def run_stage(trainer_class, model, processor, options, arguments, dataset, collator, part_lrs, counts, resume_from,
-              summary: dict) -> dict:
-    """Train (stopping cleanly on SIGTERM), then save the model, its processor and a card; returns the summary."""
-    from .trainer import LogTheLastStep, StopOnSignal, final_loss
+              summary: dict, eval_dataset=None) -> dict:
+    """Train (stopping cleanly on SIGTERM), then save the model, its processor and a card; returns the summary. A run
+    resumed from its last step trains no step: it saves the checkpoint's weights, with its steps and losses."""
+    from .trainer import EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss
 
     clear_output(options)
     stopper = StopOnSignal()
-    trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
-                            part_lrs=part_lrs, callbacks=[stopper, LogTheLastStep()])
+    trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, eval_dataset=eval_dataset,
+                            data_collator=collator, part_lrs=part_lrs, callbacks=[stopper, LogTheLastStep(), EndAtTheLastStep()])
     try:
         trainer.train(resume_from_checkpoint=resume_from)
+    except NothingLeftToTrain:
+        logger.warning("%s is the run's last step (%d): nothing left to train, saving its model", resume_from,
+                       trainer.state.global_step)
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # reporters, progress bar
     finally:
         stopper.restore()
     summary = {**summary, "steps": trainer.state.global_step, "final_loss": final_loss(trainer.state.log_history),
@@ -391,6 +437,8 @@ def save(trainer, model, processor, options, summary):
     from .trainer import unwrap
 
     processor.save_pretrained(out)
+    summary["loss_curve"] = LOSS_CURVE if plot_losses(trainer.state.log_history, os.path.join(out, LOSS_CURVE)) \
+        else None
     with open(os.path.join(out, "training_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     write_model_card(unwrap(model), out, extra=training_section(summary))
@@ -436,4 +484,5 @@ def training_section(summary: dict) -> str:
             ("schedule", f"{steps}, cosine, warm-up {o['warmup'] if o['warmup'] is not None else STAGES[summary['stage']].warmup:g}"),
             ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"## Training\n\nTrained with `vlm-fusion train`:\n\n| | |\n|---|---|\n{table}\n"
+    curve = f"\n![training loss]({summary['loss_curve']})\n" if summary.get("loss_curve") else ""
+    return f"## Training\n\nTrained with `vlm-fusion train`:\n\n| | |\n|---|---|\n{table}\n{curve}"

@@ -1,5 +1,5 @@
-"""The recipe on transformers' `Trainer`: the dataset and collator, per-part learning rates, throughput logging, and
-stopping cleanly on SIGTERM.
+"""The recipe on transformers' `Trainer`: the dataset and collator, per-part learning rates, throughput logging,
+stopping cleanly on SIGTERM, and a resume from the last step that trains no step more.
 
 Legend: B samples in a batch, T longest sample, N images in the batch.
 """
@@ -8,45 +8,61 @@ import math
 import signal
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .data import DataError, open_image
-from .encoding import IGNORE_INDEX
+from .encoding import IGNORE_INDEX, expand
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Encoded conversations; an item's images are read and processed when it is asked for."""
+    """The encoded samples of a data pass (`cache.Prepared`: a memory-mapped Arrow file), those of `indices` only
+    (the ones within `--max-length`); an item's ids and labels are expanded and its images read and processed when it
+    is asked for, so the loop holds no sample it is not batching."""
 
-    def __init__(self, processor, conversations, encoded):
-        self.processor, self.conversations, self.encoded = processor, conversations, encoded
+    def __init__(self, processor, prepared, indices: np.ndarray | None = None):
+        self.processor, self.rows, self.source = processor, prepared.dataset, prepared.source
+        self.indices = np.arange(len(self.rows)) if indices is None else np.asarray(indices)
 
     def __len__(self):
-        return len(self.encoded)
+        return len(self.indices)
 
     @property
-    def lengths(self) -> list[int]:
-        return [len(e.input_ids) for e in self.encoded]
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.rows.data.column("length"))[self.indices]
 
     def __getitem__(self, index) -> dict:
-        conversation, encoded = self.conversations[index], self.encoded[index]
-        images = [open_image(image) for image in conversation.images]
-        out = self.processor(images=images or None, text=[encoded.text], add_special_tokens=encoded.add_special_tokens,
-                             return_tensors="pt")
-        ids = out["input_ids"][0]
-        if ids.tolist() != encoded.input_ids:  # the processor is the truth; the labels were aligned to the recipe's ids
-            raise DataError(f"sample {conversation.id}: the processor's token ids differ from the recipe's; its labels "
-                            "cannot be placed (please report this with the sample)")
-        item = {"input_ids": ids, "labels": torch.tensor(encoded.labels), "attention_mask": torch.ones_like(ids)}
-        if "qformer_input_ids" in out:  # InstructBLIP: the Q-Former reads the instruction, never the answer
-            item.update({k: v[0] for k, v in self.processor.qformer_inputs([encoded.instruction],
-                                                                           return_tensors="pt").items()})
-        for key in out:
-            if key not in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"):
-                item[key] = out[key]  # pixel_values (n, ...), anyres image_sizes (n, 2): per image
-        return item
+        row = self.rows[int(self.indices[index])]
+        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id)
+        return model_item(self.processor, row["id"], [open_image(image) for image in self.images(row)], row["text"],
+                          row["add_special_tokens"], input_ids, labels, row["instruction"])
+
+    def images(self, row) -> list:
+        """A row's images: its files, or (a TRL dataset holding them) the images of its source row."""
+        if all(row["images"]):
+            return row["images"]
+        return list(self.source[row["source_index"]]["images"])
+
+
+def model_item(processor, sid: str, images: list, text: str, add_special_tokens: bool, input_ids, labels,
+               instruction: str) -> dict:
+    """What the model reads of one sample: the processor's output for its images and text, with the recipe's labels
+    (aligned to the recipe's ids, which must be the processor's) and, for InstructBLIP, the instruction's ids."""
+    out = processor(images=images or None, text=[text], add_special_tokens=add_special_tokens, return_tensors="pt")
+    ids = out["input_ids"][0]
+    if not np.array_equal(ids.numpy(), np.asarray(input_ids)):  # the processor is the truth
+        raise DataError(f"sample {sid}: the processor's token ids differ from the recipe's; its labels cannot be placed "
+                        "(please report this with the sample)")
+    item = {"input_ids": ids, "labels": torch.as_tensor(np.asarray(labels)), "attention_mask": torch.ones_like(ids)}
+    if "qformer_input_ids" in out:  # InstructBLIP: the Q-Former reads the instruction, never the answer
+        item.update({k: v[0] for k, v in processor.qformer_inputs([instruction], return_tensors="pt").items()})
+    for key in out:
+        if key not in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"):
+            item[key] = out[key]  # pixel_values (n, ...), anyres image_sizes (n, 2): per image
+    return item
 
 
 class Collator:
@@ -190,6 +206,21 @@ class LogTheLastStep(TrainerCallback):
         if state.global_step >= state.max_steps or control.should_training_stop:
             control.should_log = True
         return control
+
+
+class NothingLeftToTrain(Exception):
+    """Raised by `EndAtTheLastStep` at the start of a run resumed from its last step."""
+
+
+class EndAtTheLastStep(TrainerCallback):
+    """A run resumed from a checkpoint at its last step (killed while saving the model) trains no step: transformers
+    checks `max_steps` only after a step, and when that checkpoint falls inside an epoch its loop resumes the epoch and
+    trains one step more. Raised as that epoch begins, the checkpoint's weights, optimizer and state loaded and every
+    callback started (every process alike); `run_stage` catches it, ends the callbacks and saves what was loaded."""
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if 0 < state.max_steps <= state.global_step:
+            raise NothingLeftToTrain
 
 
 def final_loss(log_history: list[dict]) -> float | None:

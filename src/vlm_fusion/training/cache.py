@@ -1,0 +1,300 @@
+"""The data pass, once: every sample read, checked and encoded in worker processes, written to a memory-mapped Arrow
+file on disk, and reused by every process of a launch, by `--resume` and by a rerun.
+
+    --data (streamed, never whole in memory) --blocks--> workers: check, open each image, encode (`Encoder`)
+        --rows, in order--> one Arrow file  <--memory-mapped-- every training process (`ConversationDataset`)
+
+Why our own Arrow file and not `datasets.map`: the pass must stream a 665K-sample JSON list (which `datasets` loads
+whole), run in workers that hold the processor once, and be keyed by what the samples depend on — which `map`'s
+fingerprint (a hash of the function and its pickled arguments) cannot say for a processor. The file itself is
+written with `datasets`' `ArrowWriter` and read back with `datasets.Dataset.from_file`, memory-mapped: pages are
+shared by every process that reads it, and a sample is materialised only when its batch is built.
+
+The cache folder is `--data-cache` (default `$VLM_FUSION_DATA_CACHE`, else `~/.cache/vlm_fusion/data`), one
+sub-folder per fingerprint of: the format and vlm-fusion's version, the data (path, size, modification time; every
+file of a dataset folder), the image folder, the processor's saved files (tokenizer, chat template, image
+processor, placeholder counts), the layout and the plain layout's end. The images the data lists are fingerprinted
+too, by size and modification time, checked again (in threads) each time the cache is used: a changed image
+rebuilds it. `--max-length` is not part of it: the cache keeps every sample with its length, and the samples over
+the limit are refused or skipped when it is read. One process builds while the others wait on a file lock; a
+folder is written under a temporary name and renamed when complete, so a killed build leaves nothing that is used.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from transformers.utils import logging
+
+from . import data
+from .encoding import Encoder
+
+logger = logging.get_logger("vlm_fusion.training")
+
+FORMAT = 1  # the layout of a cache folder; a change makes every older cache a miss
+BLOCK = 256  # samples a worker checks and encodes at a time
+
+
+@dataclass
+class Prepared:
+    """A data pass's result: the encoded samples (`datasets.Dataset`, memory-mapped) and where they came from."""
+
+    dataset: object
+    name: str  # the data's name, for the summary and the card
+    folder: str  # the cache folder
+    built: bool  # this process ran the data pass (else it read a cache)
+    source: object = None  # a `datasets` dataset whose rows hold in-memory images (TRL format), or None
+
+
+def default_root() -> str:
+    return os.environ.get("VLM_FUSION_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlm_fusion",
+                                                                    "data")
+
+
+def prepare(path: str, image_folder: str | None, processor, layout: str, plain_end: str, root: str | None = None,
+            workers: int | None = None, show_progress: bool = True) -> Prepared:
+    """The encoded samples of `path`, from the cache if it holds them, else from a data pass (then cached)."""
+    import filelock
+
+    try:
+        from datasets import Dataset
+    except ImportError:
+        raise data.DataError("the data pass writes its cache with `datasets`, which is not installed: "
+                             "pip install 'vlm-fusion[train]'") from None
+
+    if not os.path.exists(path):
+        raise data.DataError(f"no training data at {path}")
+    root = writable(root or default_root())
+    key, inputs = fingerprint(path, image_folder, processor, layout, plain_end)
+    folder = os.path.join(root, key)
+    with filelock.FileLock(folder + ".lock"):
+        built = not valid(folder)
+        if built:
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder, path, image_folder, processor, layout, plain_end, inputs, workers, show_progress)
+        else:
+            logger.warning("data cache: reused %s (the data pass is not run again)", folder)
+    dataset = Dataset.from_file(os.path.join(folder, "samples.arrow"))
+    source = data.read_dataset(path) if in_memory_images(dataset) else None
+    return Prepared(dataset, os.path.basename(os.path.normpath(path)), folder, built, source)
+
+
+def writable(root: str) -> str:
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root):
+            pass
+    except OSError as error:
+        raise data.DataError(f"--data-cache {root} is not a writable folder ({error.strerror or error}); give one "
+                             "that is") from None
+    return root
+
+
+# ---- the fingerprint -----------------------------------------------------------------------------------------------
+def fingerprint(path, image_folder, processor, layout, plain_end) -> tuple[str, dict]:
+    """The cache key and what went into it (kept in the cache's `meta.json`, for a reader)."""
+    from vlm_fusion import __version__
+
+    inputs = {"format": FORMAT, "vlm_fusion": __version__, "data": files_stamp(path),
+              "image_folder": os.path.realpath(image_folder) if image_folder else None,
+              "processor": processor_digest(processor), "layout": layout, "plain_end": plain_end}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    return f"{os.path.basename(os.path.normpath(path))}-{layout}-{digest}", inputs
+
+
+def files_stamp(path: str) -> list:
+    """`[relative path, size, modification time]` of the file, or of every file in the folder."""
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return [[os.path.realpath(path), stat.st_size, stat.st_mtime_ns]]
+    stamps = []
+    for folder, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            stat = os.stat(os.path.join(folder, name))
+            stamps.append([os.path.relpath(os.path.join(folder, name), path), stat.st_size, stat.st_mtime_ns])
+    return [[os.path.realpath(path), 0, 0], *stamps]
+
+
+def processor_digest(processor) -> str:
+    """A hash of the processor's saved files: its tokenizer, chat template, image processor and settings."""
+    volatile = ("local_files_only", "is_local", "_commit_hash", "name_or_path", "processor_class")
+    with tempfile.TemporaryDirectory() as folder:
+        processor.save_pretrained(folder)
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                content = f.read()
+            if name.endswith(".json"):  # drop what records where and how it was loaded, not what it does
+                try:
+                    content = json.dumps(strip_keys(json.loads(content), volatile), sort_keys=True).encode()
+                except ValueError:
+                    pass
+            digest.update(name.encode() + b"\0" + content + b"\0")
+    return digest.hexdigest()
+
+
+def strip_keys(value, keys):
+    if isinstance(value, dict):
+        return {k: strip_keys(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [strip_keys(v, keys) for v in value]
+    return value
+
+
+def image_stamps(paths) -> list:
+    """`[size, modification time]` of each image file (threads: the calls wait on the file system, not the GIL)."""
+    def stamp(path):
+        try:
+            stat = os.stat(path)
+            return [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(stamp, paths, chunksize=4096))
+
+
+def valid(folder: str) -> bool:
+    """Whether `folder` is a complete cache whose images are unchanged since it was built."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("inputs", {}).get("format") != FORMAT:
+        return False
+    with open(os.path.join(folder, "images.json"), encoding="utf-8") as f:
+        images = json.load(f)
+    changed = [path for path, before, now in zip(images["paths"], images["stamps"], image_stamps(images["paths"]))
+               if before != now]
+    if changed:
+        logger.warning("data cache: %d image(s) changed since %s was built (e.g. %s): building it again",
+                       len(changed), folder, changed[0])
+        return False
+    return True
+
+
+# ---- the data pass -------------------------------------------------------------------------------------------------
+def build(folder, path, image_folder, processor, layout, plain_end, inputs, workers, show_progress) -> None:
+    """Read, check and encode every sample into `folder` (written as `folder.partial-PID`, then renamed)."""
+    from datasets import Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    features = Features({"id": Value("string"), "source_index": Value("int64"), "images": [Value("string")],
+                         "text": Value("string"), "add_special_tokens": Value("bool"), "instruction": Value("string"),
+                         "ids": Sequence(Value("int32")), "targets": Sequence(Value("bool")),
+                         "image_tokens": Sequence(Value("int32")), "length": Value("int32")})
+    partial = f"{folder}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    workers = workers if workers is not None else default_workers()
+    blocks = data.blocks(path, image_folder, BLOCK)
+    images, samples = {}, 0
+    try:
+        writer = ArrowWriter(features=features, path=os.path.join(partial, "samples.arrow"))
+        with tqdm(desc=f"data pass over {os.path.basename(path)} ({workers or 1} worker(s))", unit=" samples",
+                  disable=not show_progress) as progress, worker_pool(workers, processor, layout, plain_end) as run:
+            for rows, block_images in run(blocks):
+                writer.write_batch(rows)
+                images.update(block_images)
+                samples += len(rows["id"])
+                progress.update(len(rows["id"]))
+        writer.finalize()
+        writer.close()
+        if not samples:
+            raise data.DataError(f"{path} holds no samples")
+        paths = sorted(images)
+        with open(os.path.join(partial, "images.json"), "w", encoding="utf-8") as f:
+            json.dump({"paths": paths, "stamps": image_stamps(paths)}, f)
+        with open(os.path.join(partial, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump({"inputs": inputs, "samples": samples, "images": len(paths), "workers": workers,
+                       "seconds": round(time.perf_counter() - start, 2)}, f, indent=1)
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    logger.warning("data cache: built %s: %d samples, %d images checked, in %.1f s", folder, samples, len(images),
+                   time.perf_counter() - start)
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 16) if cores > 1 else 0
+
+
+class worker_pool:
+    """`with worker_pool(n, ...) as run: for rows, images in run(blocks)`: the blocks encoded in `n` processes (in
+    order), or in this one for `n == 0`. Workers are forked, so the processor is not pickled; where fork is not
+    available they are spawned with it."""
+
+    def __init__(self, workers, processor, layout, plain_end):
+        self.workers, self.arguments, self.pool = workers, (processor, layout, plain_end), None
+
+    def __enter__(self):
+        if self.workers:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(self.workers, initializer=start_worker,
+                                                                 initargs=self.arguments)
+        else:
+            start_worker(*self.arguments)
+        return self.run
+
+    def run(self, blocks):
+        if self.pool is None:
+            yield from map(encode_block, blocks)
+        else:
+            yield from self.pool.imap(encode_block, blocks, chunksize=1)
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+
+
+_encoder: Encoder | None = None
+_image_sizes: dict = {}
+
+
+def start_worker(processor, layout, plain_end) -> None:
+    global _encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a worker is one core
+    _encoder = Encoder(processor, layout, plain_end)
+    _image_sizes.clear()
+
+
+def encode_block(block: list[tuple[int, data.Conversation]]) -> tuple[dict, dict]:
+    """Check and encode a block of samples: its rows (as columns) and the image files it opened."""
+    rows = {key: [] for key in ("id", "source_index", "images", "text", "add_special_tokens", "instruction", "ids",
+                                "targets", "image_tokens", "length")}
+    opened = {}
+    for index, conversation in block:
+        data.check(conversation)
+        sizes = []
+        for image in conversation.images:
+            if isinstance(image, str):
+                if image not in _image_sizes:
+                    _image_sizes[image] = data.image_size(image, conversation.id)
+                opened[image] = True
+                sizes.append(_image_sizes[image])
+            else:
+                sizes.append(data.image_size(image, conversation.id))
+        row = _encoder(conversation, sizes)
+        rows["id"].append(conversation.id)
+        rows["source_index"].append(index)
+        rows["images"].append([image if isinstance(image, str) else "" for image in conversation.images])
+        for key in ("text", "add_special_tokens", "instruction", "ids", "targets", "image_tokens", "length"):
+            rows[key].append(row[key])
+    return rows, opened
+
+
+def in_memory_images(dataset) -> bool:
+    """Whether the samples' images live in the data's own rows (a TRL dataset with images in it), not in files."""
+    images = dataset[0]["images"] if len(dataset) else []
+    return any(image == "" for image in images)

@@ -1,0 +1,191 @@
+"""The data pass of `vlm-fusion train` (`training/cache.py`): its samples equal the reference encoding, it runs once and
+is reused (by a rerun, by `--resume`), it is rebuilt when what it depends on changes, and bad input is one line."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_fusion.tools.tiny import write_training_parts
+from vlm_fusion.training import TrainOptions, cache, data, train
+from vlm_fusion.training.encoding import encode
+from vlm_fusion.training.recipe import data_processor, load_model, plain_end, prepare_data
+from vlm_fusion.training.trainer import ConversationDataset
+
+FLAMINGO = {"num_latents": 4, "perceiver_depth": 1, "perceiver_heads": 2, "perceiver_head_dim": 16,
+            "cross_attention_heads": 2, "cross_attention_head_dim": 16}
+BRIDGES = {"llava": {"projector_type": "mlp2x_gelu"}, "flamingo": FLAMINGO,
+           "blip2": {"num_query_tokens": 4, "qformer_hidden_size": 64, "qformer_num_hidden_layers": 1,
+                     "qformer_num_attention_heads": 4, "qformer_intermediate_size": 128, "qformer_text_input": True}}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return write_training_parts(tmp_path_factory.mktemp("parts"))
+
+
+def options(parts, tmp_path, family="llava", data_file="conversations.json", **kwargs):
+    return TrainOptions(**{**dict(data=str(parts / data_file), image_folder=str(parts / "images"),
+                                  output_dir=str(tmp_path / "out"), stage="instruct", family=family,
+                                  vision_tower=str(parts / "vision"), language_model=str(parts / "lm"),
+                                  bridge=BRIDGES[family], batch_size=4, max_steps=2, logging_steps=1,
+                                  data_cache=str(tmp_path / "cache")), **kwargs})
+
+
+@pytest.mark.parametrize("family,layout,workers", [("llava", "chat", 2), ("blip2", "chat", 0), ("flamingo", "plain", 0),
+                                                   ("llava", "plain", 2)])
+def test_cached_samples_equal_the_reference_encoding(parts, tmp_path, family, layout, workers):
+    """Every sample the training loop reads from the cache — ids, labels, images, the Q-Former's instruction — equals
+    what the reference path (`data.load`, `encoding.encode`, the processor) makes of the same conversation."""
+    data_file = "conversations.json" if layout == "chat" else "captions.json"
+    o = options(parts, tmp_path, family, data_file=data_file, data_workers=workers)
+    _, processor = load_model(o)
+    prepared, kept, skipped = prepare_data(o, data_processor(o), layout, o.data)
+    assert prepared.built and skipped == 0
+    dataset = ConversationDataset(processor, prepared, kept)
+    conversations, _ = data.load(o.data, o.image_folder)
+    assert len(dataset) == len(conversations) == 16
+    for item, conversation in zip(dataset, conversations):
+        sizes = [data.image_size(image, conversation.id) for image in conversation.images]
+        reference = encode(processor, conversation, sizes, layout, plain_end(o, processor))
+        assert item["input_ids"].tolist() == reference.input_ids
+        assert item["labels"].tolist() == reference.labels
+        images = [data.open_image(image) for image in conversation.images]
+        expected = processor(images=images or None, text=[reference.text], return_tensors="pt",
+                             add_special_tokens=reference.add_special_tokens)
+        if images:
+            assert torch.equal(item["pixel_values"], expected["pixel_values"])
+        if "qformer_input_ids" in item:  # InstructBLIP's Q-Former reads the user turns
+            assert item["qformer_input_ids"].tolist() == processor.qformer_inputs(
+                [reference.instruction], return_tensors="pt")["qformer_input_ids"][0].tolist()
+
+
+def test_a_rerun_and_a_resume_read_the_cache_and_a_change_rebuilds_it(parts, tmp_path, monkeypatch):
+    o = options(parts, tmp_path, data_workers=0)
+    first = train(o)
+    assert first["data_cache"]["built"]
+    folder = first["data_cache"]["folder"]
+    built_at = os.stat(os.path.join(folder, "samples.arrow")).st_mtime_ns
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the data pass ran again")
+
+    with monkeypatch.context() as m:  # a rerun and a resume: no data pass
+        m.setattr(cache, "build", no_pass)
+        again = train(options(parts, tmp_path, data_workers=0, overwrite=True))
+        resumed = train(options(parts, tmp_path, data_workers=0, resume=True, max_steps=3))
+    assert not again["data_cache"]["built"] and not resumed["data_cache"]["built"]
+    assert again["data_cache"]["folder"] == resumed["data_cache"]["folder"] == folder
+    assert os.stat(os.path.join(folder, "samples.arrow")).st_mtime_ns == built_at
+
+    # an image the data lists changes: the same folder is built again; another chat template: another folder
+    image = parts / "images" / "0.png"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10 ** 9))
+    changed = train(options(parts, tmp_path, data_workers=0, overwrite=True))
+    assert changed["data_cache"]["built"] and changed["data_cache"]["folder"] == folder
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    other = train(options(parts, tmp_path, data_workers=0, overwrite=True, chat_template=str(template)))
+    assert other["data_cache"]["built"] and other["data_cache"]["folder"] != folder
+
+
+def test_a_killed_data_pass_leaves_nothing_that_is_used(parts, tmp_path, monkeypatch):
+    o = options(parts, tmp_path, data_workers=0)
+    real = cache.encode_block
+
+    def dies(block):  # the pass is stopped (Ctrl-C, a kill) in its first block
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "encode_block", dies)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(o, data_processor(o), "chat", o.data)
+    assert not [p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock")]
+    monkeypatch.setattr(cache, "encode_block", real)
+    prepared, _, _ = prepare_data(o, data_processor(o), "chat", o.data)
+    assert prepared.built and len(prepared.dataset) == 16
+
+
+def test_the_data_pass_holds_no_sample_list_and_reads_a_json_list_object_by_object(tmp_path):
+    """A JSON list is parsed one object at a time (any chunk size gives the same rows), and an invalid one is one line
+    naming the sample it broke at."""
+    rows = [{"id": f"s{i}", "conversations": [{"from": "human", "value": "hi ]" * (i % 5)},
+                                              {"from": "gpt", "value": "{yes}"}]} for i in range(500)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows, indent=1))
+    for chunk in (5, 97, 1 << 20):
+        assert list(data.iter_json(str(path), chunk)) == rows
+    path.write_text(json.dumps(rows)[:-30])
+    with pytest.raises(data.DataError, match=r"data.json is not valid JSON \(sample 500 of the list"):
+        list(data.iter_json(str(path), 64))
+    path.write_text(json.dumps({"id": 1}))
+    with pytest.raises(data.DataError, match="must hold a list of samples"):
+        list(data.iter_json(str(path)))
+
+
+def test_a_cache_folder_that_is_not_writable_is_one_line(parts, tmp_path, capsys):
+    from vlm_fusion_cli import main
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    argv = ["train", "--stage", "instruct", "--family", "llava", "--vision-tower", str(parts / "vision"),
+            "--language-model", str(parts / "lm"), "--data", str(parts / "conversations.json"), "--image-folder",
+            str(parts / "images"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+            "--data-cache", str(blocked / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"vlm-fusion: error: train: --data-cache .*blocked/cache is not a writable folder", err[-1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_lengths_come_from_the_cache_for_length_grouping(parts, tmp_path):
+    o = options(parts, tmp_path, data_workers=0)
+    _, processor = load_model(o)
+    prepared, kept, _ = prepare_data(o, data_processor(o), "chat", o.data)
+    dataset = ConversationDataset(processor, prepared, kept)
+    assert isinstance(dataset.lengths, np.ndarray)
+    assert dataset.lengths.tolist() == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def test_the_eval_loss_equals_the_loss_computed_directly_on_the_held_out_samples(parts, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_fusion.training.trainer import Collator
+
+    o = options(parts, tmp_path, data_workers=0, eval_data=str(parts / "conversations.json"), eval_steps=2,
+                max_steps=2, save_steps=2)
+    summary = train(o)
+    assert summary["eval_data"] == {"data": "conversations.json", "samples": 16, "samples_skipped": 0}
+    history = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(logged) == 1
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    _, processor = load_model(o)
+    prepared, kept, _ = prepare_data(o, data_processor(o), "chat", o.eval_data)
+    dataset = ConversationDataset(processor, prepared, kept)
+    collate = Collator(processor.tokenizer.pad_token_id or 0, model.model_class._per_image_inputs)
+    with torch.no_grad():
+        losses = [model(**collate([dataset[i] for i in range(start, start + 4)])).loss.item()
+                  for start in range(0, len(dataset), 4)]
+    assert logged[0] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+
+
+def test_eval_data_with_a_missing_image_is_one_line_naming_the_flag(parts, tmp_path, capsys):
+    from vlm_fusion_cli import main
+
+    rows = json.loads((parts / "captions.json").read_text())
+    rows[2]["image"] = "nowhere.png"
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps(rows))
+    argv = ["train", "--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"),
+            "--language-model", str(parts / "lm"), "--data", str(parts / "captions.json"), "--image-folder",
+            str(parts / "images"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+            "--eval-data", str(held_out), "--data-cache", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"vlm-fusion: error: train: --eval-data: sample cap2: image file .*nowhere.png is missing$", err[-1])
+    assert not (tmp_path / "out").exists()
