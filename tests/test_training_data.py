@@ -189,3 +189,27 @@ def test_eval_data_with_a_missing_image_is_one_line_naming_the_flag(parts, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert re.match(r"vlm-fusion: error: train: --eval-data: sample cap2: image file .*nowhere.png is missing$", err[-1])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_fast_encoder_checks_itself_and_falls_back_to_the_reference(parts, tmp_path, monkeypatch, caplog):
+    """A chat template the fast path would render differently (here: made to start with a tilde) is caught on the first
+    sample, and every sample is then encoded the reference way."""
+    from vlm_fusion.training import encoding
+
+    o = options(parts, tmp_path)
+    processor = data_processor(o)
+    conversations, _ = data.load(o.data, o.image_folder)
+    sizes = [[data.image_size(image, c.id) for image in c.images] for c in conversations]
+    fast = encoding.Encoder(processor, "chat", "\n")
+    rows = [fast(c, s) for c, s in zip(conversations, sizes)]
+    assert fast.fast  # the fast path matched the reference
+    original = encoding.Encoder._render
+    monkeypatch.setattr(encoding.Encoder, "_render", lambda self, m, g: "~" + original(self, m, g))
+    drifting = encoding.Encoder(processor, "chat", "\n")
+    fallback = [drifting(c, s) for c, s in zip(conversations, sizes)]
+    assert not drifting.fast and "differs from the reference" in caplog.text
+    for row, other, conversation, size in zip(rows, fallback, conversations, sizes):
+        assert encoding.rows_equal(row, other)
+        reference = encode(processor, conversation, size, "chat", "\n")
+        ids, labels = encoding.expand(row["ids"], row["targets"], row["image_tokens"], processor.image_token_id)
+        assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels

@@ -39,6 +39,18 @@ logger = logging.get_logger("vlm_fusion.training")
 
 FORMAT = 1  # the layout of a cache folder; a change makes every older cache a miss
 BLOCK = 256  # samples a worker checks and encodes at a time
+FEATURES = ("id", "source_index", "images", "text", "add_special_tokens", "instruction", "ids", "targets",
+            "image_tokens", "length")  # a cached sample: `ids` the text's own ids (one `<image>` per image), `targets`
+# a flag per id (the loss is on it), `image_tokens` each image's placeholder count, `length` the expanded length
+
+
+def features():
+    from datasets import Features, Sequence, Value
+
+    return Features({"id": Value("string"), "source_index": Value("int64"), "images": [Value("string")],
+                     "text": Value("string"), "add_special_tokens": Value("bool"), "instruction": Value("string"),
+                     "ids": Sequence(Value("int32")), "targets": Sequence(Value("bool")),
+                     "image_tokens": Sequence(Value("int32")), "length": Value("int32")})
 
 
 @dataclass
@@ -127,7 +139,9 @@ def processor_digest(processor) -> str:
     with tempfile.TemporaryDirectory() as folder:
         processor.save_pretrained(folder)
         digest = hashlib.sha256()
-        for name in sorted(os.listdir(folder)):
+        names = sorted(os.path.relpath(os.path.join(parent, name), folder)  # InstructBLIP: a qformer_tokenizer/ too
+                       for parent, _, files in os.walk(folder) for name in files)
+        for name in names:
             with open(os.path.join(folder, name), "rb") as f:
                 content = f.read()
             if name.endswith(".json"):  # drop what records where and how it was loaded, not what it does
@@ -183,15 +197,11 @@ def valid(folder: str) -> bool:
 # ---- the data pass -------------------------------------------------------------------------------------------------
 def build(folder, path, image_folder, processor, layout, plain_end, inputs, workers, show_progress) -> None:
     """Read, check and encode every sample into `folder` (written as `folder.partial-PID`, then renamed)."""
-    from datasets import Features, Sequence, Value
+    import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    features = Features({"id": Value("string"), "source_index": Value("int64"), "images": [Value("string")],
-                         "text": Value("string"), "add_special_tokens": Value("bool"), "instruction": Value("string"),
-                         "ids": Sequence(Value("int32")), "targets": Sequence(Value("bool")),
-                         "image_tokens": Sequence(Value("int32")), "length": Value("int32")})
     partial = f"{folder}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -199,14 +209,14 @@ def build(folder, path, image_folder, processor, layout, plain_end, inputs, work
     blocks = data.blocks(path, image_folder, BLOCK)
     images, samples = {}, 0
     try:
-        writer = ArrowWriter(features=features, path=os.path.join(partial, "samples.arrow"))
+        writer = ArrowWriter(features=features(), path=os.path.join(partial, "samples.arrow"))
         with tqdm(desc=f"data pass over {os.path.basename(path)} ({workers or 1} worker(s))", unit=" samples",
                   disable=not show_progress) as progress, worker_pool(workers, processor, layout, plain_end) as run:
             for rows, block_images in run(blocks):
-                writer.write_batch(rows)
+                writer.write_table(pa.Table.from_batches([rows]))
                 images.update(block_images)
-                samples += len(rows["id"])
-                progress.update(len(rows["id"]))
+                samples += rows.num_rows
+                progress.update(rows.num_rows)
         writer.finalize()
         writer.close()
         if not samples:
@@ -269,10 +279,12 @@ def start_worker(processor, layout, plain_end) -> None:
     _image_sizes.clear()
 
 
-def encode_block(block: list[tuple[int, data.Conversation]]) -> tuple[dict, dict]:
-    """Check and encode a block of samples: its rows (as columns) and the image files it opened."""
-    rows = {key: [] for key in ("id", "source_index", "images", "text", "add_special_tokens", "instruction", "ids",
-                                "targets", "image_tokens", "length")}
+def encode_block(block: list[tuple[int, data.Conversation]]) -> tuple[object, dict]:
+    """Check and encode a block of samples: its rows as an Arrow record batch (numpy buffers, not Python lists, cross
+    the process boundary) and the image files it opened."""
+    import pyarrow as pa
+
+    columns = {key: [] for key in FEATURES}
     opened = {}
     for index, conversation in block:
         data.check(conversation)
@@ -286,12 +298,26 @@ def encode_block(block: list[tuple[int, data.Conversation]]) -> tuple[dict, dict
             else:
                 sizes.append(data.image_size(image, conversation.id))
         row = _encoder(conversation, sizes)
-        rows["id"].append(conversation.id)
-        rows["source_index"].append(index)
-        rows["images"].append([image if isinstance(image, str) else "" for image in conversation.images])
+        columns["id"].append(conversation.id)
+        columns["source_index"].append(index)
+        columns["images"].append([image if isinstance(image, str) else "" for image in conversation.images])
         for key in ("text", "add_special_tokens", "instruction", "ids", "targets", "image_tokens", "length"):
-            rows[key].append(row[key])
-    return rows, opened
+            columns[key].append(row[key])
+    schema = features().arrow_schema
+    arrays = [list_array(columns[name], schema.field(name).type) if name in ("ids", "targets")
+              else pa.array(columns[name], type=schema.field(name).type) for name in FEATURES]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema), opened
+
+
+def list_array(rows: list, arrow_type):
+    """A list column from each row's numpy array: one concatenation, no Python element."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
+    values = np.concatenate(rows) if rows else np.zeros(0, dtype=arrow_type.value_type.to_pandas_dtype())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=arrow_type.value_type))
 
 
 def in_memory_images(dataset) -> bool:

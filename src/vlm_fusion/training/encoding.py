@@ -19,6 +19,7 @@ per CLIP-336 image), which is what the on-disk cache (`cache.py`) holds.
 
 import logging
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -149,6 +150,7 @@ class Encoder:
         self._counts: dict[tuple[int, int], int] = {}
         self._seen, self.fast = 0, True
         self._template = self._compiled_template() if layout == "chat" and processor.chat_template else None
+        self._special_tokens = dict(processor.tokenizer.special_tokens_map)  # what apply_chat_template passes too
         backend = getattr(processor.tokenizer, "_tokenizer", None)
         self._rust = backend if hasattr(backend, "encode") and not getattr(processor, "chunked_tokenization", False) \
             else None
@@ -182,8 +184,8 @@ class Encoder:
             else:
                 position += 1
         return {"text": encoded.text, "add_special_tokens": encoded.add_special_tokens,
-                "instruction": encoded.instruction, "ids": ids, "targets": targets, "image_tokens": counts,
-                "length": len(encoded.input_ids)}
+                "instruction": encoded.instruction, "ids": np.asarray(ids, dtype=np.int32),
+                "targets": np.asarray(targets, dtype=bool), "image_tokens": counts, "length": len(encoded.input_ids)}
 
     def image_tokens(self, image_sizes) -> list[int]:
         missing = [tuple(size) for size in image_sizes if tuple(size) not in self._counts]
@@ -200,8 +202,8 @@ class Encoder:
             ids, offsets = encoding.ids, encoding.offsets
         else:
             ids, offsets = token_offsets(self.processor, text, add_special)
-        ids = np.asarray(ids, dtype=np.int64)
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
+        offsets = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
         targets = np.zeros(len(ids), dtype=bool)
         for a, b in spans:
@@ -213,8 +215,8 @@ class Encoder:
             raise DataError(f"sample {conversation.id}: {more} {IMAGE} tokens than images after tokenization")
         counts = self.image_tokens(image_sizes)
         instruction = " ".join(m["content"] for m in conversation.messages if m["role"] == "user")
-        return {"text": text, "add_special_tokens": add_special, "instruction": instruction, "ids": ids.tolist(),
-                "targets": targets.tolist(), "image_tokens": counts, "length": len(ids) - found + sum(counts)}
+        return {"text": text, "add_special_tokens": add_special, "instruction": instruction, "ids": ids,
+                "targets": targets, "image_tokens": counts, "length": len(ids) - found + sum(counts)}
 
     def _compiled_template(self):
         from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -230,8 +232,8 @@ class Encoder:
                 messages, chat_template=self.processor.chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.processor.tokenizer.special_tokens_map)
+                                     **self._special_tokens)
 
 
 def rows_equal(a: dict, b: dict) -> bool:
-    return all(list(a[k]) == list(b[k]) if isinstance(a[k], (list, np.ndarray)) else a[k] == b[k] for k in b)
+    return all(np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k] for k in b)
