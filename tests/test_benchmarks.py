@@ -208,3 +208,24 @@ def test_the_training_benchmark_runs(tmp_path):
     assert [(r["stage"], r["baseline"]) for r in rows] == [("align", "TRL"), ("instruct", "TRL"), ("flamingo", "TRL"),
                                                            ("qformer", "LAVIS")]
     assert all(r["ours"]["samples_per_s"] > 0 and r["trl"]["samples_per_s"] > 0 for r in rows)
+
+
+def test_the_data_benchmark_runs(tmp_path):
+    """benchmarks/data.py on 100 samples, one process: the fixed-cost run, the first run, the rerun and LLaVA's lazy
+    loader, each in a process of its own, and the table and its JSON written."""
+    spec = importlib.util.spec_from_file_location("data_benchmark", ROOT / "benchmarks" / "data.py")
+    data_benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data_benchmark)
+
+    assert data_benchmark.main(["--sizes", "100", "--processes", "1", "--skip-webdataset", "--work",
+                                str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "data.json").read_text())
+    [row] = record["rows"]
+    assert (row["size"], row["processes"]) == (100, 1)
+    for kind in ("first", "rerun", "baseline"):
+        assert row[kind]["first_step_s"] > 0 and row[kind]["peak_mb"] > 0 and row[kind]["cpu_s_at_first_step"] > 0
+    assert row["first"]["processes"] == 1 and row["baseline"]["mismatches"] == 0  # LLaVA's masking found every turn
+    assert row["rerun"]["goal_rerun_10s"] in (True, False) and row["first"]["goal_rss_flat"] is True
+    table = (tmp_path / "data.md").read_text()
+    for line in ("| 100 | 1 | first run |", "| 100 | 1 | rerun |", "| 100 | 1 | LLaVA lazy (baseline) |"):
+        assert line in table
