@@ -37,17 +37,21 @@ def options(parts, tmp_path, family="llava", data_file="conversations.json", **k
 
 @pytest.mark.parametrize("family,layout,workers", [("llava", "chat", 2), ("blip2", "chat", 0), ("flamingo", "plain", 0),
                                                    ("llava", "plain", 2)])
-def test_cached_samples_equal_the_reference_encoding(parts, tmp_path, family, layout, workers):
+def test_cached_samples_equal_the_reference_encoding(parts, tmp_path, monkeypatch, family, layout, workers):
     """Every sample the training loop reads from the cache — ids, labels, images, the Q-Former's instruction — equals
     what the reference path (`data.load`, `encoding.encode`, the processor) makes of the same conversation."""
     data_file = "conversations.json" if layout == "chat" else "captions.json"
     o = options(parts, tmp_path, family, data_file=data_file, data_workers=workers)
+    if workers:  # blocks of 3 samples from the workers, joined into record batches of 5 or more in the file
+        monkeypatch.setattr(cache, "BLOCK", 3)
+        monkeypatch.setattr(cache, "WRITE_ROWS", 5)
     _, processor = load_model(o)
     prepared, kept, skipped = prepare_data(o, data_processor(o), layout, o.data)
     assert prepared.built and skipped == 0
     dataset = ConversationDataset(processor, prepared, kept)
     conversations, _ = data.load(o.data, o.image_folder)
     assert len(dataset) == len(conversations) == 16
+    assert len(prepared.dataset.data.to_batches()) == (3 if workers else 1)  # rows 0-5, 6-11, 12-15
     for item, conversation in zip(dataset, conversations):
         sizes = [data.image_size(image, conversation.id) for image in conversation.images]
         reference = encode(processor, conversation, sizes, layout, plain_end(o, processor))

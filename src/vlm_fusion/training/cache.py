@@ -37,8 +37,9 @@ from .encoding import Encoder
 
 logger = logging.get_logger("vlm_fusion.training")
 
-FORMAT = 1  # the layout of a cache folder; a change makes every older cache a miss
+FORMAT = 2  # the layout of a cache folder; a change makes every older cache a miss
 BLOCK = 256  # samples a worker checks and encodes at a time
+WRITE_ROWS = 8192  # samples per record batch of the file (a cold open of a 665K-sample file: ~80 headers, not 2,600)
 FEATURES = ("id", "source_index", "images", "text", "add_special_tokens", "instruction", "ids", "targets",
             "image_tokens", "length")  # a cached sample: `ids` the text's own ids (one `<image>` per image), `targets`
 # a flag per id (the loss is on it), `image_tokens` each image's placeholder count, `length` the expanded length
@@ -197,7 +198,6 @@ def valid(folder: str) -> bool:
 # ---- the data pass -------------------------------------------------------------------------------------------------
 def build(folder, path, image_folder, processor, layout, plain_end, inputs, workers, show_progress) -> None:
     """Read, check and encode every sample into `folder` (written as `folder.partial-PID`, then renamed)."""
-    import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
 
@@ -212,11 +212,17 @@ def build(folder, path, image_folder, processor, layout, plain_end, inputs, work
         writer = ArrowWriter(features=features(), path=os.path.join(partial, "samples.arrow"))
         with tqdm(desc=f"data pass over {os.path.basename(path)} ({workers or 1} worker(s))", unit=" samples",
                   disable=not show_progress) as progress, worker_pool(workers, processor, layout, plain_end) as run:
+            pending = []  # blocks joined into record batches of WRITE_ROWS or more: opening the file reads a header each
             for rows, block_images in run(blocks):
-                writer.write_table(pa.Table.from_batches([rows]))
+                pending.append(rows)
+                if sum(batch.num_rows for batch in pending) >= WRITE_ROWS:
+                    write_joined(writer, pending)
+                    pending = []
                 images.update(block_images)
                 samples += rows.num_rows
                 progress.update(rows.num_rows)
+            if pending:
+                write_joined(writer, pending)
         writer.finalize()
         writer.close()
         if not samples:
@@ -232,6 +238,13 @@ def build(folder, path, image_folder, processor, layout, plain_end, inputs, work
         shutil.rmtree(partial, ignore_errors=True)
     logger.warning("data cache: built %s: %d samples, %d images checked, in %.1f s", folder, samples, len(images),
                    time.perf_counter() - start)
+
+
+def write_joined(writer, batches) -> None:
+    import pyarrow as pa
+
+    table = pa.Table.from_batches(batches).combine_chunks()
+    writer.write_table(table, writer_batch_size=table.num_rows)
 
 
 def default_workers() -> int:
