@@ -181,6 +181,8 @@ BAD = [
      "streaming 4 shard\\(s\\): the number of samples is unknown .*give --max-steps"),
     ("instruct", lambda shards: shards, ["--stage", "instruct"],
      "streamed data are image-caption pairs: --stage align or --stage qformer, not instruct"),
+    ("eval data", lambda shards: shards, ["--eval-data", "held_out.json"],
+     "--eval-data is not read beside streamed --data"),
 ]
 
 

@@ -605,11 +605,14 @@ def check_stage(options):
                         ("--qlora", options.qlora)):
         if value:
             raise data.DataError(f"{flag} does not apply to streamed image-caption pairs")
+    if options.eval_data:
+        raise data.DataError("--eval-data is not read beside streamed --data (not built yet): evaluate the output with "
+                             "a run on JSON data, or drop --eval-data")
 
 
 def train_align(options, stage, layout: str, resume_from) -> dict:
     """The `align` stage on streamed pairs (`recipe.train` hands over once the output folder is checked)."""
-    from .recipe import freeze_for, load_model, run_stage, stage_arguments
+    from .recipe import freeze_for, load_model, plain_end, run_stage, stage_arguments
     from .trainer import Collator, FusionTrainer
 
     check_stage(options)
@@ -622,14 +625,12 @@ def train_align(options, stage, layout: str, resume_from) -> dict:
     part_lrs = {"bridge": options.bridge_lr if options.bridge_lr is not None else stage.bridge_lr,
                 "language_model": options.lm_lr if options.lm_lr is not None else stage.lm_lr,
                 "vision_tower": options.tower_lr}
-    plain_end = options.plain_end
-    if plain_end is None:
-        plain_end = getattr(processor, "end_of_chunk_token", None) or "\n"
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = StreamCollator(Collator(pad, model.model_class._per_image_inputs,
                                        getattr(model.config, "qformer_pad_token_id", 0)))
-    dataset = dataset_for(options, stream, AlignItems(processor, layout, plain_end, options.max_length), resume_from)
+    items = AlignItems(processor, layout, plain_end(options, processor), options.max_length)
+    dataset = dataset_for(options, stream, items, resume_from)
     arguments = stage_arguments(options, stage, part_lrs["bridge"], include_num_input_tokens_seen="non_padding",
                                 ignore_data_skip=True)
     summary = {"stage": stage.name, "layout": layout, "data": stream.name, "samples": 0, "samples_skipped": 0}
