@@ -293,7 +293,7 @@ def prepare_data(options, processor, layout: str, path: str, flag: str = "--data
 # ---- the stage -------------------------------------------------------------------------------------------------
 def train(options: TrainOptions) -> dict:
     """Run one stage; returns a summary (stage, data, samples, steps, final loss, where the model is)."""
-    from .trainer import Collator, ConversationDataset, FusionTrainer
+    from .trainer import ConversationDataset, FusionTrainer
 
     if options.stage not in STAGES:
         raise data.DataError(f"--stage must be one of {', '.join(STAGES)}, got {options.stage!r}")
@@ -325,18 +325,8 @@ def train(options: TrainOptions) -> dict:
         model = add_lora(model, options)
         counts = trainable_per_part(model)
     logger.warning("trainable parameters per part: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-    adapters = options.lora or options.qlora
-    part_lrs = {"bridge": options.bridge_lr if options.bridge_lr is not None else stage.bridge_lr,
-                "language_model": options.lm_lr if options.lm_lr is not None else (
-                    stage.lora_lr if adapters else stage.lm_lr),
-                "vision_tower": options.tower_lr}
-    if stage.trains_input_embeddings:
-        part_lrs["input_embeddings"] = part_lrs["language_model"]
-
-    tokenizer = processor.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    inner = getattr(getattr(model, "base_model", None), "model", model)
-    collator = Collator(pad, inner.model_class._per_image_inputs, getattr(inner.config, "qformer_pad_token_id", 0))
+    part_lrs = part_learning_rates(options, stage)
+    collator = batch_collator(model, processor)
     arguments = stage_arguments(options, stage, part_lrs["bridge"], include_num_input_tokens_seen="non_padding",
                                 train_sampling_strategy="group_by_length" if options.group_by_length else "random",
                                 **evaluation_arguments(options))
@@ -348,6 +338,28 @@ def train(options: TrainOptions) -> dict:
     return run_stage(FusionTrainer, model, processor, options, arguments, ConversationDataset(processor, prepared, kept),
                      collator, part_lrs, counts, resume_from, summary,
                      eval_dataset=ConversationDataset(processor, *evaluation[:2]) if evaluation else None)
+
+
+def part_learning_rates(options, stage) -> dict[str, float]:
+    """Each part's learning rate: the options', else the stage's (LoRA's rate for the LM's adapters)."""
+    adapters = options.lora or options.qlora
+    part_lrs = {"bridge": options.bridge_lr if options.bridge_lr is not None else stage.bridge_lr,
+                "language_model": options.lm_lr if options.lm_lr is not None else (
+                    stage.lora_lr if adapters else stage.lm_lr),
+                "vision_tower": options.tower_lr}
+    if stage.trains_input_embeddings:
+        part_lrs["input_embeddings"] = part_lrs["language_model"]
+    return part_lrs
+
+
+def batch_collator(model, processor):
+    """The collator of the generation families: the tokenizer's padding id (else EOS), the model's per-image inputs."""
+    from .trainer import Collator
+
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    inner = getattr(getattr(model, "base_model", None), "model", model)
+    return Collator(pad, inner.model_class._per_image_inputs, getattr(inner.config, "qformer_pad_token_id", 0))
 
 
 def evaluation_arguments(options) -> dict:

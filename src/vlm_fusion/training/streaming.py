@@ -612,8 +612,9 @@ def check_stage(options):
 
 def train_align(options, stage, layout: str, resume_from) -> dict:
     """The `align` stage on streamed pairs (`recipe.train` hands over once the output folder is checked)."""
-    from .recipe import freeze_for, load_model, plain_end, run_stage, stage_arguments
-    from .trainer import Collator, FusionTrainer
+    from .recipe import (batch_collator, freeze_for, load_model, part_learning_rates, plain_end, run_stage,
+                         stage_arguments)
+    from .trainer import FusionTrainer
 
     check_stage(options)
     stream = open_stream(options)
@@ -622,13 +623,8 @@ def train_align(options, stage, layout: str, resume_from) -> dict:
     model, processor = load_model(options)
     counts = freeze_for(model, stage, options)
     logger.warning("trainable parameters per part: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-    part_lrs = {"bridge": options.bridge_lr if options.bridge_lr is not None else stage.bridge_lr,
-                "language_model": options.lm_lr if options.lm_lr is not None else stage.lm_lr,
-                "vision_tower": options.tower_lr}
-    tokenizer = processor.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    collator = StreamCollator(Collator(pad, model.model_class._per_image_inputs,
-                                       getattr(model.config, "qformer_pad_token_id", 0)))
+    part_lrs = part_learning_rates(options, stage)  # (no adapters: refused above)
+    collator = StreamCollator(batch_collator(model, processor))
     items = AlignItems(processor, layout, plain_end(options, processor), options.max_length)
     dataset = dataset_for(options, stream, items, resume_from)
     arguments = stage_arguments(options, stage, part_lrs["bridge"], include_num_input_tokens_seen="non_padding",
