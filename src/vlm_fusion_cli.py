@@ -225,7 +225,8 @@ def add_evaluate_parser(commands) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlm-fusion",
-                                     description="vlm-fusion: demo, generate, train, evaluate, convert, tokens.")
+                                     description="vlm-fusion: demo, generate, explain, train, evaluate, convert, "
+                                                 "tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="ask the embedded demo checkpoints about a fresh synthetic image")
     p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
@@ -238,6 +239,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")
     p.add_argument("--raw", action="store_true",
                    help="use --prompt as it is, no chat template (<image> marks the image; default: before the text)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p = commands.add_parser("explain", help="where the model looked: per-token heatmaps over the images (PNGs, a page)")
+    p.add_argument("--model", required=True,
+                   help="directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
+    p.add_argument("--image", required=True, action="append", help="an image; repeat for several, in prompt order")
+    p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="use --prompt as it is, no chat template (one <image> per image; default: before the text)")
+    p.add_argument("--out", required=True, help="directory for token_NNN.png, answer.png and explain.html")
     p.add_argument("--max-new-tokens", type=positive_int, default=30)
     p = commands.add_parser("convert", help="convert an upstream checkpoint (the rest goes to the converter)")
     p.add_argument("source", choices=sorted(CONVERTERS))
@@ -276,7 +286,7 @@ def main(argv=None) -> int:
         return launch_training(args, argv)
     if args.command == "evaluate":
         return {"retrieval": cli.evaluate_retrieval}[args.evaluation](args)
-    return {"demo": cli.demo, "generate": cli.generate, "train": cli.train}[args.command](args) \
+    return {"demo": cli.demo, "generate": cli.generate, "explain": cli.explain, "train": cli.train}[args.command](args) \
         if args.command != "convert" else cli.convert(args, rest)
 
 

@@ -1,4 +1,4 @@
-"""The commands of `vlm-fusion` (demo, generate, train, evaluate, convert, tokens); the arguments are parsed in
+"""The commands of `vlm-fusion` (demo, generate, explain, train, evaluate, convert, tokens); the arguments are parsed in
 `vlm_fusion_cli`."""
 
 import importlib
@@ -78,30 +78,32 @@ def demo(args) -> int:
 
 
 # ---- generate -------------------------------------------------------------------------------------------------
-def build_prompt(processor, prompt: str, raw: bool) -> str:
-    """The user's question in the model's chat template (one image first), or, with `raw`, the prompt as given."""
+def build_prompt(processor, prompt: str, raw: bool, images: int = 1) -> str:
+    """The user's question in the model's chat template (the images first), or, with `raw`, the prompt as given."""
     if raw or not getattr(processor, "chat_template", None):
-        return prompt if processor.image_token in prompt else f"{processor.image_token}{prompt}"
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return prompt if processor.image_token in prompt else f"{processor.image_token * images}{prompt}"
+    messages = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def generate(args) -> int:
+def open_image(path: str):
+    """The image at `path` in RGB, or a one-line reason it is not one (as `str`)."""
     from PIL import Image, UnidentifiedImageError
 
-    if not args.prompt.strip():
-        return fail("--prompt is empty: ask something about the image")
-    if not os.path.isfile(args.image):
-        return fail(f"no image file at {args.image}")
+    if not os.path.isfile(path):
+        return f"no image file at {path}"
     try:
-        image = Image.open(args.image).convert("RGB")
+        return Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        return fail(f"{args.image} is not a readable image ({error})")
+        return f"{path} is not a readable image ({error})"
+
+
+def load_for_generation(name: str):
+    """`(model, processor)` of a directory, Hub id or `demo:<family>`, or a one-line reason they do not load."""
     try:
-        path = resolve_model(args.model)
+        path = resolve_model(name)
     except ValueError as error:
-        return fail(str(error))
-    import torch
+        return str(error)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import vlm_fusion  # noqa: F401
@@ -109,10 +111,23 @@ def generate(args) -> int:
     if os.path.isdir(path):  # a Hub id may still need the network
         quiet()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path).eval()
-        processor = AutoProcessor.from_pretrained(path)
+        return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
     except Exception as error:  # any reason a checkpoint does not load is one line here
-        return fail(load_failure(path, error))
+        return load_failure(path, error)
+
+
+def generate(args) -> int:
+    if not args.prompt.strip():
+        return fail("--prompt is empty: ask something about the image")
+    image = open_image(args.image)
+    if isinstance(image, str):
+        return fail(image)
+    loaded = load_for_generation(args.model)
+    if isinstance(loaded, str):
+        return fail(loaded)
+    import torch
+
+    model, processor = loaded
     prompt = build_prompt(processor, args.prompt, args.raw)
     if prompt.count(processor.image_token) != 1:
         return fail(f"the prompt holds {prompt.count(processor.image_token)} {processor.image_token} markers; "
@@ -124,6 +139,35 @@ def generate(args) -> int:
     except ValueError as error:
         return fail(str(error))
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+# ---- explain ------------------------------------------------------------------------------------------------------
+def explain(args) -> int:
+    if not args.prompt.strip():
+        return fail("--prompt is empty: ask something about the image")
+    images = [open_image(path) for path in args.image]
+    for image in images:
+        if isinstance(image, str):
+            return fail(f"explain: {image}")
+    loaded = load_for_generation(args.model)
+    if isinstance(loaded, str):
+        return fail(loaded)
+    from tqdm.auto import tqdm
+
+    from vlm_fusion.explain import ExplainError
+    from vlm_fusion.explain import explain as run
+    from vlm_fusion.explain.render import write
+
+    model, processor = loaded
+    prompt = build_prompt(processor, args.prompt, args.raw, images=len(images))
+    try:
+        result = run(model, processor, images, prompt, max_new_tokens=args.max_new_tokens, progress=tqdm)
+    except ExplainError as error:
+        return fail(f"explain: {error}")
+    written = write(result, args.out, progress=tqdm)
+    print(f"vlm-fusion explain: {len(result.tokens)} answer tokens {result.answer.strip()!r}; "
+          f"{len(written['tokens'])} pictures, {written['grid']} and {written['page']}")
     return 0
 
 

@@ -1,0 +1,269 @@
+"""`vlm-fusion explain`: the maps against direct computations (transformers' own Blip2 for BLIP-2), their invariants,
+the pictures and the page in a real browser, and bad input in one line."""
+
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+from conftest import random_image
+from test_blip2 import blip2_hf_dir, converted  # noqa: F401  (fixtures: a tiny transformers BLIP-2, converted)
+from test_flamingo import build as build_flamingo
+from vlm_fusion import FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor
+from vlm_fusion.cli import main
+from vlm_fusion.explain import ExplainError, explain
+from vlm_fusion.explain.render import write
+from vlm_fusion.tools.tiny import tiny_model_and_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+
+PROMPT = "what is this ? <image> a"
+
+
+def image_positions(input_ids, image_token_id):
+    return (input_ids[0] == image_token_id).nonzero().flatten()
+
+
+# ---- the maps equal a direct computation -------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_llava_maps_are_the_lms_attention_at_each_decoding_step(strategy):
+    """Each token's raw map is the attention of the step that generated it (transformers' `generate` with
+    `output_attentions`, KV cache on) at the image's patch positions; the maps sum to one over the image."""
+    model, processor = tiny_model_and_processor("fusion_llava", vision_feature_select_strategy=strategy)
+    image = random_image(0)
+    result = explain(model, processor, [image], PROMPT, max_new_tokens=5)
+    assert model.config.text_config._attn_implementation == "sdpa"  # switched back after the call
+    inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True)
+    assert out.sequences[0, inputs["input_ids"].shape[1]:].tolist() == result.token_ids
+    positions = image_positions(inputs["input_ids"], model.config.image_token_id)
+    prefix = 1 if strategy == "full" else 0  # CLS
+    assert len(positions) == 16 + prefix
+    for step, attentions in enumerate(out.attentions):  # per step: per layer (1, H, queries, keys)
+        expected = torch.stack([layer[0, :, -1, positions[prefix:]] for layer in attentions])  # (L, H, 16)
+        torch.testing.assert_close(result.layer_maps[0][step].reshape(*expected.shape), expected, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(result.image_share[step, ..., 0],
+                              torch.stack([layer[0, :, -1, positions] for layer in attentions]).sum(-1), atol=1e-5)
+    maps = result.maps()[0]
+    assert maps.shape == (len(result.tokens), 4, 4)
+    torch.testing.assert_close(maps.sum((-1, -2)), torch.ones(len(result.tokens)))
+    one = result.maps(layers=[1], heads=[0])[0]
+    torch.testing.assert_close(one, result.layer_maps[0][:, 1, 0] / result.layer_maps[0][:, 1, 0].sum((-1, -2))[:, None, None])
+
+
+def test_llava_two_images_each_get_their_own_positions():
+    model, processor = tiny_model_and_processor("fusion_llava")
+    prompt = "<image> a <image> what is this ?"
+    result = explain(model, processor, [random_image(0), random_image(1)], prompt, max_new_tokens=3)
+    model.set_attn_implementation("eager")
+    inputs = processor(images=[random_image(0), random_image(1)], text=[prompt], return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([result.token_ids])], 1)
+    with torch.no_grad():
+        out = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, output_attentions=True)
+    positions = image_positions(inputs["input_ids"], model.config.image_token_id)
+    row = inputs["input_ids"].shape[1] - 1
+    for image, run in enumerate(positions.split(16)):
+        expected = torch.stack([layer[0, :, row, run] for layer in out.attentions])  # first token (L, H, 16)
+        torch.testing.assert_close(result.layer_maps[image][0].reshape(expected.shape), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_anyres_maps_have_the_images_aspect_ratio():
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    grids = [[32, 64], [64, 32], [64, 64]]
+    config = FusionLlavaConfig(vision_config=tiny_vision_config("clip"), text_config=tiny_text_config("llama", vocab_size=58),
+                               image_token_id=58, image_grid_pinpoints=grids)
+    model = FusionLlavaForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=grids)
+    processor = FusionLlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=8)
+    for height, width in [(40, 80), (80, 40)]:
+        result = explain(model, processor, [random_image(0, size=(height, width))], PROMPT, max_new_tokens=2)
+        maps = result.maps()[0]
+        assert maps.shape[1] / maps.shape[2] == height / width
+        assert result.regions[0] == (0, 0, width, height)  # the whole image: anyres pads, then unpads
+        torch.testing.assert_close(maps.sum((-1, -2)), torch.ones(len(result.tokens)))
+
+
+def test_blip2_maps_equal_transformers_blip2_attentions_pushed_through_the_qformer(blip2_hf_dir, converted):  # noqa: F811
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    ours = AutoModelForImageTextToText.from_pretrained(converted).eval()
+    processor = AutoProcessor.from_pretrained(converted)
+    image, prompt = random_image(3), "Question: what is shown ? Answer:"
+    result = explain(ours, processor, [image], prompt, max_new_tokens=4)
+    reference = Blip2ForConditionalGeneration.from_pretrained(blip2_hf_dir, attn_implementation="eager").eval()
+    inputs = Blip2Processor.from_pretrained(blip2_hf_dir)(images=image, text=prompt, return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([result.token_ids])], 1)
+    with torch.no_grad():
+        out = reference(pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=torch.ones_like(ids),
+                        output_attentions=True)
+        vision = reference.vision_model(inputs["pixel_values"]).last_hidden_state  # (1, 1 + 16, D_v)
+        qformer = reference.qformer(query_embeds=reference.query_tokens, encoder_hidden_states=vision,
+                                    output_attentions=True)
+    cross = torch.stack([a[0] for a in qformer.cross_attentions])  # (C, H, Q, 1 + 16)
+    reads = cross.mean((0, 1))[:, 1:]  # over cross layers and heads, CLS out
+    reads = reads / reads.sum(-1, keepdim=True)
+    queries = image_positions(inputs["input_ids"], reference.config.image_token_index)
+    rows = torch.arange(len(result.tokens)) + inputs["input_ids"].shape[1] - 1
+    lm = torch.stack([a[0][:, rows][..., queries] for a in out.language_model_outputs.attentions])  # (L, H, T, Q)
+    expected = (lm.permute(2, 0, 1, 3) @ reads).reshape(result.layer_maps[0].shape)  # (T, L, H, 4, 4)
+    torch.testing.assert_close(result.layer_maps[0], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.maps()[0].sum((-1, -2)), torch.ones(len(result.tokens)))
+
+
+def flamingo_reference(model, inputs, ids, rows):
+    """Per token, gated block and head, the map computed from the weights: the resampler's latent-over-patch
+    attention (mean over layers and heads) under each block's softmax over the image's latents."""
+    inner = model.model
+    features = inner.get_vision_features(inputs["pixel_values"])[0]  # (1, 16, D_v)
+    latents, reads = inner.perceiver.latents[None], []
+    for layer in inner.perceiver.layers:
+        attn = layer.attn
+        media, lat = attn.norm_media(features), attn.norm_latents(latents)
+        q = attn.to_q(lat).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        k = attn.to_kv(torch.cat([media, lat], 1)).chunk(2, -1)[0].unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)[..., : features.shape[1]]
+        reads.append(weights / weights.sum(-1, keepdim=True))
+        latents = layer(features, latents)
+    reads = torch.stack(reads).mean((0, 2))[0]  # (L_lat, 16)
+    media = inner.perceiver(features, torch.zeros(1, dtype=torch.long))  # (1, L_lat, D_v)
+    entering = {}
+    hooks = [block.register_forward_pre_hook(lambda m, args, i=i: entering.__setitem__(i, args[0]))
+             for i, block in inner.gated_cross_attn_layers.items()]
+    with torch.no_grad():
+        model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    for hook in hooks:
+        hook.remove()
+    maps = []
+    for i, block in inner.gated_cross_attn_layers.items():
+        attn = block.attn
+        q = attn.to_q(attn.norm(entering[i][0, rows])).unflatten(-1, (attn.heads, -1)).transpose(0, 1)  # (H, T, d)
+        k = attn.to_kv(media[0]).chunk(2, -1)[0].unflatten(-1, (attn.heads, -1)).transpose(0, 1)  # (H, L_lat, d)
+        over_latents = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)  # (H, T, L_lat)
+        maps.append(over_latents @ reads)  # (H, T, 16)
+    return torch.stack(maps).permute(2, 0, 1, 3)  # (T, blocks, H, 16)
+
+
+def test_flamingo_maps_equal_a_direct_computation_and_are_weighted_by_the_gates():
+    model, processor = build_flamingo()
+    image, prompt = random_image(0), "<image>a red circle"
+    result = explain(model, processor, [image], prompt, max_new_tokens=4)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([result.token_ids])], 1)
+    rows = torch.arange(len(result.tokens)) + inputs["input_ids"].shape[1] - 1
+    with torch.no_grad():
+        expected = flamingo_reference(model, inputs, ids, rows)
+    torch.testing.assert_close(result.layer_maps[0].flatten(-2), expected, atol=1e-5, rtol=1e-4)
+    gates = {i: math.tanh(0.8) for i in model.gated_cross_attn_layers}
+    assert result.gates == pytest.approx(gates)
+    torch.testing.assert_close(result.maps()[0], math.tanh(0.8) * expected.mean((1, 2)).unflatten(-1, (4, 4)),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_flamingo_with_gates_at_zero_shows_nothing():
+    model, processor = build_flamingo(open_gates=False)
+    result = explain(model, processor, [random_image(0)], "<image>a red circle", max_new_tokens=3)
+    assert result.layer_maps[0].abs().sum() > 0  # the blocks still attend; their gates shut them
+    assert all(value == 0 for value in result.gates.values())
+    assert torch.equal(result.maps()[0], torch.zeros_like(result.maps()[0]))
+
+
+# ---- pictures and the page ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
+def test_cli_writes_a_picture_per_token_a_grid_and_a_page(family, tmp_path, capsys):
+    from PIL import Image
+
+    from vlm_fusion.demo import shapes
+
+    path = tmp_path / "scene.png"
+    shapes.render(shapes.sample_scene(__import__("numpy").random.default_rng(1))).save(path)
+    assert main(["explain", "--model", f"demo:{family}", "--image", str(path), "--prompt", "how many shapes are there ?",
+                 "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    pictures = sorted((tmp_path / "out").glob("token_*.png"))
+    assert pictures and f"{len(pictures)} answer tokens" in printed
+    assert Image.open(tmp_path / "out" / "answer.png").width >= Image.open(pictures[0]).width
+    page = (tmp_path / "out" / "explain.html").read_text()
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    assert main(["explain", "--model", "demo:llava", "--image", str(not_image), "--prompt", "what ?",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a readable image" in err and len(err.splitlines()) == 1
+    image = tmp_path / "image.png"
+    random_image(0).save(image)
+    assert main(["explain", "--model", "demo:llava", "--image", str(image), "--raw", "--prompt",
+                 "USER: <image> <image> what ?", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 <image> markers and 1 image was given" in err and len(err.splitlines()) == 1
+    model, processor = tiny_model_and_processor("fusion_llava")
+    with pytest.raises(ExplainError, match="PngImageFile|not a PIL image"):
+        explain(model, processor, ["image.png"], PROMPT)
+
+
+def test_a_language_model_that_returns_no_attention_weights_is_refused_in_one_line():
+    """Mamba has no attention to return: the maps cannot be made, and explain says why."""
+    _, processor = tiny_model_and_processor("fusion_llava")
+    config = FusionLlavaConfig(vision_config=tiny_vision_config("clip"), image_token_id=processor.image_token_id,
+                               text_config={"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2,
+                                            "vocab_size": processor.image_token_id, "state_size": 4})
+    model = FusionLlavaForConditionalGeneration(config).eval()
+    with pytest.raises(ExplainError) as error:
+        explain(model, processor, [random_image(0)], PROMPT, max_new_tokens=2)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def chromium_driver():
+    selenium = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = selenium.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--proxy-server=127.0.0.1:9", "--window-size=1200,900"):  # any network request would fail
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = selenium.ChromeService(executable_path=shutil.which("chromedriver"))
+    return selenium.Chrome(options=options, service=service)
+
+
+def test_the_page_in_a_real_browser_shows_each_tokens_heatmap_and_locks_on_click(tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    model, processor = tiny_model_and_processor("fusion_llava")
+    result = explain(model, processor, [random_image(0)], PROMPT, max_new_tokens=4)
+    assert not torch.allclose(result.maps()[0][0], result.maps()[0][1])
+    written = write(result, str(tmp_path))
+    driver = chromium_driver()
+    try:
+        driver.get(f"file://{written['page']}")
+        heat = driver.find_element(By.ID, "heat-0")
+
+        def pixels():
+            return driver.execute_script("return arguments[0].toDataURL()", heat)
+
+        blank = pixels()
+        ActionChains(driver).move_to_element(driver.find_element(By.ID, "token-0")).perform()
+        first = pixels()
+        ActionChains(driver).move_to_element(driver.find_element(By.ID, "token-1")).perform()
+        second = pixels()
+        assert blank != first != second
+        driver.find_element(By.ID, "token-0").click()  # lock token 0
+        ActionChains(driver).move_to_element(driver.find_element(By.ID, "token-1")).perform()
+        assert pixels() == first and "locked" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "layer").send_keys("1")  # one layer: a different map for the locked token
+        assert pixels() != first
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
