@@ -172,6 +172,16 @@ def test_flamingo_with_gates_at_zero_shows_nothing():
     assert torch.equal(result.maps()[0], torch.zeros_like(result.maps()[0]))
 
 
+def test_flamingo_text_after_the_second_image_looks_only_at_it():
+    model, processor = build_flamingo()
+    result = explain(model, processor, [random_image(0), random_image(1)], "<image>a red<|endofchunk|><image>a",
+                     max_new_tokens=3)
+    share = result.image_share  # (T, blocks, H, images): the answer follows the second image only
+    assert torch.equal(share[..., 0], torch.zeros_like(share[..., 0]))
+    torch.testing.assert_close(share[..., 1], torch.ones_like(share[..., 1]))
+    assert result.maps()[0].abs().sum() == 0 and result.maps()[1].abs().sum() > 0
+
+
 # ---- pictures and the page ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
 def test_cli_writes_a_picture_per_token_a_grid_and_a_page(family, tmp_path, capsys):
@@ -209,14 +219,14 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         explain(model, processor, ["image.png"], PROMPT)
 
 
-def test_a_language_model_that_returns_no_attention_weights_is_refused_in_one_line():
-    """Mamba has no attention to return: the maps cannot be made, and explain says why."""
+def test_a_language_model_without_attention_is_refused_in_one_line():
+    """Mamba has no attention weights to return: the maps cannot be made, and explain says why before generating."""
     _, processor = tiny_model_and_processor("fusion_llava")
     config = FusionLlavaConfig(vision_config=tiny_vision_config("clip"), image_token_id=processor.image_token_id,
                                text_config={"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2,
                                             "vocab_size": processor.image_token_id, "state_size": 4})
     model = FusionLlavaForConditionalGeneration(config).eval()
-    with pytest.raises(ExplainError) as error:
+    with pytest.raises(ExplainError, match="no attention layers") as error:
         explain(model, processor, [random_image(0)], PROMPT, max_new_tokens=2)
     assert len(str(error.value).splitlines()) == 1
 

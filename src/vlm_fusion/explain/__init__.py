@@ -115,6 +115,9 @@ def explain(model, processor, images: list, prompt: str, *, max_new_tokens: int 
         raise ExplainError(f"{type(model).__name__} ({family}) is not a vlm-fusion model: explain takes "
                            f"{', '.join(sorted(ROUTES))}")
     check_inputs(processor, images, prompt, family)
+    if family != "fusion_flamingo" and getattr(model.config.text_config, "num_attention_heads", None) is None:
+        raise ExplainError(f"the language model ({model.config.text_config.model_type}) has no attention layers, "
+                           "whose weights the maps are made of")
     bar = progress(total=2, desc="explain: generate, then attention") if progress else None
     images_rgb = [image.convert("RGB") for image in images]
     inputs = processor(images=images_rgb, text=[prompt], return_tensors="pt")
