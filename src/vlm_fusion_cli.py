@@ -225,8 +225,8 @@ def add_evaluate_parser(commands) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlm-fusion",
-                                     description="vlm-fusion: demo, generate, explain, train, evaluate, convert, "
-                                                 "tokens.")
+                                     description="vlm-fusion: demo, generate, explain, serve, train, evaluate, "
+                                                 "convert, tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="ask the embedded demo checkpoints about a fresh synthetic image")
     p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
@@ -249,6 +249,16 @@ def main(argv=None) -> int:
                    help="use --prompt as it is, no chat template (one <image> per image; default: before the text)")
     p.add_argument("--out", required=True, help="directory for token_NNN.png, answer.png and explain.html")
     p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p = commands.add_parser(
+        "serve", help="an OpenAI-compatible server for any vlm-fusion model: transformers serve, our families known",
+        description="transformers' own server (`transformers serve`) with the vlm-fusion families known to it: the "
+                    "OpenAI chat API at http://HOST:PORT/v1 (images as URLs or base64 data URLs), answers from the "
+                    "model's generate. Every option after MODEL is transformers serve's (`vlm-fusion serve MODEL "
+                    "--help` lists them), except --continuous-batching, which transformers runs for text-only models "
+                    "only. Needs transformers' serving extras: pip install \"transformers[serving]\".")
+    p.add_argument("model", help="directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
+    p.add_argument("options", nargs=argparse.REMAINDER, help="transformers serve's options, e.g. --host, --port, "
+                   "--dtype, --device, --trust-remote-code")
     p = commands.add_parser("convert", help="convert an upstream checkpoint (the rest goes to the converter)")
     p.add_argument("source", choices=sorted(CONVERTERS))
     p = commands.add_parser("tokens", help="the visual-token budget of each family")
@@ -286,7 +296,9 @@ def main(argv=None) -> int:
         return launch_training(args, argv)
     if args.command == "evaluate":
         return {"retrieval": cli.evaluate_retrieval}[args.evaluation](args)
-    return {"demo": cli.demo, "generate": cli.generate, "explain": cli.explain, "train": cli.train}[args.command](args) \
+    commands_run = {"demo": cli.demo, "generate": cli.generate, "explain": cli.explain, "serve": cli.serve,
+                    "train": cli.train}
+    return commands_run[args.command](args) \
         if args.command != "convert" else cli.convert(args, rest)
 
 

@@ -1,4 +1,4 @@
-"""The commands of `vlm-fusion` (demo, generate, explain, train, evaluate, convert, tokens); the arguments are parsed in
+"""The commands of `vlm-fusion` (demo, generate, explain, serve, train, evaluate, convert, tokens); the arguments are parsed in
 `vlm_fusion_cli`."""
 
 import importlib
@@ -169,6 +169,18 @@ def explain(args) -> int:
     print(f"vlm-fusion explain: {len(result.tokens)} answer tokens {result.answer.strip()!r}; "
           f"{len(written['tokens'])} pictures, {written['grid']} and {written['page']}")
     return 0
+
+
+# ---- serve --------------------------------------------------------------------------------------------------------
+def serve(args) -> int:
+    """transformers' OpenAI-compatible server on one model (see `vlm_fusion.integrations.transformers_serve`)."""
+    from vlm_fusion.integrations import transformers_serve
+
+    try:
+        path = resolve_model(args.model)
+    except ValueError as error:
+        return fail(str(error))
+    return transformers_serve.main(path, args.options)
 
 
 # ---- train --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""`vlm-fusion serve`: transformers' own OpenAI-compatible server (`transformers serve`) with the families known to it.
+
+transformers' server (`transformers/cli/serving/`, 5.19 to 5.24) finds a model's class in two places that the Auto
+classes' registration (`vlm_fusion/__init__.py`) does not reach:
+
+- loading (`ModelManager._load_model`): a model type outside `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES` is built by
+  `getattr(transformers, config.architectures[0])`, so `transformers serve DIR` dies with "module transformers has no
+  attribute FusionLlavaForConditionalGeneration". Setting the class on `import transformers` from a wrapper does not
+  reach it: importing `transformers.processing_utils` runs `direct_transformers_import`, which executes transformers'
+  `__init__.py` again and puts a new module object in `sys.modules["transformers"]`; the loader holds that later one.
+  `register` sets the classes on the very module object the loader's module holds.
+- the modality (`ModelManager.get_model_modality`): a class named in none of the causal-LM, image-text-to-text and
+  multimodal tables is an "Unknown modality" error, and only a VLM's messages keep their images. `register` adds each
+  family to `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` (model type -> class name), where the Auto classes already
+  resolve it (`AutoModelForImageTextToText.register`).
+
+Both hold in this process only, hence a command of ours rather than `transformers serve`. The request path is then
+transformers' own: the chat template and processor of the checkpoint, `model.generate`, greedy at `temperature: 0`.
+A request the processor rejects (an image that is not one, a count mismatch) is answered with HTTP 400 and one line,
+not transformers' bare 500 (which OpenAI clients retry).
+
+Continuous batching (`--continuous-batching`) is refused: transformers' server batches continuously only text-only
+models (`GenerationState.use_continuous_batching` requires `Modality.LLM`), and its continuous-batching manager takes a
+prompt's token ids alone (`ContinuousBatchingManager.add_request(input_ids, ...)`), so no pixel values (nor Flamingo's
+media keys / values) could reach the model; a VLM silently falls back to one request at a time.
+"""
+
+import sys
+
+CONTINUOUS_BATCHING_REFUSED = (
+    "--continuous-batching: transformers' server batches continuously only text-only models (its "
+    "ContinuousBatchingManager.add_request takes token ids, no images), so it is refused for vlm-fusion models")
+
+
+def register() -> None:
+    """Make every family loadable and a VLM for transformers' server, in this process (idempotent)."""
+    from transformers.cli.serving import model_manager
+    from transformers.models.auto import modeling_auto
+
+    from vlm_fusion import FAMILIES
+
+    for model_type, family in FAMILIES.items():
+        setattr(model_manager.transformers, family.model.__name__, family.model)
+        modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type] = family.model.__name__
+    answer_bad_requests_with_400()
+
+
+def answer_bad_requests_with_400() -> None:
+    """Have the app transformers' `Serve` builds answer a `ValueError` raised by a request (the processor's: an image
+    that is not one, an image-token count mismatch) with HTTP 400 and OpenAI's error body, instead of a bare 500."""
+    from fastapi.responses import JSONResponse
+    from transformers.cli.serving import server
+
+    build = server.build_server
+    if getattr(build, "answers_bad_requests_with_400", False):
+        return
+
+    async def bad_request(_request, error: ValueError):
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": 400}},
+                            status_code=400)
+
+    def build_server(*args, **kwargs):
+        app = build(*args, **kwargs)
+        app.add_exception_handler(ValueError, bad_request)
+        return app
+
+    build_server.answers_bad_requests_with_400 = True
+    server.build_server = build_server  # `Serve` imports it when it starts, so it takes this one
+
+
+def main(model: str, options: list[str]) -> int:
+    """Run `transformers serve MODEL OPTIONS...` (the installed transformers' options, `--help` included) with the
+    families registered; returns its exit status."""
+    if "--continuous-batching" in options:
+        print(f"vlm-fusion: error: {CONTINUOUS_BATCHING_REFUSED}", file=sys.stderr)
+        return 2
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        print('vlm-fusion: error: transformers\' server needs its serving extras: pip install "transformers[serving]"',
+              file=sys.stderr)
+        return 2
+    register()
+    from transformers.cli.transformers import app
+
+    if "--help" not in options:
+        print(f"vlm-fusion serve: {model} through transformers serve; requests name it so (GET /v1/models lists it)",
+              file=sys.stderr)
+    try:
+        app(["serve", model, *options], prog_name="vlm-fusion")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0

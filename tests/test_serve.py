@@ -1,0 +1,146 @@
+"""`vlm-fusion serve`, transformers' own OpenAI-compatible server with our families known to it: each shipped demo
+model, started by the README's command, answers the demo question over HTTP (the OpenAI chat API, the image as a base64
+data URL), streamed or not, as `vlm-fusion generate` does; a bad request gets HTTP 400 and the server goes on."""
+
+import base64
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")  # transformers' serving extras: pip install "transformers[serving]"
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from conftest import ROOT  # noqa: E402
+from vlm_fusion import cli  # noqa: E402
+from vlm_fusion.demo import FAMILIES, checkpoint, shapes  # noqa: E402
+
+QUESTION = "what colour is the square ?"  # the demo models' card question, about the scene of seed 1
+MAX_NEW_TOKENS = 30  # `vlm-fusion generate`'s default, given to both sides
+
+
+def readme_serve_command() -> list[str]:
+    """The README's `vlm-fusion serve demo:llava ...` line, as words (comment dropped)."""
+    section = (ROOT / "README.md").read_text().split("## Serve with transformers")[1].split("\n## ")[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    line, = [line for line in commands.splitlines() if line.startswith("vlm-fusion serve demo:llava ")]
+    return line.split("#")[0].split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """The demo scene (a green square, a yellow star) as a PNG file and its bytes."""
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    shapes.render(shapes.sample_scene(np.random.default_rng(1))).save(path)
+    return path, path.read_bytes()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def server(tmp_path_factory, request):
+    """The README's command with demo model `family` on a free port of 127.0.0.1 (one server at a time); yields an
+    OpenAI client and the served model's name (as GET /v1/models gives it)."""
+    family = request.param
+    port = free_port()
+    words = readme_serve_command()
+    words = [f"demo:{family}" if w == "demo:llava" else w for w in words]
+    words[words.index("--port") + 1] = str(port)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "vlm_fusion_cli", *words[1:]], stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
+                time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield family, client, client.models.list().data[0].id
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+GENERATED = {}  # (family, question) -> what `vlm-fusion generate` printed
+
+
+def generated(family, scene, capsys, question=QUESTION) -> str:
+    """What `vlm-fusion generate` prints for `question` about the scene (run once per family and question)."""
+    if (family, question) not in GENERATED:
+        capsys.readouterr()
+        assert cli.main(["generate", "--model", f"demo:{family}", "--image", str(scene[0]), "--prompt", question,
+                         "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+        GENERATED[family, question] = capsys.readouterr().out.strip()
+    return GENERATED[family, question]
+
+
+def prompt_tokens(family, scene, question) -> int:
+    """The length of the prompt `vlm-fusion generate` hands `model.generate` (visual placeholders included)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint(family))
+    prompt = cli.build_prompt(processor, question, raw=False)
+    image = Image.open(scene[0]).convert("RGB")
+    return processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+
+
+def ask(client, model, image_url, question=QUESTION, stream=False):
+    """The server's answer (and, not streamed, its usage) to `question` about the image at `image_url`."""
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "text", "text": question}]}]
+    reply = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                           max_tokens=MAX_NEW_TOKENS, stream=stream)
+    if stream:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices).strip()
+    return reply.choices[0].message.content.strip(), reply.usage
+
+
+@pytest.mark.parametrize("question", [QUESTION, shapes.CAPTION_QUESTION])
+def test_the_openai_api_answers_as_vlm_fusion_generate_does(server, scene, capsys, question):
+    """The demo question (one word) and the caption (a sentence), streamed and not; the prompt is the one `generate`
+    builds (the same length, visual placeholders included)."""
+    family, client, model = server
+    (answer, usage), streamed = ask(client, model, data_url(scene[1]), question), \
+        ask(client, model, data_url(scene[1]), question, stream=True)
+    expected = generated(family, scene, capsys, question)
+    print(f"demo:{family} {question!r}: served {answer!r}, streamed {streamed!r}; vlm-fusion generate {expected!r}")
+    assert expected and answer == streamed == expected
+    assert usage.prompt_tokens == prompt_tokens(family, scene, question)
+
+
+def test_a_bad_request_gets_400_and_the_server_goes_on(server, scene, capsys):
+    family, client, model = server
+    with pytest.raises(openai.BadRequestError, match="image"):
+        ask(client, model, data_url(b"this is not a png"))
+    assert ask(client, model, data_url(scene[1]))[0] == generated(family, scene, capsys)  # still serving
+
+
+def test_continuous_batching_is_refused_in_one_line(capsys):
+    """transformers' server batches continuously only text-only models: its manager takes token ids, no images."""
+    assert cli.main(["serve", "demo:flamingo", "--continuous-batching"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "text-only models" in err
