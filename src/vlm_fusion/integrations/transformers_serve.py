@@ -82,11 +82,15 @@ def main(model: str, options: list[str]) -> int:
               file=sys.stderr)
         return 2
     register()
-    from transformers.cli.transformers import app
+    from huggingface_hub import typer_factory
+    from transformers.cli.serve import Serve
 
-    if "--help" not in options:
-        print(f"vlm-fusion serve: {model} through transformers serve; requests name it so (GET /v1/models lists it)",
-              file=sys.stderr)
+    # transformers' own `transformers` app, with its `serve` command alone (its other commands' imports are not ours
+    # to need: 5.19's `chat` imports `requests`)
+    app = typer_factory(help="transformers serve with the vlm-fusion families known to it")
+    app.command(name="serve")(Serve)
+    if not {"--help", "-h"} & set(options):
+        print(f"vlm-fusion serve: {model} on transformers serve; requests name the model so", file=sys.stderr)
     try:
         app(["serve", model, *options], prog_name="vlm-fusion")
     except SystemExit as done:
