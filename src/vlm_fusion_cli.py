@@ -256,7 +256,8 @@ def main(argv=None) -> int:
                     "model's generate. Every option after MODEL is transformers serve's (`vlm-fusion serve MODEL "
                     "--help` lists them), except --continuous-batching, which transformers runs for text-only models "
                     "only. Needs transformers' serving extras: pip install \"transformers[serving]\".")
-    p.add_argument("model", help="directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
+    p.add_argument("model", help="directory, Hub id, or a shipped demo model: "
+                   + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
     p.add_argument("options", nargs=argparse.REMAINDER, help="transformers serve's options, e.g. --host, --port, "
                    "--dtype, --device, --trust-remote-code")
     p = commands.add_parser("convert", help="convert an upstream checkpoint (the rest goes to the converter)")

@@ -22,7 +22,7 @@ not transformers' bare 500 (which OpenAI clients retry).
 Continuous batching (`--continuous-batching`) is refused: transformers' server batches continuously only text-only
 models (`GenerationState.use_continuous_batching` requires `Modality.LLM`), and its continuous-batching manager takes a
 prompt's token ids alone (`ContinuousBatchingManager.add_request(input_ids, ...)`), so no pixel values (nor Flamingo's
-media keys / values) could reach the model; a VLM silently falls back to one request at a time.
+media keys / values) could reach the model; passed on, a VLM falls back (with a warning) to one request at a time.
 """
 
 import sys
