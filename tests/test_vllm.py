@@ -1,5 +1,5 @@
-"""Serving on vLLM (its CPU build here): `LLM(model=DIR)` gives transformers' greedy tokens for every servable family
-and checkpoint kind, `vllm serve` answers through the OpenAI API, Flamingo-style models are refused in one line.
+"""Serving on vLLM (its CPU build here): `LLM(model=DIR)` gives transformers' greedy tokens for every family and
+checkpoint kind (Flamingo-style natively, on vLLM's encoder-decoder path), `vllm serve` answers through the OpenAI API.
 Runs where vLLM is installed (`.ci/run` builds that environment, on the transformers version vLLM pins)."""
 
 import base64
@@ -140,7 +140,6 @@ def served(tmp_path_factory):
     checkpoints = {
         "llava": save_ours(root / "llava", "fusion_llava"),
         "blip2": save_ours(root / "blip2", "fusion_blip2"),
-        "flamingo": save_ours(root / "flamingo", "fusion_flamingo", num_latents=4, perceiver_depth=1),
         "llava_next": save_ours(root / "llava_next", "fusion_llava", image_grid_pinpoints=pinpoints),
         "llava_hf": converted_llava_hf(root / "llava_hf"),
         "instructblip": converted_instructblip(root / "instructblip"),
@@ -181,7 +180,7 @@ def served(tmp_path_factory):
     results = json.loads((root / "results.json").read_text())
     references = {name: transformers_tokens(path, requests[name] + [
         {"question": q, "images": requests[name][0]["images"]} for q in CHATS.get(name, [])])
-        for name, path in checkpoints.items() if name != "flamingo"}
+        for name, path in checkpoints.items()}
     return results, references
 
 
@@ -198,9 +197,134 @@ def test_vllm_gives_transformers_greedy_tokens(served, name):
     print(f"{name}: vLLM == transformers on {len(references[name])} requests")
 
 
-def test_flamingo_style_models_are_refused_in_one_line(served):
-    results, _ = served
-    assert "vLLM cannot serve Flamingo-style models (fusion_flamingo)" in results["flamingo"]["error"]
+# ---- Flamingo-style models, natively --------------------------------------------------------------------------------
+IMAGE_AFTER_TEXT = "USER: what is shown ? <image> ASSISTANT:"  # the tokens before <image> see no image
+
+
+def save_flamingo(root, attn_gate=0.8, ff_gate=0.5, **config_kwargs):
+    """A tiny Flamingo-style model whose gates are open (a fresh model's are 0: its images would change nothing)."""
+    from vlm_fusion import FusionFlamingoForConditionalGeneration
+
+    save_ours(root, "fusion_flamingo", num_latents=4, perceiver_depth=1, **config_kwargs)
+    model = FusionFlamingoForConditionalGeneration.from_pretrained(root)
+    for block in model.gated_cross_attn_layers.values():
+        block.attn_gate.data.fill_(attn_gate)
+        block.ff_gate.data.fill_(ff_gate)
+    model.save_pretrained(root)
+    return root
+
+
+def flamingo_reference(path, requests, lm_only=False):
+    """transformers' greedy tokens, one request at a time, `<image>` suppressed (vLLM bans a generated `<image>`: it
+    would open an image chunk without an image); `lm_only`: the plain causal LM inside the model, on the same ids."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from conftest import causal_lm_of
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    lm = causal_lm_of(model) if lm_only else None
+    out = []
+    for request in requests:
+        images = [random_image(seed, size) for seed, size in request["images"]]
+        prompt = request.get("prompt") or processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request["question"]}]}],
+            add_generation_prompt=True)
+        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
+        settings = dict(max_new_tokens=request.get("max_tokens", NEW_TOKENS), do_sample=False,
+                        suppress_tokens=[model.config.image_token_id])
+        with torch.no_grad():
+            if lm_only:
+                ids = lm.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **settings)
+            else:
+                ids = model.generate(**inputs, **settings)
+        prompt = inputs["input_ids"][0].tolist()
+        out.append((prompt, ids[0, len(prompt):].tolist()))
+    return out
+
+
+def image_files(root, requests):
+    out = []
+    for request in requests:
+        files = []
+        for seed, size in request["images"]:
+            files.append(str(root / f"image_{seed}_{size[0]}x{size[1]}.png"))
+            random_image(seed, size).save(files[-1])
+        out.append({**request, "images": files})
+    return out
+
+
+@pytest.fixture(scope="module")
+def flamingo_served(tmp_path_factory):
+    """Flamingo-style checkpoints on vLLM, one engine after another in one process, and transformers' answers."""
+    root = tmp_path_factory.mktemp("vllm_flamingo")
+    opened = save_flamingo(root / "opened")
+    closed = save_flamingo(root / "closed", attn_gate=0.0, ff_gate=0.0)
+    vector = save_flamingo(root / "vector", gate_shape="vector", cross_attention_heads=2, cross_attention_head_dim=32)
+    one, two = [(0, (32, 32))], [(1, (40, 48))]
+    mixed = [{"prompt": PROMPT, "images": one}, {"prompt": PROMPT, "images": two},
+             {"prompt": "USER: how many shapes are there ? ASSISTANT:", "images": []},
+             {"prompt": IMAGE_AFTER_TEXT, "images": two}]
+    # two engine slots: requests start while others decode, in steps that mix a prefill (its latents written into
+    # the cross-attention cache) with decodes (reading theirs)
+    arriving = [{**request, "max_tokens": n} for request, n in zip(mixed + mixed[:2], [3, 12, 5, 9, 7, 4])]
+    chats = [{"question": "what is shown ?", "images": one}]
+    cases = {
+        "flamingo": (opened, mixed, {}),
+        "flamingo_arriving": (opened, arriving, {"max_num_seqs": 2}),
+        "flamingo_vector_gates": (vector, mixed, {}),
+        "flamingo_gates_at_zero": (closed, mixed, {}),
+        "flamingo_two_images": (opened, [{"prompt": "<image><image>" + PROMPT, "images": one + two}], {}),
+        "flamingo_no_image_token": (opened, [{"prompt": "USER: what is shown ? ASSISTANT:", "images": one}], {}),
+    }
+    jobs = []
+    for name, (path, requests, llm) in cases.items():
+        job = {"name": name, "model": str(path), "requests": image_files(root, requests), "max_tokens": NEW_TOKENS,
+               "llm": llm, "max_images": 2 if name == "flamingo_two_images" else 1}
+        if name == "flamingo":
+            job["chat"] = image_files(root, chats)
+        jobs.append(job)
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    done = subprocess.run([sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")],
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((root / "results.json").read_text())
+    references = {
+        "flamingo": flamingo_reference(opened, mixed + chats),
+        "flamingo_arriving": flamingo_reference(opened, arriving),
+        "flamingo_vector_gates": flamingo_reference(vector, mixed),
+        "flamingo_gates_at_zero": flamingo_reference(closed, mixed, lm_only=True),
+    }
+    return results, references
+
+
+@pytest.mark.parametrize("name", ["flamingo", "flamingo_arriving", "flamingo_vector_gates", "flamingo_gates_at_zero"])
+def test_flamingo_style_models_give_transformers_greedy_tokens(flamingo_served, name):
+    """One image, another image, text only, text before its image (and a chat, through the chat template), batched;
+    the same requests arriving while others decode; vector gates; gates at zero give the plain LM's own tokens."""
+    results, references = flamingo_served
+    assert "error" not in results[name], results[name]
+    assert len(results[name]["tokens"]) == len(references[name])
+    for (prompt, tokens), vllm_prompt, vllm_tokens in zip(references[name], results[name]["prompt_tokens"],
+                                                          results[name]["tokens"]):
+        assert vllm_prompt == prompt
+        assert vllm_tokens == tokens, (name, vllm_tokens, tokens)
+    print(f"{name}: vLLM == transformers on {len(references[name])} requests")
+
+
+def test_flamingo_images_change_the_tokens(flamingo_served):
+    """The check above is not vacuous: the same prompt with another image, or with closed gates, answers otherwise."""
+    _, references = flamingo_served
+    (_, first), (_, second), *_ = references["flamingo"]
+    assert first != second
+    assert references["flamingo"][0][1] != references["flamingo_gates_at_zero"][0][1]
+
+
+def test_flamingo_style_models_refuse_several_images_in_one_line(flamingo_served):
+    results, _ = flamingo_served
+    error = results["flamingo_two_images"]["error"]
+    assert "take one image per prompt on vLLM 0.32" in error and "\n" not in error, error
+    assert "Image tokens and images do not match" in results["flamingo_no_image_token"]["error"]
 
 
 def test_a_remote_code_export_serves_without_vlm_fusion(tmp_path):

@@ -1,5 +1,6 @@
 """Runs vLLM engines one after another in one process (started by tests/test_vllm.py): for each job, `LLM(model=...)`
-and greedy generation on its requests; writes each job's token ids, or the error that stopped its engine, as JSON.
+and greedy generation on its requests (each may set its own `max_tokens`); writes each job's token ids, or the error
+that stopped its engine or its requests, as JSON.
 
     python vllm_runner.py JOBS.json RESULTS.json
 """
@@ -35,7 +36,14 @@ def main(jobs_file, results_file):
         sampling = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
         prompts = [{"prompt": r["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in r["images"]]}}
                    if r["images"] else {"prompt": r["prompt"]} for r in job["requests"]]
-        outputs = llm.generate(prompts, sampling)
+        per_request = [SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens", sampling.max_tokens))
+                       for r in job["requests"]]
+        try:
+            outputs = llm.generate(prompts, per_request)
+        except Exception as error:  # a request the engine refuses
+            results[job["name"]] = {"error": f"{type(error).__name__}: {error}"}
+            del llm
+            continue
         if job.get("chat"):  # the same questions as chats: vLLM applies the model's chat template itself
             conversations = [[{"role": "user", "content": [
                 *[{"type": "image_url", "image_url": {"url": data_url(p)}} for p in r["images"]],

@@ -35,7 +35,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 from transformers import BatchFeature
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.exceptions import VLLMValidationError
 from vllm.forward_context import get_forward_context
@@ -55,6 +54,7 @@ from vllm.multimodal.processing import (
 )
 
 from ..configuration_flamingo import FusionFlamingoConfig
+from ..language_model import causal_lm_class
 from ..modeling_flamingo import GatedCrossAttentionBlock, PerceiverResampler, find_decoder_layers
 from ..vision import build_vision_tower, select_image_features
 
@@ -132,14 +132,10 @@ class FlamingoMultiModalProcessor(EncDecMultiModalProcessor[FlamingoProcessingIn
 
 # ---- the model ------------------------------------------------------------------------------------------------------
 def causal_lm_architecture(text_config) -> tuple[str, str]:
-    """The LM's causal-LM class name (what vLLM serves) and the prefix its checkpoint puts before the base model's
-    weights (`model` for Llama and OPT, `transformer` for GPT-2)."""
-    from transformers import AutoModelForCausalLM
-
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text_config.model_type)
-    if name is None:
-        raise ValueError(f"No causal LM is known for the text model type {text_config.model_type!r}.")
-    return name, AutoModelForCausalLM._model_mapping[type(text_config)].base_model_prefix
+    """The LM's causal-LM class name (what vLLM serves, natively or through its Transformers backend) and the prefix
+    its checkpoint puts before the base model's weights (`model` for Llama and OPT, `transformer` for GPT-2)."""
+    causal_lm = causal_lm_class(text_config)
+    return causal_lm.__name__, causal_lm.base_model_prefix
 
 
 @MULTIMODAL_REGISTRY.register_processor(FlamingoMultiModalProcessor, info=FlamingoProcessingInfo,
