@@ -254,9 +254,9 @@ class FusionFlamingoModel(FusionModel):
     def __init__(self, config: FusionFlamingoConfig, **parts):
         if getattr(config.text_config, "_attn_implementation", None) == "vllm":  # vLLM's Transformers backend
             raise ValueError(
-                "vLLM cannot serve Flamingo-style models (fusion_flamingo): its Transformers backend gives a model its "
+                "vLLM's Transformers backend cannot serve Flamingo-style models (fusion_flamingo): it gives a model its "
                 "text embeddings only, so the gated cross-attention would never see the images and the tokens would be "
-                "wrong. Generate with transformers instead (model.generate, or `vlm-fusion generate`)."
+                "wrong. The vlm-fusion vLLM plugin serves them natively: leave `--model-impl` at its default."
             )
         super().__init__(config, **parts)
         dim_visual = config.vision_config.hidden_size
