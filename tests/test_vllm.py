@@ -36,11 +36,12 @@ CHATS = {"llava": ["what is shown ?", "how many shapes are there ?"], "blip2": [
 
 def head_32(kind="llama", **kwargs):
     """A tiny LM whose attention heads are 32 wide (vLLM's CPU attention takes 32, 64, 80, ...)."""
-    heads = {"llama": {"num_attention_heads": 2, "num_key_value_heads": 2}, "opt": {"num_attention_heads": 2}}[kind]
+    heads = {"llama": {"num_attention_heads": 2, "num_key_value_heads": 2}, "opt": {"num_attention_heads": 2},
+             "qwen2": {"num_attention_heads": 2, "num_key_value_heads": 2}, "gpt2": {"n_head": 2}}[kind]
     return {**tiny_text_config(kind, **kwargs), **heads}
 
 
-def save_ours(root, family, **config_kwargs):
+def save_ours(root, family, text="llama", **config_kwargs):
     """A tiny model of `family` with a byte-level BPE tokenizer (BOS added, as Llama's; 384 tokens = 6 x 64, so `<image>`
     gets id 384, outside the LM's table even after vLLM pads it to a multiple of 64 — as on a 32000-token LM)."""
     config_cls, model_cls, processor_cls, _ = FAMILIES[family]
@@ -54,7 +55,7 @@ def save_ours(root, family, **config_kwargs):
         config_kwargs = {**TINY_QFORMER, "qformer_dropout": 0.0, **config_kwargs}
     if family == "fusion_flamingo":  # its <image> and <|endofchunk|> are LM tokens
         vocab = len(processor.tokenizer)
-    config = config_cls(vision_config=tiny_vision_config("clip"), text_config=head_32(vocab_size=vocab), **ids,
+    config = config_cls(vision_config=tiny_vision_config("clip"), text_config=head_32(text, vocab_size=vocab), **ids,
                         **config_kwargs)
     torch.manual_seed(0)
     model = model_cls(config).eval()
@@ -199,13 +200,14 @@ def test_vllm_gives_transformers_greedy_tokens(served, name):
 
 # ---- Flamingo-style models, natively --------------------------------------------------------------------------------
 IMAGE_AFTER_TEXT = "USER: what is shown ? <image> ASSISTANT:"  # the tokens before <image> see no image
+OTHER_LMS = ["opt", "qwen2", "gpt2"]
 
 
-def save_flamingo(root, attn_gate=0.8, ff_gate=0.5, **config_kwargs):
+def save_flamingo(root, attn_gate=0.8, ff_gate=0.5, text="llama", **config_kwargs):
     """A tiny Flamingo-style model whose gates are open (a fresh model's are 0: its images would change nothing)."""
     from vlm_fusion import FusionFlamingoForConditionalGeneration
 
-    save_ours(root, "fusion_flamingo", num_latents=4, perceiver_depth=1, **config_kwargs)
+    save_ours(root, "fusion_flamingo", text, num_latents=4, perceiver_depth=1, **config_kwargs)
     model = FusionFlamingoForConditionalGeneration.from_pretrained(root)
     for block in model.gated_cross_attn_layers.values():
         block.attn_gate.data.fill_(attn_gate)
@@ -261,6 +263,7 @@ def flamingo_served(tmp_path_factory):
     opened = save_flamingo(root / "opened")
     closed = save_flamingo(root / "closed", attn_gate=0.0, ff_gate=0.0)
     vector = save_flamingo(root / "vector", gate_shape="vector", cross_attention_heads=2, cross_attention_head_dim=32)
+    lms = {text: save_flamingo(root / text, text=text) for text in OTHER_LMS}
     one, two = [(0, (32, 32))], [(1, (40, 48))]
     mixed = [{"prompt": PROMPT, "images": one}, {"prompt": PROMPT, "images": two},
              {"prompt": "USER: how many shapes are there ? ASSISTANT:", "images": []},
@@ -276,6 +279,7 @@ def flamingo_served(tmp_path_factory):
         "flamingo_gates_at_zero": (closed, mixed, {}),
         "flamingo_two_images": (opened, [{"prompt": "<image><image>" + PROMPT, "images": one + two}], {}),
         "flamingo_no_image_token": (opened, [{"prompt": "USER: what is shown ? ASSISTANT:", "images": one}], {}),
+        **{f"flamingo_{text}": (path, mixed, {}) for text, path in lms.items()},
     }
     jobs = []
     for name, (path, requests, llm) in cases.items():
@@ -294,14 +298,17 @@ def flamingo_served(tmp_path_factory):
         "flamingo_arriving": flamingo_reference(opened, arriving),
         "flamingo_vector_gates": flamingo_reference(vector, mixed),
         "flamingo_gates_at_zero": flamingo_reference(closed, mixed, lm_only=True),
+        **{f"flamingo_{text}": flamingo_reference(path, mixed) for text, path in lms.items()},
     }
     return results, references
 
 
-@pytest.mark.parametrize("name", ["flamingo", "flamingo_arriving", "flamingo_vector_gates", "flamingo_gates_at_zero"])
+@pytest.mark.parametrize("name", ["flamingo", "flamingo_arriving", "flamingo_vector_gates", "flamingo_gates_at_zero",
+                                  *(f"flamingo_{text}" for text in OTHER_LMS)])
 def test_flamingo_style_models_give_transformers_greedy_tokens(flamingo_served, name):
     """One image, another image, text only, text before its image (and a chat, through the chat template), batched;
-    the same requests arriving while others decode; vector gates; gates at zero give the plain LM's own tokens."""
+    the same requests arriving while others decode; vector gates; gates at zero give the plain LM's own tokens; other
+    LMs (vLLM's native OPT, Qwen2, GPT-2: their decoder layers' own calling conventions)."""
     results, references = flamingo_served
     assert "error" not in results[name], results[name]
     assert len(results[name]["tokens"]) == len(references[name])
