@@ -216,6 +216,89 @@ def save_flamingo(root, attn_gate=0.8, ff_gate=0.5, text="llama", **config_kwarg
     return root
 
 
+def converted_openflamingo(root):
+    """OpenFlamingo's own model (its classes around a transformers CLIP tower and a Llama), gates open, saved as its
+    released checkpoints are (what trains only), converted by our script (which checks logits against it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+
+    from vlm_fusion.conversion import convert_openflamingo
+    from vlm_fusion.tools.tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(AutoConfig.for_model(**tiny_vision_config("clip"))).eval()
+    tower.save_pretrained(root / "clip")
+    tiny_image_processor(32).save_pretrained(root / "clip")
+    tokenizer = tiny_tokenizer()
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**head_32(vocab_size=len(tokenizer))))
+    lm.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})  # OpenFlamingo's order
+    lm.resize_token_embeddings(len(tokenizer))
+    model = convert_openflamingo.build_open_flamingo(
+        tower, lm, media_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        eoc_token_id=tokenizer.convert_tokens_to_ids("<|endofchunk|>"), cross_attn_every_n_layers=1,
+        layers_path="model.layers")
+    with torch.no_grad():  # as if trained: open gates, new embeddings
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.6)
+        lm.get_input_embeddings().weight[-2:].normal_()
+    trained = ("perceiver.", "lang_encoder.gated_cross_attn_layers.", "lang_encoder.model.embed_tokens.")
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith(trained)}, root / "checkpoint.pt")
+    assert convert_openflamingo.main([
+        "--checkpoint", str(root / "checkpoint.pt"), "--vision-tower", str(root / "clip"),
+        "--language-model", str(root / "llama"), "--cross-attention-every-n-layers", "1",
+        "--output", str(root / "out")]) == 0
+    return root / "out"
+
+
+def converted_idefics(root):
+    """transformers' own IdeficsForVisionText2Text (vector gates opened, blocks before layers 0 and 2, decoupled extra
+    tokens; attention heads 32 wide for vLLM's CPU attention), converted by our script."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    from vlm_fusion.conversion import convert_idefics
+    from vlm_fusion.tools.tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                                "<end_of_utterance>"]})
+    config = IdeficsConfig(
+        vocab_size=len(tokenizer) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=2, cross_layer_interval=2, alpha_type="vector", use_resampler=True,
+        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
+                              resampler_head_dim=16),
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    model = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():  # open the gates (IDEFICS starts them at 0)
+        for name, param in model.named_parameters():
+            if "alpha" in name:
+                param.copy_(torch.randn_like(param))
+    model.save_pretrained(root / "idefics")
+    IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tokenizer,
+                     image_size=32).save_pretrained(root / "idefics")
+    assert convert_idefics.main(["--input", str(root / "idefics"), "--output", str(root / "out")]) == 0
+    return root / "out"
+
+
+def processor_inputs(processor, request):
+    """The processor's inputs for a request: a `prompt` string, or an interleaved `sample` (IDEFICS' calls) whose ints
+    stand for the request's images."""
+    images = [random_image(seed, size) for seed, size in request["images"]]
+    if "sample" in request:
+        sample = [images[part] if isinstance(part, int) else part for part in request["sample"]]
+        return processor(text=[sample], return_tensors="pt")
+    prompt = request.get("prompt") or processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request["question"]}]}],
+        add_generation_prompt=True)
+    return processor(images=images or None, text=[prompt], return_tensors="pt")
+
+
 def flamingo_reference(path, requests, lm_only=False):
     """transformers' greedy tokens, one request at a time, `<image>` suppressed (vLLM bans a generated `<image>`: it
     would open an image chunk without an image); `lm_only`: the plain causal LM inside the model, on the same ids."""
@@ -228,11 +311,7 @@ def flamingo_reference(path, requests, lm_only=False):
     lm = causal_lm_of(model) if lm_only else None
     out = []
     for request in requests:
-        images = [random_image(seed, size) for seed, size in request["images"]]
-        prompt = request.get("prompt") or processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request["question"]}]}],
-            add_generation_prompt=True)
-        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
+        inputs = processor_inputs(processor, request)
         settings = dict(max_new_tokens=request.get("max_tokens", NEW_TOKENS), do_sample=False,
                         suppress_tokens=[model.config.image_token_id])
         with torch.no_grad():
@@ -264,6 +343,8 @@ def flamingo_served(tmp_path_factory):
     closed = save_flamingo(root / "closed", attn_gate=0.0, ff_gate=0.0)
     vector = save_flamingo(root / "vector", gate_shape="vector", cross_attention_heads=2, cross_attention_head_dim=32)
     lms = {text: save_flamingo(root / text, text=text) for text in OTHER_LMS}
+    openflamingo = converted_openflamingo(root / "openflamingo")
+    idefics = converted_idefics(root / "idefics")
     one, two = [(0, (32, 32))], [(1, (40, 48))]
     mixed = [{"prompt": PROMPT, "images": one}, {"prompt": PROMPT, "images": two},
              {"prompt": "USER: how many shapes are there ? ASSISTANT:", "images": []},
@@ -272,6 +353,19 @@ def flamingo_served(tmp_path_factory):
     # the cross-attention cache) with decodes (reading theirs)
     arriving = [{**request, "max_tokens": n} for request, n in zip(mixed + mixed[:2], [3, 12, 5, 9, 7, 4])]
     chats = [{"question": "what is shown ?", "images": one}]
+    openflamingo_requests = [{"prompt": "<image>a picture of", "images": one},
+                             {"prompt": "<image>a picture of", "images": two},
+                             {"prompt": "a red circle<|endofchunk|>a blue", "images": []},
+                             {"prompt": "what is shown ?<image>a picture of", "images": two}]
+    idefics_requests = [{"sample": ["User:", 0, "what is shown ?"], "images": one},
+                        {"sample": ["User:", 0, "what colour is it ?"], "images": two},
+                        {"sample": ["User:", "how many shapes are there ?"], "images": []},
+                        {"sample": ["User:", "what is shown ?", 0], "images": two}]
+    from transformers import AutoProcessor
+
+    idefics_processor = AutoProcessor.from_pretrained(idefics)
+    for request in idefics_requests:  # vLLM takes the ids our processor writes (IDEFICS' layout, BOS as text)
+        request["prompt_ids"] = processor_inputs(idefics_processor, request)["input_ids"][0].tolist()
     cases = {
         "flamingo": (opened, mixed, {}),
         "flamingo_arriving": (opened, arriving, {"max_num_seqs": 2}),
@@ -280,6 +374,8 @@ def flamingo_served(tmp_path_factory):
         "flamingo_two_images": (opened, [{"prompt": "<image><image>" + PROMPT, "images": one + two}], {}),
         "flamingo_no_image_token": (opened, [{"prompt": "USER: what is shown ? ASSISTANT:", "images": one}], {}),
         **{f"flamingo_{text}": (path, mixed, {}) for text, path in lms.items()},
+        "flamingo_openflamingo": (openflamingo, openflamingo_requests, {}),
+        "flamingo_idefics": (idefics, idefics_requests, {}),
     }
     jobs = []
     for name, (path, requests, llm) in cases.items():
@@ -299,16 +395,20 @@ def flamingo_served(tmp_path_factory):
         "flamingo_vector_gates": flamingo_reference(vector, mixed),
         "flamingo_gates_at_zero": flamingo_reference(closed, mixed, lm_only=True),
         **{f"flamingo_{text}": flamingo_reference(path, mixed) for text, path in lms.items()},
+        "flamingo_openflamingo": flamingo_reference(openflamingo, openflamingo_requests),
+        "flamingo_idefics": flamingo_reference(idefics, idefics_requests),
     }
     return results, references
 
 
 @pytest.mark.parametrize("name", ["flamingo", "flamingo_arriving", "flamingo_vector_gates", "flamingo_gates_at_zero",
-                                  *(f"flamingo_{text}" for text in OTHER_LMS)])
+                                  *(f"flamingo_{text}" for text in OTHER_LMS), "flamingo_openflamingo",
+                                  "flamingo_idefics"])
 def test_flamingo_style_models_give_transformers_greedy_tokens(flamingo_served, name):
     """One image, another image, text only, text before its image (and a chat, through the chat template), batched;
     the same requests arriving while others decode; vector gates; gates at zero give the plain LM's own tokens; other
-    LMs (vLLM's native OPT, Qwen2, GPT-2: their decoder layers' own calling conventions)."""
+    LMs (vLLM's native OPT, Qwen2, GPT-2: their decoder layers' own calling conventions); a converted OpenFlamingo
+    and a converted IDEFICS (RMSNorm and SwiGLU blocks, vector gates, blocks before some layers only)."""
     results, references = flamingo_served
     assert "error" not in results[name], results[name]
     assert len(results[name]["tokens"]) == len(references[name])
@@ -322,8 +422,9 @@ def test_flamingo_style_models_give_transformers_greedy_tokens(flamingo_served, 
 def test_flamingo_images_change_the_tokens(flamingo_served):
     """The check above is not vacuous: the same prompt with another image, or with closed gates, answers otherwise."""
     _, references = flamingo_served
-    (_, first), (_, second), *_ = references["flamingo"]
-    assert first != second
+    for name in ("flamingo", "flamingo_openflamingo", "flamingo_idefics"):
+        (_, first), (_, second), *_ = references[name]
+        assert first != second, name
     assert references["flamingo"][0][1] != references["flamingo_gates_at_zero"][0][1]
 
 

@@ -34,8 +34,12 @@ def main(jobs_file, results_file):
             results[job["name"]] = {"error": f"{type(error).__name__}: {error}"}
             continue
         sampling = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
-        prompts = [{"prompt": r["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in r["images"]]}}
-                   if r["images"] else {"prompt": r["prompt"]} for r in job["requests"]]
+        prompts = []
+        for r in job["requests"]:  # a prompt as text, or as the token ids a processor gave
+            prompt = {"prompt_token_ids": r["prompt_ids"]} if "prompt_ids" in r else {"prompt": r["prompt"]}
+            if r["images"]:
+                prompt["multi_modal_data"] = {"image": [Image.open(p).convert("RGB") for p in r["images"]]}
+            prompts.append(prompt)
         per_request = [SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens", sampling.max_tokens))
                        for r in job["requests"]]
         try:

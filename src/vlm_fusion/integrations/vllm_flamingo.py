@@ -117,7 +117,10 @@ class FlamingoMultiModalProcessor(EncDecMultiModalProcessor[FlamingoProcessingIn
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         image_processor = self.info.get_hf_processor(**hf_kwargs).image_processor
-        return BatchFeature(dict(image_processor(images=hf_data["images"], return_tensors="pt")))
+        processed = image_processor(images=hf_data["images"], return_tensors="pt")
+        if not hasattr(processed, "keys"):  # IDEFICS' image processor returns the pixel tensor itself
+            processed = {"pixel_values": processed}
+        return BatchFeature({"pixel_values": processed["pixel_values"]})
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
