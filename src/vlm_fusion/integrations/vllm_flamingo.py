@@ -23,7 +23,7 @@ Bounds (each refused in one line, not served approximately):
   without an image, which vLLM keeps no per-request state to notice at later steps;
 - eager execution only (`enforce_eager=True` / `--enforce-eager`): the gated blocks read per-step state (which tokens
   see an image, this step's latents) that a compiled graph would freeze;
-- tensor parallelism 1 (the gated blocks and the tower are plain `nn.Linear`s).
+- no tensor or pipeline parallelism (the gated blocks and the tower are plain `nn.Linear`s beside the LM's layers).
 
 Legend: T tokens of the step (all requests, flat), R requests of the step, S latents of the step's images (flat), L
 latents per image, D LM width, D_v vision width, H heads, d head width.
@@ -160,8 +160,10 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
         if vllm_config.compilation_config.mode != CompilationMode.NONE:
             raise ValueError("Flamingo-style models (fusion_flamingo) run eagerly on vLLM: pass enforce_eager=True "
                              "(`--enforce-eager`); the gated blocks read per-step state a compiled graph would freeze.")
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise ValueError("Flamingo-style models (fusion_flamingo) are served with tensor_parallel_size=1 on vLLM.")
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+            raise ValueError("Flamingo-style models (fusion_flamingo) are served without tensor or pipeline "
+                             "parallelism on vLLM (tensor_parallel_size=1, pipeline_parallel_size=1).")
         self.config = config
         text_config = config.get_text_config()
         architecture, self.lm_prefix = causal_lm_architecture(text_config)
