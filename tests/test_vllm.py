@@ -541,10 +541,11 @@ def test_the_openai_api_answers_the_demo_question_as_vlm_fusion_generate_does(se
 
 
 def test_the_serving_benchmark_runs(tmp_path):
-    """benchmarks/serve.py on the tiny size (its numbers are not checked here)."""
+    """benchmarks/serve.py on the tiny size, LLaVA- and Flamingo-style (its numbers are not checked here)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import serve
 
     assert serve.main(["--size", "tiny", "--batches", "2", "--new-tokens", "4", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "serving.json").read_text())
-    assert rows[0]["batch"] == 2 and rows[0]["vllm"] > 0 and rows[0]["transformers"] > 0
+    assert [row["family"] for row in rows] == ["llava", "flamingo"]
+    assert all(row["batch"] == 2 and row["vllm"] > 0 and row["transformers"] > 0 for row in rows)
