@@ -134,8 +134,9 @@ def main(argv=None) -> int:
                 rows.append(dict(family=family, batch=batch, transformers=hf, vllm=vllm, ratio=vllm / hf))
                 print(f"  {family}, batch {batch}: transformers {hf:.1f} tok/s, vLLM {vllm:.1f} tok/s", flush=True)
     lines = ["| family | batch | transformers generate (tok/s) | vLLM LLM.generate (tok/s) | vLLM / transformers |",
-             "|---|---|---|---|---|"] + [f"| {r['family']} | {r['batch']} | {r['transformers']:.1f} | {r['vllm']:.1f} | "
-                                        f"{r['ratio']:.2f} |" for r in rows]
+             "|---|---|---|---|---|"] + [
+                f"| {r['family']} | {r['batch']} | {r['transformers']:.1f} | {r['vllm']:.1f} | {r['ratio']:.2f} |"
+                for r in rows]
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"{os.cpu_count()} CPU threads")
     report = (f"# Serving: vLLM vs transformers ({', '.join(args.families)}, size `{args.size}`, "

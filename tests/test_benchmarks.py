@@ -108,8 +108,9 @@ def test_the_gpu_check_dry_run_runs_every_step_and_reports_it(dry_run):
     if importlib.util.find_spec("vllm") is None:
         assert steps["serve"]["status"] == "skipped" and "vLLM is not installed" in steps["serve"]["reason"]
     else:
-        # the dry run serves one batch of 2 (`--batches 2`), measured on both engines
-        assert steps["serve"]["status"] == "passed" and [r["batch"] for r in steps["serve"]["results"]] == [2]
+        # the dry run serves one batch of 2 (`--batches 2`) per family, measured on both engines
+        assert steps["serve"]["status"] == "passed"
+        assert [(r["family"], r["batch"]) for r in steps["serve"]["results"]] == [("llava", 2), ("flamingo", 2)]
         assert all(r["transformers"] > 0 and r["vllm"] > 0 for r in steps["serve"]["results"])
     assert report["elapsed_s"] < report["budget_minutes"] * 60
     markdown = (out / "report.md").read_text()

@@ -196,6 +196,28 @@ class GatedCrossAttentionBlock(nn.Module):
         return self.ff(x) * self.ff_gate.tanh() + x
 
 
+def build_perceiver(config: FusionFlamingoConfig) -> PerceiverResampler:
+    """The resampler `config` describes, at the vision tower's width."""
+    return PerceiverResampler(
+        dim=config.vision_config.hidden_size, depth=config.perceiver_depth, heads=config.perceiver_heads,
+        dim_head=config.perceiver_head_dim, num_latents=config.num_latents, ff_mult=config.perceiver_ff_mult,
+        max_num_media=config.max_num_media, max_num_frames=config.max_num_frames,
+        activation=config.perceiver_activation,
+    )
+
+
+def build_gated_block(config: FusionFlamingoConfig) -> GatedCrossAttentionBlock:
+    """One gated block as `config` describes it, at the LM's width (IDEFICS-style: the LM's FFN shape and norm eps)."""
+    text = config.text_config
+    return GatedCrossAttentionBlock(
+        dim=text.hidden_size, dim_visual=config.vision_config.hidden_size, heads=config.cross_attention_heads,
+        dim_head=config.cross_attention_head_dim, ff_mult=config.cross_attention_ff_mult,
+        style=config.cross_attention_style, vector_gates=config.gate_shape == "vector",
+        lm_intermediate_size=getattr(text, "intermediate_size", None), lm_act=getattr(text, "hidden_act", "silu"),
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+    )
+
+
 @dataclass
 class MediaCache:
     """What decoding carries from step to step: each sample's latents, its image count, and per-layer keys/values."""
@@ -254,29 +276,16 @@ class FusionFlamingoModel(FusionModel):
     def __init__(self, config: FusionFlamingoConfig, **parts):
         if getattr(config.text_config, "_attn_implementation", None) == "vllm":  # vLLM's Transformers backend
             raise ValueError(
-                "vLLM's Transformers backend cannot serve Flamingo-style models (fusion_flamingo): it gives a model its "
-                "text embeddings only, so the gated cross-attention would never see the images and the tokens would be "
-                "wrong. The vlm-fusion vLLM plugin serves them natively: leave `--model-impl` at its default."
+                "vLLM's Transformers backend cannot serve Flamingo-style models (fusion_flamingo): it gives a model "
+                "its text embeddings only, so the gated cross-attention would never see the images and the tokens "
+                "would be wrong. The vlm-fusion vLLM plugin serves them natively: leave `--model-impl` at its default."
             )
         super().__init__(config, **parts)
-        dim_visual = config.vision_config.hidden_size
-        self.perceiver = PerceiverResampler(
-            dim=dim_visual, depth=config.perceiver_depth, heads=config.perceiver_heads,
-            dim_head=config.perceiver_head_dim, num_latents=config.num_latents, ff_mult=config.perceiver_ff_mult,
-            max_num_media=config.max_num_media, max_num_frames=config.max_num_frames,
-            activation=config.perceiver_activation,
-        )
+        self.perceiver = build_perceiver(config)
         _, decoder_layers = find_decoder_layers(self.language_model)
-        text = config.text_config
         for index in config.gated_layer_indices():
             layer = decoder_layers[index]
-            layer.gated_cross_attn_layer = GatedCrossAttentionBlock(
-                dim=text.hidden_size, dim_visual=dim_visual, heads=config.cross_attention_heads,
-                dim_head=config.cross_attention_head_dim, ff_mult=config.cross_attention_ff_mult,
-                style=config.cross_attention_style, vector_gates=config.gate_shape == "vector",
-                lm_intermediate_size=getattr(text, "intermediate_size", None), lm_act=getattr(text, "hidden_act", "silu"),
-                rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
-            )
+            layer.gated_cross_attn_layer = build_gated_block(config)
             layer.register_forward_pre_hook(self._cross_attend, with_kwargs=True)
         self.reuse_media_kv = True  # False recomputes each block's media keys/values every step (OpenFlamingo)
         self._context = None  # CrossAttentionContext of the running forward

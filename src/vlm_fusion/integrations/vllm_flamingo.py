@@ -55,7 +55,7 @@ from vllm.multimodal.processing import (
 
 from ..configuration_flamingo import FusionFlamingoConfig
 from ..language_model import causal_lm_class
-from ..modeling_flamingo import GatedCrossAttentionBlock, PerceiverResampler, find_decoder_layers
+from ..modeling_flamingo import build_gated_block, build_perceiver, find_decoder_layers
 from ..vision import build_vision_tower, select_image_features
 
 ONE_IMAGE = (
@@ -168,13 +168,7 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
         text_config = config.get_text_config()
         architecture, self.lm_prefix = causal_lm_architecture(text_config)
         self.vision_tower = build_vision_tower(config.vision_config)
-        dim_visual = config.vision_config.hidden_size
-        self.perceiver = PerceiverResampler(
-            dim=dim_visual, depth=config.perceiver_depth, heads=config.perceiver_heads,
-            dim_head=config.perceiver_head_dim, num_latents=config.num_latents, ff_mult=config.perceiver_ff_mult,
-            max_num_media=config.max_num_media, max_num_frames=config.max_num_frames,
-            activation=config.perceiver_activation,
-        )
+        self.perceiver = build_perceiver(config)
         self.language_model = init_vllm_registered_model(vllm_config, hf_config=text_config,
                                                          prefix=f"{prefix}language_model",
                                                          architectures=[architecture])
@@ -182,13 +176,7 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
         self.cross_attention = nn.ModuleDict()
         _, decoder_layers = find_decoder_layers(self.language_model)
         for index in config.gated_layer_indices():
-            self.gated_cross_attn_layers[str(index)] = GatedCrossAttentionBlock(
-                dim=text_config.hidden_size, dim_visual=dim_visual, heads=config.cross_attention_heads,
-                dim_head=config.cross_attention_head_dim, ff_mult=config.cross_attention_ff_mult,
-                style=config.cross_attention_style, vector_gates=config.gate_shape == "vector",
-                lm_intermediate_size=getattr(text_config, "intermediate_size", None),
-                lm_act=getattr(text_config, "hidden_act", "silu"), rms_norm_eps=getattr(text_config, "rms_norm_eps", 1e-6),
-            )
+            self.gated_cross_attn_layers[str(index)] = build_gated_block(config)  # its weights: the checkpoint's
             self.cross_attention[str(index)] = CrossAttention(
                 num_heads=config.cross_attention_heads, head_size=config.cross_attention_head_dim,
                 scale=config.cross_attention_head_dim ** -0.5, cache_config=vllm_config.cache_config,
