@@ -278,7 +278,7 @@ class FusionFlamingoModel(FusionModel):
             raise ValueError(
                 "vLLM's Transformers backend cannot serve Flamingo-style models (fusion_flamingo): it gives a model "
                 "its text embeddings only, so the gated cross-attention would never see the images and the tokens "
-                "would be wrong. The vlm-fusion vLLM plugin serves them natively: leave `--model-impl` at its default."
+                "would be wrong. vlm-fusion's vLLM plugin serves them natively: install vlm-fusion where vLLM runs."
             )
         super().__init__(config, **parts)
         self.perceiver = build_perceiver(config)
