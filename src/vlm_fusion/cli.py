@@ -166,7 +166,8 @@ def explain(args) -> int:
     except ExplainError as error:
         return fail(f"explain: {error}")
     written = write(result, args.out, progress=tqdm)
-    print(f"vlm-fusion explain: {len(result.tokens)} answer tokens {result.answer.strip()!r}; "
+    answer = processor.decode(result.token_ids, skip_special_tokens=True).strip()
+    print(f"vlm-fusion explain: {len(result.tokens)} answer tokens {answer!r}; "
           f"{len(written['tokens'])} pictures, {written['grid']} and {written['page']}")
     return 0
 
