@@ -4,6 +4,8 @@ is reused (by a rerun, by `--resume`), it is rebuilt when what it depends on cha
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -217,3 +219,23 @@ def test_the_fast_encoder_checks_itself_and_falls_back_to_the_reference(parts, t
         reference = encode(processor, conversation, size, "chat", "\n")
         ids, labels = encoding.expand(row["ids"], row["targets"], row["image_tokens"], processor.image_token_id)
         assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels
+
+
+def test_a_failed_data_pass_stops_its_workers_whatever_sigterm_handler_the_process_has():
+    """A forked worker inherits the parent's Python SIGTERM handler: a flag-setting one (a training run's, left by a
+    run that failed early) made `Pool.terminate` wait forever for a worker blocked on the task queue. It must end."""
+    code = (
+        "import signal\n"
+        "from vlm_fusion.tools.tiny import tiny_model_and_processor\n"
+        "from vlm_fusion.training import cache\n"
+        "_, processor = tiny_model_and_processor('fusion_llava')\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+        "try:\n"
+        "    with cache.worker_pool(2, processor, 'chat', None) as run:\n"
+        "        raise RuntimeError('a bad sample')\n"
+        "except RuntimeError:\n"
+        "    print('workers stopped')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and "workers stopped" in done.stdout, done.stderr[-2000:]

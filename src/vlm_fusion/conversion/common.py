@@ -265,8 +265,15 @@ def run(convert, args) -> int:
     Run `convert(args)`; a conversion problem ends with its message on stderr and exit code 1. SIGTERM and SIGHUP
     end it as Ctrl-C does — one line, the temporary output removed; what a SIGKILL leaves, the next run removes.
     """
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(convert, args)
+    finally:  # as they were, for a caller that goes on (tests, a notebook)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(convert, args) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # the script's own lines say what happens; no loading bars between them

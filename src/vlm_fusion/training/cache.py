@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import shutil
 import tempfile
 import time
@@ -287,6 +288,10 @@ _image_sizes: dict = {}
 
 def start_worker(processor, layout, plain_end) -> None:
     global _encoder
+    # A forked worker inherits the parent's Python signal handlers: one that only sets a flag (a training run's
+    # SIGTERM handler) left `Pool.terminate` waiting forever for a worker blocked on the task queue's lock.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a worker is one core
     _encoder = Encoder(processor, layout, plain_end)
     _image_sizes.clear()

@@ -401,9 +401,10 @@ def run_stage(trainer_class, model, processor, options, arguments, dataset, coll
 
     clear_output(options)
     stopper = StopOnSignal()
-    trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, eval_dataset=eval_dataset,
-                            data_collator=collator, part_lrs=part_lrs, callbacks=[stopper, LogTheLastStep(), EndAtTheLastStep()])
-    try:
+    try:  # the SIGTERM handler is restored whatever fails, building the trainer included
+        trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, eval_dataset=eval_dataset,
+                                data_collator=collator, part_lrs=part_lrs,
+                                callbacks=[stopper, LogTheLastStep(), EndAtTheLastStep()])
         trainer.train(resume_from_checkpoint=resume_from)
     except NothingLeftToTrain:
         logger.warning("%s is the run's last step (%d): nothing left to train, saving its model", resume_from,
