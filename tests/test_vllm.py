@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from conftest import ROOT, random_image  # noqa: E402
+# at import: in the whole suite, a later `import conftest` finds transformers_common's
+from conftest import ROOT, causal_lm_of, random_image  # noqa: E402
 from vlm_fusion import FAMILIES  # noqa: E402
 from vlm_fusion.demo import checkpoint, shapes  # noqa: E402
 from vlm_fusion.tools.tiny import (  # noqa: E402
@@ -303,8 +304,6 @@ def flamingo_reference(path, requests, lm_only=False):
     """transformers' greedy tokens, one request at a time, `<image>` suppressed (vLLM bans a generated `<image>`: it
     would open an image chunk without an image); `lm_only`: the plain causal LM inside the model, on the same ids."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from conftest import causal_lm_of
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
