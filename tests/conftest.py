@@ -74,3 +74,38 @@ def _seed():
 
 
 
+
+
+def save_tiny_idefics(path, *, heads: int = 4, shake_norms: bool = True):
+    """A tiny transformers IdeficsForVisionText2Text (vector gates opened, blocks before layers 0 and 2, two decoupled
+    extra tokens; `heads` LM attention heads over its 64-wide hidden state) saved with its IdeficsProcessor to `path`."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    from vlm_fusion.tools.tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                                "<end_of_utterance>"]})
+    config = IdeficsConfig(
+        vocab_size=len(tokenizer) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=heads, cross_layer_interval=2, alpha_type="vector",
+        use_resampler=True,
+        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
+                              resampler_head_dim=16),
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    model = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():  # open the gates (IDEFICS starts them at 0), maybe shake the norms
+        for name, param in model.named_parameters():
+            if "alpha" in name:
+                param.copy_(torch.randn_like(param))
+            elif shake_norms and "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(path)
+    IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tokenizer,
+                     image_size=32).save_pretrained(path)
+    return path

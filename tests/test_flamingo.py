@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel
 
-from conftest import assert_same_logits, causal_lm_of, load_script, random_image
+from conftest import assert_same_logits, causal_lm_of, load_script, random_image, save_tiny_idefics
 from vlm_fusion import FusionFlamingoConfig, FusionFlamingoForConditionalGeneration, FusionFlamingoProcessor
 from vlm_fusion.tools.tiny import (
     tiny_image_processor,
@@ -240,36 +240,7 @@ def test_errors():
 def idefics_dir(tmp_path_factory):
     """A tiny transformers IdeficsForVisionText2Text (gates open, vector alphas, blocks before layers 0 and 2, two
     decoupled extra tokens) saved with its IdeficsProcessor."""
-    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
-    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
-
-    from vlm_fusion.tools.tiny import tiny_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
-                                                                "<end_of_utterance>"]})
-    config = IdeficsConfig(
-        vocab_size=len(tokenizer) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, cross_layer_interval=2, alpha_type="vector", use_resampler=True,
-        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64),
-        perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
-                              resampler_head_dim=16),
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
-    )
-    model = IdeficsForVisionText2Text(config).eval()
-    with torch.no_grad():  # open the gates (IDEFICS starts them at 0) and shake the norms
-        for name, param in model.named_parameters():
-            if "alpha" in name:
-                param.copy_(torch.randn_like(param))
-            elif "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    path = tmp_path_factory.mktemp("idefics")
-    model.save_pretrained(path)
-    IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tokenizer,
-                     image_size=32).save_pretrained(path)
-    return path
+    return save_tiny_idefics(tmp_path_factory.mktemp("idefics"))
 
 
 def test_idefics_converts_and_matches_transformers_with_several_images_per_sample(idefics_dir, tmp_path):

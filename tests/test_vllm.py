@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("vllm")
 
 # at import: in the whole suite, a later `import conftest` finds transformers_common's
-from conftest import ROOT, causal_lm_of, random_image  # noqa: E402
+from conftest import ROOT, causal_lm_of, random_image, save_tiny_idefics  # noqa: E402
 from vlm_fusion import FAMILIES  # noqa: E402
 from vlm_fusion.demo import checkpoint, shapes  # noqa: E402
 from vlm_fusion.tools.tiny import (  # noqa: E402
@@ -256,33 +256,9 @@ def converted_openflamingo(root):
 def converted_idefics(root):
     """transformers' own IdeficsForVisionText2Text (vector gates opened, blocks before layers 0 and 2, decoupled extra
     tokens; attention heads 32 wide for vLLM's CPU attention), converted by our script."""
-    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
-    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
-
     from vlm_fusion.conversion import convert_idefics
-    from vlm_fusion.tools.tiny import tiny_tokenizer
 
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
-                                                                "<end_of_utterance>"]})
-    config = IdeficsConfig(
-        vocab_size=len(tokenizer) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=2, cross_layer_interval=2, alpha_type="vector", use_resampler=True,
-        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64),
-        perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
-                              resampler_head_dim=16),
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
-    )
-    model = IdeficsForVisionText2Text(config).eval()
-    with torch.no_grad():  # open the gates (IDEFICS starts them at 0)
-        for name, param in model.named_parameters():
-            if "alpha" in name:
-                param.copy_(torch.randn_like(param))
-    model.save_pretrained(root / "idefics")
-    IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=32), tokenizer=tokenizer,
-                     image_size=32).save_pretrained(root / "idefics")
+    save_tiny_idefics(root / "idefics", heads=2, shake_norms=False)
     assert convert_idefics.main(["--input", str(root / "idefics"), "--output", str(root / "out")]) == 0
     return root / "out"
 
