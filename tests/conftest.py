@@ -78,7 +78,8 @@ def _seed():
 
 def save_tiny_idefics(path, *, heads: int = 4, shake_norms: bool = True):
     """A tiny transformers IdeficsForVisionText2Text (vector gates opened, blocks before layers 0 and 2, two decoupled
-    extra tokens; `heads` LM attention heads over its 64-wide hidden state) saved with its IdeficsProcessor to `path`."""
+    extra tokens; `heads` LM attention heads over its 64-wide hidden state), saved with its IdeficsProcessor to
+    `path`."""
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
