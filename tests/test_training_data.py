@@ -221,6 +221,61 @@ def test_the_fast_encoder_checks_itself_and_falls_back_to_the_reference(parts, t
         assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Llama-2's layout: the system turn folded into the first user turn, contents trimmed (a template that changes them)
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = "
+          "messages[1:] %}{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
+          "{% if loop.first and system is defined %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif %}"
+          "{{ m['content'] | trim + ' [/INST]' }}{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}"
+          "{% endfor %}")
+# a template that decides from the content: an image turn gets a prefix no other turn has
+BRANCHING = ("{% for m in messages %}{% if '<image>' in m['content'] %}{{ 'V ' }}{% endif %}{{ m['role'] + ': ' + "
+             "m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, CHATML, LLAMA2, BRANCHING], ids=["default", "chatml", "llama2", "branching"])
+def test_the_fast_encoder_equals_the_reference_on_every_sample_for_any_template(parts, tmp_path, monkeypatch, template):
+    """The fast path renders a conversation from its roles' skeleton (the template run with placeholder contents);
+    with no periodic check at all, every sample's row equals `encode`'s — for templates that fold turns together,
+    trim contents or branch on them (those samples go the per-prefix way, caught by the whole-text comparison)."""
+    from vlm_fusion.training import encoding
+
+    monkeypatch.setattr(encoding, "VERIFY_EVERY", 10**9)  # only the first sample is checked: the rest is the fast path
+    processor = data_processor(options(parts, tmp_path))
+    if template:
+        processor.chat_template = template
+    image = str(parts / "images" / "0.png")
+    turns = [("user", "<image>\nwhat colour ?"), ("assistant", "red"), ("user", "  and now ?\n"),
+             ("assistant", " blue, {{ not jinja }} \ue000 "), ("user", "last"), ("assistant", "green  ")]
+    conversations = []
+    for n, system in [(2, None), (4, None), (6, None), (2, "be brief  "), (6, "be brief"), (4, " ")]:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": role, "content": content} for role, content in turns[:n]]
+        conversations.append(data.Conversation(f"c{len(conversations)}", messages, [image]))
+    conversations.append(data.Conversation("text-only", [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"}]))
+    fast = encoding.Encoder(processor, "chat", "\n")
+    renders, original = [], fast._render
+    monkeypatch.setattr(fast, "_render", lambda m, g: renders.append(len(m)) or original(m, g))
+    for round in range(2):
+        renders.clear()
+        for conversation in conversations:
+            sizes = [data.image_size(i, conversation.id) for i in conversation.images]
+            row = fast(conversation, sizes)
+            reference = encode(processor, conversation, sizes, "chat", "\n")
+            ids, labels = encoding.expand(row["ids"], row["targets"], row["image_tokens"], processor.image_token_id)
+            assert row["text"] == reference.text, conversation.id
+            assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels, conversation.id
+    assert fast.fast
+    # Second round, every skeleton built: where the template writes contents as they are, one render per sample (the
+    # whole conversation); the trimming and branching templates send the samples they change the per-prefix way.
+    if template in (None, CHATML):
+        assert renders == [len(c.messages) for c in conversations]
+    else:
+        assert len(conversations) < len(renders) < 5 * len(conversations)
+
+
 def test_a_failed_data_pass_stops_its_workers_whatever_sigterm_handler_the_process_has():
     """A forked worker inherits the parent's Python SIGTERM handler: a flag-setting one (a training run's, left by a
     run that failed early) made `Pool.terminate` wait forever for a worker blocked on the task queue. It must end."""

@@ -56,14 +56,21 @@ def render(processor, conversation: Conversation, layout: str, plain_end: str,
 
     renderer = renderer or (lambda upto_messages, generation_prompt: processor.tokenizer.apply_chat_template(
         upto_messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=generation_prompt))
-    renders = {}
+    text, bounds = turn_bounds(processor, conversation, renderer)
+    return text, [(start, len(text[:end].rstrip())) for start, end in bounds]
+
+
+def turn_bounds(processor, conversation: Conversation, renderer) -> tuple[str, list[tuple[int, int]]]:
+    """The chat text of `conversation` and, for each assistant turn, where it starts (the end of the text up to it
+    with the generation prompt) and where the text through it ends (before `render` strips trailing space)."""
+    messages, renders = conversation.messages, {}
 
     def rendered(upto, generation_prompt=False):
         if (upto, generation_prompt) not in renders:
             renders[upto, generation_prompt] = processor.prompt_text(renderer(messages[:upto], generation_prompt))
         return renders[upto, generation_prompt]
 
-    text, spans = rendered(len(messages)), []
+    text, bounds = rendered(len(messages)), []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -71,8 +78,8 @@ def render(processor, conversation: Conversation, layout: str, plain_end: str,
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError(f"sample {conversation.id}: the chat template does not render this conversation turn by "
                             "turn (a turn's text is not a prefix of the whole), so its assistant turns cannot be found")
-        spans.append((len(before), len(through.rstrip())))
-    return text, spans
+        bounds.append((len(before), len(through)))
+    return text, bounds
 
 
 def token_offsets(processor, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
@@ -149,7 +156,9 @@ class Encoder:
         self.image_token_id = processor.image_token_id
         self._counts: dict[tuple[int, int], int] = {}
         self._seen, self.fast = 0, True
-        self._template = self._compiled_template() if layout == "chat" and processor.chat_template else None
+        self._chat_layout = layout == "chat" and bool(processor.chat_template)
+        self._template = self._compiled_template() if self._chat_layout else None
+        self._skeletons: dict[tuple[str, ...], Skeleton | None] = {}
         self._special_tokens = dict(processor.tokenizer.special_tokens_map)  # what apply_chat_template passes too
         backend = getattr(processor.tokenizer, "_tokenizer", None)
         self._rust = backend if hasattr(backend, "encode") and not getattr(processor, "chunked_tokenization", False) \
@@ -195,7 +204,8 @@ class Encoder:
         return [self._counts[tuple(size)] for size in image_sizes]
 
     def _fast_row(self, conversation, image_sizes) -> dict:
-        text, spans = render(self.processor, conversation, self.layout, self.plain_end, self._render)
+        text, spans = self._chat(conversation) if self._chat_layout else \
+            render(self.processor, conversation, self.layout, self.plain_end, self._render)
         add_special = self.processor.adds_special_tokens(text)
         if self._rust is not None:
             encoding = self._rust.encode(text, add_special_tokens=add_special)
@@ -218,6 +228,22 @@ class Encoder:
         return {"text": text, "add_special_tokens": add_special, "instruction": instruction, "ids": ids,
                 "targets": targets, "image_tokens": counts, "length": len(ids) - found + sum(counts)}
 
+    def _chat(self, conversation) -> tuple[str, list[tuple[int, int]]]:
+        """`render`'s text and spans, from the skeleton of the conversation's roles: the template runs once, over the
+        whole conversation, and that text must equal the skeleton's with the contents put in (else, or without a
+        skeleton, `render`: every prefix through the template)."""
+        messages = conversation.messages
+        roles = tuple(message["role"] for message in messages)
+        if roles not in self._skeletons:
+            self._skeletons[roles] = Skeleton.of(self.processor, roles, self._render)
+        skeleton = self._skeletons[roles]
+        if skeleton is not None:
+            contents = [message["content"] for message in messages]
+            text = skeleton.fill(contents)
+            if text == self.processor.prompt_text(self._render(messages, False)):
+                return text, skeleton.spans(text, contents)
+        return render(self.processor, conversation, self.layout, self.plain_end, self._render)
+
     def _compiled_template(self):
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -233,6 +259,55 @@ class Encoder:
                 add_generation_prompt=add_generation_prompt)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **self._special_tokens)
+
+
+class Skeleton:
+    """A chat template's text for one sequence of roles, each message's content a sentinel: the text around the
+    contents and, per assistant turn, `turn_bounds`' two positions, each as (position in the skeleton, contents
+    before it). A conversation with those roles renders as the skeleton with its contents put in, wherever the
+    template writes a message's content as it is and decides nothing from it; `Encoder._chat` checks that per sample
+    against the template's own rendering of the whole conversation, and `Encoder` the spans against `encode`."""
+
+    def __init__(self, pieces: list[str], sentinel_lengths: list[int], bounds: list[tuple[tuple[int, int], ...]]):
+        self.pieces, self.sentinel_lengths, self.bounds = pieces, sentinel_lengths, bounds
+
+    @classmethod
+    def of(cls, processor, roles: tuple[str, ...], renderer) -> "Skeleton | None":
+        """The skeleton of `roles`, or None where the template does not write each content once, in order, outside
+        the turn bounds (or fails on the sentinels): those conversations go through `render`."""
+        sentinels = [f"\ue000{i}\ue001" for i in range(len(roles))]
+        probe = Conversation("skeleton", [{"role": r, "content": s} for r, s in zip(roles, sentinels)])
+        try:
+            text, bounds = turn_bounds(processor, probe, renderer)
+        except Exception:  # noqa: BLE001 - the conversations themselves then report what is wrong, via `render`
+            return None
+        starts = [text.find(sentinel) for sentinel in sentinels]
+        ends = [start + len(sentinel) for start, sentinel in zip(starts, sentinels)]
+        if any(start < 0 or text.count(sentinel) != 1 for start, sentinel in zip(starts, sentinels)) \
+                or starts != sorted(starts):
+            return None
+        points = [point for bound in bounds for point in bound]
+        if any(start < point < end for point in points for start, end in zip(starts, ends)):
+            return None
+        pieces = [text[a:b] for a, b in zip([0] + ends, starts + [len(text)])]
+        located = [tuple((point, sum(end <= point for end in ends)) for point in bound) for bound in bounds]
+        return cls(pieces, [len(sentinel) for sentinel in sentinels], located)
+
+    def fill(self, contents: list[str]) -> str:
+        parts = [self.pieces[0]]
+        for content, piece in zip(contents, self.pieces[1:]):
+            parts += (content, piece)
+        return "".join(parts)
+
+    def spans(self, text: str, contents: list[str]) -> list[tuple[int, int]]:
+        """`render`'s spans in `text` (this skeleton filled with `contents`)."""
+        shift = [0]
+        for content, length in zip(contents, self.sentinel_lengths):
+            shift.append(shift[-1] + len(content) - length)
+        spans = []
+        for (start, before_start), (end, before_end) in self.bounds:
+            spans.append((start + shift[before_start], len(text[: end + shift[before_end]].rstrip())))
+        return spans
 
 
 def rows_equal(a: dict, b: dict) -> bool:
