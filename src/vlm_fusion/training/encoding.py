@@ -9,7 +9,8 @@ the processor's placeholders for that image (ignored by the loss), so the ids eq
 
 `encode` is the reference: plain and slow (every prefix through `apply_chat_template`, a Python loop over tokens).
 `Encoder` gives the same ids and labels at the speed a data pass over LLaVA's 665K conversations needs — the chat
-template's compiled Jinja called directly, the Rust tokenizer called directly, the labels computed with numpy, the
+template's compiled Jinja called directly and once per sample (the prefixes are rendered once per sequence of roles,
+with placeholder contents: a `Skeleton`), the Rust tokenizer called directly, the labels computed with numpy, the
 placeholder counts remembered per image size — and checks itself against `encode` on its first sample and then every
 `VERIFY_EVERY`-th: a difference switches it to the reference for good, with a warning. It returns a sample as a
 *row* (the text's own ids with one `<image>` token per image, a target flag per id, each image's placeholder count),
