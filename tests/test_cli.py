@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from transformers import AutoConfig
 
 from vlm_fusion import cli
 from vlm_fusion.demo import shapes
@@ -133,14 +134,21 @@ def test_demo_command_prints_questions_and_verdicts(capsys):
     assert "Q: how many shapes are there ?" in out and ("-> right" in out or "-> WRONG, expected" in out)
 
 
-def test_training_script_runs(tmp_path):
+def test_training_script_runs(tmp_path, monkeypatch):
     from vlm_fusion.demo import train
 
-    results = train.main(["--quick", "--families", "fusion_llava", "--out", str(tmp_path)])
+    results = train.main(["--quick", "--families", "fusion_llava", "--out", str(tmp_path), "--parts",
+                          str(tmp_path / "parts")])
     assert set(results["fusion_llava"]) == set(shapes.QUESTION_TYPES)
     card = (tmp_path / "llava" / "README.md").read_text()
     assert "## Evaluation" in card and "| colour |" in card
     assert "![training loss](loss.png)" in card and (tmp_path / "llava" / "loss.png").is_file()  # shipped with it
+    # --parts kept the pretrained parts: the next run uses them as they are, pretraining nothing
+    for name in ("pretrain_vision", "pretrain_lm"):
+        monkeypatch.setattr(train, name, lambda *a, **k: pytest.fail("pretrained again"))
+    parts = train.pretrained_parts(str(tmp_path / "parts"), train.STEPS)
+    assert parts == (str(tmp_path / "parts" / "vision"), str(tmp_path / "parts" / "lm"))
+    assert AutoConfig.from_pretrained(parts[1]).model_type == "llama"
 
 
 # ---- what a new user runs into ----------------------------------------------------------------------------------
