@@ -244,33 +244,58 @@ def emit(event, **fields):
 emit("start")
 atexit.register(emit, "exit")
 
-from transformers import Trainer, TrainerCallback  # noqa: E402
+import importlib.abc  # noqa: E402
+import importlib.util  # noqa: E402
 
 
-class Probe(TrainerCallback):
-    begun = False
+def add_probe(trainer_module):
+    """Every Trainer the recipe builds (FusionTrainer or another) gets the probe callback."""
+    from transformers import TrainerCallback
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if not self.begun:
-            self.begun = True
-            emit("first_step", step=state.global_step)
+    class Probe(TrainerCallback):
+        begun = False
 
-    def on_step_end(self, args, state, control, **kwargs):
-        emit("step_end", step=state.global_step)
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.begun:
+                self.begun = True
+                emit("first_step", step=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            emit("step_end", step=state.global_step)
+
+    original = trainer_module.Trainer.__init__
+
+    def with_probe(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(Probe())
+
+    trainer_module.Trainer.__init__ = with_probe
 
 
-original = Trainer.__init__  # any Trainer the recipe builds (FusionTrainer or another)
+class WhenTrainerLoads(importlib.abc.MetaPathFinder):
+    """Patches `transformers.trainer` when the command imports it, not before: importing it here would import what
+    the command itself may leave out (bitsandbytes, through peft)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            add_probe(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
-def with_probe(self, *args, **kwargs):
-    original(self, *args, **kwargs)
-    self.add_callback(Probe())
-
-
-Trainer.__init__ = with_probe
+sys.meta_path.insert(0, WhenTrainerLoads())
 from vlm_fusion_cli import main  # noqa: E402
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.argv = ["vlm-fusion", "train", *sys.argv[1:]]  # as the `vlm-fusion` command runs it
+sys.exit(main())
 ''' % {"env": REPORT_ENV}
 
 

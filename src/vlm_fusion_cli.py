@@ -277,6 +277,7 @@ def main(argv=None) -> int:
                    help="with --anyres: the image's own size, which sets its LLaVA-style token count")
     add_train_parser(commands)
     add_evaluate_parser(commands)
+    whole_process = argv is None  # the command line's own process (the console script), not a caller's
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS:  # everything after the source is the converter's,
         from vlm_fusion import cli  # --help included
@@ -295,6 +296,12 @@ def main(argv=None) -> int:
 
     if args.command == "train" and args.accelerate:  # relaunch through accelerate's launcher, N processes
         return launch_training(args, argv)
+    if args.command == "train" and whole_process and not cli.needs_bitsandbytes(args):
+        # This process is the command's, not a caller's that may quantise later. peft, which transformers' Trainer
+        # imports, imports bitsandbytes eagerly, and bitsandbytes compiles its CPU kernels with torch.compile when
+        # imported: about a second of every launch and rerun. Nothing here quantises, so it goes without: peft and
+        # transformers then see bitsandbytes as not installed.
+        sys.modules.setdefault("bitsandbytes", None)
     if args.command == "evaluate":
         return {"retrieval": cli.evaluate_retrieval}[args.evaluation](args)
     commands_run = {"demo": cli.demo, "generate": cli.generate, "explain": cli.explain, "serve": cli.serve,

@@ -260,6 +260,43 @@ def test_samples_over_max_length_can_be_skipped_with_a_count(parts, tmp_path):
     assert "1 longer than 64 tokens skipped" in (tmp_path / "out" / "README.md").read_text()
 
 
+COMMAND_PROCESS = """
+import sys
+from vlm_fusion_cli import main
+sys.argv = ["vlm-fusion", "train", *sys.argv[1:]]  # as the console script runs it
+code = main()
+print("bitsandbytes imported:", sys.modules.get("bitsandbytes") is not None)
+sys.exit(code)
+"""
+
+
+def test_a_training_command_that_quantises_nothing_goes_without_bitsandbytes(parts, tmp_path):
+    """The `vlm-fusion train` process leaves bitsandbytes out (peft imports it eagerly, and it compiles kernels on
+    import) when nothing is quantised, and trains as usual; the decision, from the flags and the parts' configs."""
+    import argparse
+    import subprocess
+    import sys
+
+    from vlm_fusion import cli
+
+    argv = ["--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"), "--language-model",
+            str(parts / "lm"), "--data", str(parts / "captions.json"), "--image-folder", str(parts / "images"),
+            "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--data-cache", str(tmp_path / "cache")]
+    done = subprocess.run([sys.executable, "-c", COMMAND_PROCESS, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bitsandbytes imported: False" in done.stdout and (tmp_path / "out" / "model.safetensors").is_file()
+
+    def needs(**kwargs):
+        return cli.needs_bitsandbytes(argparse.Namespace(**{**dict(qlora=False, model=None, language_model=str(
+            parts / "lm"), vision_tower=str(parts / "vision")), **kwargs}))
+
+    assert not needs() and needs(qlora=True) and needs(language_model="org/some-llm")  # a Hub id: not known
+    quantised = tmp_path / "lm-4bit"
+    quantised.mkdir()
+    (quantised / "config.json").write_text(json.dumps({"quantization_config": {"load_in_4bit": True}}))
+    assert needs(language_model=str(quantised))
+
+
 # ---- killed mid-run, then --resume ------------------------------------------------------------------------------
 KILLED_RUN = """
 import os, signal, sys

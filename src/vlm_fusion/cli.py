@@ -214,6 +214,21 @@ def train(args) -> int:
     return 0
 
 
+def needs_bitsandbytes(args) -> bool:
+    """Whether a training run quantises: `--qlora`, or a part saved quantised (its config says so); a Hub id or a
+    folder without a config is assumed to."""
+    if args.qlora:
+        return True
+    for path in filter(None, (args.model, args.language_model, args.vision_tower)):
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
+            return True
+        with open(config, encoding="utf-8") as f:
+            if "quantization_config" in f.read():
+                return True
+    return False
+
+
 # ---- evaluate -----------------------------------------------------------------------------------------------------
 def evaluate_retrieval(args) -> int:
     import json
