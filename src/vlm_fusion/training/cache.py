@@ -20,6 +20,7 @@ the limit are refused or skipped when it is read. One process builds while the o
 folder is written under a temporary name and renamed when complete, so a killed build leaves nothing that is used.
 """
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -264,8 +265,9 @@ class worker_pool:
     def __enter__(self):
         if self.workers:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(self.workers, initializer=start_worker,
-                                                                 initargs=self.arguments)
+            with default_termination():
+                self.pool = multiprocessing.get_context(method).Pool(self.workers, initializer=start_worker,
+                                                                     initargs=self.arguments)
         else:
             start_worker(*self.arguments)
         return self.run
@@ -286,25 +288,40 @@ _encoder: Encoder | None = None
 _image_sizes: dict = {}
 
 
+@contextlib.contextmanager
+def default_termination():
+    """SIGTERM and SIGHUP at their default (terminate) while workers are forked, so that each worker is born with it.
+    A forked worker inherits this process's handlers: one that only sets a flag (a training run's SIGTERM handler) left
+    `Pool.terminate` waiting forever for a worker blocked on the task queue's lock, and a worker that reset it itself
+    (in its initializer) could still swallow a SIGTERM that came first, as a pass that fails at once sends it."""
+    saved = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # not the main thread: its handlers are not ours to change
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def start_worker(processor, layout, plain_end) -> None:
     global _encoder
-    # A forked worker inherits the parent's Python signal handlers: one that only sets a flag (a training run's
-    # SIGTERM handler) left `Pool.terminate` waiting forever for a worker blocked on the task queue's lock.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a worker is one core
     _encoder = Encoder(processor, layout, plain_end)
     _image_sizes.clear()
 
 
-def encode_block(block: list[tuple[int, data.Conversation]]) -> tuple[object, dict]:
-    """Check and encode a block of samples: its rows as an Arrow record batch (numpy buffers, not Python lists, cross
-    the process boundary) and the image files it opened."""
+def encode_block(block: data.Block) -> tuple[object, dict]:
+    """Read, check and encode a block of samples: its rows as an Arrow record batch (numpy buffers, not Python lists,
+    cross the process boundary) and the image files it opened."""
     import pyarrow as pa
 
     columns = {key: [] for key in FEATURES}
     opened = {}
-    for index, conversation in block:
+    for index, conversation in block.conversations():
         data.check(conversation)
         sizes = []
         for image in conversation.images:

@@ -56,9 +56,21 @@ def load(path: str, image_folder: str | None = None) -> tuple[list[Conversation]
     return [chat_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
 
 
+@dataclass
+class Block:
+    """`size` raw rows of a data file and how each becomes a `Conversation` (`conversations()`): a data pass's
+    worker converts them, so that plain rows, not `Conversation` objects, cross the process boundary."""
+    rows: list[tuple[int, dict]]  # (index in the file, row)
+    convert: object  # llava_conversation or chat_conversation
+    image_folder: str | None
+
+    def conversations(self) -> list[tuple[int, "Conversation"]]:
+        return [(index, self.convert(row, index, self.image_folder)) for index, row in self.rows]
+
+
 def blocks(path: str, image_folder: str | None, size: int):
-    """The samples of `path` as `load` reads them, `size` at a time as `[(index, Conversation), ...]`, never the
-    whole file in memory (a JSON list is parsed object by object)."""
+    """The samples of `path` as `load` reads them, `size` at a time as `Block`s, never the whole file in memory (a
+    JSON list is parsed object by object)."""
     if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
         rows, convert = iter_json(path), None
     else:
@@ -69,12 +81,12 @@ def blocks(path: str, image_folder: str | None, size: int):
             if not isinstance(row, dict) or not ("conversations" in row or "messages" in row):
                 raise DataError(f"{path}: the first sample has neither `conversations` (LLaVA) nor `messages` (TRL)")
             convert = llava_conversation if "conversations" in row else chat_conversation
-        block.append((index, convert(row, index, image_folder)))
+        block.append((index, row))
         if len(block) == size:
-            yield block
+            yield Block(block, convert, image_folder)
             block = []
     if block:
-        yield block
+        yield Block(block, convert, image_folder)
 
 
 def iter_json(path: str, chunk: int = 1 << 20):
