@@ -73,9 +73,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-
-
-
 def save_tiny_idefics(path, *, heads: int = 4, shake_norms: bool = True):
     """A tiny transformers IdeficsForVisionText2Text (vector gates opened, blocks before layers 0 and 2, two decoupled
     extra tokens; `heads` LM attention heads over its 64-wide hidden state), saved with its IdeficsProcessor to
