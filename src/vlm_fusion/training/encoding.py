@@ -9,8 +9,9 @@ the processor's placeholders for that image (ignored by the loss), so the ids eq
 
 `encode` is the reference: plain and slow (every prefix through `apply_chat_template`, a Python loop over tokens).
 `Encoder` gives the same ids and labels at the speed a data pass over LLaVA's 665K conversations needs — the chat
-template's compiled Jinja called directly and once per sample (the prefixes are rendered once per sequence of roles,
-with placeholder contents: a `Skeleton`), the Rust tokenizer called directly, the labels computed with numpy, the
+template's compiled Jinja called directly, once per sequence of roles (its prefixes with placeholder contents: a
+`Skeleton`) and then once per sample as a check, or not at all where the template only prints the contents
+(`blind_to_contents`) — the Rust tokenizer called directly, the labels computed with numpy, the
 placeholder counts remembered per image size — and checks itself against `encode` on its first sample and then every
 `VERIFY_EVERY`-th: a difference switches it to the reference for good, with a warning. It returns a sample as a
 *row* (the text's own ids with one `<image>` token per image, a target flag per id, each image's placeholder count),
@@ -230,9 +231,10 @@ class Encoder:
                 "targets": targets, "image_tokens": counts, "length": len(ids) - found + sum(counts)}
 
     def _chat(self, conversation) -> tuple[str, list[tuple[int, int]]]:
-        """`render`'s text and spans, from the skeleton of the conversation's roles: the template runs once, over the
-        whole conversation, and that text must equal the skeleton's with the contents put in (else, or without a
-        skeleton, `render`: every prefix through the template)."""
+        """`render`'s text and spans, from the skeleton of the conversation's roles. Where the template is blind to
+        the contents (`Skeleton.blind`) that is all; else the template runs once, over the whole conversation, and
+        that text must equal the skeleton's with the contents put in (else, or without a skeleton, `render`: every
+        prefix through the template)."""
         messages = conversation.messages
         roles = tuple(message["role"] for message in messages)
         if roles not in self._skeletons:
@@ -241,7 +243,7 @@ class Encoder:
         if skeleton is not None:
             contents = [message["content"] for message in messages]
             text = skeleton.fill(contents)
-            if text == self.processor.prompt_text(self._render(messages, False)):
+            if skeleton.blind or text == self.processor.prompt_text(self._render(messages, False)):
                 return text, skeleton.spans(text, contents)
         return render(self.processor, conversation, self.layout, self.plain_end, self._render)
 
@@ -271,6 +273,7 @@ class Skeleton:
 
     def __init__(self, pieces: list[str], sentinel_lengths: list[int], bounds: list[tuple[tuple[int, int], ...]]):
         self.pieces, self.sentinel_lengths, self.bounds = pieces, sentinel_lengths, bounds
+        self.blind = False  # the template only prints the contents (`blind_to_contents`): no per-sample render needed
 
     @classmethod
     def of(cls, processor, roles: tuple[str, ...], renderer) -> "Skeleton | None":
@@ -292,7 +295,9 @@ class Skeleton:
             return None
         pieces = [text[a:b] for a, b in zip([0] + ends, starts + [len(text)])]
         located = [tuple((point, sum(end <= point for end in ends)) for point in bound) for bound in bounds]
-        return cls(pieces, [len(sentinel) for sentinel in sentinels], located)
+        skeleton = cls(pieces, [len(sentinel) for sentinel in sentinels], located)
+        skeleton.blind = blind_to_contents(processor, roles, renderer, skeleton)
+        return skeleton
 
     def fill(self, contents: list[str]) -> str:
         parts = [self.pieces[0]]
@@ -309,6 +314,89 @@ class Skeleton:
         for (start, before_start), (end, before_end) in self.bounds:
             spans.append((start + shift[before_start], len(text[: end + shift[before_end]].rstrip())))
         return spans
+
+
+def blind_to_contents(processor, roles: tuple[str, ...], renderer, skeleton: Skeleton) -> bool:
+    """Whether the chat template, for these roles, does nothing with a message's content but print it as it is: then
+    every conversation with these roles renders as `skeleton` filled with its contents, and `Encoder` skips the
+    per-sample render that checks it.
+
+    Each content is a `ContentProbe`, which notes every operation on it: blind means the template's renders (those
+    `turn_bounds` makes) converted each content to text once (`{{ content }}`, `~`) and did nothing else with it — no
+    test (`'<image>' in content`, `if content`), no method (`| trim`, `.split()`), no comparison — and their text
+    equals the skeleton's filled with the probes' texts, which hold characters any escaping would change (so
+    `| tojson` or `| e`, which read a string without calling anything on it, show up there). The processor must not
+    change the rendered text either (IDEFICS wraps the `<image>` runs: not blind). What this cannot see: a template
+    that builds a string from a content with `~` and then decides something from that string alone; `Encoder`'s
+    periodic comparison with `encode` stays on for every template."""
+    from vlm_fusion.processing_fusion import FusionProcessor
+
+    if getattr(type(processor), "prompt_text", None) is not FusionProcessor.prompt_text:
+        return False
+    uses: list[tuple[str, int]] = []
+    probes = [ContentProbe(f"\ue002{i} \"'\\<&>\n\ue003", i, uses) for i in range(len(roles))]
+    conversation = Conversation("probe", [{"role": r, "content": p} for r, p in zip(roles, probes)])
+    printed_once = True
+
+    def noted(messages, add_generation_prompt):
+        nonlocal printed_once
+        del uses[:]
+        text = renderer(messages, add_generation_prompt)
+        printed_once &= sorted(uses) == [("str", i) for i in range(len(messages))]
+        return str(text)
+
+    try:
+        text, bounds = turn_bounds(processor, conversation, noted)
+    except Exception:  # noqa: BLE001 - a template that fails on the probes is not shown blind
+        return False
+    texts = [str.__str__(probe) for probe in probes]
+    return printed_once and text == skeleton.fill(texts) and \
+        skeleton.spans(text, texts) == [(start, len(text[:end].rstrip())) for start, end in bounds]
+
+
+class ContentProbe(str):
+    """A message content that notes (in `uses`, as `(operation, index)`) what a chat template does with it: `str`
+    when it becomes text (`{{ content }}`, `~`, `'...' + content`), the operation's name for anything else (a method,
+    `in`, `==`, `len`, truth...)."""
+
+    def __new__(cls, text: str, index: int, uses: list):
+        probe = super().__new__(cls, text)
+        probe.index, probe.uses = index, uses
+        return probe
+
+    def _note(self, operation: str) -> str:
+        object.__getattribute__(self, "uses").append((operation, object.__getattribute__(self, "index")))
+        return str.__str__(self)  # the text, a plain `str`
+
+    def __getattribute__(self, name):
+        if not (name.startswith("__") and name.endswith("__")):  # `__html__`, `__class__`: introspection, not use
+            ContentProbe._note(self, name)
+        return object.__getattribute__(self, name)
+
+    def __bool__(self):
+        return len(ContentProbe._note(self, "__bool__")) > 0
+
+    def __int__(self):
+        return int(ContentProbe._note(self, "__int__"))
+
+    def __float__(self):
+        return float(ContentProbe._note(self, "__float__"))
+
+    def __radd__(self, other):  # `'x' + content`: str has no __radd__, so Python asks this subclass first
+        return other + ContentProbe._note(self, "str")
+
+
+def _noting(name: str, noted_as: str):
+    def operation(self, *args):
+        return getattr(str, name)(ContentProbe._note(self, noted_as), *args)
+    return operation
+
+
+for _name in ("__str__", "__add__", "__repr__", "__format__", "__len__", "__iter__", "__contains__", "__getitem__",
+              "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__mul__", "__rmul__", "__mod__",
+              "__rmod__"):
+    setattr(ContentProbe, _name, _noting(_name, "str" if _name in ("__str__", "__add__") else _name))
+del _name
 
 
 def rows_equal(a: dict, b: dict) -> bool:
