@@ -41,19 +41,13 @@ class Conversation:
 
 
 def load(path: str, image_folder: str | None = None) -> tuple[list[Conversation], str]:
-    """The samples of `path` (a LLaVA JSON / JSON-lines file, or a local TRL-format dataset) and a name for it."""
+    """The samples of `path` (a LLaVA JSON / JSON-lines file, or a local TRL-format dataset) and a name for it: all
+    of `blocks`, in memory (the evaluation and the in-memory recipes; the data pass reads `blocks` itself)."""
     if not os.path.exists(path):
         raise DataError(f"no training data at {path}")
-    name = os.path.basename(os.path.normpath(path))
-    if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
-        rows = read_json(path)
-        if rows and "conversations" in rows[0]:
-            return [llava_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
-        if rows and "messages" in rows[0]:
-            return [chat_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
-        raise DataError(f"{path}: the first sample has neither `conversations` (LLaVA) nor `messages` (TRL)")
-    rows = read_dataset(path)
-    return [chat_conversation(row, index, image_folder) for index, row in enumerate(rows)], name
+    conversations = [conversation for block in blocks(path, image_folder, 4096)
+                     for _, conversation in block.conversations()]
+    return conversations, os.path.basename(os.path.normpath(path))
 
 
 @dataclass
@@ -138,19 +132,6 @@ def iter_json(path: str, chunk: int = 1 << 20):
                 return
             if not skip(","):
                 raise DataError(f"{path} is not valid JSON (expected `,` or `]` after sample {count} of the list)")
-
-
-def read_json(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
-            rows = json.load(f)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path} must hold a list of samples, not a {type(rows).__name__}")
-    return rows
 
 
 def read_dataset(path: str):
