@@ -279,7 +279,8 @@ def test_a_processor_that_changes_the_rendered_text_is_never_blind():
                                     encoding.Encoder(processor, "chat", "\n")._render)
     assert skeleton is not None and not skeleton.blind
     flamingo.chat_template = CHATML  # the same template and tokenizer, the text as rendered: blind
-    assert encoding.Skeleton.of(flamingo, ("user", "assistant"), encoding.Encoder(flamingo, "chat", "\n")._render).blind
+    renderer = encoding.Encoder(flamingo, "chat", "\n")._render
+    assert encoding.Skeleton.of(flamingo, ("user", "assistant"), renderer).blind
 
 
 @pytest.mark.parametrize("template", [None, CHATML, LLAMA2, BRANCHING, TOJSON],

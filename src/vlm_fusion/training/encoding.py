@@ -59,7 +59,13 @@ def render(processor, conversation: Conversation, layout: str, plain_end: str,
     renderer = renderer or (lambda upto_messages, generation_prompt: processor.tokenizer.apply_chat_template(
         upto_messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=generation_prompt))
     text, bounds = turn_bounds(processor, conversation, renderer)
-    return text, [(start, len(text[:end].rstrip())) for start, end in bounds]
+    return text, assistant_spans(text, bounds)
+
+
+def assistant_spans(text: str, bounds: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans the loss is on, from `turn_bounds`' bounds: each assistant turn from its start to its end, the
+    trailing space (the template's own newline or separator) left out."""
+    return [(start, len(text[:end].rstrip())) for start, end in bounds]
 
 
 def turn_bounds(processor, conversation: Conversation, renderer) -> tuple[str, list[tuple[int, int]]]:
@@ -351,7 +357,7 @@ def blind_to_contents(processor, roles: tuple[str, ...], renderer, skeleton: Ske
         return False
     texts = [str.__str__(probe) for probe in probes]
     return printed_once and text == skeleton.fill(texts) and \
-        skeleton.spans(text, texts) == [(start, len(text[:end].rstrip())) for start, end in bounds]
+        skeleton.spans(text, texts) == assistant_spans(text, bounds)
 
 
 class ContentProbe(str):
