@@ -53,6 +53,9 @@ class FusionConfig(PreTrainedConfig):
             Index into the vision tower's `hidden_states` (0 = patch embeddings, -1 = last layer before any final norm).
         vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
             `"default"` keeps only the patch tokens (drops CLS and register tokens), `"full"` keeps every token.
+        video_token_id (`int`, *optional*):
+            Id of the `<video>` placeholder; `None` (default): the model takes no clips. Like `image_token_id`, it may
+            lie outside the LM vocabulary. A clip of F frames takes `num_video_tokens(F)` placeholders.
         origin, base_models, license (*optional*): provenance written into the model card.
     """
 
@@ -68,6 +71,7 @@ class FusionConfig(PreTrainedConfig):
     image_token_id: int = 32000
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
+    video_token_id: int | None = None  # the `<video>` placeholder; None: no video path
     tie_word_embeddings: bool = False
     # Provenance, for the model card only.
     origin: str | None = None  # how the weights were produced ("composed from X + Y", "converted from Z")
@@ -106,6 +110,11 @@ class FusionConfig(PreTrainedConfig):
         if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) or self.image_token_id < 0:
             raise ValueError(f"`image_token_id` must be a non-negative integer, got {self.image_token_id!r}.")
         check_choice("vision_feature_select_strategy", self.vision_feature_select_strategy, {"default", "full"})
+        if self.video_token_id is not None:
+            if isinstance(self.video_token_id, bool) or not isinstance(self.video_token_id, int) or self.video_token_id < 0:
+                raise ValueError(f"`video_token_id` must be a non-negative integer or None, got {self.video_token_id!r}.")
+            if self.video_token_id == self.image_token_id:
+                raise ValueError(f"`video_token_id` and `image_token_id` must differ, both are {self.image_token_id}.")
         num_layers = getattr(self.vision_config, "num_hidden_layers", None)
         layer = self.vision_feature_layer
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -115,3 +124,14 @@ class FusionConfig(PreTrainedConfig):
                 f"`vision_feature_layer` must index one of the {num_layers + 1} hidden states of the vision tower "
                 f"(from {-(num_layers + 1)} to {num_layers}), got {layer}."
             )
+
+    # ---- videos: each family says what a clip costs ------------------------------------------------------------
+    def video_token_counts(self) -> tuple[int, int]:
+        """`(per_frame, per_clip)`: a clip of F frames takes `F * per_frame + per_clip` LM positions. A family
+        with a video path overrides this."""
+        raise ValueError(f"The {self.model_type} family has no video path.")
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Visual tokens (LM positions) one clip of `num_frames` frames takes."""
+        per_frame, per_clip = self.video_token_counts()
+        return num_frames * per_frame + per_clip

@@ -155,11 +155,14 @@ class FusionModel(FusionPreTrainedModel):
     (what `AutoModel` builds for `text_config`), without its head. `forward` returns the LM's `last_hidden_state`.
 
     Contract for a family: build its bridge in `__init__` (then call `post_init()`), name it in `_bridge_modules`,
-    and implement `encode_images`; inputs the bridge reads besides the pixels are named in `_image_inputs`.
+    and implement `encode_images`; inputs the bridge reads besides the pixels are named in `_image_inputs`. A family
+    that reads clips implements `encode_videos` (the frames' features of each clip -> its visual tokens) and its
+    config's `video_token_counts`; inputs that go to it are named in `_video_inputs`.
     """
 
     _image_inputs: tuple[str, ...] = ()  # forward's keyword inputs that go to the image encoding, not the LM
     _per_image_inputs: tuple[str, ...] = ()  # those of them given per image (the others are per sample)
+    _video_inputs: tuple[str, ...] = ()  # forward's keyword inputs that go to the video encoding
 
     def __init__(self, config: FusionConfig, *, vision_tower=None, language_model=None):
         super().__init__(config)
@@ -253,6 +256,43 @@ class FusionModel(FusionPreTrainedModel):
             attentions=tower.attentions if output_attentions else None,
         )
 
+    # ---- videos ---------------------------------------------------------------------------------------------
+    def encode_videos(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The family's bridge for clips: the frames' vision features `(V, F, N_v, D_v)` -> each clip's visual tokens
+        `(V, P_v, D)`, `P_v = config.num_video_tokens(F)`."""
+        raise NotImplementedError(f"{type(self).__name__} has no video path.")
+
+    @can_return_tuple
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`).
+
+        Returns:
+            [`BaseModelOutputWithPooling`]: `pooler_output` holds each clip's visual tokens, `(num_videos,
+            num_video_tokens, hidden_size)`; `last_hidden_state` is the vision tower's, `(num_videos * num_frames,
+            num_patches, vision_hidden_size)`.
+        """
+        if self.config.video_token_id is None:
+            raise ValueError(f"This {self.config.model_type} model takes no video: its config has no `video_token_id`.")
+        V, F = pixel_values_videos.shape[:2]
+        features, tower = self.get_vision_features(pixel_values_videos.flatten(0, 1))  # (V*F, N_v, D_v)
+        tokens = self.encode_videos(features.unflatten(0, (V, F)), **kwargs)  # (V, P_v, D)
+        return BaseModelOutputWithPooling(last_hidden_state=tower.last_hidden_state, pooler_output=tokens)
+
+    def embed_videos(self, input_ids, inputs_embeds, pixel_values_videos, **kwargs):
+        """`inputs_embeds` `(B, T, D)` with each clip's visual tokens at its `video_token_id` positions; returns
+        `(inputs_embeds, video_outputs)`."""
+        if pixel_values_videos is None:
+            return inputs_embeds, None
+        if pixel_values_videos.dim() != 5:
+            raise ValueError("`pixel_values_videos` must be (num_videos, num_frames, channels, height, width), got "
+                             f"shape {tuple(pixel_values_videos.shape)}.")
+        video_outputs = self.get_video_features(pixel_values_videos, return_dict=True, **kwargs)
+        video_mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id=self.config.video_token_id)
+        embeds = self.merge_image_features(inputs_embeds, video_mask, video_outputs.pooler_output, kind="video")
+        return embeds, video_outputs
+
     def blank_image_inputs(self) -> dict:
         """One blank image as the image inputs `get_image_features` takes (`pixel_values` `(1, C, S, S)`, S the
         tower's `image_size`)."""
@@ -272,36 +312,46 @@ class FusionModel(FusionPreTrainedModel):
         tokens = self.get_image_features(**self.blank_image_inputs(), return_dict=True).pooler_output
         return torch.cat([t.flatten() for t in tokens]) if isinstance(tokens, (list, tuple)) else tokens
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
-        """The `(B, T)` positions of `image_token_id`, read off `input_ids` or, without them, off `inputs_embeds`."""
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
+                             token_id: int | None = None) -> torch.BoolTensor:
+        """The `(B, T)` positions of `token_id` (default `image_token_id`), read off `input_ids` or, without them, off
+        `inputs_embeds`."""
+        token_id = self.config.image_token_id if token_id is None else token_id
         if input_ids is not None:
-            return input_ids == self.config.image_token_id
+            return input_ids == token_id
         embeddings = self.get_input_embeddings()
-        if self.config.image_token_id >= embeddings.weight.shape[0]:
+        if token_id >= embeddings.weight.shape[0]:
             raise ValueError(
-                f"`image_token_id` {self.config.image_token_id} lies outside the LM's {embeddings.weight.shape[0]} "
-                "embeddings, so image positions cannot be found in `inputs_embeds`: pass `input_ids` with the images."
+                f"The placeholder id {token_id} lies outside the LM's {embeddings.weight.shape[0]} embeddings, so "
+                "image and video positions cannot be found in `inputs_embeds`: pass `input_ids` with the pixels."
             )
-        token = embeddings(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))  # (D,)
+        token = embeddings(torch.tensor(token_id, device=inputs_embeds.device))  # (D,)
         return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
 
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """The ids that stand for visual tokens in the text (`<image>`, and `<video>` for a model that reads clips)."""
+        ids = (self.config.image_token_id, self.config.video_token_id)
+        return tuple(i for i in ids if i is not None)
+
     def merge_image_features(
-        self, inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_features
+        self, inputs_embeds: torch.Tensor, image_mask: torch.BoolTensor, image_features, kind: str = "image"
     ) -> torch.Tensor:
         """Write `image_features` `(N, P, D)` (or, anyres, one `(P_i, D)` per image) into the `image_mask` `(B, T)`
-        positions of `inputs_embeds` `(B, T, D)`."""
+        positions of `inputs_embeds` `(B, T, D)`; `kind="video"` for clips."""
+        plural = "videos" if kind == "video" else "images"
         if isinstance(image_features, (list, tuple)):
-            given = f"{len(image_features)} images of {[len(f) for f in image_features]} tokens"
+            given = f"{len(image_features)} {plural} of {[len(f) for f in image_features]} tokens"
             image_features = torch.cat(list(image_features))  # (sum P_i, D)
         else:
             N, P, D = image_features.shape
-            given = f"{N} images x {P} tokens"
+            given = f"{N} {plural} x {P} tokens"
         num_features = image_features.numel() // image_features.shape[-1]
         num_placeholders = int(image_mask.sum())
         if num_placeholders != num_features:
+            token_id = self.config.video_token_id if kind == "video" else self.config.image_token_id
             raise ValueError(
-                "Image features and image tokens do not match: the text holds "
-                f"{num_placeholders} image tokens (id {self.config.image_token_id}), the images give {num_features} "
+                f"{kind.capitalize()} features and {kind} tokens do not match: the text holds "
+                f"{num_placeholders} {kind} tokens (id {token_id}), the {plural} give {num_features} "
                 f"features ({given})."
             )
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -313,8 +363,8 @@ class FusionModel(FusionPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             # Placeholder ids may lie outside the LM vocabulary: look up a valid id there, overwritten below.
-            image_mask = input_ids == self.config.image_token_id  # (B, T)
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+            placeholders = torch.isin(input_ids, torch.tensor(self.placeholder_ids(), device=input_ids.device))  # (B, T)
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))  # (B, T, D)
         if pixel_values is None:
             if self.training:  # see `blank_image_tokens`: every training step runs the image path
                 inputs_embeds = inputs_embeds + 0.0 * self.blank_image_tokens().sum().to(inputs_embeds.dtype)
@@ -341,23 +391,30 @@ class FusionModel(FusionPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> FusionModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens.
+            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens, each clip as
+            many `video_token_id` positions.
         pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
             The images of the whole batch, in the order their placeholders appear (sample by sample).
+        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`,
+            *optional*): the clips of the whole batch, in the order of their placeholders.
         """
-        image_inputs = {name: kwargs.pop(name) for name in self._image_inputs if name in kwargs}
+        extra = {name: kwargs.pop(name) for name in {*self._image_inputs, *self._video_inputs} if name in kwargs}
+        image_inputs = {name: value for name, value in extra.items() if name in self._image_inputs}
+        video_inputs = {name: value for name, value in extra.items() if name in self._video_inputs}
         inputs_embeds, image_outputs = self.embed_inputs(input_ids, inputs_embeds, pixel_values, **image_inputs)
+        inputs_embeds, video_outputs = self.embed_videos(input_ids, inputs_embeds, pixel_values_videos, **video_inputs)
         if position_ids is None:
             position_ids = self.left_padded_positions(attention_mask, inputs_embeds.shape[1])
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             **cache_kwargs(self.language_model, cache), use_cache=use_cache, return_dict=True, **kwargs,
         )
-        return FusionModelOutputWithPast(**outputs, image_outputs=image_outputs)
+        return FusionModelOutputWithPast(**outputs, image_outputs=image_outputs, video_outputs=video_outputs)
 
 
 class FusionForConditionalGeneration(FusionPreTrainedModel):
@@ -434,16 +491,22 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> FusionCausalLMOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens.
+            Text ids; each image occupies as many `image_token_id` positions as it has visual tokens, each clip as
+            many `video_token_id` positions.
         pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
             The images of the whole batch, in the order their placeholders appear (sample by sample).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token targets; `-100` and image positions are ignored in the loss.
+            Next-token targets; `-100`, image and video positions are ignored in the loss.
+        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`,
+            *optional*): the clips of the whole batch, in the order of their placeholders.
         """
+        if pixel_values_videos is not None:
+            kwargs["pixel_values_videos"] = pixel_values_videos
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
@@ -451,9 +514,9 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         logits = self.compute_logits(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            if input_ids is not None:  # no loss at image positions
-                image_mask = self.model.get_placeholder_mask(input_ids, None)
-                labels = labels.masked_fill(image_mask.to(labels.device), IGNORE_INDEX)
+            if input_ids is not None:  # no loss at image or video positions
+                placeholders = torch.isin(input_ids, torch.tensor(self.model.placeholder_ids(), device=input_ids.device))
+                labels = labels.masked_fill(placeholders.to(labels.device), IGNORE_INDEX)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
         rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
@@ -514,7 +577,8 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
 
     def _validate_model_kwargs(self, model_kwargs):
         """transformers' check, told about the family's image inputs (`forward` takes them through `**kwargs`)."""
-        own = {name: model_kwargs.pop(name) for name in self.model_class._image_inputs if name in model_kwargs}
+        own = {name: model_kwargs.pop(name) for name in (*self.model_class._image_inputs, *self.model_class._video_inputs)
+               if name in model_kwargs}
         try:
             super()._validate_model_kwargs(model_kwargs)
         finally:
@@ -559,10 +623,19 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
             sizes = self.model.images_per_sample(image_mask, pixel_values.shape[0], tokens)
             per_image = {name: torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in value.split(sizes)])
                          for name, value in per_image.items()}
+        videos = model_kwargs.pop("pixel_values_videos", None)
+        if videos is not None and expand_size > 1:  # the same for clips: each sample's clips follow it
+            ids = input_ids if input_ids is not None and input_ids.shape[1] else None
+            video_mask = self.model.get_placeholder_mask(ids, model_kwargs.get("inputs_embeds"),
+                                                         token_id=self.config.video_token_id)
+            sizes = self.model.images_per_sample(video_mask, videos.shape[0])
+            videos = torch.cat([g.repeat(expand_size, *([1] * (g.dim() - 1))) for g in videos.split(sizes)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
         model_kwargs.update(per_image)
+        if videos is not None:
+            model_kwargs["pixel_values_videos"] = videos
         return input_ids, model_kwargs
 
     # ---- composing from pretrained parts ------------------------------------------------------------------------

@@ -12,15 +12,17 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import MultiModalData
 
 from .anyres import num_tokens
+from .processing_video import FusionVideoProcessor, num_frames_of
 from .remote_code import registered_for_auto_classes
 from .special_tokens import add_flamingo_tokens, add_special_token
 
 DEC_TOKEN = "[DEC]"  # BLIP-2's first token of the ITG pass, added to the Q-Former's BERT tokenizer
 
 
-def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token", bos: bool = False) -> str:
+def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token", bos: bool = False,
+                  video: str = "<video>\\n") -> str:
     """A plain `ROLE: ` template (`"USER: <image>\\n...\\nASSISTANT:"`); message content is a string or a list of
-    `{"type": "text", "text": ...}` and `{"type": "image"}` parts; `end_of_turn` (a Jinja expression) closes
+    `{"type": "text", "text": ...}`, `{"type": "image"}` and `{"type": "video"}` parts; `end_of_turn` (a Jinja expression) closes
     assistant turns; `bos` starts the text with the tokenizer's BOS (for a tokenizer that adds one, as Llama's own
     templates do: engines such as vLLM tokenize a chat's text without special tokens)."""
     return (
@@ -30,6 +32,7 @@ def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token", bos
         "{% if message['content'] is string %}{{ message['content'] }}"
         "{% else %}{% for part in message['content'] %}"
         f"{{% if part['type'] == 'image' %}}{{{{ '{image}' }}}}"
+        f"{{% elif part['type'] == 'video' %}}{{{{ '{video}' }}}}"
         "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
         "{% endfor %}{% endif %}"
         f"{{% if message['role'] == 'assistant' %}}{{{{ {end_of_turn} }}}}{{% endif %}}{{{{ '\\n' }}}}"
@@ -65,23 +68,61 @@ class FusionProcessor(ProcessorMixin):
         pad_to_square (`bool`, *optional*, defaults to `False`):
             Pad each image to a square with the image processor's mean colour before it is resized, as LLaVA-1.5
             does (`image_aspect_ratio: pad`), instead of letting the image processor crop it.
+        video_processor ([`FusionVideoProcessor`], *optional*): clips to `pixel_values_videos`; without it the
+            processor takes no `videos=`.
+        video_token (`str`, *optional*, defaults to `"<video>"`): a clip's marker in the text, added as a special
+            token when there is a video processor.
+        video_tokens_per_frame, video_tokens_per_clip (`int`, *optional*): a clip of F frames takes
+            `F * video_tokens_per_frame + video_tokens_per_clip` placeholders (`num_video_tokens`: the model's visual
+            tokens for it, its config's `video_token_counts()`).
     """
 
     def __init__(
         self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=1,
-        chunked_tokenization=False, pad_to_square=False, **sub_processors,
+        chunked_tokenization=False, pad_to_square=False, video_processor=None, video_token="<video>",
+        video_tokens_per_frame=0, video_tokens_per_clip=0, **sub_processors,
     ):
         if not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"`image_seq_length` must be a positive integer, got {image_seq_length!r}.")
+        for name, value in (("video_tokens_per_frame", video_tokens_per_frame),
+                            ("video_tokens_per_clip", video_tokens_per_clip)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if video_processor is not None and video_tokens_per_frame + video_tokens_per_clip == 0:
+            raise ValueError("A processor with a video processor needs the model's video token counts: give "
+                             "`video_tokens_per_frame` and/or `video_tokens_per_clip` (the config's "
+                             "`video_token_counts()`).")
         self.image_token = image_token
         self.image_seq_length = image_seq_length
         self.chunked_tokenization = bool(chunked_tokenization)
         self.pad_to_square = bool(pad_to_square)
         self.image_token_id = add_special_token(tokenizer, image_token)
+        self.video_token = video_token if video_processor is not None else None
+        self.video_tokens_per_frame = video_tokens_per_frame
+        self.video_tokens_per_clip = video_tokens_per_clip
+        self.video_token_id = add_special_token(tokenizer, video_token) if video_processor is not None else None
         if chat_template is None:  # USER / ASSISTANT turns, with the BOS the tokenizer would add
             chat_template = self.default_chat_template(tokenizer)
+        self.video_processor = video_processor  # optional, so not one of ProcessorMixin's attributes (see below)
         super().__init__(image_processor, tokenizer, chat_template=chat_template,
                          **sub_processors)  # a subclass's further tokenizers (InstructBLIP's Q-Former tokenizer)
+
+    # ---- videos ---------------------------------------------------------------------------------------------
+    # transformers' ProcessorMixin takes every sub-processor as required, checks it against `VideoProcessorMixin`
+    # through a mapping that needs torchvision, and loads it with `AutoVideoProcessor` (torchvision again). The video
+    # processor is optional here and runs on PIL, so it is kept out of the mixin's attributes and saved and loaded
+    # beside them (`video_preprocessor_config.json`, transformers' file name).
+    @classmethod
+    def get_attributes(cls):
+        return [name for name in super().get_attributes() if name != "video_processor"]
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Placeholders a clip of `num_frames` frames takes in the text (the model's visual tokens for it)."""
+        return num_frames * self.video_tokens_per_frame + self.video_tokens_per_clip
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        return self.video_token * self.num_video_tokens(num_frames_of(video_inputs, video_idx))
+
 
     @staticmethod
     def default_chat_template(tokenizer) -> str:
@@ -122,9 +163,17 @@ class FusionProcessor(ProcessorMixin):
             processed = {"pixel_values": processed}
         return processed, replacements
 
-    def validate_inputs(self, images=None, text=None, **kwargs):
-        super().validate_inputs(images=images, text=text, **kwargs)
-        # transformers 5.19 leaves this check out (a surplus `<image>` then dies in its expansion, StopIteration)
+    def validate_inputs(self, images=None, text=None, videos=None, **kwargs):
+        super().validate_inputs(images=images, text=text, videos=videos, **kwargs)
+        # transformers 5.19 leaves these checks out (a surplus `<image>` then dies in its expansion, StopIteration)
+        if videos is not None and text is not None and self.video_token is not None:
+            texts = [text] if isinstance(text, str) else text
+            num_markers = sum(sample.count(self.video_token) for sample in texts)
+            num_videos = len(FusionVideoProcessor.batched(videos))
+            if num_markers != num_videos:
+                raise ValueError(f"The total number of {self.video_token} tokens in the prompts should be the same as "
+                                 f"the number of videos passed. Found total {num_markers} {self.video_token} tokens "
+                                 f"and {num_videos} videos.")
         if images is not None and text is not None:
             texts = [text] if isinstance(text, str) else text
             num_tokens = sum(sample.count(self.image_token) for sample in texts)
@@ -134,7 +183,15 @@ class FusionProcessor(ProcessorMixin):
                                  f"the number of images passed. Found total {num_tokens} {self.image_token} tokens "
                                  f"and {num_images} images.")
 
-    def __call__(self, images=None, text=None, **kwargs):
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            if getattr(self, "video_processor", None) is None:
+                raise ValueError(f"This {type(self).__name__} has no video processor, so it takes no `videos=`: build "
+                                 "it with one (`FusionVideoProcessor`), as `tiny_model_and_processor` and the converters "
+                                 "do.")
+            if self.chunked_tokenization:
+                raise ValueError("`chunked_tokenization` (the original LLaVA's) takes images only, not `videos=`.")
+            kwargs["videos"] = videos
         if text is not None and "add_special_tokens" not in kwargs:  # a text the chat template began with BOS
             adds = {self.adds_special_tokens(t) for t in ([text] if isinstance(text, str) else text)}
             if len(adds) > 1:  # one tokenizer call takes one add_special_tokens for the whole batch
@@ -202,6 +259,10 @@ class FusionProcessor(ProcessorMixin):
 
     def to_dict(self):
         output = super().to_dict()
+        output.pop("video_processor", None)  # its own file
+        if getattr(self, "video_processor", None) is None:  # an image-only processor is saved as before videos
+            for key in ("video_token", "video_tokens_per_frame", "video_tokens_per_clip", "video_token_id"):
+                output.pop(key, None)
         if self.variant_of is not None:
             output["processor_class"] = self.variant_of.__name__
             output["fusion_processor_class"] = type(self).__name__
@@ -215,14 +276,20 @@ class FusionProcessor(ProcessorMixin):
         if name is None and processor_dict.get("qformer_text_input"):  # saved by vlm-fusion 0.2.0 before the field
             name = "FusionInstructBlipProcessor"
         variant = next((c for c in _subclasses(cls) if c.__name__ == name), None)
-        if variant is not None:
+        if variant is not None and variant is not cls:
             return variant.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if "video_processor" not in kwargs:
+            kwargs["video_processor"] = FusionVideoProcessor.load_if_saved(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory, *args, remote_code: bool = False, **kwargs):
-        """`ProcessorMixin.save_pretrained`; `remote_code=True` also writes the processor's code."""
+        """`ProcessorMixin.save_pretrained`, the video processor beside it; `remote_code=True` also writes the
+        processor's code."""
         with registered_for_auto_classes(processor=self if remote_code else None):
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            saved = super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "video_processor", None) is not None:
+            self.video_processor.save_pretrained(save_directory)
+        return saved
 
     def push_to_hub(self, repo_id, *args, remote_code: bool = False, **kwargs):
         with registered_for_auto_classes(processor=self if remote_code else None):
@@ -256,13 +323,16 @@ class FusionLlavaProcessor(FusionProcessor):
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>",
-                 image_seq_length=1, chunked_tokenization=False, pad_to_square=False, patch_size=None):
+                 image_seq_length=1, chunked_tokenization=False, pad_to_square=False, patch_size=None,
+                 video_processor=None, video_token="<video>",
+                 video_tokens_per_frame=0, video_tokens_per_clip=0):
         self.patch_size = patch_size
         if patch_size is not None and chunked_tokenization:
             raise ValueError("`chunked_tokenization` and anyres (`patch_size`) do not go together.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token,
                          image_seq_length=image_seq_length, chunked_tokenization=chunked_tokenization,
-                         pad_to_square=pad_to_square)
+                         pad_to_square=pad_to_square, video_processor=video_processor, video_token=video_token,
+                         video_tokens_per_frame=video_tokens_per_frame, video_tokens_per_clip=video_tokens_per_clip)
 
     @property
     def anyres(self) -> dict | None:
@@ -338,9 +408,12 @@ class FusionInstructBlipProcessor(FusionBlip2Processor):
     variant_of = FusionBlip2Processor
 
     def __init__(self, image_processor=None, tokenizer=None, qformer_tokenizer=None, chat_template=None,
-                 image_token="<image>", image_seq_length=1, qformer_text_input=True):
+                 image_token="<image>", image_seq_length=1, qformer_text_input=True, video_processor=None, video_token="<video>",
+                 video_tokens_per_frame=0, video_tokens_per_clip=0):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token,
-                         image_seq_length=image_seq_length, qformer_tokenizer=qformer_tokenizer)
+                         image_seq_length=image_seq_length, qformer_tokenizer=qformer_tokenizer,
+                         video_processor=video_processor, video_token=video_token,
+                         video_tokens_per_frame=video_tokens_per_frame, video_tokens_per_clip=video_tokens_per_clip)
         self.qformer_text_input = True
 
     def __call__(self, images=None, text=None, instruction: str | None = None, **kwargs):
@@ -376,13 +449,15 @@ class FusionFlamingoProcessor(FusionProcessor):
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>",
-                 end_of_chunk_token="<|endofchunk|>", image_seq_length=1):
+                 end_of_chunk_token="<|endofchunk|>", image_seq_length=1, video_processor=None, video_token="<video>",
+                 video_tokens_per_frame=0, video_tokens_per_clip=0):
         if image_seq_length != 1:
             raise ValueError(f"Flamingo-style models take one <image> token per image, got image_seq_length={image_seq_length}.")
         self.end_of_chunk_token = end_of_chunk_token
         _, self.end_of_chunk_token_id = add_flamingo_tokens(tokenizer, image_token, end_of_chunk_token)
         super().__init__(image_processor, tokenizer, image_token=image_token, image_seq_length=1,
-                         chat_template=chat_template)
+                         chat_template=chat_template, video_processor=video_processor, video_token=video_token,
+                         video_tokens_per_frame=video_tokens_per_frame, video_tokens_per_clip=video_tokens_per_clip)
 
     @staticmethod
     def default_chat_template(tokenizer) -> str:
@@ -437,12 +512,15 @@ class FusionIdeficsProcessor(FusionFlamingoProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>",
                  end_of_chunk_token="<end_of_utterance>", image_seq_length=1,
-                 image_wrapper_token="<fake_token_around_image>", add_end_of_utterance_token=None):
+                 image_wrapper_token="<fake_token_around_image>", add_end_of_utterance_token=None,
+                 video_processor=None, video_token="<video>",
+                 video_tokens_per_frame=0, video_tokens_per_clip=0):
         self.image_wrapper_token = image_wrapper_token
         self.add_end_of_utterance_token = add_end_of_utterance_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template or IDEFICS_CHAT_TEMPLATE,
                          image_token=image_token, end_of_chunk_token=end_of_chunk_token,
-                         image_seq_length=image_seq_length)
+                         image_seq_length=image_seq_length, video_processor=video_processor, video_token=video_token,
+                         video_tokens_per_frame=video_tokens_per_frame, video_tokens_per_clip=video_tokens_per_clip)
         add_special_token(tokenizer, image_wrapper_token)
 
     def __call__(self, images=None, text=None, add_eos_token: bool = False, add_end_of_utterance_token=None,

@@ -117,9 +117,11 @@ def tiny_image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
 
 
 def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip", text: str = "llama", *,
-                             image_size: int = 32, **config_kwargs):
-    """A tiny random model of `family` and its processor, the `<image>` token added to the tiny tokenizer."""
+                             image_size: int = 32, video: bool = False, num_frames: int = 4, **config_kwargs):
+    """A tiny random model of `family` and its processor, the `<image>` token added to the tiny tokenizer; with
+    `video=True` the model reads clips too (`<video>` added after `<image>`) and the processor samples `num_frames`."""
     from vlm_fusion import FAMILIES
+    from vlm_fusion.processing_video import FusionVideoProcessor
 
     config_cls, model_cls, processor_cls, _ = FAMILIES[family]
     tokenizer = tiny_tokenizer()
@@ -127,8 +129,13 @@ def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip",
     if family == "fusion_flamingo":  # `<image>` is a real LM token: <|endofchunk|> = 58, <image> = 59
         vocab_size += 2
         config_kwargs = {"image_token_id": vocab_size - 1, "end_of_chunk_token_id": vocab_size - 2, **config_kwargs}
-    else:  # the placeholder id `<image>` gets when the processor adds it, outside the LM vocabulary
+        if video:  # `<video>` a real LM token too, 60
+            vocab_size += 1
+            config_kwargs = {"video_token_id": vocab_size - 1, **config_kwargs}
+    else:  # the placeholder ids `<image>` (and `<video>`) get when the processor adds them, outside the LM vocabulary
         config_kwargs = {"image_token_id": vocab_size, **config_kwargs}
+        if video:
+            config_kwargs = {"video_token_id": vocab_size + 1, **config_kwargs}
     if family == "fusion_blip2":
         config_kwargs = {**TINY_QFORMER, **config_kwargs}
     config = config_cls(
@@ -136,9 +143,17 @@ def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip",
         text_config=tiny_text_config(text, vocab_size=vocab_size),
         **config_kwargs,
     )
-    processor = processor_cls(image_processor=tiny_image_processor(image_size), tokenizer=tokenizer,
-                              image_seq_length=config.num_image_tokens())
+    image_processor = tiny_image_processor(image_size)
+    video_kwargs = {}
+    if video:
+        per_frame, per_clip = config.video_token_counts()
+        video_kwargs = dict(video_processor=FusionVideoProcessor.from_image_processor(image_processor,
+                                                                                     num_frames=num_frames),
+                            video_tokens_per_frame=per_frame, video_tokens_per_clip=per_clip)
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
+                              image_seq_length=config.num_image_tokens(), **video_kwargs)
     assert processor.image_token_id == config.image_token_id
+    assert processor.video_token_id == config.video_token_id
     return model_cls(config).eval(), processor
 
 

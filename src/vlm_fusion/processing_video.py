@@ -1,0 +1,257 @@
+"""Clips to `pixel_values_videos`: decode, sample frames the transformers way, and process each frame as an image.
+
+transformers' own video processors (`BaseVideoProcessor`) run on torchvision, which a CPU-only PyTorch from PyPI
+cannot import beside it; and their pixels differ from the PIL image path by the resampler. This one keeps the
+transformers contract — `videos=` as a local file, an array `(frames, height, width, channels)`, a tensor or a list
+of frames; `do_sample_frames`, `num_frames`, `fps`; frames decoded by `transformers.video_utils.load_video`
+(PyAV) and picked by its `default_sample_indices_fn` — and hands every frame to an ordinary image processor (the
+model's own, PIL backend), so a frame of a clip and the same picture given as an image get the same pixels.
+
+Legend: V videos, F frames per video, C channels, H height, W width.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+from transformers.utils import VIDEO_PROCESSOR_NAME
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoMetadata, default_sample_indices_fn, load_video
+
+# What `VideoProcessorMixin.from_dict` passes through to `__init__` besides the fields below.
+_FRAME_PROCESSOR_KEY = "frame_processor"
+
+
+class _NoFrameCount(Exception):
+    """The container does not say how many frames it holds: they are counted by decoding them all."""
+
+
+def _image_processor_class(name: str):
+    from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+
+    cls = get_image_processor_class_from_name(name)
+    if cls is None:
+        raise ValueError(f"Unknown image processor class {name!r} for the frames of a video.")
+    return cls
+
+
+class FusionVideoProcessor(VideoProcessorMixin):
+    r"""
+    Turns clips into `pixel_values_videos` `(num_videos, num_frames, channels, height, width)`.
+
+    Args:
+        frame_processor (`BaseImageProcessor` or `dict`, *optional*):
+            The image processor every frame goes through (an image processor, or its `to_dict()` with its
+            `image_processor_type`). Defaults to CLIP's.
+        num_frames (`int`, *optional*, defaults to 8): frames sampled from each clip (uniformly, as transformers
+            samples them), when `do_sample_frames`.
+        fps (`float`, *optional*): sample this many frames per second of the clip instead (a file, or a clip given
+            with its `video_metadata`); exclusive with an explicit `num_frames`.
+        do_sample_frames (`bool`, *optional*, defaults to `True`): `False` keeps every frame given.
+
+    A clip with fewer frames than asked is refused (never padded or repeated silently); clips in one call must come
+    out with the same number of frames.
+    """
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(self, frame_processor=None, num_frames: int | None = 8, fps: float | None = None,
+                 do_sample_frames: bool = True, **kwargs):
+        for key in ("video_processor_type", "processor_class", "image_processor_type"):
+            kwargs.pop(key, None)
+        super().__init__()
+        if frame_processor is None:
+            from transformers import CLIPImageProcessor
+
+            frame_processor = CLIPImageProcessor()
+        if isinstance(frame_processor, dict):
+            settings = dict(frame_processor)
+            frame_processor = _image_processor_class(settings.pop("image_processor_type")).from_dict(settings)
+        if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+            raise ValueError(f"`num_frames` must be a positive integer, got {num_frames!r}.")
+        self.frame_processor = frame_processor
+        self.num_frames = num_frames
+        self.fps = fps
+        self.do_sample_frames = bool(do_sample_frames)
+
+    # ---- saving: the frame processor as its dict ------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "video_processor_type": type(self).__name__,
+            _FRAME_PROCESSOR_KEY: self.frame_processor.to_dict(),
+            "num_frames": self.num_frames,
+            "fps": self.fps,
+            "do_sample_frames": self.do_sample_frames,
+        }
+
+    @classmethod
+    def from_dict(cls, video_processor_dict: dict, **kwargs):
+        settings = {**video_processor_dict}
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        for key in ("num_frames", "fps", "do_sample_frames"):
+            if key in kwargs:
+                settings[key] = kwargs.pop(key)
+        processor = cls(**settings)
+        return (processor, kwargs) if return_unused else processor
+
+    @classmethod
+    def load_if_saved(cls, pretrained_model_name_or_path, **kwargs) -> "FusionVideoProcessor | None":
+        """The video processor saved beside a processor (a folder or a Hub repo), or `None` when there is none."""
+        from transformers.utils import cached_file
+
+        hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        path = cached_file(pretrained_model_name_or_path, VIDEO_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub)
+        return cls.from_json_file(path) if path else None
+
+    @classmethod
+    def from_json_file(cls, json_file):
+        with open(json_file, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+    @classmethod
+    def from_image_processor(cls, image_processor, **kwargs) -> "FusionVideoProcessor":
+        """A video processor whose frames go through (a copy of) `image_processor`."""
+        return cls(frame_processor=image_processor.to_dict() | {"image_processor_type": type(image_processor).__name__},
+                   **kwargs)
+
+    # ---- frames ---------------------------------------------------------------------------------------------
+    def sample_indices(self, total: int, name: str, num_frames=None, fps=None, video_fps=None) -> np.ndarray:
+        """The frames transformers' `default_sample_indices_fn` picks; refuses a clip shorter than asked."""
+        if num_frames is not None and fps is not None:
+            raise ValueError("`num_frames` and `fps` are exclusive: give one of them.")
+        if fps is None:
+            num_frames = num_frames if num_frames is not None else self.num_frames
+            fps = self.fps if num_frames is None else None
+        if fps is not None and video_fps is None:
+            raise ValueError(f"{name}: sampling at fps={fps} needs the clip's own frame rate (a file, or "
+                             "`video_metadata`); give `num_frames` instead.")
+        if total < 1:
+            raise ValueError(f"{name} has no frames.")
+        if num_frames is not None and num_frames > total:
+            raise ValueError(f"{name} has {total} frames, fewer than num_frames={num_frames}: clips are not padded or "
+                             "repeated; ask for fewer frames.")
+        metadata = VideoMetadata(total_num_frames=total, fps=video_fps)
+        return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
+
+    def decode(self, path: str, sample: bool, **sampling) -> np.ndarray:
+        """The frames of the file at `path`, `(F, H, W, C)` uint8, sampled if asked (PyAV, through `load_video`)."""
+        if not os.path.isfile(path):
+            raise ValueError(f"No video file at {path!r}.")
+        def pick(metadata, **_):
+            total = metadata.total_num_frames
+            if not total:  # a container that records no frame count (MKV, WebM)
+                raise _NoFrameCount
+            if not sample:
+                return np.arange(total)
+            return self.sample_indices(total, path, video_fps=metadata.fps, **sampling)
+
+        try:
+            import av
+        except ImportError as error:
+            raise ImportError("Reading a video file needs PyAV: pip install av") from error
+        try:
+            frames, _ = load_video(path, backend="pyav", sample_indices_fn=pick)
+        except _NoFrameCount:
+            return self._decode_counting(path, sample, **sampling)
+        except (av.error.FFmpegError, IndexError, StopIteration) as error:
+            raise ValueError(f"{path} is not a video PyAV can read ({type(error).__name__}: {error}).") from None
+        return frames
+
+    def _decode_counting(self, path: str, sample: bool, **sampling) -> np.ndarray:
+        import av
+
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+            fps = float(stream.average_rate) if stream.average_rate else None
+        if not sample:
+            return frames
+        return frames[self.sample_indices(len(frames), path, video_fps=fps, **sampling)]
+
+    def clip_frames(self, video, index: int, sample: bool, metadata=None, **sampling) -> list:
+        """One clip as a list of frames, sampled if asked."""
+        name = video if isinstance(video, str) else f"video {index}"
+        if isinstance(video, (str, os.PathLike)):
+            return list(self.decode(str(video), sample, **sampling))
+        if isinstance(video, (np.ndarray, torch.Tensor)):
+            if video.ndim != 4:
+                raise ValueError(f"{name}: a clip given as an array must be (frames, height, width, channels) or "
+                                 f"(frames, channels, height, width), got shape {tuple(video.shape)}.")
+            frames = list(video)
+        elif isinstance(video, (list, tuple)):
+            frames = list(video)
+        else:
+            raise ValueError(f"{name}: a clip is a file path, an array of frames or a list of frames, got "
+                             f"{type(video).__name__}.")
+        if not sample:
+            return frames
+        video_fps = getattr(metadata, "fps", None) if metadata is not None else None
+        if isinstance(metadata, dict):
+            video_fps = metadata.get("fps")
+        return [frames[i] for i in self.sample_indices(len(frames), name, video_fps=video_fps, **sampling)]
+
+    def __call__(self, videos, **kwargs) -> BatchFeature:
+        return self.preprocess(videos, **kwargs)
+
+    def preprocess(self, videos, num_frames: int | None = None, fps: float | None = None,
+                   do_sample_frames: bool | None = None, video_metadata=None, return_tensors=None,
+                   **frame_kwargs) -> BatchFeature:
+        r"""
+        Args:
+            videos: one clip or a list of clips; a clip is a local video file, an array or tensor `(frames, height,
+                width, channels)` (or channels first), or a list of frames (PIL images or arrays).
+            num_frames, fps, do_sample_frames: override the processor's.
+            video_metadata: per clip (a `VideoMetadata` or a dict with `fps`), to sample arrays by `fps`.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values_videos` `(num_videos, num_frames, channels, height, width)`.
+        """
+        frame_kwargs.pop("return_metadata", None)
+        sample = self.do_sample_frames if do_sample_frames is None else do_sample_frames
+        if not sample and (num_frames is not None or fps is not None):
+            raise ValueError("`num_frames` / `fps` were given with do_sample_frames=False, which keeps every frame: "
+                             "set do_sample_frames=True to sample.")
+        clips = self.batched(videos)
+        metadata = video_metadata if isinstance(video_metadata, (list, tuple)) else [video_metadata] * len(clips)
+        framed = [self.clip_frames(clip, i, sample, meta, num_frames=num_frames, fps=fps)
+                  for i, (clip, meta) in enumerate(zip(clips, metadata))]
+        counts = sorted({len(frames) for frames in framed})
+        if len(counts) > 1:
+            raise ValueError(f"The clips of one call must have the same number of frames, got {counts}: sample them "
+                             "to one `num_frames`.")
+        flat = [self.to_image(frame) for frames in framed for frame in frames]
+        pixels = self.frame_processor(flat, return_tensors="pt", **frame_kwargs)["pixel_values"]  # (V*F, C, H, W)
+        pixels = pixels.reshape(len(framed), counts[0], *pixels.shape[1:])  # (V, F, C, H, W)
+        return BatchFeature({"pixel_values_videos": pixels}, tensor_type=return_tensors)
+
+    @staticmethod
+    def to_image(frame):
+        if isinstance(frame, torch.Tensor):
+            frame = frame.numpy()
+        if isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[0] in (1, 3) and frame.shape[-1] not in (1, 3):
+            frame = frame.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        return frame
+
+    @staticmethod
+    def batched(videos) -> list:
+        """A clip or a list of clips -> a list of clips."""
+        if isinstance(videos, (str, os.PathLike)):
+            return [videos]
+        if isinstance(videos, (np.ndarray, torch.Tensor)):
+            return [videos] if videos.ndim == 4 else list(videos)
+        if isinstance(videos, (list, tuple)) and videos:
+            first = videos[0]
+            if isinstance(first, (str, os.PathLike, list, tuple)) or (
+                    isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 4):
+                return list(videos)
+            return [list(videos)]  # one clip as a list of frames
+        raise ValueError(f"No clip in {type(videos).__name__} {videos!r}.")
+
+
+def num_frames_of(video_inputs: dict, video_idx: int) -> int:
+    """The frame count of clip `video_idx` in a video processor's output."""
+    return int(video_inputs["pixel_values_videos"][video_idx].shape[0])
+
