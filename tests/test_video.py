@@ -1,0 +1,115 @@
+"""The video path every family shares: clips read and sampled as transformers reads them, each frame processed as
+an image, `<video>` expanded and checked, clips spliced and generated with as images are."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers.video_utils import load_video
+
+from vlm_fusion.processing_video import FusionVideoProcessor
+from vlm_fusion.tools.tiny import tiny_image_processor
+
+av = pytest.importorskip("av")
+
+
+def write_clip(path, frames: int, size=(48, 64), fps: int = 4, codec: str = "mpeg4", seed: int = 0):
+    """A clip of `frames` random-coloured frames written with PyAV; returns the frames as written."""
+    rng = np.random.default_rng(seed)
+    written = []
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            frame = np.repeat(np.repeat(rng.integers(0, 256, (size[0] // 16, size[1] // 16, 3), dtype=np.uint8), 16, 0),
+                              16, 1)
+            written.append(frame)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return written
+
+
+@pytest.fixture
+def processor():
+    return FusionVideoProcessor.from_image_processor(tiny_image_processor(32), num_frames=4)
+
+
+def test_a_file_gives_the_frames_transformers_load_video_samples(tmp_path, processor):
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=10)
+    expected, metadata = load_video(str(path), num_frames=4, backend="pyav")  # transformers' own reader and sampler
+    assert metadata.frames_indices.tolist() == [0, 2, 5, 7]
+    ours = processor.decode(str(path), sample=True)
+    assert np.array_equal(ours, expected)
+    # each frame's pixels are the image processor's for that frame as an image
+    pixels = processor(str(path), return_tensors="pt")["pixel_values_videos"]
+    as_images = tiny_image_processor(32)(list(expected), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 4, 3, 32, 32)
+    assert torch.equal(pixels[0], as_images)
+
+
+def test_fps_sampling_follows_transformers(tmp_path, processor):
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=12, fps=4)  # 3 seconds
+    expected, _ = load_video(str(path), fps=1, backend="pyav")
+    ours = processor.decode(str(path), sample=True, fps=1)
+    assert len(ours) == len(expected) == 3 and np.array_equal(ours, expected)
+
+
+def test_a_container_without_a_frame_count_is_counted(tmp_path, processor):
+    path = tmp_path / "clip.mkv"  # Matroska records no frame count: transformers' reader fails on it
+    write_clip(path, frames=8)
+    mp4 = tmp_path / "clip.mp4"
+    write_clip(mp4, frames=8)
+    assert np.array_equal(processor.decode(str(path), sample=True), processor.decode(str(mp4), sample=True))
+
+
+def test_arrays_tensors_and_frame_lists_give_the_same_pixels(processor):
+    clip = np.random.default_rng(1).integers(0, 256, (6, 40, 48, 3), dtype=np.uint8)
+    from_array = processor(clip)["pixel_values_videos"]
+    from_tensor = processor(torch.from_numpy(clip).permute(0, 3, 1, 2))["pixel_values_videos"]  # channels first
+    from_list = processor([list(clip)])["pixel_values_videos"]
+    assert from_array.shape == (1, 4, 3, 32, 32)
+    assert np.array_equal(from_array, from_tensor) and np.array_equal(from_array, from_list)
+    every = processor(clip, do_sample_frames=False)["pixel_values_videos"]
+    assert every.shape[1] == 6
+
+
+def test_bad_clips_are_refused_in_one_line(tmp_path, processor):
+    short = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="has 3 frames, fewer than num_frames=4"):
+        processor(short)
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video")
+    with pytest.raises(ValueError, match="is not a video PyAV can read"):
+        processor(str(not_a_video))
+    with pytest.raises(ValueError, match="No video file"):
+        processor(str(tmp_path / "missing.mp4"))
+    with pytest.raises(ValueError, match="same number of frames"):
+        processor([np.zeros((4, 8, 8, 3), np.uint8), np.zeros((5, 8, 8, 3), np.uint8)], do_sample_frames=False)
+    with pytest.raises(ValueError, match="do_sample_frames=False"):
+        processor(short, do_sample_frames=False, num_frames=2)
+    with pytest.raises(ValueError, match="frame rate"):
+        processor(np.zeros((8, 8, 8, 3), np.uint8), fps=1)
+
+
+def test_saved_and_loaded_as_transformers_saves_video_processors(tmp_path, processor):
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "video_preprocessor_config.json").read_text())
+    assert saved["video_processor_type"] == "FusionVideoProcessor" and saved["num_frames"] == 4
+    loaded = FusionVideoProcessor.from_pretrained(tmp_path)
+    clip = np.random.default_rng(2).integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    assert torch.equal(loaded(clip)["pixel_values_videos"], processor(clip)["pixel_values_videos"])
+    assert loaded.to_dict() == processor.to_dict()
+
+
+def test_a_processor_without_a_video_processor_refuses_videos():
+    from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+    _, processor = tiny_model_and_processor("fusion_llava")
+    with pytest.raises(ValueError, match="has no video processor"):
+        processor(text="<video>", videos=[np.zeros((4, 8, 8, 3), np.uint8)])
