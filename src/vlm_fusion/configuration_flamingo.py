@@ -58,7 +58,8 @@ class FusionFlamingoConfig(FusionConfig):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         if self.video_token_id is not None and self.max_num_frames is None:
-            raise ValueError("`max_num_frames` must be set when `video_token_id` is: a clip's frames need time embeddings.")
+            raise ValueError("`max_num_frames` must be set when `video_token_id` is: a clip's frames need their "
+                             "time embeddings.")
         check_choice("cross_attention_style", self.cross_attention_style, {"openflamingo", "idefics"})
         check_choice("gate_shape", self.gate_shape, {"scalar", "vector"})
         check_choice("perceiver_activation", self.perceiver_activation, {"gelu", "relu"})

@@ -2,7 +2,7 @@
 
     latents = Resampler(image features)                         (L learned latents attend to cat(media, latents))
     latents = Resampler(flatten_frames(frames' features + time embeddings))        (a clip: all its frames at once)
-    x = x + tanh(attn_gate) * XAttn(LN(x), latents of the image at or before each token)
+    x = x + tanh(attn_gate) * XAttn(LN(x), latents of the media at or before each token)
     x = x + tanh(ff_gate)   * FFN(LN(x))                        (both gates start at exactly 0)
 
 The LM is not forked and none of its weights is renamed: each gated block is added to the decoder layer it precedes
@@ -11,8 +11,9 @@ documented contact with the LM's internals. Living inside the layer, a block lan
 any device map.
 The text keeps one `<image>` token per image and one `<video>` token per clip (a clip is one media, as in
 Flamingo); a token attends to the latents of the latest media at or before it (all earlier ones with
-`only_attend_immediate_media=False`), and tokens before the first media get zero cross-attention output. While decoding, the vision tower and resampler ran once at prefill and each block's keys
-and values over the latents are computed once and reused (`MediaCache`).
+`only_attend_immediate_media=False`), and tokens before the first media get zero cross-attention output. While
+decoding, the vision tower and resampler ran once at prefill and each block's keys and values over the latents are
+computed once and reused (`MediaCache`).
 
 Legend: B batch, T text positions, N media (images and clips, whole batch), M most media of one sample, L latents
 per media, V vision tokens per image, F frames per clip, D_v vision width, D LM width, H heads, d head width.
