@@ -11,6 +11,9 @@ class FusionFlamingoConfig(FusionConfig):
     Cross-attention goes before decoder layer `i` for every `i` in `cross_attention_layers`, or, when that is
     `None`, for every `i` with `(i + 1) % cross_attention_every_n_layers == 0` (OpenFlamingo's placement).
     `media_token_id` is another name for `image_token_id`: one `<image>` token per image, embedded by the LM.
+    Video (`video_token_id`, which needs `max_num_frames`): a clip is one media marked by one `<video>` token; each
+    frame's features get the learned time embedding of its position, and the resampler reads all the frames together,
+    so a clip of any length gives `num_latents` latents. An image takes no time embedding.
 
     Example:
 
@@ -33,7 +36,7 @@ class FusionFlamingoConfig(FusionConfig):
     perceiver_head_dim: int = 64
     perceiver_ff_mult: int = 4
     max_num_media: int | None = None  # learned media-time embeddings (per image index within a sample)
-    max_num_frames: int | None = None  # learned frame embeddings (single-frame images use frame 0)
+    max_num_frames: int | None = None  # learned time embeddings, one per frame of a clip (images take none)
     cross_attention_heads: int = 8
     cross_attention_head_dim: int = 64
     cross_attention_ff_mult: int = 4
@@ -54,6 +57,9 @@ class FusionFlamingoConfig(FusionConfig):
         for name in ("max_num_media", "max_num_frames"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
+        if self.video_token_id is not None and self.max_num_frames is None:
+            raise ValueError("`max_num_frames` must be set when `video_token_id` is: a clip's frames need their "
+                             "time embeddings.")
         check_choice("cross_attention_style", self.cross_attention_style, {"openflamingo", "idefics"})
         check_choice("gate_shape", self.gate_shape, {"scalar", "vector"})
         check_choice("perceiver_activation", self.perceiver_activation, {"gelu", "relu"})
@@ -88,3 +94,7 @@ class FusionFlamingoConfig(FusionConfig):
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         """Tokens an image occupies in the text: one `<image>` marker; the latents reach the LM by cross-attention."""
         return 1
+
+    def video_token_counts(self) -> tuple[int, int]:
+        """A clip is one `<video>` marker, whatever its frames: its latents reach the LM by cross-attention."""
+        return 0, 1

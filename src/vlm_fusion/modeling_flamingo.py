@@ -1,20 +1,22 @@
 """The Flamingo-style family: a perceiver resampler and tanh-gated cross-attention blocks inside any causal LM.
 
     latents = Resampler(image features)                         (L learned latents attend to cat(media, latents))
-    x = x + tanh(attn_gate) * XAttn(LN(x), latents of the image at or before each token)
+    latents = Resampler(flatten_frames(frames' features + time embeddings))        (a clip: all its frames at once)
+    x = x + tanh(attn_gate) * XAttn(LN(x), latents of the media at or before each token)
     x = x + tanh(ff_gate)   * FFN(LN(x))                        (both gates start at exactly 0)
 
 The LM is not forked and none of its weights is renamed: each gated block is added to the decoder layer it precedes
 as `gated_cross_attn_layer` (OpenFlamingo's name) and runs from a forward pre-hook on that layer — the one
 documented contact with the LM's internals. Living inside the layer, a block lands on the layer's device under
 any device map.
-The text keeps one `<image>` token per image; a token attends to the latents of the latest `<image>` at or before
-it (all earlier ones with `only_attend_immediate_media=False`), and tokens before the first image get zero
-cross-attention output. While decoding, the vision tower and resampler ran once at prefill and each block's keys
-and values over the latents are computed once and reused (`MediaCache`).
+The text keeps one `<image>` token per image and one `<video>` token per clip (a clip is one media, as in
+Flamingo); a token attends to the latents of the latest media at or before it (all earlier ones with
+`only_attend_immediate_media=False`), and tokens before the first media get zero cross-attention output. While
+decoding, the vision tower and resampler ran once at prefill and each block's keys and values over the latents are
+computed once and reused (`MediaCache`).
 
-Legend: B batch, T text positions, N images (whole batch), M most images of one sample, L latents per image,
-V vision tokens per image, D_v vision width, D LM width, H heads, d head width.
+Legend: B batch, T text positions, N media (images and clips, whole batch), M most media of one sample, L latents
+per media, V vision tokens per image, F frames per clip, D_v vision width, D LM width, H heads, d head width.
 """
 
 from dataclasses import dataclass, field
@@ -83,6 +85,18 @@ def find_decoder_layers(language_model: nn.Module) -> tuple[str, nn.ModuleList]:
     return min(candidates, key=lambda candidate: candidate[0].count("."))
 
 
+def flatten_frames(frames: torch.Tensor, frame_embs: torch.Tensor) -> torch.Tensor:
+    """
+    Flamingo's video: clips' frame features `(num_clips, num_frames, V, D_v)` become one media each, `(num_clips,
+    num_frames * V, D_v)`, every frame's tokens plus the learned time embedding of its position (`frame_embs`
+    `(max_num_frames, D_v)`), so the same latents read the whole clip (flamingo-pytorch's `media_pos_emb`).
+    """
+    num_frames = frames.shape[1]
+    if num_frames > frame_embs.shape[0]:
+        raise ValueError(f"A clip has {num_frames} frames, more than `max_num_frames` ({frame_embs.shape[0]}).")
+    return (frames + frame_embs[:num_frames, None]).flatten(1, 2)  # (N, F, V, D_v) + (F, 1, D_v) -> (N, F*V, D_v)
+
+
 class PerceiverAttention(nn.Module):
     def __init__(self, *, dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -113,7 +127,7 @@ class PerceiverLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """Resamples each image's features `(N, V, D_v)` to `(N, L, D_v)` learned latents."""
+    """Resamples each media's features `(N, V, D_v)` (a clip's: `flatten_frames`) to `(N, L, D_v)` learned latents."""
 
     def __init__(self, *, dim: int, depth: int, heads: int, dim_head: int, num_latents: int, ff_mult: int,
                  max_num_media: int | None = None, max_num_frames: int | None = None, activation: str = "gelu"):
@@ -128,12 +142,10 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, media: torch.Tensor, media_index: torch.LongTensor) -> torch.Tensor:
-        """`media_index` `(N,)`: each image's position among its sample's images (for the media-time embeddings)."""
-        if self.frame_embs is not None:
-            media = media + self.frame_embs[0]  # single-frame images are frame 0
+        """`media_index` `(N,)`: each media's position among its sample's media (for the media-time embeddings)."""
         if self.media_time_embs is not None:
             if int(media_index.max()) >= self.media_time_embs.shape[0]:
-                raise ValueError(f"A sample has more images than `max_num_media` ({self.media_time_embs.shape[0]}).")
+                raise ValueError(f"A sample has more media than `max_num_media` ({self.media_time_embs.shape[0]}).")
             media = media + self.media_time_embs[media_index]  # (N, V, D_v) + (N, 1, D_v)
         latents = self.latents.expand(media.shape[0], -1, -1)  # (N, L, D_v)
         for layer in self.layers:
@@ -220,11 +232,11 @@ def build_gated_block(config: FusionFlamingoConfig) -> GatedCrossAttentionBlock:
 
 @dataclass
 class MediaCache:
-    """What decoding carries from step to step: each sample's latents, its image count, and per-layer keys/values."""
+    """What decoding carries from step to step: each sample's latents, its media count, and per-layer keys/values."""
 
-    media: torch.Tensor  # (B, M*L, D_v) latents of each sample's images, zero-padded to M images
-    num_media: torch.LongTensor  # (B,) images of each sample
-    seen: torch.LongTensor  # (B,) `<image>` tokens read so far
+    media: torch.Tensor  # (B, M*L, D_v) latents of each sample's media (images and clips), zero-padded to M media
+    num_media: torch.LongTensor  # (B,) media of each sample
+    seen: torch.LongTensor  # (B,) `<image>` and `<video>` tokens read so far
     latents_per_image: int
     kv: dict = field(default_factory=dict)  # gated block -> (k, v), each (B, H, M*L, d)
 
@@ -235,7 +247,7 @@ class CrossAttentionContext:
 
     cache: MediaCache
     allowed: torch.BoolTensor  # (B, T, M*L)
-    no_media: torch.BoolTensor  # (B, T) tokens with no image to attend to
+    no_media: torch.BoolTensor  # (B, T) tokens with no media to attend to
     reuse_kv: bool
 
 
@@ -263,7 +275,8 @@ class FusionFlamingoModel(FusionModel):
     A fresh model (gates at 0) computes exactly its language model's hidden states.
 
     `pixel_values` `(num_images, channels, height, width)` hold the batch's images in the order of their `<image>`
-    tokens, sample by sample; each `<image>` token is one image.
+    tokens, sample by sample; each `<image>` token is one image. `pixel_values_videos` `(num_videos, num_frames,
+    channels, height, width)` likewise hold the clips, one `<video>` token each.
     """
 
     config_class = FusionFlamingoConfig
@@ -272,6 +285,9 @@ class FusionFlamingoModel(FusionModel):
     _unquantized_modules = FusionModel._unquantized_modules + [
         r"(?:model\.)?perceiver", r"(?:model\.)?language_model\..*\.gated_cross_attn_layer"
     ]
+    # Clips' time embeddings, absent from an image-only checkpoint given `max_num_frames` to read video: initialised
+    # (images never read them, so their logits are unchanged)
+    _keys_to_ignore_on_load_missing = [r"perceiver\.frame_embs"]
 
     def __init__(self, config: FusionFlamingoConfig, **parts):
         if getattr(config.text_config, "_attn_implementation", None) == "vllm":  # vLLM's Transformers backend
@@ -333,19 +349,53 @@ class FusionFlamingoModel(FusionModel):
         dtype = self.perceiver.latents.dtype
         return self.perceiver(features.to(dtype), media_index.to(features.device))  # (N, L, D_v)
 
-    def encode_media(self, pixel_values: torch.FloatTensor, media_mask: torch.BoolTensor):
-        """The batch's images as a `MediaCache`, and the image encoder's outputs."""
+    def encode_videos(self, features: torch.Tensor, media_index: torch.LongTensor | None = None, **kwargs):
+        """
+        Each clip's latents `(num_videos, num_latents, vision_hidden_size)` from its frames' features `(num_videos,
+        num_frames, num_patches, vision_hidden_size)`: time embeddings added, all frames resampled together.
+        """
+        return self.encode_images(flatten_frames(features, self.perceiver.frame_embs), media_index)
+
+    def encode_media(self, pixel_values: torch.FloatTensor | None, media_mask: torch.BoolTensor,
+                     pixel_values_videos: torch.FloatTensor | None = None, video_mask: torch.BoolTensor | None = None):
+        """
+        The batch's images and clips as one `MediaCache`, each sample's media in the order of their markers, and the
+        image and video encoders' outputs. `media_mask` `(B, T)` marks every `<image>` and `<video>` token,
+        `video_mask` `(B, T)` the `<video>` ones.
+        """
+        if pixel_values_videos is not None and self.config.video_token_id is None:
+            raise ValueError(f"This {self.config.model_type} model takes no video: its config has no `video_token_id`.")
+        video_mask = torch.zeros_like(media_mask) if video_mask is None else video_mask
         num_media = media_mask.sum(-1)  # (B,)
-        if int(num_media.sum()) != pixel_values.shape[0]:
-            raise ValueError(
-                f"Image tokens and images do not match: the text holds {int(num_media.sum())} image tokens "
-                f"(id {self.config.image_token_id}), {pixel_values.shape[0]} images were given."
-            )
+        is_video = video_mask[media_mask]  # (N,) each media, sample by sample in text order: a clip?
+        for kind, pixels, markers, token_id in (("image", pixel_values, ~is_video, self.config.image_token_id),
+                                                ("video", pixel_values_videos, is_video, self.config.video_token_id)):
+            given = 0 if pixels is None else pixels.shape[0]
+            if int(markers.sum()) != given:
+                raise ValueError(
+                    f"{kind.capitalize()} tokens and {kind}s do not match: the text holds {int(markers.sum())} {kind} "
+                    f"tokens (id {token_id}), {given} {kind}s were given."
+                )
         sample = torch.repeat_interleave(torch.arange(len(num_media), device=num_media.device), num_media)  # (N,)
-        first = torch.cumsum(num_media, 0) - num_media  # (B,) index of each sample's first image
+        first = torch.cumsum(num_media, 0) - num_media  # (B,) index of each sample's first media
         media_index = torch.arange(len(sample), device=sample.device) - first[sample]  # (N,)
-        image_outputs = self.get_image_features(pixel_values, media_index=media_index, return_dict=True)
-        latents = image_outputs.pooler_output  # (N, L, D_v)
+        image_outputs = video_outputs = None
+        if pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values, media_index=media_index[~is_video], return_dict=True)
+        if pixel_values_videos is not None:
+            if pixel_values_videos.dim() != 5:
+                raise ValueError("`pixel_values_videos` must be (num_videos, num_frames, channels, height, width), "
+                                 f"got shape {tuple(pixel_values_videos.shape)}.")
+            video_outputs = self.get_video_features(pixel_values_videos, media_index=media_index[is_video],
+                                                    return_dict=True)
+        if video_outputs is None:  # images only: their latents as they come
+            latents = image_outputs.pooler_output  # (N, L, D_v)
+        else:
+            clips = video_outputs.pooler_output  # (N_clips, L, D_v)
+            latents = clips.new_empty(len(sample), *clips.shape[1:])  # (N, L, D_v)
+            latents[is_video.to(clips.device)] = clips
+            if image_outputs is not None:
+                latents[~is_video.to(clips.device)] = image_outputs.pooler_output.to(clips.dtype)
         N, L, D = latents.shape
         M = max(int(num_media.max()), 1)
         media = latents.new_zeros(len(num_media), M, L, D)
@@ -353,7 +403,7 @@ class FusionFlamingoModel(FusionModel):
         zeros = torch.zeros_like(num_media)
         cache = MediaCache(media=media.view(len(num_media), M * L, D), num_media=num_media, seen=zeros,
                            latents_per_image=L)
-        return cache, image_outputs
+        return cache, image_outputs, video_outputs
 
     def blank_media(self, batch_size: int) -> MediaCache:
         """A blank image's latents for every sample, none of them visible (`num_media` 0): a text-only training step
@@ -366,7 +416,7 @@ class FusionFlamingoModel(FusionModel):
 
     def _media_masks(self, cache: MediaCache, media_mask: torch.BoolTensor):
         """Which latents each token may attend to `(B, T, M*L)`, and which tokens have none `(B, T)`."""
-        text_time = cache.seen[:, None] + media_mask.cumsum(-1)  # (B, T): index (from 1) of the latest image
+        text_time = cache.seen[:, None] + media_mask.cumsum(-1)  # (B, T): index (from 1) of the latest media
         M = cache.media.shape[1] // cache.latents_per_image
         media_time = torch.arange(1, M + 1, device=text_time.device).repeat_interleave(cache.latents_per_image)
         exists = media_time[None, None, :] <= cache.num_media[:, None, None]  # (B, 1, M*L)
@@ -390,27 +440,37 @@ class FusionFlamingoModel(FusionModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         media_cache: MediaCache | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> FusionFlamingoModelOutputWithPast:
         r"""
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): one `<image>` token per image.
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): one `<image>` token per image, one
+            `<video>` token per clip.
         pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*).
+        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`,
+            *optional*).
         media_cache (`MediaCache`, *optional*): carried by `generate` from step to step; not for direct use.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # `<image>` is a real LM token here
-        image_outputs = None
-        if pixel_values is None and media_cache is None and self.training:
+        image_outputs = video_outputs = None
+        has_pixels = pixel_values is not None or pixel_values_videos is not None
+        if not has_pixels and media_cache is None and self.training:
             media_cache = self.blank_media(inputs_embeds.shape[0])  # see `blank_image_tokens`
         # transformers 5.19 checkpoints a decoder layer with its hooks, so the backward replays the gated blocks: they
         # need the context then, and must compute their media keys/values again as the forward did, not find them kept
         checkpointing = self.training and is_activation_checkpointing(self)
-        if pixel_values is not None or media_cache is not None:
-            media_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
-            if pixel_values is not None:
-                media_cache, image_outputs = self.encode_media(pixel_values, media_mask)
+        if has_pixels or media_cache is not None:
+            media_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T) `<image>` tokens
+            video_mask = None
+            if self.config.video_token_id is not None:
+                video_mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id=self.config.video_token_id)
+                media_mask = media_mask | video_mask  # (B, T) every media marker
+            if has_pixels:
+                media_cache, image_outputs, video_outputs = self.encode_media(pixel_values, media_mask,
+                                                                              pixel_values_videos, video_mask)
             allowed, no_media = self._media_masks(media_cache, media_mask)
             self._context = CrossAttentionContext(media_cache, allowed, no_media,
                                                   self.reuse_media_kv and not checkpointing)
@@ -428,7 +488,8 @@ class FusionFlamingoModel(FusionModel):
             media_cache = MediaCache(media=media_cache.media, num_media=media_cache.num_media,
                                      seen=media_cache.seen + media_mask.sum(-1), kv=media_cache.kv,
                                      latents_per_image=media_cache.latents_per_image)
-        return FusionFlamingoModelOutputWithPast(**outputs, image_outputs=image_outputs, media_cache=media_cache)
+        return FusionFlamingoModelOutputWithPast(**outputs, image_outputs=image_outputs, video_outputs=video_outputs,
+                                                 media_cache=media_cache)
 
 
 class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, GenerationMixin):
@@ -451,8 +512,8 @@ class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, Gen
     def reuse_media_kv(self, value: bool):
         self.model.reuse_media_kv = value
 
-    def encode_media(self, pixel_values, media_mask):
-        return self.model.encode_media(pixel_values, media_mask)[0]
+    def encode_media(self, pixel_values, media_mask, pixel_values_videos=None, video_mask=None):
+        return self.model.encode_media(pixel_values, media_mask, pixel_values_videos, video_mask)[0]
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(

@@ -129,9 +129,9 @@ def tiny_model_and_processor(family: str = "fusion_llava", vision: str = "clip",
     if family == "fusion_flamingo":  # `<image>` is a real LM token: <|endofchunk|> = 58, <image> = 59
         vocab_size += 2
         config_kwargs = {"image_token_id": vocab_size - 1, "end_of_chunk_token_id": vocab_size - 2, **config_kwargs}
-        if video:  # `<video>` a real LM token too, 60
+        if video:  # `<video>` a real LM token too, 60; a time embedding per frame
             vocab_size += 1
-            config_kwargs = {"video_token_id": vocab_size - 1, **config_kwargs}
+            config_kwargs = {"video_token_id": vocab_size - 1, "max_num_frames": num_frames, **config_kwargs}
     else:  # the placeholder ids `<image>` (and `<video>`) get when the processor adds them, outside the LM vocabulary
         config_kwargs = {"image_token_id": vocab_size, **config_kwargs}
         if video:
