@@ -424,6 +424,18 @@ def test_a_temperature_outside_the_clamp_is_kept_and_the_clamp_is_said(lavis_sta
     assert code == 0 and "[temperature]" not in output.out  # 0.05, inside: nothing to say
 
 
+def test_the_converted_folder_names_no_temporary_folder_nor_machine_path(lavis_stage1):
+    """The card was titled with the converter's temporary folder (`# .converted.partial-...`), and the tokenizer kept
+    the `local_files_only` it was loaded with."""
+    from test_publishing import machine_paths
+
+    _, root = lavis_stage1
+    card = (root / "converted" / "README.md").read_text()
+    assert "\n# converted\n" in card and ".partial-" not in card
+    assert machine_paths(root / "converted", str(root)) == {}
+    assert "local_files_only" not in (root / "converted" / "tokenizer_config.json").read_text()
+
+
 # ---- bad inputs: one line, nothing written ---------------------------------------------------------------------
 def assert_refused(code, output, out, *needles):
     assert code == 1 and len(output.err.strip().splitlines()) == 1, output.err
