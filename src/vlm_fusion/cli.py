@@ -40,6 +40,16 @@ def load_failure(path: str, error: Exception) -> str:
 
 
 def demo(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return ask_the_demo_models(args)
+    finally:  # a caller's process (the tests) keeps its own
+        torch.set_num_threads(threads)
+
+
+def ask_the_demo_models(args) -> int:
     import numpy as np
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
