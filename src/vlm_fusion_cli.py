@@ -65,7 +65,8 @@ def missing_model(name: str, flag: str = "--model") -> str | None:
         return f"{flag}: {where}, and {name!r} is not a Hub id either"
     cached = in_hub_cache(name)
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in OFFLINE:
-        return None if cached else f"{flag}: {where}, and the Hub id {name} is not in the Hub cache (HF_HUB_OFFLINE is set)"
+        return None if cached else \
+            f"{flag}: {where}, and the Hub id {name} is not in the Hub cache (HF_HUB_OFFLINE is set)"
     from huggingface_hub import constants, model_info  # about 0.7 s: only when the Hub is to be asked
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 

@@ -226,8 +226,8 @@ MISSING_MODEL = {  # every command that takes a model, naming one that is not th
 @pytest.mark.parametrize("command", sorted(MISSING_MODEL))
 def test_a_missing_model_folder_is_one_line_within_a_second_offline(command, model, tmp_path):
     """The issue's case: `explain --model my-model` retried the Hub for 65 s and blamed the network; `./models/my-model`
-    was "Repo id must be in the form ...". Offline, the answer says that no such folder exists, and for a name that could
-    be a Hub id that the Hub cache does not hold it, before torch is imported."""
+    was "Repo id must be in the form ...". Offline, the answer says that no such folder exists, and for a name that
+    could be a Hub id that the Hub cache does not hold it, before torch is imported."""
     import subprocess
     import sys
     import time
@@ -259,8 +259,8 @@ def test_a_model_in_the_hub_cache_passes_the_check_offline(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert vlm_fusion_cli.missing_model("org/cached") is None
     assert "not in the Hub cache" in vlm_fusion_cli.missing_model("org/other")
-    assert vlm_fusion_cli.missing_model(str(snapshot / "config.json")).endswith("is a file, not a model folder (a "
-                                                                                 "folder with config.json and the weights)")
+    assert vlm_fusion_cli.missing_model(str(snapshot / "config.json")).endswith(
+        "is a file, not a model folder (a folder with config.json and the weights)")
 
 
 def test_help_and_tokens_answer_without_importing_torch():
