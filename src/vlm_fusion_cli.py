@@ -7,6 +7,7 @@ model families with transformers and so imports its modeling code (about 3 s).
 
 import argparse
 import os
+import re
 import sys
 
 DEMO_FAMILIES = ("llava", "blip2", "flamingo")  # as `vlm_fusion.demo.FAMILIES`
@@ -24,6 +25,76 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+# ---- --model -------------------------------------------------------------------------------------------------------
+HUB_ID = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")  # huggingface_hub's validate_repo_id: [namespace/]name
+OFFLINE = ("1", "on", "yes", "true")  # huggingface_hub's reading of HF_HUB_OFFLINE
+
+
+def could_be_hub_id(name: str) -> bool:
+    """Whether `name` is shaped as a Hub repo id (no path of a folder: no ./, ../, /, ~, \\, no -- nor ..)."""
+    return bool(HUB_ID.match(name)) and "--" not in name and ".." not in name and not name.startswith(("-", ".")) \
+        and not name.endswith(("-", ".")) and not name.endswith(".git")
+
+
+def in_hub_cache(name: str) -> bool:
+    """Whether the Hub cache holds a config.json of model `name`, by huggingface_hub's cache layout
+    (`HF_HUB_CACHE`, else `HF_HOME/hub`, else ~/.cache/huggingface/hub; `models--owner--name/snapshots/*/`) without
+    importing huggingface_hub (0.7 s)."""
+    import glob
+
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+                               or os.path.join(home, "hub"))
+    folder = os.path.join(cache, "models--" + name.replace("/", "--"), "snapshots")
+    return bool(glob.glob(os.path.join(glob.escape(folder), "*", "config.json")))
+
+
+def missing_model(name: str, flag: str = "--model") -> str | None:
+    """Why `name` cannot be the model `flag` names, in one line, before anything heavy is imported, or None: a folder,
+    a shipped demo model, or a Hub id that may be there. A name that is no folder is said to be none first; only a name
+    shaped as a Hub id then goes to the Hub, and with HF_HUB_OFFLINE set only when the Hub cache holds it (the Hub's
+    client would otherwise end, after its retries, blaming the network)."""
+    if name.startswith(DEMO_PREFIX) or os.path.isdir(name):
+        return None
+    if os.path.exists(name):
+        return f"{flag} {name} is a file, not a model folder (a folder with config.json and the weights)"
+    where = f"no model folder {name}" + ("" if os.path.isabs(name) else f" (nothing at {os.path.abspath(name)})")
+    if not could_be_hub_id(name):
+        return f"{flag}: {where}, and {name!r} is not a Hub id either"
+    cached = in_hub_cache(name)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in OFFLINE:
+        return None if cached else \
+            f"{flag}: {where}, and the Hub id {name} is not in the Hub cache (HF_HUB_OFFLINE is set)"
+    from huggingface_hub import constants, model_info  # about 0.7 s: only when the Hub is to be asked
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:  # one request, no retries: transformers' download would retry a missing network for a minute
+        model_info(name, timeout=10)
+    except GatedRepoError:
+        pass  # there, behind its terms: transformers' message says what to do
+    except RepositoryNotFoundError:
+        return f"{flag}: {where}, and no model {name} on the Hub (or a private one: `hf auth login`)"
+    except HfHubHTTPError:
+        pass  # the Hub answered: transformers' own message will say the rest
+    except Exception as error:  # the network
+        if not cached:
+            return f"{flag}: {where}, and the Hub is out of reach ({str(error).strip() or type(error).__name__})"
+        print(f"vlm-fusion: {flag}: {where}, and the Hub is out of reach: the Hub cache's {name}", file=sys.stderr)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by transformers when imported, after this
+        constants.HF_HUB_OFFLINE = True
+        return None
+    print(f"vlm-fusion: {flag}: {where}; the Hub's {name}", file=sys.stderr)
+    return None
+
+
+def model_arguments(args) -> list[tuple[str, str]]:
+    """`(flag, name)` of every model a command's arguments name: --model (serve's MODEL), and train's parts."""
+    flags = {"model": "--model", "vision_tower": "--vision-tower", "language_model": "--language-model",
+             "qformer_init": "--qformer-init"}
+    named = [(flag, getattr(args, key)) for key, flag in flags.items() if getattr(args, key, None)]
+    return [("MODEL", name) if args.command == "serve" else (flag, name) for flag, name in named]
 
 
 # ---- tokens --------------------------------------------------------------------------------------------------------
@@ -292,6 +363,11 @@ def main(argv=None) -> int:
         args.seed = int.from_bytes(os.urandom(4), "little")
     if args.command == "tokens":  # arithmetic: no model, no torch
         return tokens(args)
+    for flag, name in model_arguments(args):  # a folder that is not there, said at once (not after torch, nor the Hub)
+        reason = missing_model(name, flag)
+        if reason:
+            print(f"vlm-fusion: error: {reason}", file=sys.stderr)
+            return 2
     from vlm_fusion import cli  # the commands, with torch and transformers: only now that the arguments are right
 
     if args.command == "train" and args.accelerate:  # relaunch through accelerate's launcher, N processes

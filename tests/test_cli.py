@@ -1,10 +1,12 @@
 """The `vlm-fusion` command and the shipped demo checkpoints."""
 
 import importlib.resources
+import os
 import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 from transformers import AutoConfig
 
 from vlm_fusion import cli
@@ -56,7 +58,7 @@ def test_generate_errors_are_clear(saved_model, tmp_path, capsys):
     assert cli.main(["generate", "--model", str(path), "--image", str(tmp_path / "not_an_image.png"), "--prompt", "x"]) == 2
     assert "not a readable image" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--image", str(image), "--prompt", "x"]) == 2
-    assert "cannot load a model" in capsys.readouterr().err
+    assert f"no model folder {tmp_path / 'nowhere'}" in capsys.readouterr().err
 
 
 def test_convert_dispatches_to_the_converters(capsys):
@@ -209,6 +211,56 @@ def test_a_config_without_vision_config_is_refused_in_one_line(saved_model, tmp_
     assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "has no `vision_config`" in err and len(err.splitlines()) == 1
+
+
+MISSING_MODEL = {  # every command that takes a model, naming one that is not there
+    "generate": ["generate", "--model", "{model}", "--image", "{image}", "--prompt", "x"],
+    "explain": ["explain", "--model", "{model}", "--image", "{image}", "--prompt", "x", "--out", "{tmp}/out"],
+    "serve": ["serve", "{model}", "--port", "8000"],
+    "train": ["train", "--model", "{model}", "--data", "{tmp}/data.json", "--output-dir", "{tmp}/out"],
+    "evaluate": ["evaluate", "retrieval", "--model", "{model}", "--data", "{tmp}/data.json"],
+}
+
+
+@pytest.mark.parametrize("model", ["my-model", "./models/my-model", "org/my-model"])
+@pytest.mark.parametrize("command", sorted(MISSING_MODEL))
+def test_a_missing_model_folder_is_one_line_within_a_second_offline(command, model, tmp_path):
+    """The issue's case: `explain --model my-model` retried the Hub for 65 s and blamed the network; `./models/my-model`
+    was "Repo id must be in the form ...". Offline, the answer says that no such folder exists, and for a name that
+    could be a Hub id that the Hub cache does not hold it, before torch is imported."""
+    import subprocess
+    import sys
+    import time
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    argv = [w.format(model=model, image=image, tmp=tmp_path) for w in MISSING_MODEL[command]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "vlm_fusion_cli", *argv], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=env)
+    seconds = time.perf_counter() - start
+    flag = "MODEL" if command == "serve" else "--model"
+    assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"vlm-fusion: error: {flag}: no model folder {model} (nothing at "
+                                  f"{tmp_path / model}), and ")
+    assert ("is not a Hub id" if model.startswith(".") else "not in the Hub cache (HF_HUB_OFFLINE") in done.stderr
+    assert seconds < 1.0, f"{seconds:.2f} s"
+
+
+def test_a_model_in_the_hub_cache_passes_the_check_offline(tmp_path, monkeypatch):
+    """Offline, a Hub id the Hub cache holds is not refused: transformers loads it from there."""
+    import vlm_fusion_cli
+
+    snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / "0123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert vlm_fusion_cli.missing_model("org/cached") is None
+    assert "not in the Hub cache" in vlm_fusion_cli.missing_model("org/other")
+    assert vlm_fusion_cli.missing_model(str(snapshot / "config.json")).endswith(
+        "is a file, not a model folder (a folder with config.json and the weights)")
 
 
 def test_help_and_tokens_answer_without_importing_torch():

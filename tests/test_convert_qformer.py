@@ -3,6 +3,7 @@ and `--source lavis-stage1`): ITC and ITM equal transformers' Blip2ForImageTextR
 on the result, the three stage-1 losses (and the negatives' weights) equal LAVIS 1.0.2's own Blip2Qformer, and each
 bad input is refused in one line with nothing written."""
 
+import argparse
 import json
 import shutil
 from unittest import mock
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
+    AutoConfig,
     AutoProcessor,
     AutoTokenizer,
     BertTokenizer,
@@ -26,6 +28,7 @@ from conftest import random_image
 from lavis_reference import build_lavis_qformer, lavis_stage1_losses, lavis_state_dict
 from vlm_fusion import FusionBlip2ForImageTextRetrieval, FusionBlip2QFormerProcessor
 from vlm_fusion.conversion import convert_blip2
+from vlm_fusion.conversion.common import ConversionError
 from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_image_processor
 from vlm_fusion.vision import select_image_features
 
@@ -352,6 +355,85 @@ def test_lavis_stage1_with_the_eva_tower_in_the_file(lavis_stage1, tmp_path, cap
         assert torch.equal(ours["vision_tower." + key], expected), key
     without = FusionBlip2ForImageTextRetrieval.from_pretrained(root / "converted").state_dict()
     assert all(torch.equal(value, without[key]) for key, value in ours.items() if not key.startswith("vision_tower."))
+
+
+# ---- what the file does not record: the head count; the temperature as the model uses it ------------------------
+def without_flag(args, flag="--qformer-heads"):
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+def test_a_4_head_file_without_the_flag_is_refused_rather_than_made_12_heads(lavis_stage1, tmp_path, capsys):
+    """The file records no head count and the verification cannot see one (its reference uses the same count): a
+    32-wide Q-Former is not BLIP-2's 768-wide one, so no default is guessed."""
+    _, root = lavis_stage1
+    code, output = run(without_flag(lavis_args(root, root / "blip2_pretrained.pth", tmp_path / "out")), capsys)
+    assert_refused(code, output, tmp_path / "out", "does not record the Q-Former's attention heads",
+                   "its width 32 is not BLIP-2's 768", "--qformer-heads N")
+
+
+def test_the_head_count_comes_from_a_config_beside_the_file_and_is_said(lavis_stage1, tmp_path, capsys):
+    _, root = lavis_stage1
+    shutil.copy(root / "blip2_pretrained.pth", tmp_path / "blip2_pretrained.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": QFORMER["num_attention_heads"]}))
+    args = without_flag(lavis_args(root, tmp_path / "blip2_pretrained.pth", tmp_path / "converted"))
+    code, output = run(args, capsys)
+    assert code == 0, output.err
+    assert f"[qformer] 4 attention heads, from {tmp_path / 'config.json'}" in output.out
+    assert AutoConfig.from_pretrained(tmp_path / "converted").qformer_num_attention_heads == 4
+    code, output = run(lavis_args(root, tmp_path / "blip2_pretrained.pth", tmp_path / "converted")[:-4]
+                       + ["--qformer-heads", "8", "--output", tmp_path / "out"], capsys)  # the flag contradicts it
+    assert_refused(code, output, tmp_path / "out", "--qformer-heads 8", "records 4 attention heads")
+
+
+def test_the_flag_says_where_the_head_count_came_from(lavis_stage1, capsys):
+    """The module fixture converted with --qformer-heads 4; a count that does not divide the width is refused; BLIP-2's
+    768-wide Q-Former without any record gets 12, said to be assumed."""
+    _, root = lavis_stage1
+    args = argparse.Namespace(input=str(root / "blip2_pretrained.pth"), qformer_tokenizer=str(root / "bert"),
+                              qformer_heads=None)
+    assert convert_blip2.qformer_heads(args, 768)[0] == 12
+    assert "[qformer] 12 attention heads, from BLIP-2's default" in capsys.readouterr().out
+    with pytest.raises(ConversionError, match="5 attention heads .from --qformer-heads. do not divide it"):
+        convert_blip2.qformer_heads(argparse.Namespace(**{**vars(args), "qformer_heads": 5}), 32)
+    (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "num_attention_heads": 2}))
+    try:  # the tokenizer's BERT config (bert-base-uncased's, where LAVIS reads the Q-Former's from)
+        assert convert_blip2.qformer_heads(args, 32)[0] == 2
+        assert "the --qformer-tokenizer's BERT config" in capsys.readouterr().out
+    finally:
+        (root / "bert" / "config.json").unlink()
+
+
+def test_a_temperature_outside_the_clamp_is_kept_and_the_clamp_is_said(lavis_stage1, tmp_path, capsys):
+    """LAVIS's Blip2Qformer divides by `temp` as it is; vlm-fusion's model clamps it to [0.001, 0.5] as BLIP does. A
+    file whose `temp` is 0.0005 keeps it in the weight, and the converter says that the model's ITC logits are half
+    LAVIS's, where it printed a temperature difference of 0."""
+    _, root = lavis_stage1
+    checkpoint = torch.load(root / "blip2_pretrained.pth")
+    checkpoint["model"]["temp"] = torch.tensor(0.0005)
+    torch.save(checkpoint, tmp_path / "cold.pth")
+    code, output = run(lavis_args(root, tmp_path / "cold.pth", tmp_path / "converted"), capsys)
+    assert code == 0, output.err
+    assert "[temperature] the file's `temp` 0.0005 is outside [0.001, 0.5]: the weight keeps it" in output.out
+    assert "our ITC logits are 0.5x LAVIS's" in output.out
+    assert "the temperature the model divides by is 0.001 (clamped), not the file's 0.0005" in output.out
+    model = FusionBlip2ForImageTextRetrieval.from_pretrained(tmp_path / "converted")
+    assert model.temperature.item() == torch.tensor(0.0005).item()  # the file's value, as float32 holds it
+    assert model.clamped_temperature.item() == pytest.approx(0.001) and model.config.temperature == 0.001
+    code, output = run(lavis_args(root, root / "blip2_pretrained.pth", tmp_path / "again"), capsys)
+    assert code == 0 and "[temperature]" not in output.out  # 0.05, inside: nothing to say
+
+
+def test_the_converted_folder_names_no_temporary_folder_nor_machine_path(lavis_stage1):
+    """The card was titled with the converter's temporary folder (`# .converted.partial-...`), and the tokenizer kept
+    the `local_files_only` it was loaded with."""
+    from test_publishing import machine_paths
+
+    _, root = lavis_stage1
+    card = (root / "converted" / "README.md").read_text()
+    assert "\n# converted\n" in card and ".partial-" not in card
+    assert machine_paths(root / "converted", str(root)) == {}
+    assert "local_files_only" not in (root / "converted" / "tokenizer_config.json").read_text()
 
 
 # ---- bad inputs: one line, nothing written ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import changed_weights, random_image
+from conftest import ROOT, changed_weights, random_image
 from vlm_fusion.tools.tiny import tiny_model_and_processor
 
 FAMILIES = {
@@ -199,3 +200,62 @@ def test_the_demo_model_cards_snippet_runs_where_the_card_is_read(family, tmp_pa
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "green"  # the demo scene's square is green
+
+
+# ---- nothing of the machine that wrote a file --------------------------------------------------------------------
+MACHINE_PATH = re.compile(r"(?<![\w.~-])(?:/(?:tmp|work|home|Users|root|var|private|mnt|opt|srv|scratch)/[^\s\"']*"
+                          r"|[A-Za-z]:\\\\[^\s\"']*)")
+
+
+def machine_paths(folder: pathlib.Path, *local: str) -> dict:
+    """Each file of `folder` (text files, and a safetensors file's header) -> the absolute paths of a machine in it:
+    under the usual roots (/tmp, /home, /work, ..., C:\\) or any of `local` (this machine's own folders)."""
+    found = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                text = f.read(int.from_bytes(f.read(8), "little")).decode()
+        else:
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:  # an image: nothing written by a path
+                continue
+        hits = MACHINE_PATH.findall(text) + [root for root in local if root in text]
+        if hits:
+            found[str(path.relative_to(folder))] = hits
+    return found
+
+
+def this_machine() -> list[str]:
+    import tempfile
+
+    return [str(ROOT), os.path.realpath(tempfile.gettempdir()), tempfile.gettempdir(), os.path.expanduser("~")]
+
+
+def test_no_file_the_package_ships_holds_a_path_of_a_machine():
+    """The demo checkpoints' config.json held `_name_or_path` of the folders their parts were loaded from
+    (/tmp/tmp.../lm, /work/diag/parts/vision) and their tokenizer_config.json `local_files_only`."""
+    import importlib.resources
+
+    import vlm_fusion
+
+    package = pathlib.Path(vlm_fusion.__file__).parent
+    cards = pathlib.Path(str(importlib.resources.files("vlm_fusion.model_cards")))
+    assert machine_paths(package, *this_machine()) == {} and machine_paths(cards, *this_machine()) == {}
+    for config in package.glob("demo/checkpoints/*/*.json"):
+        assert "local_files_only" not in config.read_text() and '"is_local"' not in config.read_text(), config
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_pretrained_writes_no_path_of_the_machine(family, tmp_path):
+    """A model composed from parts loaded from local folders (their configs' `_name_or_path`) saves without them; a
+    Hub id there is where the part came from, and stays."""
+    model, _ = build(family)
+    (tmp_path / "parts" / "vision").mkdir(parents=True)
+    model.config.vision_config._name_or_path = str(tmp_path / "parts" / "vision")
+    model.config.text_config._name_or_path = "gpt2"
+    model.save_pretrained(tmp_path / "saved")
+    assert machine_paths(tmp_path / "saved", str(tmp_path), *this_machine()) == {}
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert "_name_or_path" not in config["vision_config"] and config["text_config"]["_name_or_path"] == "gpt2"
+    assert (tmp_path / "saved" / "README.md").read_text().split("\n# ")[1].startswith("saved\n")

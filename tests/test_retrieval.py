@@ -19,25 +19,38 @@ LAVIS_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "
 
 # ---- the metrics --------------------------------------------------------------------------------------------------
 def lavis_metrics(scores_i2t, scores_t2i, txt2img, kind="stable"):
-    """`_report_metrics` of LAVIS 1.0.2, rewritten as a brute force: sort each row, find each caption's position.
-    LAVIS calls `np.argsort(score)[::-1]` with numpy's default sort, whose order among equal scores is the
-    implementation's; `kind="stable"` fixes it (reversed: the later index first), as vlm-fusion does."""
+    """`RetrievalTask._report_metrics` of LAVIS 1.0.2 (lavis/tasks/retrieval.py), its arithmetic as written there, so
+    that equality means bit-equal JSON. LAVIS calls `np.argsort(score)[::-1]` with numpy's default sort, whose order
+    among equal scores is the implementation's; `kind="stable"` fixes it (reversed: the later index first), as
+    vlm-fusion does."""
     img2txt = {i: [t for t, image in enumerate(txt2img) if image == i] for i in range(len(scores_i2t))}
-    text_ranks = []
+    # Images->Text
+    ranks = np.zeros(scores_i2t.shape[0])
     for index, score in enumerate(scores_i2t):
         inds = np.argsort(score, kind=kind)[::-1]
-        text_ranks.append(min(np.where(inds == t)[0][0] for t in img2txt[index]))
-    image_ranks = [np.where(np.argsort(score, kind=kind)[::-1] == txt2img[index])[0][0]
-                   for index, score in enumerate(scores_t2i)]
-
-    def recall(ranks, n):
-        return 100.0 * sum(r < n for r in ranks) / len(ranks)
-
-    tr = [recall(text_ranks, n) for n in (1, 5, 10)]
-    ir = [recall(image_ranks, n) for n in (1, 5, 10)]
-    return {"txt_r1": tr[0], "txt_r5": tr[1], "txt_r10": tr[2], "txt_r_mean": sum(tr) / 3,
-            "img_r1": ir[0], "img_r5": ir[1], "img_r10": ir[2], "img_r_mean": sum(ir) / 3,
-            "r_mean": (sum(tr) / 3 + sum(ir) / 3) / 2, "agg_metrics": sum(tr) / 3}
+        rank = 1e20
+        for i in img2txt[index]:
+            tmp = np.where(inds == i)[0][0]
+            if tmp < rank:
+                rank = tmp
+        ranks[index] = rank
+    tr1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    tr5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    tr10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    # Text->Images
+    ranks = np.zeros(scores_t2i.shape[0])
+    for index, score in enumerate(scores_t2i):
+        inds = np.argsort(score, kind=kind)[::-1]
+        ranks[index] = np.where(inds == txt2img[index])[0][0]
+    ir1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    ir5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    ir10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    tr_mean = (tr1 + tr5 + tr10) / 3
+    ir_mean = (ir1 + ir5 + ir10) / 3
+    r_mean = (tr_mean + ir_mean) / 2
+    agg_metrics = (tr1 + tr5 + tr10) / 3
+    return {"txt_r1": tr1, "txt_r5": tr5, "txt_r10": tr10, "txt_r_mean": tr_mean, "img_r1": ir1, "img_r5": ir5,
+            "img_r10": ir10, "img_r_mean": ir_mean, "r_mean": r_mean, "agg_metrics": agg_metrics}
 
 
 def random_problem(seed, ties):
@@ -63,10 +76,25 @@ def test_metrics_match_a_brute_force_recomputation(seed, ties):
     scores_i2t, scores_t2i, txt2img = random_problem(seed, ties)
     ours = retrieval.retrieval_metrics(scores_i2t, scores_t2i, txt2img)
     assert list(ours) == LAVIS_KEYS
-    assert ours == pytest.approx(lavis_metrics(scores_i2t, scores_t2i, txt2img), abs=1e-9)
+    assert ours == lavis_metrics(scores_i2t, scores_t2i, txt2img)  # to the last bit
     if not ties:  # no equal scores: exactly LAVIS's numbers, with its own default sort
-        assert ours == pytest.approx(lavis_metrics(scores_i2t, scores_t2i, txt2img, kind="quicksort"), abs=1e-9)
+        assert ours == lavis_metrics(scores_i2t, scores_t2i, txt2img, kind="quicksort")
     assert 0 < ours["txt_r10"] < 100 or 0 < ours["img_r10"] < 100  # the problems are not trivially all-or-nothing
+
+
+def test_metrics_are_lavis_numbers_to_the_last_bit_where_the_roundings_differ():
+    """7 images with a caption each; image i's caption ranks i-th, caption j's image j-th (so R@1 is 1 in 7, R@5 5 in
+    7). 100 * mean(ranks < 1) is 14.285714285714285; LAVIS's 100.0 * count / len is 14.285714285714286, and the means
+    built on them differ in the last bit too: a JSON compared with LAVIS's by equality needs LAVIS's arithmetic."""
+    N = 7
+    scores_i2t = np.tile(-np.arange(N, dtype=float), (N, 1))  # (N, N): every row ranks column j j-th
+    scores_t2i = scores_i2t.copy()
+    txt2img = np.arange(N)
+    ours = retrieval.retrieval_metrics(scores_i2t, scores_t2i, txt2img)
+    assert retrieval.ranks(scores_i2t, txt2img[:, None]).tolist() == list(range(N))
+    assert ours == lavis_metrics(scores_i2t, scores_t2i, txt2img)
+    assert ours["txt_r1"] == 14.285714285714286 != 100.0 * float(np.mean(np.arange(N) < 1))
+    assert json.dumps(ours) == json.dumps(lavis_metrics(scores_i2t, scores_t2i, txt2img))
 
 
 def test_equal_scores_rank_the_later_candidate_first():
@@ -290,7 +318,7 @@ def test_a_generation_model_is_refused_in_one_line(tmp_path, capsys):
     assert "retrieval needs a stage-1 Q-Former checkpoint (fusion_blip2_qformer)" in err
     assert cli.main(["evaluate", "retrieval", "--model", str(tmp_path / "nowhere"), *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot load a model from" in err
+    assert err.count("\n") == 1 and f"no model folder {tmp_path / 'nowhere'}" in err
     assert not (tmp_path / "r.json").exists()
 
 

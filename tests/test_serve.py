@@ -56,8 +56,9 @@ def scene(tmp_path_factory):
 @pytest.fixture(scope="module", params=FAMILIES)
 def server(tmp_path_factory, request):
     """The README's command with demo model `family` on a free port of 127.0.0.1 (one server at a time); yields an
-    OpenAI client and the served model's name: its folder, as the server was given it (transformers 5.19's
-    GET /v1/models lists the Hub cache only)."""
+    OpenAI client, the served model's name (its folder, as the server was given it: transformers 5.19's GET /v1/models
+    lists the Hub cache only) and the server's log. From transformers 5.25 the model loads in a process the server
+    spawns, where only `FusionModelLoader` brings the families in."""
     family = request.param
     port = free_port()
     words = readme_serve_command()
@@ -79,7 +80,7 @@ def server(tmp_path_factory, request):
                     raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
                 time.sleep(1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield family, client, checkpoint(family)
+        yield family, client, checkpoint(family), log
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -124,7 +125,7 @@ def ask(client, model, image_url, question=QUESTION, stream=False):
 def test_the_openai_api_answers_as_vlm_fusion_generate_does(server, scene, capsys, question):
     """The demo question (one word) and the caption (a sentence), streamed and not; the prompt is the one `generate`
     builds (the same length, visual placeholders included)."""
-    family, client, model = server
+    family, client, model, _ = server
     (answer, usage), streamed = ask(client, model, data_url(scene[1]), question), \
         ask(client, model, data_url(scene[1]), question, stream=True)
     expected = generated(family, scene, capsys, question)
@@ -134,10 +135,16 @@ def test_the_openai_api_answers_as_vlm_fusion_generate_does(server, scene, capsy
 
 
 def test_a_bad_request_gets_400_and_the_server_goes_on(server, scene, capsys):
-    family, client, model = server
+    family, client, model, _ = server
     with pytest.raises(openai.BadRequestError, match="image"):
         ask(client, model, data_url(b"this is not a png"))
     assert ask(client, model, data_url(scene[1]))[0] == generated(family, scene, capsys)  # still serving
+
+
+def test_the_banner_says_how_requests_name_the_model(server):
+    family, client, model, log = server
+    banner, = [line for line in log.read_text().splitlines() if line.startswith("vlm-fusion serve: ")]
+    assert banner.endswith(f"requests name the model as {model!r} (the OpenAI API's `model` field)")
 
 
 def test_continuous_batching_is_refused_in_one_line(capsys):

@@ -42,6 +42,55 @@ def without_tied_copies(state_dict: dict, tied: dict) -> dict:
     return {k: v for k, v in state_dict.items() if k not in drop}
 
 
+# What a save records of the machine that made it: `_name_or_path` of each part's config (the folder it was loaded
+# from, often a temporary one), and how a tokenizer was loaded (`local_files_only`, `is_local`). None says anything
+# about the model; a Hub id in `_name_or_path` does (where the part came from) and is kept.
+LOADING_FLAGS = ("local_files_only", "is_local")
+MACHINE_FIELDS = {"config.json": ("_name_or_path",), "tokenizer_config.json": LOADING_FLAGS,
+                  "processor_config.json": LOADING_FLAGS}
+
+
+def _is_machine_path(value) -> bool:
+    import os
+
+    return isinstance(value, str) and bool(value) and (os.path.isabs(value) or value.startswith(("./", "../", "~"))
+                                                       or os.path.exists(value))
+
+
+def _without_machine_fields(value, fields):
+    """`value` (parsed JSON) less each of `fields` at any depth that is a local path (`_name_or_path`) or a loading
+    flag (`LOADING_FLAGS`)."""
+    if isinstance(value, dict):
+        return {k: _without_machine_fields(v, fields) for k, v in value.items()
+                if not (k in fields and (k in LOADING_FLAGS or _is_machine_path(v)))}
+    if isinstance(value, list):
+        return [_without_machine_fields(v, fields) for v in value]
+    return value
+
+
+def without_machine_details(save_directory) -> list[str]:
+    """Remove from the JSON files a save wrote in `save_directory` what belongs to the machine that wrote them (see
+    `MACHINE_FIELDS`); returns the files changed. The files keep transformers' layout (2-space indent, a final newline)
+    and their key order."""
+    import json
+    import os
+
+    changed = []
+    for name, fields in MACHINE_FIELDS.items():
+        path = os.path.join(save_directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        data = json.loads(text)
+        clean = _without_machine_fields(data, fields)
+        if clean != data:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(clean, indent=2, ensure_ascii=False) + "\n")
+            changed.append(path)
+    return changed
+
+
 class FusionCheckpointMixin:
     """`from_pretrained` / `save_pretrained` / `push_to_hub` of every vlm-fusion model (headless or with its head)."""
 
@@ -76,7 +125,8 @@ class FusionCheckpointMixin:
         """
         `PreTrainedModel.save_pretrained`, plus a model card (`README.md`) rendered from the family's template.
         `remote_code=True` also writes the model's code beside the weights, so that `trust_remote_code=True`
-        loads it where vlm-fusion is not installed.
+        loads it where vlm-fusion is not installed. Nothing of the machine is written: the parts' `_name_or_path`
+        that are local folders are left out of config.json (see `without_machine_details`).
         """
         restore_portable_4bit_layout(self)
         if kwargs.get("state_dict") is not None:  # gathered (FSDP, ZeRO-3): tied copies no longer share memory
@@ -84,6 +134,7 @@ class FusionCheckpointMixin:
         with registered_for_auto_classes(self if remote_code else None):
             result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
+            without_machine_details(save_directory)  # the parts' local folders in config.json
             try:
                 from vlm_fusion.tools.hub import write_model_card
             except ImportError:  # exported code, running without vlm-fusion installed

@@ -170,13 +170,16 @@ def write_and_verify(output: str, *, overwrite: bool, model_cls, config, state_d
     """
     from accelerate import init_empty_weights
 
+    from vlm_fusion.checkpoints import without_machine_details
+
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         with init_empty_weights(include_buffers=False):
             model = model_cls(config)
         load_exact(model, to_model_layout(state_dict, model_cls, config))
         model.config.architectures = [model_cls.__name__]
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, repo_id=os.path.basename(os.path.abspath(output)))  # the card's title: not tmp's
         processor.save_pretrained(tmp)
+        without_machine_details(tmp)  # the tokenizer's `local_files_only`, as it was loaded here
         print(f"[write] {sum(v.numel() for v in state_dict.values()):,} parameters")
         del model
         with torch.no_grad():

@@ -325,6 +325,62 @@ def convert_lavis(args):
     write_and_verify(args, config, state_dict, processor, reference=None)
 
 
+BLIP2_QFORMER_HEADS, BLIP2_QFORMER_WIDTH = 12, 768  # bert-base-uncased's, which LAVIS builds every Q-Former from
+
+
+def _recorded_heads(path: str) -> int | None:
+    """`num_attention_heads` of a config.json (a BERT config, or a Q-Former config at its top or under
+    `qformer_config`) at `path`, if there is one."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    heads = config.get("num_attention_heads", (config.get("qformer_config") or {}).get("num_attention_heads"))
+    return heads if isinstance(heads, int) else None
+
+
+def qformer_heads(args, hidden: int) -> tuple[int, str]:
+    """The Q-Former's attention heads and where the number came from. A LAVIS file does not record them (its
+    Q-Former is `BertConfig.from_pretrained("bert-base-uncased")`'s, 12 heads, widened by nothing), and the
+    converter's verification cannot see them (its reference is built with the same count), so: `--qformer-heads`;
+    else a config.json beside the file; else the config.json of `--qformer-tokenizer` (LAVIS reads the BERT config
+    from where it reads the tokenizer); else BLIP-2's 12, only for a 768-wide Q-Former (BERT-base's width): any
+    other width was not built by LAVIS's code as released, and guessing would convert silently wrong."""
+    import os
+
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.input)), "config.json")
+    recorded = _recorded_heads(beside)
+    tokenizer_config = os.path.join(args.qformer_tokenizer, "config.json") if getattr(args, "qformer_tokenizer", None) \
+        else None
+    from_tokenizer = _recorded_heads(tokenizer_config) if tokenizer_config else None
+    if args.qformer_heads is not None:
+        if recorded is not None and recorded != args.qformer_heads:
+            raise ConversionError(f"--qformer-heads {args.qformer_heads}, but {beside} records {recorded} attention "
+                                  "heads: one of them is wrong.")
+        heads, where = args.qformer_heads, "--qformer-heads"
+        if from_tokenizer is not None and from_tokenizer != heads:
+            print(f"[qformer] note: {tokenizer_config} records {from_tokenizer} heads; --qformer-heads {heads} wins")
+    elif recorded is not None:
+        heads, where = recorded, beside
+    elif from_tokenizer is not None:
+        heads, where = from_tokenizer, f"{tokenizer_config} (the --qformer-tokenizer's BERT config, as LAVIS reads it)"
+    elif hidden == BLIP2_QFORMER_WIDTH:
+        heads, where = BLIP2_QFORMER_HEADS, ("BLIP-2's default (bert-base-uncased's): the file does not record them; "
+                                             "give --qformer-heads if yours differs")
+    else:
+        raise ConversionError(f"The file does not record the Q-Former's attention heads, and its width {hidden} is "
+                              f"not BLIP-2's {BLIP2_QFORMER_WIDTH} (where they are {BLIP2_QFORMER_HEADS}): give "
+                              "--qformer-heads N (or a config.json with num_attention_heads beside the file).")
+    if heads <= 0 or hidden % heads:
+        raise ConversionError(f"The Q-Former is {hidden} wide: {heads} attention heads (from {where}) do not divide "
+                              "it.")
+    print(f"[qformer] {heads} attention heads, from {where}")
+    return heads, where
+
+
 def _lavis_qformer_config(source, args, **text_fields):
     """The Q-Former's shape, read off the LAVIS weights (the .pth carries no config); `text_fields` (vocabulary,
     positions, padding id) for a Q-Former that reads text."""
@@ -338,7 +394,7 @@ def _lavis_qformer_config(source, args, **text_fields):
     if cross != list(range(0, len(layers), frequency)):
         raise ConversionError(f"Cross-attention in layers {cross} is not every {frequency}th layer from layer 0.")
     return Blip2QFormerConfig(
-        hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=args.qformer_heads,
+        hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=qformer_heads(args, hidden)[0],
         intermediate_size=source[f"{prefix}0.intermediate_query.dense.weight"].shape[0],
         cross_attention_frequency=frequency, layer_norm_eps=1e-12, **text_fields,
     )
@@ -569,6 +625,23 @@ def convert_hf_retrieval(args):
                                 config=config, state_dict=state_dict, processor=processor, verify=verify)
 
 
+def clamped_temperature(temp: float) -> float:
+    """The file's temperature as vlm-fusion's model uses it, clamped to `TEMPERATURE_RANGE` ([0.001, 0.5]:
+    `FusionBlip2ForImageTextRetrieval.clamped_temperature`, as BLIP and LAVIS's BLIP clamp theirs), and said when the
+    clamp changes it: LAVIS's `Blip2Qformer` divides by `temp` as it is. The weight keeps the file's value; the config's
+    `temperature` (the initial value, validated in that range) holds the clamped one."""
+    from vlm_fusion.modeling_qformer import TEMPERATURE_RANGE
+
+    low, high = TEMPERATURE_RANGE
+    used = min(max(temp, low), high)
+    if used != temp:
+        print(f"[temperature] the file's `temp` {temp:.6g} is outside [{low}, {high}]: the weight keeps it, but "
+              f"vlm-fusion's ITC divides by it clamped to {used:.6g} (FusionBlip2ForImageTextRetrieval."
+              f"clamped_temperature), where LAVIS's Blip2Qformer, which does not clamp, divides by {temp:.6g}: our "
+              f"ITC logits are {temp / used:.3g}x LAVIS's")
+    return used
+
+
 def convert_lavis_stage1(args):
     """LAVIS's BLIP-2 stage-1 checkpoint (`Blip2Qformer`, `blip2_pretrained.pth`)."""
     if not (args.vision_tower and args.qformer_tokenizer):
@@ -605,7 +678,7 @@ def convert_lavis_stage1(args):
         vision_config, qformer, num_query_tokens=source["query_tokens"].shape[1],
         embed_dim=source["vision_proj.weight"].shape[0], vision_layer_norm_eps=LAVIS_LN_VISION_EPS,
         bos_token_id=processor.bos_token_id, origin="Converted from a LAVIS BLIP-2 stage-1 checkpoint (Blip2Qformer).",
-        temperature=min(max(source["temp"].item(), 0.001), 0.5))  # the file's (the weight holds it unclamped)
+        temperature=clamped_temperature(source["temp"].item()))
     state_dict = merge_eva_qkv_bias(rename_keys(source, lavis_stage1_rules()))
     state_dict["temperature"] = state_dict["temperature"].reshape(1)  # LAVIS's is a scalar, ours (1,)
     if tower_in_file:  # EVA has no final norm; transformers' conversion gives `post_layernorm` LAVIS's `ln_vision`
@@ -701,8 +774,11 @@ def verify_lavis_stage1(path, args, source: dict, config, tower_in_file: bool) -
     compare_logits("ITG head vs transformers' BERT head on the file's Qformer.cls tensors",
                    model.text_generation_logits(vision, decoder_ids, inputs["attention_mask"]),
                    head(h[:, config.num_query_tokens:].float()), args.atol)
-    compare_logits(f"temperature vs the file's `temp` ({source['temp'].item():.6g})", model.temperature,
+    compare_logits(f"temperature weight vs the file's `temp` ({source['temp'].item():.6g})", model.temperature,
                    source["temp"].reshape(1), args.atol)
+    if model.clamped_temperature.item() != model.temperature.item():
+        print(f"[verify] the temperature the model divides by is {model.clamped_temperature.item():.6g} (clamped), not "
+              f"the file's {model.temperature.item():.6g}: ITC logits differ from LAVIS's by that ratio (see above)")
     print("[verify] not checked here (LAVIS does not run in the converter): the ITG pass (each caption token attending "
           "to the queries and the tokens before it) and the three stage-1 losses; vlm-fusion's tests "
           "(tests/test_convert_qformer.py) compare them with LAVIS 1.0.2's own Blip2Qformer")
@@ -741,9 +817,10 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--language-model", help="causal LM directory with its tokenizer (lavis)")
     parser.add_argument("--qformer-tokenizer", help="the Q-Former's BERT tokenizer directory, bert-base-uncased's in "
                         "LAVIS; [DEC] is added (lavis-stage1)")
-    parser.add_argument("--qformer-heads", type=int, default=12,
-                        help="Q-Former attention heads (lavis, lavis-stage1: the .pth does not record them; 12 in "
-                        "BLIP-2)")
+    parser.add_argument("--qformer-heads", type=int,
+                        help="Q-Former attention heads (lavis, lavis-stage1: the .pth does not record them). Default: "
+                        "a config.json beside the file, else --qformer-tokenizer's config.json, else 12 (BLIP-2's) "
+                        "for a 768-wide Q-Former; any other width needs the flag")
     conversion.add_common_arguments(parser)
     return conversion.check_common_arguments(parser, parser.parse_args(argv))
 

@@ -105,6 +105,11 @@ def ranks(scores, relevant: list) -> np.ndarray:
     return best
 
 
+def recall(ranks: np.ndarray, n: int) -> float:
+    """R@n in percent as LAVIS's `_report_metrics` writes it: `100.0 * len(np.where(ranks < n)[0]) / len(ranks)`."""
+    return 100.0 * int(np.count_nonzero(ranks < n)) / len(ranks)
+
+
 def retrieval_metrics(scores_i2t, scores_t2i, txt2img) -> dict[str, float]:
     """R@1/5/10 both ways and their means, under LAVIS's key names.
 
@@ -128,12 +133,15 @@ def retrieval_metrics(scores_i2t, scores_t2i, txt2img) -> dict[str, float]:
         raise ValueError(f"images without a caption: {[i for i, texts in enumerate(img2txt) if not texts]}")
     text_ranks = ranks(scores_i2t, img2txt)  # (N,)
     image_ranks = ranks(scores_t2i, txt2img[:, None])  # (M,)
-    metrics = {f"txt_r{n}": 100.0 * float(np.mean(text_ranks < n)) for n in RECALLS}
-    metrics["txt_r_mean"] = sum(metrics[f"txt_r{n}"] for n in RECALLS) / len(RECALLS)
-    metrics.update({f"img_r{n}": 100.0 * float(np.mean(image_ranks < n)) for n in RECALLS})
-    metrics["img_r_mean"] = sum(metrics[f"img_r{n}"] for n in RECALLS) / len(RECALLS)
-    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
-    metrics["agg_metrics"] = metrics["txt_r_mean"]  # as LAVIS: (tr1 + tr5 + tr10) / 3
+    # LAVIS's arithmetic to the last bit (a JSON compared with LAVIS's by equality): 100 * count / total, not
+    # 100 * mean (1 in 7: 14.285714285714286, not ...285), and the means summed left to right, then divided
+    tr1, tr5, tr10 = (recall(text_ranks, n) for n in RECALLS)
+    ir1, ir5, ir10 = (recall(image_ranks, n) for n in RECALLS)
+    tr_mean, ir_mean = (tr1 + tr5 + tr10) / 3, (ir1 + ir5 + ir10) / 3
+    metrics = {"txt_r1": tr1, "txt_r5": tr5, "txt_r10": tr10, "txt_r_mean": tr_mean,
+               "img_r1": ir1, "img_r5": ir5, "img_r10": ir10, "img_r_mean": ir_mean,
+               "r_mean": (tr_mean + ir_mean) / 2,
+               "agg_metrics": (tr1 + tr5 + tr10) / 3}  # LAVIS's agg_metrics: the image -> text mean
     return metrics
 
 

@@ -1,6 +1,6 @@
 """`vlm-fusion serve`: transformers' own OpenAI-compatible server (`transformers serve`) with the families known to it.
 
-transformers' server (`transformers/cli/serving/`, 5.19 to 5.24) finds a model's class in two places that the Auto
+transformers' server (`transformers/cli/serving/`, 5.19 to 5.25) finds a model's class in two places that the Auto
 classes' registration (`vlm_fusion/__init__.py`) does not reach:
 
 - loading (`ModelManager._load_model`): a model type outside `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES` is built by
@@ -14,7 +14,14 @@ classes' registration (`vlm_fusion/__init__.py`) does not reach:
   family to `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` (model type -> class name), where the Auto classes already
   resolve it (`AutoModelForImageTextToText.register`).
 
-Both hold in this process only, hence a command of ours rather than `transformers serve`. The request path is then
+Both hold in this process only, hence a command of ours rather than `transformers serve`. From 5.25 the model loads in
+a process the server spawns (`EngineClient.start_process`, `multiprocessing.get_context("spawn")`): a fresh interpreter
+that imports neither vlm_fusion nor this module, where the families are unknown ("model type `fusion_llava` but
+Transformers does not recognize this architecture"). What crosses into it is the server's `ModelLoader` (pickled, in
+`partial(loader.load_model_and_processor, ...)`), so the server is given a loader of ours (`FusionModelLoader`,
+a subclass with nothing changed but where it lives): unpickling it imports this module, hence vlm_fusion, and building
+it runs `register` there too. 5.19 to 5.24 load in the server's process and have no `ModelLoader`; they need `register`
+alone. The request path is then
 transformers' own: the chat template and processor of the checkpoint, `model.generate`, greedy at `temperature: 0`.
 A request the processor rejects (an image that is not one, a count mismatch) is answered with HTTP 400 and one line,
 not transformers' bare 500 (which OpenAI clients retry).
@@ -33,7 +40,8 @@ CONTINUOUS_BATCHING_REFUSED = (
 
 
 def register() -> None:
-    """Make every family loadable and a VLM for transformers' server, in this process (idempotent)."""
+    """Make every family loadable and a VLM for transformers' server, in this process (idempotent): in the server's,
+    and from 5.25 in the model's process it spawns, which builds `FusionModelLoader` when it unpickles the loader."""
     from transformers.cli.serving import model_manager
     from transformers.models.auto import modeling_auto
 
@@ -43,6 +51,33 @@ def register() -> None:
         setattr(model_manager.transformers, family.model.__name__, family.model)
         modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type] = family.model.__name__
     answer_bad_requests_with_400()
+
+
+def __getattr__(name: str):
+    """`FusionModelLoader`, built on first use (it subclasses a class of transformers' serving extras, which importing
+    this module must not need): pickle finds the class by this name in the process the server spawns."""
+    if name != "FusionModelLoader":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers.cli.serving.model_manager import ModelLoader
+
+    register()  # in a spawned model process, unpickling the loader is the first thing of ours to run
+
+    class FusionModelLoader(ModelLoader):
+        """transformers' `ModelLoader` (5.25+), unchanged, defined here so that the model's process imports vlm_fusion
+        (and registers the families) before it loads the model."""
+
+    FusionModelLoader.__module__, FusionModelLoader.__qualname__ = __name__, "FusionModelLoader"
+    globals()["FusionModelLoader"] = FusionModelLoader
+    return FusionModelLoader
+
+
+def use_fusion_model_loader() -> None:
+    """5.25+: have `Serve` build its loader from `FusionModelLoader` (it imports `ModelLoader` from `model_manager`
+    when it starts). Earlier releases load in this process and have no `ModelLoader`: nothing to do."""
+    from transformers.cli.serving import model_manager
+
+    if hasattr(model_manager, "ModelLoader"):
+        model_manager.ModelLoader = getattr(sys.modules[__name__], "FusionModelLoader")
 
 
 def answer_bad_requests_with_400() -> None:
@@ -82,6 +117,7 @@ def main(model: str, options: list[str]) -> int:
               file=sys.stderr)
         return 2
     register()
+    use_fusion_model_loader()
     from huggingface_hub import typer_factory
     from transformers.cli.serve import Serve
 
@@ -90,7 +126,8 @@ def main(model: str, options: list[str]) -> int:
     app = typer_factory(help="transformers serve with the vlm-fusion families known to it")
     app.command(name="serve")(Serve)
     if not {"--help", "-h"} & set(options):
-        print(f"vlm-fusion serve: {model} on transformers serve; requests name the model so", file=sys.stderr)
+        print(f"vlm-fusion serve: {model} on transformers serve; requests name the model as {model!r} (the OpenAI "
+              "API's `model` field)", file=sys.stderr)
     try:
         app(["serve", model, *options], prog_name="vlm-fusion")
     except SystemExit as done:
