@@ -12,6 +12,7 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import MultiModalData
 
 from .anyres import num_tokens
+from .checkpoints import without_machine_details
 from .processing_video import FusionVideoProcessor, num_frames_of
 from .remote_code import registered_for_auto_classes
 from .special_tokens import add_flamingo_tokens, add_special_token
@@ -289,6 +290,7 @@ class FusionProcessor(ProcessorMixin):
             saved = super().save_pretrained(save_directory, *args, **kwargs)
         if getattr(self, "video_processor", None) is not None:
             self.video_processor.save_pretrained(save_directory)
+        without_machine_details(save_directory)  # a tokenizer loaded offline records `local_files_only`
         return saved
 
     def push_to_hub(self, repo_id, *args, remote_code: bool = False, **kwargs):
