@@ -303,10 +303,13 @@ def main(argv=None) -> int:
     p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
     p.add_argument("--seed", type=int, default=None, help="the image's seed (default: a fresh one)")
     p.add_argument("--save-image", metavar="PNG", help="also save the image (upscaled 4x)")
-    p = commands.add_parser("generate", help="answer a prompt about an image with any vlm-fusion model")
+    p = commands.add_parser("generate", help="answer a prompt about an image or a clip with any vlm-fusion model")
     p.add_argument("--model", required=True,
                    help="directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES))
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", help="an image file")
+    p.add_argument("--video", help="a video file (read with PyAV), for a model whose processor reads clips")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help="frames sampled from --video, uniformly (default: the video processor's)")
     p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")
     p.add_argument("--raw", action="store_true",
                    help="use --prompt as it is, no chat template (<image> marks the image; default: before the text)")

@@ -91,12 +91,18 @@ def ask_the_demo_models(args) -> int:
 
 
 # ---- generate -------------------------------------------------------------------------------------------------
-def build_prompt(processor, prompt: str, raw: bool, images: int = 1) -> str:
-    """The user's question in the model's chat template (the images first), or, with `raw`, the prompt as given."""
+def build_prompt(processor, prompt: str, raw: bool, images: int = 1, videos: int = 0) -> str:
+    """The user's question in the model's chat template (the images, then the clips, first), or, with `raw`, the
+    prompt as given (the markers put before it when it holds none)."""
     if raw or not getattr(processor, "chat_template", None):
-        return prompt if processor.image_token in prompt else f"{processor.image_token * images}{prompt}"
-    messages = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+        markers = ""
+        if processor.image_token not in prompt:
+            markers += processor.image_token * images
+        if videos and processor.video_token not in prompt:
+            markers += processor.video_token * videos
+        return markers + prompt
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def open_image(path: str):
@@ -132,21 +138,33 @@ def load_for_generation(name: str):
 def generate(args) -> int:
     if not args.prompt.strip():
         return fail("--prompt is empty: ask something about the image")
-    image = open_image(args.image)
+    if args.image is None and args.video is None:
+        return fail("give --image, --video or both")
+    if args.num_frames is not None and args.video is None:
+        return fail("--num-frames samples the frames of --video; no --video was given")
+    image = open_image(args.image) if args.image is not None else None
     if isinstance(image, str):
         return fail(image)
+    if args.video is not None and not os.path.isfile(args.video):
+        return fail(f"no video file at {args.video}")
     loaded = load_for_generation(args.model)
     if isinstance(loaded, str):
         return fail(loaded)
     import torch
 
     model, processor = loaded
-    prompt = build_prompt(processor, args.prompt, args.raw)
-    if prompt.count(processor.image_token) != 1:
-        return fail(f"the prompt holds {prompt.count(processor.image_token)} {processor.image_token} markers; "
-                    "`generate` takes one image")
+    if args.video is not None and getattr(processor, "video_processor", None) is None:
+        return fail(f"{args.model} reads no video (its processor has no video processor)")
+    images, videos = int(image is not None), int(args.video is not None)
+    prompt = build_prompt(processor, args.prompt, args.raw, images=images, videos=videos)
+    for token, given, what in ((processor.image_token, images, "image"), (processor.video_token, videos, "video")):
+        if token is not None and prompt.count(token) != given:
+            return fail(f"the prompt holds {prompt.count(token)} {token} markers for {given} {what}(s): `generate` "
+                        "takes at most one image and one video")
     try:
-        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        inputs = processor(images=[image] if images else None, videos=[args.video] if videos else None,
+                           text=[prompt], return_tensors="pt",
+                           **({"num_frames": args.num_frames} if args.num_frames is not None else {}))
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     except ValueError as error:
