@@ -173,8 +173,8 @@ class FusionBlip2Model(FusionModel):
                              f"{counts.tolist()} {kind} tokens, the {num_items} {kind}s give {tokens_per_item} each.")
         per_sample = (counts // tokens_per_item).to(qformer_input_ids.device)  # (B,) images or clips of each sample
         if qformer_attention_mask is not None:
-            qformer_attention_mask = qformer_attention_mask.repeat_interleave(per_sample.to(qformer_attention_mask.device),
-                                                                              dim=0)
+            qformer_attention_mask = qformer_attention_mask.repeat_interleave(
+                per_sample.to(qformer_attention_mask.device), dim=0)
         return {"qformer_input_ids": qformer_input_ids.repeat_interleave(per_sample, dim=0),
                 "qformer_attention_mask": qformer_attention_mask}
 
