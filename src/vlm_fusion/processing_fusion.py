@@ -282,6 +282,19 @@ class FusionProcessor(ProcessorMixin):
             kwargs["video_processor"] = FusionVideoProcessor.load_if_saved(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    # `from_pretrained` hands the video processor to `__init__` among the kwargs, which transformers also passes to
+    # every sub-processor's loader: a tokenizer would keep it in its `init_kwargs` and fail to save again.
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):  # transformers >= 5.20
+        video_processor = kwargs.pop("video_processor", None)
+        processor_dict, kwargs = super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+        return processor_dict, {**kwargs, "video_processor": video_processor}  # for `__init__` alone
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):  # 5.19
+        kwargs.pop("video_processor", None)
+        return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+
     def save_pretrained(self, save_directory, *args, remote_code: bool = False, **kwargs):
         """`ProcessorMixin.save_pretrained`, the video processor beside it; `remote_code=True` also writes the
         processor's code."""
