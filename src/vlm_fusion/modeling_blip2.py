@@ -162,11 +162,9 @@ class FusionBlip2Model(FusionModel):
         return inputs
 
     def instruction_per_item(self, mask: torch.BoolTensor, num_items: int, tokens_per_item: int, kind: str,
-                             qformer_input_ids=None, qformer_attention_mask=None) -> dict:
+                             qformer_input_ids: torch.LongTensor, qformer_attention_mask=None) -> dict:
         """The instruction, given per sample `(B, T)`, repeated for each of the batch's `num_items` images or clips
         (`kind`), `(num_items, T)`: each reads its own sample's. `mask` `(B, T)`: their placeholder positions."""
-        if qformer_input_ids is None:
-            return {}
         counts = mask.sum(-1)  # (B,)
         if int(counts.sum()) != num_items * tokens_per_item or bool((counts % tokens_per_item).any()):
             raise ValueError(f"{kind.capitalize()} features and {kind} tokens do not match: the samples hold "
@@ -181,7 +179,7 @@ class FusionBlip2Model(FusionModel):
     def embed_inputs(self, input_ids, inputs_embeds, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
         """The instruction is given per sample `(B, T)`; each image reads its own sample's."""
         image_kwargs = {}
-        if pixel_values is not None:
+        if pixel_values is not None and qformer_input_ids is not None:
             mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
             image_kwargs = self.instruction_per_item(mask, len(pixel_values), self.config.num_query_tokens, "image",
                                                      qformer_input_ids, qformer_attention_mask)
@@ -191,7 +189,7 @@ class FusionBlip2Model(FusionModel):
                      qformer_attention_mask=None):
         """As `embed_inputs`: each clip reads its own sample's instruction (with every frame, see `encode_videos`)."""
         video_kwargs = {}
-        if pixel_values_videos is not None and self.config.video_token_id is not None:
+        if pixel_values_videos is not None and qformer_input_ids is not None and self.config.video_token_id is not None:
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id=self.config.video_token_id)  # (B, T)
             video_kwargs = self.instruction_per_item(mask, len(pixel_values_videos),
                                                      self.config.num_video_tokens(pixel_values_videos.shape[1]),
