@@ -142,6 +142,15 @@ def test_token_counts_match_the_config_and_the_placeholders(bridge, frames):
         model(**inputs)
     if bridge == "video_qformer":
         assert {"frame_position_embedding", "video_qformer", "video_projection"} <= set(model.model.bridge_modules())
+        # Cross-attention alone cannot tell the frames' order; the frame-position embedding does.
+        with torch.no_grad():
+            reversed_tokens = model.model.get_video_features(inputs["pixel_values_videos"].flip(1)).pooler_output
+            assert not torch.allclose(reversed_tokens, tokens)
+            model.model.frame_position_embedding.weight.zero_()
+            unordered = [model.model.get_video_features(v).pooler_output
+                         for v in (inputs["pixel_values_videos"], inputs["pixel_values_videos"].flip(1))]
+            # without positions, the same keys in another order: equal up to float32 summation order (~1e-7)
+            torch.testing.assert_close(unordered[0], unordered[1], atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="longer than the frame-position embedding's `max_num_frames` \\(5\\)"):
             model.model.get_video_features(torch.zeros(1, 6, 3, 32, 32))
 
