@@ -23,10 +23,10 @@ from vlm_fusion.tools.tiny import WORDS, tiny_model_and_processor, tiny_text_con
 
 N_Q = 8
 PROMPTS = ["Question: what is shown ? Answer:", "Question: how many shapes are there in this image ? Answer:"]
-# Our model and transformers' run the same float32 ops on the same weights (Q-Former attention through SDPA here,
-# eager matmuls there; EVA's fused qkv the same); their order differs, so logits of size O(1) differ by float32
-# rounding, ~1e-6: 1e-4 leaves two orders of margin, as the other conversions use.
-ATOL = 1e-4
+# Our model and transformers' run the same float32 ops on the same weights (SDPA attention, the same linear layers;
+# the tower and the LM are transformers' own classes). A kernel or BLAS that reorders a sum moves the tiny model's
+# logits (|logit| < 1) by float32 rounding, ~1e-7 per op over some tens of ops, ~1e-6: 1e-5 leaves an order of margin.
+ATOL = 1e-5
 
 
 def clip(num_frames: int, seed: int = 0) -> list:
