@@ -1,7 +1,13 @@
 """Config of the BLIP-2-style family: a Q-Former compresses the image's patches to N_q tokens for the LM."""
 
 from .compat import TRANSFORMERS_BUILDS_SUB_CONFIGS
-from .configuration_base import FusionConfig, check_fraction, check_positive_int
+from .configuration_base import FusionConfig, check_choice, check_fraction, check_positive_int
+
+# How a clip of F frames reaches the LM (`video_bridge`).
+VIDEO_BRIDGES = {
+    "per_frame",  # InstructBLIP-Video: every frame through the Q-Former (reading the instruction), N_q x F tokens
+    "video_qformer",  # Video-LLaMA: frame positions added, a second Q-Former reads all frames -> a fixed count per clip
+}
 
 
 class FusionBlip2Config(FusionConfig):
@@ -15,6 +21,20 @@ class FusionBlip2Config(FusionConfig):
     >>> from vlm_fusion import FusionBlip2Config
     >>> config = FusionBlip2Config(num_query_tokens=32, qformer_num_hidden_layers=12)
     >>> config.num_image_tokens()
+    32
+    ```
+
+    Videos (with a `video_token_id`): `video_bridge="per_frame"` (InstructBLIP-Video) sends every frame through the
+    Q-Former, so a clip of F frames takes `num_query_tokens * F` LM positions; `video_bridge="video_qformer"`
+    (Video-LLaMA) adds a learned frame-position embedding to each frame's query outputs and lets a small video
+    Q-Former (`num_video_query_tokens` queries, `video_qformer_num_hidden_layers` layers, the image Q-Former's width,
+    heads and feed-forward, cross-attention in every layer) read all of them: `num_video_query_tokens` per clip,
+    whatever F (up to `max_num_frames`).
+
+    ```python
+    >>> FusionBlip2Config(num_query_tokens=32, video_token_id=32001).num_video_tokens(8)
+    256
+    >>> FusionBlip2Config(video_bridge="video_qformer", video_token_id=32001).num_video_tokens(8)
     32
     ```
     """
@@ -36,6 +56,10 @@ class FusionBlip2Config(FusionConfig):
     qformer_vocab_size: int = 30523  # the Q-Former's own (BERT) vocabulary, when it reads text
     qformer_max_position_embeddings: int = 512  # longest instruction the Q-Former reads
     qformer_pad_token_id: int = 0
+    video_bridge: str = "per_frame"  # how a clip reaches the LM: "per_frame" (InstructBLIP-Video) or "video_qformer"
+    max_num_frames: int = 32  # video_qformer: rows of the frame-position embedding, the longest clip (Video-LLaMA's 32)
+    num_video_query_tokens: int = 32  # video_qformer: the video Q-Former's queries = LM tokens per clip
+    video_qformer_num_hidden_layers: int = 2  # video_qformer: layers of the video Q-Former (Video-LLaMA's 2)
 
     def validate_fusion_fields(self):
         super().validate_fusion_fields()
@@ -58,10 +82,20 @@ class FusionBlip2Config(FusionConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+        check_choice("video_bridge", self.video_bridge, VIDEO_BRIDGES)
+        for name in ("max_num_frames", "num_video_query_tokens", "video_qformer_num_hidden_layers"):
+            check_positive_int(name, getattr(self, name))
 
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         """Visual tokens the LM sees per image: always `num_query_tokens`, whatever the resolution."""
         return self.num_query_tokens
+
+    def video_token_counts(self) -> tuple[int, int]:
+        """`(per_frame, per_clip)`: `(num_query_tokens, 0)` per frame, or `(0, num_video_query_tokens)` per clip with
+        the video Q-Former."""
+        if self.video_bridge == "per_frame":
+            return self.num_query_tokens, 0
+        return 0, self.num_video_query_tokens
 
 
 class FusionBlip2QFormerConfig(FusionBlip2Config):

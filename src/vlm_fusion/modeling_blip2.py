@@ -6,8 +6,14 @@ The Q-Former (`modeling_qformer.py`) reads the image's patch features with its N
 Instruction-aware (InstructBLIP, `qformer_text_input`): the instruction's tokens (the Q-Former's own vocabulary)
 follow the queries and attend to them both ways (the Q-Former's `bidirectional` pattern); only the queries go on.
 
+Videos (`video_bridge`): every frame goes through the Q-Former as an image does, reading its sample's instruction.
+`per_frame` (InstructBLIP-Video) projects each frame's N_q outputs and puts them side by side, F x N_q tokens;
+`video_qformer` (Video-LLaMA) adds a learned frame-position embedding to each frame's outputs and a second, small
+Q-Former (`video_qformer`, its own `num_video_query_tokens` queries) cross-attends to all F x N_q of them, then
+`video_projection` maps its outputs to the LM: N_vq tokens per clip.
+
 Legend: N images, V vision tokens per image, Q = N_q queries, T instruction tokens, D_v vision width, D_q Q-Former
-width, D LM width, H heads, d head width.
+width, D LM width, H heads, d head width; for clips C clips, F frames per clip, N_vq video queries.
 """
 
 import torch
@@ -42,45 +48,60 @@ class FusionBlip2Model(FusionModel):
 
     config_class = FusionBlip2Config
     _no_split_modules = ["QFormerLayer"]
-    _keep_in_fp32_modules_strict = ["qformer"]  # post-norm layers with eps 1e-12: fp32 under fp16 and bf16 alike
-    _bridge_modules = ["vision_layernorm", "qformer", "language_projection"]
+    # post-norm layers with eps 1e-12: fp32 under fp16 and bf16 alike
+    _keep_in_fp32_modules_strict = ["qformer", "video_qformer"]
+    # the last three only with `video_bridge="video_qformer"` (see `bridge_modules`)
+    _bridge_modules = ["vision_layernorm", "qformer", "language_projection", "frame_position_embedding",
+                       "video_qformer", "video_projection"]
     _image_inputs = ("qformer_input_ids", "qformer_attention_mask")  # InstructBLIP's instruction, per sample
+    _video_inputs = ("qformer_input_ids", "qformer_attention_mask")  # read with every frame of the sample's clips
     _unquantized_modules = FusionModel._unquantized_modules + [rf"(?:model\.)?{name}" for name in _bridge_modules]
 
     def __init__(self, config: FusionBlip2Config, **parts):
         super().__init__(config, **parts)
         vision_dim = config.vision_config.hidden_size
         self.vision_layernorm = nn.LayerNorm(vision_dim, eps=config.vision_layer_norm_eps)
+        shape = dict(dim=config.qformer_hidden_size, heads=config.qformer_num_attention_heads,
+                     ff_dim=config.qformer_intermediate_size, eps=config.qformer_layer_norm_eps,
+                     dropout=config.qformer_dropout)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)  # `_keep_in_fp32_modules_strict`: fp32 whatever the model is built in
         try:
             self.qformer = FusionQFormer(
                 num_queries=config.num_query_tokens,
-                dim=config.qformer_hidden_size,
                 depth=config.qformer_num_hidden_layers,
-                heads=config.qformer_num_attention_heads,
-                ff_dim=config.qformer_intermediate_size,
                 context_dim=vision_dim,
                 cross_attention_frequency=config.cross_attention_frequency,
-                eps=config.qformer_layer_norm_eps,
-                dropout=config.qformer_dropout,
                 text_vocab_size=config.qformer_vocab_size if config.qformer_text_input else None,
                 text_max_positions=config.qformer_max_position_embeddings,
                 text_pad_token_id=config.qformer_pad_token_id,
+                **shape,
             )
+            if config.video_bridge == "video_qformer":  # Video-LLaMA: reads the frames' query outputs, no text
+                self.video_qformer = FusionQFormer(num_queries=config.num_video_query_tokens,
+                                                   depth=config.video_qformer_num_hidden_layers,
+                                                   context_dim=config.qformer_hidden_size, cross_attention_frequency=1,
+                                                   **shape)
         finally:
             torch.set_default_dtype(previous)
         self.language_projection = nn.Linear(config.qformer_hidden_size, config.text_config.hidden_size)
+        if config.video_bridge == "video_qformer":
+            self.frame_position_embedding = nn.Embedding(config.max_num_frames, config.qformer_hidden_size)
+            self.video_projection = nn.Linear(config.qformer_hidden_size, config.text_config.hidden_size)
         self.post_init()
+
+    def bridge_modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in self._bridge_modules if hasattr(self, name)}
 
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, FusionQFormer):
             init.normal_(module.query_tokens, std=0.02)
 
-    def encode_images(self, features: torch.Tensor, qformer_input_ids: torch.LongTensor | None = None,
-                      qformer_attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """`qformer_input_ids` / `qformer_attention_mask` `(N, T)`: each image's instruction (instruction-aware only)."""
+    def query_outputs(self, features: torch.Tensor, qformer_input_ids: torch.LongTensor | None = None,
+                      qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The Q-Former's query outputs `(N, Q, D_q)` (fp32) for image features `(N, V, D_v)`;
+        `qformer_input_ids` / `qformer_attention_mask` `(N, T)`: each image's instruction (instruction-aware only)."""
         if self.config.qformer_text_input and qformer_input_ids is None:
             raise ValueError("This model's Q-Former reads the instruction: pass `qformer_input_ids` (the processor "
                              "makes them) with the images.")
@@ -88,9 +109,49 @@ class FusionBlip2Model(FusionModel):
             raise ValueError("`qformer_input_ids` were given, but this model's Q-Former reads no text "
                              "(`qformer_text_input=False`).")
         features = self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))  # (N, V, D_v)
-        queries = self.qformer(features.to(self.qformer.query_tokens.dtype), qformer_input_ids,
-                               qformer_attention_mask)[:, : self.config.num_query_tokens]  # (N, Q, D_q), fp32 always
+        return self.qformer(features.to(self.qformer.query_tokens.dtype), qformer_input_ids,
+                            qformer_attention_mask)[:, : self.config.num_query_tokens]  # (N, Q, D_q)
+
+    def encode_images(self, features: torch.Tensor, qformer_input_ids: torch.LongTensor | None = None,
+                      qformer_attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """`qformer_input_ids` / `qformer_attention_mask` `(N, T)`: each image's instruction (instruction-aware only)."""
+        queries = self.query_outputs(features, qformer_input_ids, qformer_attention_mask)  # (N, Q, D_q)
         return self.language_projection(queries.to(self.language_projection.weight.dtype))  # (N, Q, D)
+
+    def encode_videos(self, features: torch.Tensor, qformer_input_ids: torch.LongTensor | None = None,
+                      qformer_attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """
+        Args:
+            features (`torch.Tensor` of shape `(num_videos, num_frames, num_patches, vision_hidden_size)`).
+            qformer_input_ids, qformer_attention_mask (`torch.Tensor` of shape `(num_videos, instruction_length)`,
+                *optional*): each clip's instruction, read with every one of its frames.
+
+        Returns:
+            `torch.Tensor` of shape `(num_videos, config.num_video_tokens(num_frames), hidden_size)`.
+        """
+        C, F = features.shape[:2]
+        if qformer_input_ids is not None:  # (C, T) -> (C*F, T): every frame reads its clip's instruction
+            qformer_input_ids = qformer_input_ids.repeat_interleave(F, dim=0)
+            if qformer_attention_mask is not None:
+                qformer_attention_mask = qformer_attention_mask.repeat_interleave(F, dim=0)
+        queries = self.query_outputs(features.flatten(0, 1), qformer_input_ids, qformer_attention_mask)  # (C*F, Q, D_q)
+        queries = queries.unflatten(0, (C, F))  # (C, F, Q, D_q)
+        if self.config.video_bridge == "video_qformer":
+            return self.video_qformer_tokens(queries)
+        tokens = self.language_projection(queries.to(self.language_projection.weight.dtype))  # (C, F, Q, D)
+        return tokens.flatten(1, 2)  # (C, F*Q, D): frame after frame, as InstructBLIP-Video
+
+    def video_qformer_tokens(self, queries: torch.Tensor) -> torch.Tensor:
+        """Video-LLaMA's video Q-Former: the frames' query outputs `(C, F, Q, D_q)`, each frame's position added,
+        read together by `num_video_query_tokens` queries -> `(C, N_vq, D)`."""
+        C, F, Q, D_q = queries.shape
+        if F > self.config.max_num_frames:
+            raise ValueError(f"A clip of {F} frames is longer than the frame-position embedding's "
+                             f"`max_num_frames` ({self.config.max_num_frames}).")
+        positions = self.frame_position_embedding.weight[:F, None, :]  # (F, 1, D_q)
+        frames = (queries + positions.to(queries.dtype)).flatten(1, 2)  # (C, F*Q, D_q)
+        video = self.video_qformer(frames.to(self.video_qformer.query_tokens.dtype))  # (C, N_vq, D_q)
+        return self.video_projection(video.to(self.video_projection.weight.dtype))  # (C, N_vq, D)
 
     def blank_image_inputs(self) -> dict:
         inputs = super().blank_image_inputs()
@@ -100,19 +161,40 @@ class FusionBlip2Model(FusionModel):
             inputs["qformer_attention_mask"] = torch.ones(1, 1, dtype=torch.long, device=device)
         return inputs
 
+    def instruction_per_item(self, mask: torch.BoolTensor, num_items: int, tokens_per_item: int, kind: str,
+                             qformer_input_ids: torch.LongTensor, qformer_attention_mask=None) -> dict:
+        """The instruction, given per sample `(B, T)`, repeated for each of the batch's `num_items` images or clips
+        (`kind`), `(num_items, T)`: each reads its own sample's. `mask` `(B, T)`: their placeholder positions."""
+        counts = mask.sum(-1)  # (B,)
+        if int(counts.sum()) != num_items * tokens_per_item or bool((counts % tokens_per_item).any()):
+            raise ValueError(f"{kind.capitalize()} features and {kind} tokens do not match: the samples hold "
+                             f"{counts.tolist()} {kind} tokens, the {num_items} {kind}s give {tokens_per_item} each.")
+        per_sample = (counts // tokens_per_item).to(qformer_input_ids.device)  # (B,) images or clips of each sample
+        if qformer_attention_mask is not None:
+            qformer_attention_mask = qformer_attention_mask.repeat_interleave(
+                per_sample.to(qformer_attention_mask.device), dim=0)
+        return {"qformer_input_ids": qformer_input_ids.repeat_interleave(per_sample, dim=0),
+                "qformer_attention_mask": qformer_attention_mask}
+
     def embed_inputs(self, input_ids, inputs_embeds, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
         """The instruction is given per sample `(B, T)`; each image reads its own sample's."""
-        if qformer_input_ids is not None and pixel_values is not None and len(pixel_values) != len(qformer_input_ids):
-            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
-            per_sample = torch.as_tensor(self.images_per_sample(image_mask, len(pixel_values)))
-            qformer_input_ids = qformer_input_ids.repeat_interleave(per_sample.to(qformer_input_ids.device), dim=0)
-            if qformer_attention_mask is not None:
-                qformer_attention_mask = qformer_attention_mask.repeat_interleave(
-                    per_sample.to(qformer_attention_mask.device), dim=0)
         image_kwargs = {}
-        if qformer_input_ids is not None:
-            image_kwargs = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
+        if pixel_values is not None and qformer_input_ids is not None:
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, T)
+            image_kwargs = self.instruction_per_item(mask, len(pixel_values), self.config.num_query_tokens, "image",
+                                                     qformer_input_ids, qformer_attention_mask)
         return super().embed_inputs(input_ids, inputs_embeds, pixel_values, **image_kwargs)
+
+    def embed_videos(self, input_ids, inputs_embeds, pixel_values_videos, qformer_input_ids=None,
+                     qformer_attention_mask=None):
+        """As `embed_inputs`: each clip reads its own sample's instruction (with every frame, see `encode_videos`)."""
+        video_kwargs = {}
+        if pixel_values_videos is not None and qformer_input_ids is not None and self.config.video_token_id is not None:
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id=self.config.video_token_id)  # (B, T)
+            video_kwargs = self.instruction_per_item(mask, len(pixel_values_videos),
+                                                     self.config.num_video_tokens(pixel_values_videos.shape[1]),
+                                                     "video", qformer_input_ids, qformer_attention_mask)
+        return super().embed_videos(input_ids, inputs_embeds, pixel_values_videos, **video_kwargs)
 
 
 class FusionBlip2ForConditionalGeneration(FusionForConditionalGeneration, GenerationMixin):

@@ -283,6 +283,19 @@ class FusionProcessor(ProcessorMixin):
             kwargs["video_processor"] = FusionVideoProcessor.load_if_saved(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    # `from_pretrained` hands the video processor to `__init__` among the kwargs, which transformers also passes to
+    # every sub-processor's loader: a tokenizer would keep it in its `init_kwargs` and fail to save again.
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):  # transformers >= 5.20
+        video_processor = kwargs.pop("video_processor", None)
+        processor_dict, kwargs = super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+        return processor_dict, {**kwargs, "video_processor": video_processor}  # for `__init__` alone
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):  # 5.19
+        kwargs.pop("video_processor", None)
+        return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+
     def save_pretrained(self, save_directory, *args, remote_code: bool = False, **kwargs):
         """`ProcessorMixin.save_pretrained`, the video processor beside it; `remote_code=True` also writes the
         processor's code."""
@@ -367,34 +380,46 @@ class FusionBlip2Processor(FusionProcessor):
     Processor of the BLIP-2-style family: `num_query_tokens` placeholders per image.
 
     A prompt without `<image>` gets its image's placeholders in front of the whole tokenized prompt, BOS included —
-    the layout BLIP-2 was trained with and that transformers' `Blip2Processor` produces. Left padding goes in
-    front of the placeholders (`Blip2Processor` pads between them and the text).
+    the layout BLIP-2 was trained with and that transformers' `Blip2Processor` produces; so does a prompt without
+    `<video>` its clip's (transformers' `InstructBlipVideoProcessor`). Left padding goes in front of the placeholders
+    (`Blip2Processor` pads between them and the text).
     """
 
-    def __call__(self, images=None, text=None, **kwargs):
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
         texts = [text] if isinstance(text, str) else text
-        if images is None or texts is None or any(self.image_token in t for t in texts):
-            return super().__call__(images=images, text=text, **kwargs)
-        images = make_flat_list_of_images(images)
-        if len(images) != len(texts):
-            raise ValueError(
-                f"Prompts without {self.image_token} take one image each: got {len(texts)} prompts and "
-                f"{len(images)} images."
-            )
+        markers = [marker for marker in (self.image_token, self.video_token) if marker]
+        if (images is None and videos is None) or texts is None or any(m in t for t in texts for m in markers) \
+                or (videos is not None and getattr(self, "video_processor", None) is None):
+            return super().__call__(images=images, text=text, videos=videos, **kwargs)
+        if images is not None and videos is not None:
+            raise ValueError(f"Prompts without {self.image_token} and {self.video_token} take one image or one clip "
+                             "each, not both: write the markers in the text.")
+        kind, marker = ("image", self.image_token) if images is not None else ("clip", self.video_token)
+        items = make_flat_list_of_images(images) if images is not None else FusionVideoProcessor.batched(videos)
+        if len(items) != len(texts):
+            raise ValueError(f"Prompts without {marker} take one {kind} each: got {len(texts)} prompts and "
+                             f"{len(items)} {kind}s.")
         return_tensors = kwargs.pop("return_tensors", None)
         padding = kwargs.pop("padding", False)
         max_length = kwargs.pop("max_length", None)
+        if images is not None:
+            visual = {"pixel_values": self.image_processor(items)["pixel_values"]}
+            token_id, count = self.image_token_id, self.image_seq_length
+        else:
+            sampling = {key: kwargs.pop(key) for key in ("num_frames", "fps", "do_sample_frames", "video_metadata")
+                        if key in kwargs}
+            visual = dict(self.video_processor(items, **sampling))
+            token_id, count = self.video_token_id, self.num_video_tokens(num_frames_of(visual, 0))
         if max_length is not None:
-            max_length -= self.image_seq_length
+            max_length -= count
         encoded = self.tokenizer(list(texts), max_length=max_length, **kwargs)
-        prefix = [self.image_token_id] * self.image_seq_length
+        prefix = [token_id] * count
         features = {
             "input_ids": [prefix + ids for ids in encoded["input_ids"]],
             "attention_mask": [[1] * len(prefix) + mask for mask in encoded["attention_mask"]],
         }
         features = self.tokenizer.pad(features, padding=padding)
-        pixel_values = self.image_processor(images)["pixel_values"]
-        return BatchFeature({**features, "pixel_values": pixel_values}, tensor_type=return_tensors)
+        return BatchFeature({**features, **visual}, tensor_type=return_tensors)
 
 
 class FusionInstructBlipProcessor(FusionBlip2Processor):
@@ -431,9 +456,11 @@ class FusionInstructBlipProcessor(FusionBlip2Processor):
         return encoded
 
     def qformer_inputs(self, instructions: list[str], padding=False, return_tensors=None) -> dict:
-        """`qformer_input_ids` / `qformer_attention_mask` of each instruction, its `<image>` markers left out (the
-        Q-Former reads the words only)."""
+        """`qformer_input_ids` / `qformer_attention_mask` of each instruction, its `<image>` (and `<video>`) markers
+        left out (the Q-Former reads the words only)."""
         instructions = [t.replace(self.image_token, "") for t in instructions]
+        if self.video_token:
+            instructions = [t.replace(self.video_token, "") for t in instructions]
         qformer = self.qformer_tokenizer(instructions, padding=padding or (len(instructions) > 1 and "longest"),
                                          return_tensors=return_tensors)
         return {"qformer_input_ids": qformer["input_ids"], "qformer_attention_mask": qformer["attention_mask"]}
