@@ -354,6 +354,14 @@ class FusionLlavaProcessor(FusionProcessor):
             height = width = max(height, width)
         return num_tokens((height, width), **self.anyres)
 
+    def _process_images(self, images, **kwargs):
+        processed, replacements = super()._process_images(images, **kwargs)
+        counts = processed.pop("batch_num_images", None)  # LLaVA-OneVision's image processor: images per sample
+        if counts is not None and any(int(n) != 1 for n in counts):
+            raise ValueError("Several images in one sample take LLaVA-OneVision's base-tile-only layout, which the "
+                             "LLaVA-style family does not implement: give one image per sample.")
+        return processed, replacements
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         if self.anyres is None:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)
