@@ -178,3 +178,131 @@ def test_conversion_refuses_an_unconsumed_key(onevision_dir, tmp_path):
     with pytest.raises(ConversionError, match="model.vision_resampler.weight"):
         convert_llava_onevision(bad, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+# ---- the family's video path on tiny models ---------------------------------------------------------------------
+def video_model(video_pooling=None, **kwargs):
+    return tiny_model_and_processor("fusion_llava", video=True, num_frames=4, video_pooling=video_pooling, **kwargs)
+
+
+@pytest.mark.parametrize("video_pooling", POOLINGS)
+@pytest.mark.parametrize("video_newline", [False, True])
+def test_each_pooling_gives_the_configs_count_and_the_processors_placeholders(video_pooling, video_newline):
+    model, processor = video_model(video_pooling, video_newline=video_newline, video_pool_stride=3)
+    inputs = processor(videos=clip(0, frames=6), text="<video> what is shown ?", return_tensors="pt")
+    placeholders = int((inputs["input_ids"] == processor.video_token_id).sum())
+    with torch.no_grad():
+        tokens = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+    # 32 px frames of 8 px patches: a 4 x 4 grid; stride 3 pools it to 1 x 1 (floor), resizes it to 2 x 2 (ceil)
+    side = {None: 4, "average": 1, "max": 1, "bilinear": 2}[video_pooling]
+    assert tokens.shape == (1, model.config.num_video_tokens(4), 64) and placeholders == tokens.shape[1]
+    assert model.config.num_video_tokens(4) == 4 * side * side + video_newline
+    if video_newline:  # the clip ends with the learned newline
+        assert torch.equal(tokens[0, -1], model.model.image_newline)
+
+
+def test_average_and_max_pool_the_vision_features_before_the_projector_bilinear_after():
+    model, processor = video_model("average")
+    pixels = processor(videos=clip(1), text="<video>", return_tensors="pt")["pixel_values_videos"]
+    features, _ = model.model.get_vision_features(pixels.flatten(0, 1))  # (4, 16, 64): 4 frames of 4 x 4 patches
+    grid = features.unflatten(1, (4, 4))  # (F, 4, 4, D_v)
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        pooled = grid.unflatten(1, (2, 2)).unflatten(3, (2, 2))  # (F, 2, 2, 2, 2, D_v): rows and columns in pairs
+        expected = {"average": projector(pooled.mean((2, 4)).flatten(1, 2)),
+                    "max": projector(pooled.amax((2, 4)).flatten(1, 2))}
+        for mode, want in expected.items():
+            model.config.video_pooling = mode
+            assert torch.allclose(model.model.encode_videos(features[None])[0], want.flatten(0, 1), atol=1e-6)
+        # bilinear halving of an even grid (align_corners=False) is the mean of each 2 x 2 block, after the projector
+        model.config.video_pooling = "bilinear"
+        want = projector(grid).unflatten(1, (2, 2)).unflatten(3, (2, 2)).mean((2, 4)).flatten(1, 2)
+        assert torch.allclose(model.model.encode_videos(features[None])[0], want.flatten(0, 1), atol=1e-6)
+
+
+def test_images_and_a_video_in_one_prompt_each_fill_their_own_positions():
+    model, processor = video_model("bilinear", video_newline=True)
+    text = "USER: <image> <video> what is shown ? ASSISTANT:"
+    inputs = processor(images=random_image(0), videos=clip(0), text=text, return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    image_at, video_at = (ids == processor.image_token_id).nonzero()[:, 0], (ids == processor.video_token_id).nonzero()[:, 0]
+    assert len(image_at) == model.config.num_image_tokens() and len(video_at) == model.config.num_video_tokens(4)
+    with torch.no_grad():
+        embeds, _ = model.model.embed_inputs(inputs["input_ids"], None, inputs["pixel_values"])
+        spliced, _ = model.model.embed_videos(inputs["input_ids"], embeds, inputs["pixel_values_videos"])
+        expected = model.model.get_input_embeddings()(ids.masked_fill(ids >= model.config.text_config.vocab_size, 0))
+        expected[image_at] = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0]
+        expected[video_at] = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0]
+        assert torch.equal(spliced[0], expected)
+        # another clip changes nothing before the video's first position
+        other = processor(images=random_image(0), videos=clip(5), text=text, return_tensors="pt")
+        first = int(video_at[0])
+        assert torch.equal(model(**inputs).logits[:, :first], model(**other).logits[:, :first])
+        assert not torch.equal(model(**inputs).logits[:, first:], model(**other).logits[:, first:])
+
+
+def test_cached_and_uncached_generation_with_a_video_agree():
+    model, processor = video_model("average")
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[random_image(0), random_image(1)], videos=[clip(0), clip(1)], padding=True,
+                       text=["<image> <video> what is shown ?", "<video> how many shapes are there in <image> ?"],
+                       return_tensors="pt")
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+        beams = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=2)
+    assert torch.equal(cached, uncached) and beams.shape[0] == 2
+
+
+def test_save_and_load_round_trip_model_and_processor_exactly(tmp_path):
+    model, processor = video_model("bilinear", video_newline=True, video_pool_stride=3,
+                                   image_grid_pinpoints=[[32, 64], [64, 32]], anyres_max_tiles=1)
+    processor = FusionLlavaProcessor(image_processor=_anyres_image_processor([[32, 64], [64, 32]]),
+                                     tokenizer=processor.tokenizer, patch_size=8, anyres_max_tiles=1,
+                                     video_processor=processor.video_processor,
+                                     video_tokens_per_frame=processor.video_tokens_per_frame,
+                                     video_tokens_per_clip=processor.video_tokens_per_clip)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert "model.image_newline" in loaded.state_dict()
+    for field in ("video_pooling", "video_pool_stride", "video_newline", "anyres_max_tiles", "video_token_id"):
+        assert getattr(loaded.config, field) == getattr(model.config, field)
+    text = "<image> <video> what is shown ?"
+    inputs = processor(images=random_image(0, size=(40, 80)), videos=clip(2), text=text, return_tensors="pt")
+    again = loaded_processor(images=random_image(0, size=(40, 80)), videos=clip(2), text=text, return_tensors="pt")
+    assert inputs.keys() == again.keys() and all(torch.equal(inputs[k], again[k]) for k in inputs)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**again).logits)
+
+
+def _anyres_image_processor(pinpoints):
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                      image_grid_pinpoints=pinpoints)
+
+
+def test_a_video_token_count_mismatch_raises_with_both_counts():
+    model, processor = video_model("max", video_newline=True)
+    inputs = processor(videos=clip(0), text="<video> what is shown ?", return_tensors="pt")
+    ids = inputs["input_ids"]
+    first = int((ids[0] == processor.video_token_id).nonzero()[0, 0])
+    short = torch.cat([ids[:, :first], ids[:, first + 1:]], dim=1)  # one placeholder fewer
+    with pytest.raises(ValueError, match=r"holds 16 video tokens .* give 17 features"):
+        model(input_ids=short, pixel_values_videos=inputs["pixel_values_videos"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(video_pooling="mean"), "video_pooling"),
+    (dict(video_pooling="average", video_pool_stride=0), "video_pool_stride"),
+    (dict(video_pooling="average", video_pool_stride=5), "video_pool_stride"),
+    (dict(video_newline="yes"), "video_newline"),
+    (dict(video_pooling="bilinear", vision_feature_select_strategy="full"), "patch grid"),
+    (dict(anyres_max_tiles=9), "anyres_max_tiles"),
+    (dict(anyres_max_tiles=0, image_grid_pinpoints=[[32, 64]]), "anyres_max_tiles"),
+])
+def test_bad_video_fields_are_refused_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        FusionLlavaConfig(vision_config=tiny_vision_config("clip"), text_config=tiny_text_config("llama"), **fields)

@@ -18,6 +18,7 @@ image and one clip: the converted processor's `input_ids` must be what transform
 """
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -100,6 +101,21 @@ def without_video_processor(processor_cls):
         @classmethod
         def get_attributes(cls):
             return [name for name in attributes if name != "video_processor"]
+
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            """The saved tokenizer, image processor, chat template and settings (`processor_config.json`)."""
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            parameters = inspect.signature(processor_cls.__init__).parameters
+            with open(os.path.join(path, "processor_config.json")) as f:
+                settings = {k: v for k, v in json.load(f).items() if k in parameters and k not in attributes}
+            template = os.path.join(path, "chat_template.jinja")
+            if os.path.exists(template):
+                with open(template) as f:
+                    settings["chat_template"] = f.read()
+            return cls(image_processor=AutoImageProcessor.from_pretrained(path),
+                       tokenizer=AutoTokenizer.from_pretrained(path), **settings)
 
         def validate_inputs(self, images=None, text=None, videos=None, **kwargs):
             texts = [text] if isinstance(text, str) else text
