@@ -1,5 +1,5 @@
-"""Video in the LLaVA-style family: pooling modes, the clip's newline, and parity with transformers' LLaVA-NeXT-Video and
-LLaVA-OneVision (tiny random checkpoints built from their configs, converted, same inputs)."""
+"""Video in the LLaVA-style family: pooling modes, the clip's newline, and parity with transformers'
+LLaVA-NeXT-Video and LLaVA-OneVision (tiny random checkpoints built from their configs, converted, same inputs)."""
 
 import numpy as np
 import pytest
@@ -63,7 +63,8 @@ def next_video_dir(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"llava_next_video_{request.param}")
     LlavaNextVideoForConditionalGeneration(config).eval().save_pretrained(path)
     processor.save_pretrained(path)
-    LlavaNextVideoVideoProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    video_processor = LlavaNextVideoVideoProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    video_processor.save_pretrained(path)
     return path
 
 
@@ -79,7 +80,8 @@ def onevision_dir(tmp_path_factory):
     tokenizer = tokenizer_with_placeholders()
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
     processor = without_video_processor(LlavaOnevisionProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16, vision_feature_select_strategy="full")
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16,
+        vision_feature_select_strategy="full")
     config = LlavaOnevisionConfig(vision_config=tiny_vision_config("siglip"),
                                   text_config=tiny_text_config("qwen2", vocab_size=len(tokenizer)),
                                   image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -225,7 +227,8 @@ def test_images_and_a_video_in_one_prompt_each_fill_their_own_positions():
     text = "USER: <image> <video> what is shown ? ASSISTANT:"
     inputs = processor(images=random_image(0), videos=clip(0), text=text, return_tensors="pt")
     ids = inputs["input_ids"][0]
-    image_at, video_at = (ids == processor.image_token_id).nonzero()[:, 0], (ids == processor.video_token_id).nonzero()[:, 0]
+    image_at = (ids == processor.image_token_id).nonzero()[:, 0]
+    video_at = (ids == processor.video_token_id).nonzero()[:, 0]
     assert len(image_at) == model.config.num_image_tokens() and len(video_at) == model.config.num_video_tokens(4)
     with torch.no_grad():
         embeds, _ = model.model.embed_inputs(inputs["input_ids"], None, inputs["pixel_values"])

@@ -79,8 +79,9 @@ class FusionLlavaConfig(FusionConfig):
                 raise ValueError("`image_grid_pinpoints` (anyres) needs `vision_feature_select_strategy='default'`: "
                                  "each tile's patches form the grid.")
         if self.anyres_max_tiles is not None:
-            if isinstance(self.anyres_max_tiles, bool) or not isinstance(self.anyres_max_tiles, int) or self.anyres_max_tiles < 1:
-                raise ValueError(f"`anyres_max_tiles` must be a positive integer or None, got {self.anyres_max_tiles!r}.")
+            tiles = self.anyres_max_tiles
+            if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
+                raise ValueError(f"`anyres_max_tiles` must be a positive integer or None, got {tiles!r}.")
             if self.image_grid_pinpoints is None:
                 raise ValueError("`anyres_max_tiles` needs `image_grid_pinpoints`: it bounds an anyres grid.")
         if self.video_pooling is not None:
@@ -94,7 +95,8 @@ class FusionLlavaConfig(FusionConfig):
             size, patch = self.vision_config.image_size, self.vision_config.patch_size
             side = size // patch
             if self.video_pooling != "bilinear" and stride > side:
-                raise ValueError(f"`video_pool_stride` ({stride}) must not exceed the frame's {side} x {side} patch grid.")
+                raise ValueError(f"`video_pool_stride` ({stride}) must not exceed the frame's {side} x {side} "
+                                 "patch grid.")
             if num_visual_tokens(self.vision_config, size, size, self.vision_feature_select_strategy) != side * side:
                 raise ValueError(f"`video_pooling` needs each frame's features to form its {side} x {side} patch grid: "
                                  "use `vision_feature_select_strategy='default'` (or a tower without a CLS token).")

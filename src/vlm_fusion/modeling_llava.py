@@ -158,7 +158,8 @@ class FusionLlavaModel(FusionModel):
             pool = nn.functional.avg_pool2d if pooling == "average" else nn.functional.max_pool2d
             grid = features.unflatten(1, (p, p)).permute(0, 3, 1, 2)  # (V*F, D_v, p, p)
             features = pool(grid, kernel_size=stride, stride=stride).flatten(2).transpose(1, 2)  # (V*F, q*q, D_v)
-        tokens = self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))  # (V*F, ., D)
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        tokens = self.multi_modal_projector(features.to(dtype))  # (V*F, q*q or p*p, D)
         if pooling == "bilinear":
             q = math.ceil(p / stride)
             grid = tokens.unflatten(1, (p, p)).permute(0, 3, 1, 2)  # (V*F, D, p, p)

@@ -354,6 +354,12 @@ class FusionLlavaProcessor(FusionProcessor):
             height = width = max(height, width)
         return num_tokens((height, width), **self.anyres)
 
+    def to_dict(self):
+        output = super().to_dict()
+        if self.anyres_max_tiles is None:  # saved as before anyres_max
+            output.pop("anyres_max_tiles", None)
+        return output
+
     def _process_images(self, images, **kwargs):
         processed, replacements = super()._process_images(images, **kwargs)
         counts = processed.pop("batch_num_images", None)  # LLaVA-OneVision's image processor: images per sample

@@ -158,6 +158,7 @@ def convert_video(args):
     strategy = source.vision_feature_select_strategy
     if strategy == "full" and num_prefix_tokens(source.vision_config) == 0:
         strategy = "default"  # a tower without CLS (SigLIP): every token is a patch either way
+    model_cls, processor_cls, video_processor_cls = transformers_classes(args.source)
     text_config = source.text_config
     text_config.tie_word_embeddings = bool(source.tie_word_embeddings or text_config.tie_word_embeddings)
     config = FusionLlavaConfig(
@@ -171,9 +172,9 @@ def convert_video(args):
         video_token_id=source.video_token_id,
         image_grid_pinpoints=source.image_grid_pinpoints,
         **video_fields(args.source, source),
+        origin=f"Converted from transformers' {model_cls.__name__} ({os.path.basename(os.path.abspath(args.input))}).",
     )
     state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(conversion.lm_base_prefix(text_config)))
-    model_cls, processor_cls, video_processor_cls = transformers_classes(args.source)
     source_processor = without_video_processor(processor_cls).from_pretrained(args.input)
     frames, settings = frame_processor(args.input, video_processor_cls)
     per_frame, per_clip = config.video_token_counts()
@@ -213,7 +214,8 @@ def convert_video(args):
 
 
 def parse_args(argv=None, prog=None):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=sorted(SOURCE_TYPES), required=True)
     parser.add_argument("--input", required=True, help="checkpoint directory (a saved transformers model + processor)")
     conversion.add_common_arguments(parser)
