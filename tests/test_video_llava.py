@@ -309,3 +309,17 @@ def test_a_video_token_count_mismatch_raises_with_both_counts():
 def test_bad_video_fields_are_refused_naming_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         FusionLlavaConfig(vision_config=tiny_vision_config("clip"), text_config=tiny_text_config("llama"), **fields)
+
+
+def test_explain_reads_an_anyres_max_grid_at_its_resized_shape():
+    from vlm_fusion.explain import explain
+
+    grids = [[32, 64], [64, 64]]
+    model, processor = video_model(image_grid_pinpoints=grids, anyres_max_tiles=1)
+    processor = FusionLlavaProcessor(image_processor=_anyres_image_processor(grids), tokenizer=processor.tokenizer,
+                                     patch_size=8, anyres_max_tiles=1)
+    # a 64x64 grid: 8 x 8 features, sqrt(64 / 16) = 2 > 1.1, so resized to 4 x 4 (4 newlines): 16 + 16 + 4 tokens
+    assert model.config.num_image_tokens(60, 60) == 36
+    result = explain(model, processor, [random_image(0, size=(60, 60))], "<image> what is shown ?", max_new_tokens=2)
+    assert result.layer_maps[0].shape[-2:] == (4, 4)
+    torch.testing.assert_close(result.maps()[0].sum((-1, -2)), torch.ones(len(result.tokens)))
