@@ -323,3 +323,29 @@ def test_explain_reads_an_anyres_max_grid_at_its_resized_shape():
     result = explain(model, processor, [random_image(0, size=(60, 60))], "<image> what is shown ?", max_new_tokens=2)
     assert result.layer_maps[0].shape[-2:] == (4, 4)
     torch.testing.assert_close(result.maps()[0].sum((-1, -2)), torch.ones(len(result.tokens)))
+
+
+def assert_refused(source_dir, source, edit: dict, message, tmp_path, capsys):
+    """Converting `source_dir` with `edit` written into its config.json fails in one line and writes nothing."""
+    import json
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in source_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **edit}))
+    assert convert_llava_video_script.main(["--source", source, "--input", str(bad),
+                                            "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_next_video_conv_pooling_is_refused_in_one_line(next_video_dir, tmp_path, capsys):
+    assert_refused(next_video_dir, "llava-next-video", {"spatial_pool_mode": "conv"},
+                   "spatial_pool_mode 'conv' is not supported (average, max).", tmp_path, capsys)
+
+
+def test_onevision_without_anyres_max_is_refused_in_one_line(onevision_dir, tmp_path, capsys):
+    assert_refused(onevision_dir, "llava-onevision", {"vision_aspect_ratio": "anyres"},
+                   "vision_aspect_ratio 'anyres' is not supported (anyres_max_N).", tmp_path, capsys)
