@@ -1,10 +1,13 @@
 """Config of the LLaVA-style family: vision features -> projector -> visual tokens spliced into the LM input."""
 
+import math
+
 from .configuration_base import FusionConfig, check_choice
 from .anyres import num_tokens
 from .vision import num_visual_tokens
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+VIDEO_POOLINGS = ("average", "max", "bilinear")
 
 
 class FusionLlavaConfig(FusionConfig):
@@ -20,6 +23,19 @@ class FusionLlavaConfig(FusionConfig):
             Dynamic resolution (LLaVA-NeXT "anyres"): the `[height, width]` grids an image may be tiled to, each a
             multiple of the tower's `image_size`. An image then takes a variable number of tokens (`num_image_tokens`
             of its size); `None` (default) keeps one fixed-size image.
+        anyres_max_tiles (`int`, *optional*):
+            LLaVA-OneVision's `anyres_max_N`: when an image's unpadded grid holds more than about N tiles' features
+            (`sqrt(h * w / (N * p * p)) > 1.1`, p x p patches a tile), it is bilinearly resized down to N tiles'
+            worth before the newlines are added. `None` (default): LLaVA-NeXT's anyres, never resized.
+        video_pooling (`str`, *optional*):
+            How each frame of a clip is reduced on its p x p patch grid. `"average"` / `"max"` (LLaVA-NeXT-Video):
+            the vision features are pooled by a `video_pool_stride` window and stride before the projector,
+            `floor(p / stride)` a side. `"bilinear"` (LLaVA-OneVision): the projected tokens are bilinearly
+            resized to `ceil(p / stride)` a side after the projector. `None` (default): every patch of every frame.
+        video_pool_stride (`int`, *optional*, defaults to 2):
+            The pooling's window and stride (`"average"`, `"max"`) or its down-scaling factor (`"bilinear"`).
+        video_newline (`bool`, *optional*, defaults to `False`):
+            Whether a learned newline (`image_newline`) follows each clip, as LLaVA-OneVision appends one.
 
     Example:
 
@@ -40,6 +56,10 @@ class FusionLlavaConfig(FusionConfig):
     projector_type: str = "mlp2x_gelu"  # "linear" | "mlp2x_gelu"
     projector_bias: bool = True  # biases in the projector's linear layers
     image_grid_pinpoints: list[list[int]] | None = None  # anyres grids [height, width] (LLaVA-NeXT); None: fixed size
+    anyres_max_tiles: int | None = None  # OneVision's anyres_max_N: grids above N tiles' features resized down
+    video_pooling: str | None = None  # per frame: "average" | "max" (before the projector) | "bilinear" (after); None
+    video_pool_stride: int = 2  # the video pooling's window and stride, or its down-scaling factor
+    video_newline: bool = False  # a learned newline (image_newline) after each clip (LLaVA-OneVision)
 
     def validate_fusion_fields(self):
         super().validate_fusion_fields()
@@ -58,6 +78,28 @@ class FusionLlavaConfig(FusionConfig):
             if self.vision_feature_select_strategy != "default":
                 raise ValueError("`image_grid_pinpoints` (anyres) needs `vision_feature_select_strategy='default'`: "
                                  "each tile's patches form the grid.")
+        if self.anyres_max_tiles is not None:
+            tiles = self.anyres_max_tiles
+            if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
+                raise ValueError(f"`anyres_max_tiles` must be a positive integer or None, got {tiles!r}.")
+            if self.image_grid_pinpoints is None:
+                raise ValueError("`anyres_max_tiles` needs `image_grid_pinpoints`: it bounds an anyres grid.")
+        if self.video_pooling is not None:
+            check_choice("video_pooling", self.video_pooling, VIDEO_POOLINGS)
+        stride = self.video_pool_stride
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"`video_pool_stride` must be a positive integer, got {stride!r}.")
+        if not isinstance(self.video_newline, bool):
+            raise ValueError(f"`video_newline` must be a bool, got {self.video_newline!r}.")
+        if self.video_pooling is not None:
+            size, patch = self.vision_config.image_size, self.vision_config.patch_size
+            side = size // patch
+            if self.video_pooling != "bilinear" and stride > side:
+                raise ValueError(f"`video_pool_stride` ({stride}) must not exceed the frame's {side} x {side} "
+                                 "patch grid.")
+            if num_visual_tokens(self.vision_config, size, size, self.vision_feature_select_strategy) != side * side:
+                raise ValueError(f"`video_pooling` needs each frame's features to form its {side} x {side} patch grid: "
+                                 "use `vision_feature_select_strategy='default'` (or a tower without a CLS token).")
 
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         """Visual tokens the LM sees for one `height` x `width` image (default: the tower's `image_size`); with
@@ -65,7 +107,19 @@ class FusionLlavaConfig(FusionConfig):
         size = self.vision_config.image_size
         if self.image_grid_pinpoints is not None:
             return num_tokens((height or size, width or size), pinpoints=self.image_grid_pinpoints, tile=size,
-                                     patch=self.vision_config.patch_size)
+                              patch=self.vision_config.patch_size, max_tiles=self.anyres_max_tiles)
         return num_visual_tokens(
             self.vision_config, height or size, width or size, self.vision_feature_select_strategy
         )
+
+    def video_token_counts(self) -> tuple[int, int]:
+        """`(per_frame, per_clip)`: each frame's tokens after `video_pooling`, and the clip's newline."""
+        size, patch = self.vision_config.image_size, self.vision_config.patch_size
+        side, stride = size // patch, self.video_pool_stride
+        if self.video_pooling is None:
+            per_frame = num_visual_tokens(self.vision_config, size, size, self.vision_feature_select_strategy)
+        elif self.video_pooling == "bilinear":
+            per_frame = math.ceil(side / stride) ** 2
+        else:  # a pooling window: floor, as nn.AvgPool2d / nn.MaxPool2d
+            per_frame = (side // stride) ** 2
+        return per_frame, int(self.video_newline)

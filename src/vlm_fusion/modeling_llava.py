@@ -5,11 +5,18 @@ h_v = W2 GELU(W1 g_v + b1) + b2   (`mlp2x_gelu`),   h_v = W g_v + b   (`linear`)
 With `image_grid_pinpoints` (LLaVA-NeXT "anyres") each image arrives as tiles, base tile first; every tile is
 projected, and `anyres.pack` lays the grid out unpadded with a learned `image_newline` after each row.
 
+A clip's frames each give a p x p patch grid; `video_pooling` reduces it (`"average"` / `"max"` before the projector,
+LLaVA-NeXT-Video; `"bilinear"` after it, LLaVA-OneVision), the frames follow one another and, with `video_newline`,
+`image_newline` closes the clip.
+
 Module and state-dict names are those of transformers' `Llava` (`model.vision_tower`, `model.multi_modal_projector`,
 `model.language_model`, `lm_head`).
 
-Legend: N images, P visual tokens per image, D_v vision width, D LM width.
+Legend: N images, P visual tokens per image, D_v vision width, D LM width; V clips, F frames per clip, p x p patch grid
+of a frame, q x q after pooling.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -65,7 +72,7 @@ class FusionLlavaModel(FusionModel):
     config_class = FusionLlavaConfig
     _no_split_modules = ["FusionLlavaProjector"]
     _bridge_modules = ["multi_modal_projector"]
-    _bridge_parameters = ["image_newline"]  # anyres only
+    _bridge_parameters = ["image_newline"]  # anyres, or video_newline
     _unquantized_modules = FusionModel._unquantized_modules + [r"(?:model\.)?multi_modal_projector"]
     _image_inputs = ("image_sizes",)  # anyres: each image's original (height, width)
     _per_image_inputs = ("image_sizes",)
@@ -78,8 +85,9 @@ class FusionLlavaModel(FusionModel):
             projector_type=config.projector_type,
             bias=config.projector_bias,
         )
-        if config.image_grid_pinpoints is not None:
-            self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))  # ends each grid row
+        if config.image_grid_pinpoints is not None or config.video_newline:
+            # ends each grid row (anyres) and each clip (video_newline)
+            self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.post_init()
 
     def _init_weights(self, module):
@@ -93,7 +101,7 @@ class FusionLlavaModel(FusionModel):
         if self.config.image_grid_pinpoints is None:
             return None
         return dict(pinpoints=self.config.image_grid_pinpoints, tile=self.config.vision_config.image_size,
-                    patch=self.config.vision_config.patch_size)
+                    patch=self.config.vision_config.patch_size, max_tiles=self.config.anyres_max_tiles)
 
     def tokens_per_image(self, image_sizes=None, **image_inputs) -> list[int] | None:
         if self.anyres is None or image_sizes is None:
@@ -138,6 +146,30 @@ class FusionLlavaModel(FusionModel):
         per_image = projected.split(tiles)  # (T_i, P, D) each
         return [pack(image, size, newline=self.image_newline, **self.anyres)
                 for image, size in zip(per_image, image_sizes.tolist())]  # (num_tokens_i, D) each
+
+    def encode_videos(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The frames' features `(V, F, p*p, D_v)` -> each clip's visual tokens `(V, F*q*q (+1), D)`: pooled on the
+        patch grid (`video_pooling`), projected, frame after frame, then the newline (`video_newline`)."""
+        V, F, N, D_v = features.shape
+        pooling, stride = self.config.video_pooling, self.config.video_pool_stride
+        p = math.isqrt(N)  # with pooling, the config made sure N = p*p
+        features = features.reshape(V * F, N, D_v)  # (V*F, p*p, D_v)
+        if pooling in ("average", "max"):  # LLaVA-NeXT-Video: on the vision features
+            pool = nn.functional.avg_pool2d if pooling == "average" else nn.functional.max_pool2d
+            grid = features.unflatten(1, (p, p)).permute(0, 3, 1, 2)  # (V*F, D_v, p, p)
+            features = pool(grid, kernel_size=stride, stride=stride).flatten(2).transpose(1, 2)  # (V*F, q*q, D_v)
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        tokens = self.multi_modal_projector(features.to(dtype))  # (V*F, q*q or p*p, D)
+        if pooling == "bilinear":
+            q = math.ceil(p / stride)
+            grid = tokens.unflatten(1, (p, p)).permute(0, 3, 1, 2)  # (V*F, D, p, p)
+            grid = nn.functional.interpolate(grid, size=(q, q), mode="bilinear")  # (V*F, D, q, q)
+            tokens = grid.flatten(2).transpose(1, 2)  # (V*F, q*q, D)
+        tokens = tokens.reshape(V, -1, tokens.shape[-1])  # (V, F*q*q, D)
+        if self.config.video_newline:
+            newline = self.image_newline.to(tokens.dtype).expand(V, 1, -1)  # (V, 1, D)
+            tokens = torch.cat([tokens, newline], dim=1)  # (V, F*q*q + 1, D)
+        return tokens
 
 
 class FusionLlavaForConditionalGeneration(FusionForConditionalGeneration, GenerationMixin):

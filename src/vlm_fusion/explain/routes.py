@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..anyres import grid_shape, unpadded_shape
+from ..anyres import downscaled_shape, grid_shape, unpadded_shape
 from ..modeling_flamingo import MaskedCrossAttention, PerceiverAttention, split_heads
 from ..modeling_qformer import QFormerAttention
 from ..vision import num_prefix_tokens
@@ -165,7 +165,7 @@ def llava_route(model, inputs: dict, rows: torch.Tensor) -> tuple[list[torch.Ten
         p = anyres["tile"] // anyres["patch"]
         size = inputs["image_sizes"][index].tolist()
         rows_, cols = grid_shape(size, anyres["pinpoints"], anyres["tile"])
-        h, w = unpadded_shape(size, rows_ * p, cols * p)
+        h, w = downscaled_shape(*unpadded_shape(size, rows_ * p, cols * p), p, anyres["max_tiles"])  # anyres_max
         base = on_image[..., : p * p].reshape(*on_image.shape[:-1], p, p)
         grid = on_image[..., p * p :].reshape(*on_image.shape[:-1], h, w + 1)[..., :w]  # newline column out
         maps.append(grid + spread(base, h, w))

@@ -26,14 +26,32 @@ def _count(modules) -> str:
     return f"{sum(p.numel() for m in modules for p in m.parameters()):,}"
 
 
+def llava_video_text(config) -> str | None:
+    """One sentence on how a LLaVA-style model reads clips, or `None` without a video path."""
+    if config.video_token_id is None:
+        return None
+    per_frame, per_clip = config.video_token_counts()
+    how = {None: "every patch of each frame is projected",
+           "average": f"each frame's patch features are average-pooled ({config.video_pool_stride} x "
+                      f"{config.video_pool_stride}) before the projector, as LLaVA-NeXT-Video does",
+           "max": f"each frame's patch features are max-pooled ({config.video_pool_stride} x "
+                  f"{config.video_pool_stride}) before the projector, as LLaVA-NeXT-Video does",
+           "bilinear": f"each frame's projected tokens are bilinearly resized down {config.video_pool_stride}x, as "
+                       "LLaVA-OneVision does"}[config.video_pooling]
+    newline = ", then a learned newline after the clip" if per_clip else ""
+    return f"Clips are read frame by frame: {how} ({per_frame} tokens a frame{newline})."
+
+
 def family_fields(model) -> dict:
     """What each family's template shows of its bridge."""
     config = model.config
     if config.model_type == "fusion_llava":
         projector = "2-layer GELU MLP" if config.projector_type == "mlp2x_gelu" else "linear"
         anyres = config.image_grid_pinpoints and ", ".join(f"{h}x{w}" for h, w in config.image_grid_pinpoints)
+        if config.anyres_max_tiles is not None:
+            anyres = f"{anyres}; a grid above {config.anyres_max_tiles} tiles' features resized down, as OneVision's"
         return dict(projector=projector, vision_feature_layer=config.vision_feature_layer,
-                    strategy=config.vision_feature_select_strategy, anyres=anyres)
+                    strategy=config.vision_feature_select_strategy, anyres=anyres, video=llava_video_text(config))
     if config.model_type == "fusion_blip2_qformer":
         return dict(num_query_tokens=config.num_query_tokens, qformer_layers=config.qformer_num_hidden_layers,
                     qformer_width=config.qformer_hidden_size, cross_attention_frequency=config.cross_attention_frequency,
