@@ -13,7 +13,8 @@ import sys
 DEMO_FAMILIES = ("llava", "blip2", "flamingo")  # as `vlm_fusion.demo.FAMILIES`
 DEMO_PREFIX = "demo:"  # `--model demo:llava` names a demo checkpoint shipped in the package
 CONVERTERS = {"llava": "convert_llava", "blip2": "convert_blip2", "openflamingo": "convert_openflamingo",
-              "idefics": "convert_idefics", "instructblip-video": "convert_instructblip_video"}
+              "idefics": "convert_idefics", "llava-video": "convert_llava_video",
+              "instructblip-video": "convert_instructblip_video"}
 
 
 def positive_int(text: str) -> int:
