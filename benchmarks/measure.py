@@ -96,14 +96,24 @@ def load(spec):
     elif kind == "hf_idefics":
         from transformers import IdeficsForVisionText2Text as model_cls
         from transformers import IdeficsProcessor as processor_cls
+    elif kind == "hf_llava_onevision":  # its processor needs torchvision: our converted one writes the same inputs
+        import vlm_fusion  # noqa: F401
+        from transformers import AutoProcessor
+        from transformers import LlavaOnevisionForConditionalGeneration as model_cls
+
+        processor_cls = AutoProcessor
+        spec = {**spec, "processor_path": spec["inputs_from"]}
     else:
         raise ValueError(kind)
     device = spec_device(spec)
     model = model_cls.from_pretrained(path, device_map=device).eval()
     if "reuse_media_kv" in spec:
         model.reuse_media_kv = spec["reuse_media_kv"]
-    processor = processor_cls.from_pretrained(path)
-    if isinstance(spec["prompt"], list):  # an IDEFICS sample: [text before the images, text after them]
+    processor = processor_cls.from_pretrained(spec.get("processor_path", path))
+    if spec.get("num_frames"):  # one clip of that many frames
+        inputs = processor(videos=[spec_clip(spec)], text=[spec["prompt"]], do_sample_frames=False,
+                           return_tensors="pt").to(device)
+    elif isinstance(spec["prompt"], list):  # an IDEFICS sample: [text before the images, text after them]
         sample = [spec["prompt"][0], *spec_images(spec)[0], spec["prompt"][1]]
         inputs = processor(text=[sample], return_tensors="pt").to(device)
     else:
@@ -128,6 +138,14 @@ def make_generate(model, inputs, spec):
 
 def spec_device(spec) -> str:
     return spec.get("device", "cpu")
+
+
+def spec_clip(spec):
+    """A random clip `(num_frames, image_size, image_size, 3)`, uint8, the same for every spec."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (spec["num_frames"], spec["image_size"], spec["image_size"], 3), dtype=np.uint8)
 
 
 def spec_images(spec):

@@ -5,10 +5,11 @@
     python benchmarks/run.py --size tiny --repeats 1 --new-tokens 3   # the smoke run (scripts/gpu_check.py --dry-run)
 
 1. Each family against the reference implementation on identical weights (converted by our scripts):
-   transformers' Llava (also both with a static cache and a compiled forward), Blip2 and Idefics (which recomputes
+   transformers' Llava (also both with a static cache and a compiled forward), LlavaOnevision on a clip, Blip2 and Idefics (which recomputes
    its cross-attention keys/values every step, where ours are cached); for Flamingo, our decoding with cached cross-attention K/V against the same
    model recomputing them every step (OpenFlamingo's behaviour), and OpenFlamingo's own forward.
-2. The seeds' trade-off table, measured on one vision tower and one LM for all three families.
+2. The seeds' trade-off table, measured on one vision tower and one LM for all three families, for images and for
+   clips of several frame counts (each family's video path and its knob: pooling, per-frame or video Q-Former, latents).
 3. The physical bound: decode tokens/s as a fraction of (measured memory bandwidth / LM bytes read per token).
 
 Tables are printed and written to OUT/tables.md, OUT/results.json and OUT/benchmarks.png.
@@ -109,6 +110,11 @@ def reference_comparisons(work, size, args):
     static = dict(one, static_compile=True)
     rows.append(comparison("LLaVA-style, static cache + compile", "transformers Llava, same settings",
                            dict(static, kind="hf_llava", path=llava_hf), dict(static, kind="ours", path=llava_ours), args))
+    onevision_hf, onevision_ours = setups.build_llava_onevision(work, size)
+    clip = dict(common, prompt=setups.VIDEO_PROMPT, num_frames=size["frames"][0])
+    rows.append(comparison(f"LLaVA-style, a {clip['num_frames']}-frame clip", "transformers LlavaOnevision",
+                           dict(clip, kind="hf_llava_onevision", path=onevision_hf, inputs_from=onevision_ours),
+                           dict(clip, kind="ours", path=onevision_ours), args))
     blip2_hf, blip2_ours = setups.build_blip2(work, size)
     one = dict(common, prompt=setups.BLIP2_PROMPT, num_images=1)
     rows.append(comparison("BLIP-2-style", "transformers Blip2", dict(one, kind="hf_blip2", path=blip2_hf),
@@ -197,6 +203,40 @@ def tradeoffs(size, args):
     return "\n".join(lines), records
 
 
+def video_tradeoffs(size, args):
+    """The seeds' token budget on clips: each family's video path (and its knob) on the same tower and LM, per frame
+    count: LM tokens per clip, prompt length, prefill latency, the LM's KV cache and (Flamingo) the cached media K/V."""
+    print("[2b/3] clips: the token budget per family ...", flush=True)
+    import numpy as np
+
+    records = []
+    frames = size["frames"]
+    for name, (family, video) in setups.VIDEO_SETUPS.items():
+        model, processor = setups.family_model(family, size, size["image_size"], video=video, num_frames=max(frames))
+        model.to(args.device)
+        rng = np.random.default_rng(0)
+        clip = rng.integers(0, 256, (max(frames), size["image_size"], size["image_size"], 3), dtype=np.uint8)
+        for count in frames:
+            inputs = processor(videos=[clip[:count]], text=["<video> what happens ?"], do_sample_frames=False,
+                               return_tensors="pt").to(args.device)
+            with torch.no_grad():
+                out = model(**inputs, use_cache=True)
+                prefill = measure.median_time(lambda: model(**inputs, use_cache=True), max(1, args.repeats // 2 + 1))
+            records.append(dict(
+                setup=name, family=FAMILY_NAMES[family], frames=count,
+                tokens_per_clip=model.config.num_video_tokens(count), prompt_tokens=int(inputs["input_ids"].shape[1]),
+                prefill_s=prefill, kv_cache_bytes=measure.cache_bytes(out.cache),
+                media_cache_bytes=measure.media_cache_bytes(getattr(out, "media_cache", None)),
+            ))
+        del model
+    lines = ["| setup | frames | LM tokens / clip | prompt tokens | prefill (s) | KV cache (MB) | cached media K/V (MB) |",
+             "|" + "---|" * 7]
+    for r in records:
+        lines.append(f"| {r['setup']} | {r['frames']} | {r['tokens_per_clip']} | {r['prompt_tokens']} | "
+                     f"{r['prefill_s']:.3f} | {r['kv_cache_bytes'] / 2**20:.1f} | {r['media_cache_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines), records
+
+
 # ---- 3. the physical bound ----------------------------------------------------------------------------------------
 def bound_table(reference_records, device):
     print("[3/3] memory bandwidth ...", flush=True)
@@ -271,6 +311,7 @@ def main(argv=None):
     finally:
         args.footprint.close()
     tradeoff_md, tradeoff_records = tradeoffs(size, args)
+    video_md, video_records = video_tradeoffs(size, args)
     bound_md, bound_records = bound_table(reference_records, args.device)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU threads"
     report = (f"# vlm-fusion benchmarks (size `{args.size}`, {where}, torch {torch.__version__})\n\n"
@@ -279,14 +320,16 @@ def main(argv=None):
               "is faster. *recomputed K/V*: the same model recomputing every gated layer's media keys/values at each "
               "decoding step, as OpenFlamingo does. *OpenFlamingo*: its own modules, forward only (its `generate` "
               "does not run on transformers 5).\n\n"
-              f"## 2. Trade-offs (one vision tower, one LM)\n\n{tradeoff_md}\n\n## 3. Physical bound\n\n{bound_md}\n")
+              f"## 2. Trade-offs (one vision tower, one LM)\n\n{tradeoff_md}\n\n"
+              f"### Clips: the token budget (one vision tower, one LM)\n\n{video_md}\n\n"
+              f"## 3. Physical bound\n\n{bound_md}\n")
     print("\n" + report)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(size=args.size, reference=reference_records, tradeoffs=tradeoff_records, bound=bound_records),
-                  f, indent=2)
+        json.dump(dict(size=args.size, reference=reference_records, tradeoffs=tradeoff_records, video=video_records,
+                       bound=bound_records), f, indent=2)
     plot(os.path.join(args.out, "benchmarks.png"), reference_records, tradeoff_records)
     print(f"written: {args.out}/tables.md, results.json, benchmarks.png")
     return 0

@@ -18,7 +18,7 @@ SIZES = {
     "tiny": dict(vision=dict(tiny_vision_config("clip")), lm=dict(tiny_text_config("llama", vocab_size=128)),
                  qformer=dict(hidden=64, layers=2, heads=4, ffn=128, queries=8),
                  flamingo=dict(latents=8, depth=1, heads=2, head_dim=32, every_n=1), image_size=32,
-                 resolutions=(32, 48, 64), image_counts=(1, 2)),
+                 resolutions=(32, 48, 64), image_counts=(1, 2), frames=(2, 4)),
     # CLIP-B/16-sized tower, a 12-layer 1024-wide Llama-style LM (~270M parameters together)
     "default": dict(vision=dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072,
                                 num_hidden_layers=12, num_attention_heads=12, patch_size=16, image_size=224),
@@ -26,7 +26,7 @@ SIZES = {
                             num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
                     qformer=dict(hidden=768, layers=12, heads=12, ffn=3072, queries=32),
                     flamingo=dict(latents=64, depth=6, heads=8, head_dim=64, every_n=2), image_size=224,
-                    resolutions=(224, 336, 448), image_counts=(1, 4, 8)),
+                    resolutions=(224, 336, 448), image_counts=(1, 4, 8), frames=(8, 16, 32)),
     # CLIP-L/14-336-sized tower, a 24-layer 2048-wide LM (~1.3B parameters)
     "large": dict(vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
                               num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=336),
@@ -34,12 +34,13 @@ SIZES = {
                           num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
                   qformer=dict(hidden=768, layers=12, heads=12, ffn=3072, queries=32),
                   flamingo=dict(latents=64, depth=6, heads=8, head_dim=64, every_n=4), image_size=336,
-                  resolutions=(224, 336, 448), image_counts=(1, 4, 8)),
+                  resolutions=(224, 336, 448), image_counts=(1, 4, 8), frames=(8, 16, 32)),
 }
 for _size in SIZES.values():
     _size["lm"].update(bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 LLAVA_PROMPT = "USER: <image>\nwhat is shown in this image ? ASSISTANT:"
+VIDEO_PROMPT = "USER: <video>\nwhat happens in this clip ? ASSISTANT:"
 BLIP2_PROMPT = "Question: what is shown in this image ? Answer:"
 FLAMINGO_PROMPT = "<image>a red circle<|endofchunk|><image>a blue square<|endofchunk|><image>a star<|endofchunk|><image>a"
 
@@ -71,6 +72,39 @@ def build_llava(root, size):
                    patch_size=size["vision"]["patch_size"], vision_feature_select_strategy="default",
                    num_additional_image_tokens=1).save_pretrained(hf_dir)
     convert(convert_llava, ["--source", "llava-hf", "--input", hf_dir, "--output", ours_dir, "--atol", "1e-3"])
+    return hf_dir, ours_dir
+
+
+def build_llava_onevision(root, size):
+    """transformers' LlavaOnevision at the size's tower (as SigLIP) and LM (anyres_max_9 over 2x2 tiles, bilinear video pooling,
+    a newline after each clip), saved with its processor's settings, and our conversion of it."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from vlm_fusion.conversion import convert_llava_video
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tile = size["image_size"]
+    pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    vision = {k: v for k, v in vision_config(size).items() if k != "model_type"}
+    # OneVision's own tower family: SigLIP (no CLS token, every token a patch: "full"), at the size's tower dims
+    config = LlavaOnevisionConfig(vision_config={"model_type": "siglip_vision_model", **vision}, text_config=size["lm"],
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                  image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1)
+    hf_dir, ours_dir = os.path.join(root, "llava_onevision_hf"), os.path.join(root, "llava_onevision_ours")
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(hf_dir)
+    image_proc = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
+    patches = (tile // size["vision"]["patch_size"]) ** 2
+    convert_llava_video.without_video_processor(LlavaOnevisionProcessor)(
+        image_processor=image_proc, tokenizer=tokenizer, num_image_tokens=patches,
+        vision_feature_select_strategy="full").save_pretrained(hf_dir)
+    with open(os.path.join(hf_dir, "video_preprocessor_config.json"), "w") as f:  # its video processor's settings
+        f.write('{"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": %d, "width": %d}}' % (tile, tile))
+    convert(convert_llava_video, ["--source", "llava-onevision", "--input", hf_dir, "--output", ours_dir,
+                                  "--atol", "1e-3"])
     return hf_dir, ours_dir
 
 
@@ -171,9 +205,24 @@ def build_idefics(root, size):
     return dict(reference=source, ours=ours)
 
 
-def family_model(family, size, image_size):
-    """One of our models at `image_size`, built from configs on the shared tower and LM (the trade-off study)."""
+# Each family's video path and the knob it has (the clip trade-off study): name -> (family, config fields)
+VIDEO_SETUPS = {
+    "llava, pooled 2 (NeXT-Video)": ("fusion_llava", dict(video_pooling="average", video_pool_stride=2)),
+    "llava, every patch": ("fusion_llava", dict(video_pooling=None)),
+    "llava, pooled 4": ("fusion_llava", dict(video_pooling="average", video_pool_stride=4)),
+    "llava, bilinear + newline (OneVision)": ("fusion_llava", dict(video_pooling="bilinear", video_newline=True)),
+    "blip2, per frame (InstructBLIP-Video)": ("fusion_blip2", dict(video_bridge="per_frame")),
+    "blip2, video Q-Former (Video-LLaMA)": ("fusion_blip2", dict(video_bridge="video_qformer")),
+    "flamingo, resampler over frames": ("fusion_flamingo", {}),
+    "flamingo, 16 latents": ("fusion_flamingo", dict(num_latents=16)),
+}
+
+
+def family_model(family, size, image_size, video: dict | None = None, num_frames: int = 8):
+    """One of our models at `image_size`, built from configs on the shared tower and LM (the trade-off study); with
+    `video` (the family's video fields), reading clips of up to `num_frames` frames too."""
     from vlm_fusion import FAMILIES
+    from vlm_fusion.processing_video import FusionVideoProcessor
 
     config_cls, model_cls, processor_cls, _ = FAMILIES[family]
     tokenizer = tiny_tokenizer()
@@ -189,9 +238,22 @@ def family_model(family, size, image_size):
                                 end_of_chunk_token_id=len(tokenizer)),
     }[family]
     image_token_id = len(tokenizer) + (1 if family == "fusion_flamingo" else 0)
+    video_kwargs = {}
+    if video is not None:
+        extra = {**extra, "video_token_id": image_token_id + 1, **video}
+        if family == "fusion_flamingo":
+            extra.setdefault("max_num_frames", num_frames)
+        if family == "fusion_blip2":  # the video Q-Former's queries as many as the image Q-Former's
+            extra.setdefault("max_num_frames", max(num_frames, 32))
+            extra.setdefault("num_video_query_tokens", q["queries"])
     config = config_cls(vision_config=vision_config(size, image_size), text_config=size["lm"],
                         image_token_id=image_token_id, **extra)
+    if video is not None:
+        per_frame, per_clip = config.video_token_counts()
+        video_kwargs = dict(video_processor=FusionVideoProcessor.from_image_processor(image_processor(image_size),
+                                                                                      num_frames=num_frames),
+                            video_tokens_per_frame=per_frame, video_tokens_per_clip=per_clip)
     processor = processor_cls(image_processor=image_processor(image_size), tokenizer=tokenizer,
-                              image_seq_length=config.num_image_tokens())
-    assert processor.image_token_id == image_token_id
+                              image_seq_length=config.num_image_tokens(), **video_kwargs)
+    assert processor.image_token_id == image_token_id and processor.video_token_id == config.video_token_id
     return model_cls(config).eval(), processor
