@@ -127,6 +127,22 @@ def test_the_data_pass_holds_no_sample_list_and_reads_a_json_list_object_by_obje
     path.write_text(json.dumps(rows)[:-30])
     with pytest.raises(data.DataError, match=r"data.json is not valid JSON \(sample 500 of the list"):
         list(data.iter_json(str(path), 64))
+    # the place is json's own (line and column in the file), whatever the chunk the break fell in
+    text = json.dumps(rows, indent=1)
+    for broken, message in [(text.replace('"s321",', '"s321"', 1), "sample 322 of the list: Expecting ',' delimiter"),
+                            (text.replace('},\n {\n  "id": "s400"', '}\n {\n  "id": "s400"', 1),
+                             "expected `,` or `]` after sample 400 of the list")]:
+        path.write_text(broken)
+        with pytest.raises(json.JSONDecodeError) as error:
+            json.loads(broken)
+        for chunk in (5, 97, 1 << 20):
+            with pytest.raises(data.DataError) as caught:
+                list(data.iter_json(str(path), chunk))
+            assert str(caught.value) == (f"{path} is not valid JSON ({message}, line {error.value.lineno} column "
+                                         f"{error.value.colno})")
+    path.with_suffix(".jsonl").write_text('{"id": 1}\n{"id": 2,}\n')
+    with pytest.raises(data.DataError, match=r"is not valid JSON lines \(line 2 column 10: Expecting property name"):
+        list(data.iter_json(str(path.with_suffix(".jsonl"))))
     path.write_text(json.dumps({"id": 1}))
     with pytest.raises(data.DataError, match="must hold a list of samples"):
         list(data.iter_json(str(path)))
