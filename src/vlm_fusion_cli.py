@@ -164,7 +164,7 @@ def add_train_parser(commands) -> None:
     run.add_argument("--output-dir", required=True)
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     run.add_argument("--overwrite", action="store_true", help="empty a used --output-dir and start again")
-    run.add_argument("--logging-steps", type=positive_int, default=10)
+    run.add_argument("--logging-steps", type=positive_int, help="default: every step of a short run, up to every 10")
     run.add_argument("--save-steps", type=positive_int, default=500)
     run.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     run.add_argument("--report-to", choices=("tensorboard", "wandb", "none"), default="none",

@@ -67,7 +67,7 @@ class TrainOptions:
     bf16: bool = False
     gradient_checkpointing: bool = False
     group_by_length: bool = False
-    logging_steps: int = 10
+    logging_steps: int | None = None  # default: scaled to the run (trainer.logging_interval)
     save_steps: int = 500
     seed: int = 0
     workers: int = 0
@@ -374,6 +374,8 @@ def stage_arguments(options: TrainOptions, stage, learning_rate: float, **extra)
     """`TrainingArguments` of a stage: the options, the stage's defaults, this machine and launch; `extra` on top."""
     from transformers import TrainingArguments
 
+    from .trainer import LOG_EVERY
+
     schedule = {"lr_scheduler_type": "cosine"} if not stage.min_lr_rate else {
         "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": stage.min_lr_rate}}
     return TrainingArguments(
@@ -384,7 +386,7 @@ def stage_arguments(options: TrainOptions, stage, learning_rate: float, **extra)
         warmup_steps=stage.warmup if options.warmup is None else options.warmup,
         weight_decay=stage.weight_decay if options.weight_decay is None else options.weight_decay,
         bf16=options.bf16, **checkpointing_arguments(options.gradient_checkpointing),
-        logging_steps=options.logging_steps, dataloader_pin_memory=torch.cuda.is_available(),
+        logging_steps=options.logging_steps or LOG_EVERY, dataloader_pin_memory=torch.cuda.is_available(),
         save_strategy="steps", save_steps=options.save_steps, save_total_limit=1, seed=options.seed,
         data_seed=options.seed, report_to=report_to(options.report_to), remove_unused_columns=False,
         dataloader_num_workers=options.workers,
@@ -397,9 +399,11 @@ def run_stage(trainer_class, model, processor, options, arguments, dataset, coll
               summary: dict, eval_dataset=None) -> dict:
     """Train (stopping cleanly on SIGTERM), then save the model, its processor and a card; returns the summary. A run
     resumed from its last step trains no step: it saves the checkpoint's weights, with its steps and losses."""
-    from .trainer import EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss
+    from .trainer import EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss, logging_interval
 
     clear_output(options)
+    if options.logging_steps is None:
+        arguments.logging_steps = logging_interval(arguments, dataset)
     stopper = StopOnSignal()
     try:  # the SIGTERM handler is restored whatever fails, building the trainer included
         trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, eval_dataset=eval_dataset,
