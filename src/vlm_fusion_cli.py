@@ -124,6 +124,8 @@ def add_train_parser(commands) -> None:
     data.add_argument("--eval-steps", type=positive_int, help="steps between two evaluations (default: --save-steps)")
     data.add_argument("--data-cache", help="where the data pass caches the encoded samples, for every process, "
                       "--resume and reruns (default: $VLM_FUSION_DATA_CACHE, else ~/.cache/vlm_fusion/data)")
+    data.add_argument("--clear-data-cache", action="store_true", help="remove the data cache's folders this run "
+                      "does not use (other data, older processors or versions); the log says how big the cache is")
     data.add_argument("--data-workers", type=int, help="processes of the data pass (default: one per core, at most "
                       "16; 0: in the training process)")
     data.add_argument("--plain-end", help='what ends a plain-layout sample (default "\\n"; Flamingo: <|endofchunk|>)')

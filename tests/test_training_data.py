@@ -163,6 +163,32 @@ def test_a_cache_folder_that_is_not_writable_is_one_line(parts, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_the_log_says_where_the_cache_is_and_how_big_and_clear_data_cache_keeps_only_what_the_run_uses(
+        parts, tmp_path, caplog):
+    from vlm_fusion_cli import main
+
+    root = tmp_path / "cache"
+    argv = ["train", "--stage", "instruct", "--family", "llava", "--vision-tower", str(parts / "vision"),
+            "--language-model", str(parts / "lm"), "--image-folder", str(parts / "images"), "--max-steps", "1",
+            "--data-cache", str(root), "--data-workers", "0"]
+    for name in ("captions.json", "conversations.json"):  # two data passes in the cache
+        assert main([*argv, "--data", str(parts / name), "--output-dir", str(tmp_path / name)]) == 0
+    entries, size = cache.usage(str(root))
+    assert entries == 2 and size == sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.parent != root)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"data cache: {root} holds")]
+    assert said[-1] == (f"data cache: {root} holds 2 data pass(es), {cache.human_size(size)} (--clear-data-cache "
+                        "removes those a run does not use)")
+    (root / "stale.partial-123").mkdir()  # a killed build's leftovers go too
+    caplog.clear()
+    assert main([*argv, "--data", str(parts / "captions.json"), "--output-dir", str(tmp_path / "again"),
+                 "--clear-data-cache"]) == 0
+    kept = [p.name for p in root.iterdir() if p.is_dir()]
+    assert len(kept) == 1 and kept[0].startswith("captions.json-chat-")  # this run's, reused
+    assert any(r.getMessage().startswith(f"data cache: removed 2 data pass(es) this run does not use from {root}, ")
+               for r in caplog.records)
+    assert cache.human_size(512) == "512 B" and cache.human_size(3 * 1024 ** 2) == "3.0 MB"
+
+
 def test_lengths_come_from_the_cache_for_length_grouping(parts, tmp_path):
     o = options(parts, tmp_path, data_workers=0)
     _, processor = load_model(o)

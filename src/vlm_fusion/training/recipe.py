@@ -75,6 +75,7 @@ class TrainOptions:
     eval_steps: int | None = None  # default: `save_steps`
     data_cache: str | None = None  # the data pass's cache folder (default: $VLM_FUSION_DATA_CACHE or ~/.cache/...)
     data_workers: int | None = None  # processes of the data pass (default: one per core; 0: in this process)
+    clear_data_cache: bool = False  # remove the data cache's folders this run does not use
     resume: bool = False
     overwrite: bool = False
     report_to: str = "none"  # tensorboard | wandb | none: transformers' integration the logs also go to
@@ -290,6 +291,18 @@ def prepare_data(options, processor, layout: str, path: str, flag: str = "--data
     return prepared, keep, skipped
 
 
+def clear_data_cache(options, used: list[str]) -> None:
+    """`--clear-data-cache`: the main process removes the cache's folders but `used` (this run's data passes)."""
+    if not options.clear_data_cache or not is_main_process():
+        return
+    from .cache import clear, default_root, human_size
+
+    root = options.data_cache or default_root()
+    removed, freed = clear(root, keep=used)
+    logger.warning("data cache: removed %d data pass(es) this run does not use from %s, %s", removed, root,
+                   human_size(freed))
+
+
 # ---- the stage -------------------------------------------------------------------------------------------------
 def train(options: TrainOptions) -> dict:
     """Run one stage; returns a summary (stage, data, samples, steps, final loss, where the model is)."""
@@ -317,6 +330,7 @@ def train(options: TrainOptions) -> dict:
     prepared, kept, too_long = prepare_data(options, processor, layout, options.data)
     evaluation = prepare_data(options, processor, layout, options.eval_data, "--eval-data") if options.eval_data \
         else None
+    clear_data_cache(options, [prepared.folder] + ([evaluation[0].folder] if evaluation else []))
     torch.manual_seed(options.seed)
     model, processor = load_model(options)
 
@@ -402,6 +416,8 @@ def run_stage(trainer_class, model, processor, options, arguments, dataset, coll
     from .trainer import EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss, logging_interval
 
     clear_output(options)
+    if "data_cache" not in summary:  # Q-Former pairs and streamed data: no data pass of the cache's
+        clear_data_cache(options, [])
     if options.logging_steps is None:
         arguments.logging_steps = logging_interval(arguments, dataset)
     stopper = StopOnSignal()
