@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_training import FLOAT32_REORDER
 from vlm_fusion.tools.tiny import write_training_parts
 from vlm_fusion.training import TrainOptions, cache, data, train
 from vlm_fusion.training.encoding import encode
@@ -219,7 +220,8 @@ def test_the_eval_loss_equals_the_loss_computed_directly_on_the_held_out_samples
     with torch.no_grad():
         losses = [model(**collate([dataset[i] for i in range(start, start + 4)])).loss.item()
                   for start in range(0, len(dataset), 4)]
-    assert logged[0] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    # the same batches through the same weights, summed in another order (the trainer's gathering, its thread count)
+    assert logged[0] == pytest.approx(sum(losses) / len(losses), rel=FLOAT32_REORDER)
 
 
 def test_eval_data_with_a_missing_image_is_one_line_naming_the_flag(parts, tmp_path, capsys):
