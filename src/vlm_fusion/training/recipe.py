@@ -12,9 +12,11 @@ Run it in one process (`vlm-fusion train ...`) or in several through accelerate'
 vlm_fusion.training ...` with a config of your own).
 """
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -229,6 +231,15 @@ def trainable_per_part(model) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT (0.21 too) reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated with a FutureWarning on
+    every read: a notice to PEFT, of nothing a user can act on, printed by every process at every LoRA run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, options):
     """LoRA adapters on every linear layer of the LM's decoder (not on the bridge's blocks inside it)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -241,7 +252,8 @@ def add_lora(model, options):
                if isinstance(module, torch.nn.Linear) and "gated_cross_attn_layer" not in name]
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=LORA["lora_dropout"],
                         target_modules=[f"model.language_model.{name}" for name in targets], bias="none")
-    model = get_peft_model(model, config)
+    with peft_quietly():
+        model = get_peft_model(model, config)
     for parameter in trained:  # get_peft_model freezes everything but the adapters: the bridge trains fully
         parameter.requires_grad_(True)
     return model
@@ -497,7 +509,8 @@ def merged(trainer, model, options):
     with torch.no_grad():
         for name, tensor in trained.items():
             parameters[name].copy_(tensor.to(parameters[name].dtype))
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with peft_quietly():
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def training_section(summary: dict) -> str:
