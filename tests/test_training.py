@@ -41,8 +41,9 @@ def options(parts, out, family="llava", stage="align", data="captions.json", **k
 # of n terms moves it by at most (n - 1) eps times the sum of the terms' magnitudes (Higham, "Accuracy and Stability
 # of Numerical Algorithms", section 4.2). The sums of these tiny models run over at most about 10^3 terms (a batch's
 # tokens, a hidden width), so a result is compared to 2^10 eps (1.2e-4) of its own scale: the model's largest gradient
-# entry (see gradient_gap), a loss, the largest logit. A wrong result (a sample counted twice, a process's half missing, a loss scaled by
-# the number of processes) is off by a fraction of its scale of order 1, thousands of times more.
+# entry (see gradient_gap), a loss, the largest logit. A wrong result (a sample counted twice, a process's half
+# missing, a loss scaled by the number of processes) is off by a fraction of its scale of order 1, thousands of times
+# more.
 FLOAT32_REORDER = 2 ** 10 * torch.finfo(torch.float32).eps
 
 

@@ -159,8 +159,8 @@ def test_the_readme_lora_run_in_two_fsdp2_processes_is_quiet_and_its_bridge_grad
     config = os.path.join(os.path.dirname(vlm_fusion.training.__file__), "accelerate", "fsdp2.yaml")
     argv = ["--stage", "instruct", "--family", "llava", "--vision-tower", str(parts / "vision"),
             "--language-model", str(parts / "lm"), "--data", str(parts / "conversations.json"),
-            "--image-folder", str(parts / "images"), "--lora", "--lora-r", "8", "--lora-alpha", "16", "--max-steps", "1",
-            "--data-cache", str(tmp_path / "data-cache")]
+            "--image-folder", str(parts / "images"), "--lora", "--lora-r", "8", "--lora-alpha", "16",
+            "--max-steps", "1", "--data-cache", str(tmp_path / "data-cache")]
     grads, stderr = {}, {}
     for name, launch, batch in [("one", [], "4"), ("fsdp2", ["-m", "accelerate.commands.launch", "--config_file",
                                                               config, "--num_processes", "2"], "2")]:

@@ -233,8 +233,9 @@ def trainable_per_part(model) -> dict[str, int]:
 
 @contextlib.contextmanager
 def peft_quietly():
-    """PEFT (0.21 too) reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated with a FutureWarning on
-    every read: a notice to PEFT, of nothing a user can act on, printed by every process at every LoRA run."""
+    """PEFT (0.21 too) reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated with a
+    FutureWarning on every read: a notice to PEFT, of nothing a user can act on, printed by every process at every
+    LoRA run."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
@@ -425,7 +426,8 @@ def run_stage(trainer_class, model, processor, options, arguments, dataset, coll
               summary: dict, eval_dataset=None) -> dict:
     """Train (stopping cleanly on SIGTERM), then save the model, its processor and a card; returns the summary. A run
     resumed from its last step trains no step: it saves the checkpoint's weights, with its steps and losses."""
-    from .trainer import EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss, logging_interval
+    from .trainer import (EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss,
+                          logging_interval)
 
     clear_output(options)
     if "data_cache" not in summary:  # Q-Former pairs and streamed data: no data pass of the cache's

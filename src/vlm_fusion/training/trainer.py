@@ -213,7 +213,7 @@ LOG_EVERY, LOG_POINTS = 10, 20
 
 def logging_interval(args, dataset) -> int:
     """`--logging-steps`' default: every step of a run of up to 20 steps, 20 points for up to 200, every 10 after, so
-    a short run's loss (the picture, TensorBoard) is a curve and a long one logs as LLaVA's 10-step default would.
+    a short run's loss (the picture, TensorBoard) is a curve and a long one logs every 10 steps, as it did.
     A streamed dataset of unknown length without `max_steps` logs every 10."""
     steps = args.max_steps
     if steps <= 0:
