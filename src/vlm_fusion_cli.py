@@ -196,6 +196,8 @@ def add_train_parser(commands) -> None:
     data.add_argument("--eval-steps", type=positive_int, help="steps between two evaluations (default: --save-steps)")
     data.add_argument("--data-cache", help="where the data pass caches the encoded samples, for every process, "
                       "--resume and reruns (default: $VLM_FUSION_DATA_CACHE, else ~/.cache/vlm_fusion/data)")
+    data.add_argument("--clear-data-cache", action="store_true", help="remove the data cache's folders this run "
+                      "does not use (other data, older processors or versions); the log says how big the cache is")
     data.add_argument("--data-workers", type=int, help="processes of the data pass (default: one per core, at most "
                       "16; 0: in the training process)")
     data.add_argument("--plain-end", help='what ends a plain-layout sample (default "\\n"; Flamingo: <|endofchunk|>)')
@@ -236,7 +238,7 @@ def add_train_parser(commands) -> None:
     run.add_argument("--output-dir", required=True)
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     run.add_argument("--overwrite", action="store_true", help="empty a used --output-dir and start again")
-    run.add_argument("--logging-steps", type=positive_int, default=10)
+    run.add_argument("--logging-steps", type=positive_int, help="default: every step of a short run, up to every 10")
     run.add_argument("--save-steps", type=positive_int, default=500)
     run.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     run.add_argument("--report-to", choices=("tensorboard", "wandb", "none"), default="none",

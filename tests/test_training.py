@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import textwrap
 
 import pytest
 import torch
@@ -33,6 +34,94 @@ def options(parts, out, family="llava", stage="align", data="captions.json", **k
                     bridge=BRIDGES[family], batch_size=4, max_steps=8, logging_steps=1, save_steps=100,
                     bridge_lr=1e-2, lm_lr=1e-3)
     return TrainOptions(**{**defaults, **kwargs})
+
+
+# ---- comparing runs whose float32 arithmetic differs only in the order of its sums -----------------------------
+# Two processes (or other thread counts, other kernels) add the same float32 terms in another order. Reordering a sum
+# of n terms moves it by at most (n - 1) eps times the sum of the terms' magnitudes (Higham, "Accuracy and Stability
+# of Numerical Algorithms", section 4.2). The sums of these tiny models run over at most about 10^3 terms (a batch's
+# tokens, a hidden width), so a result is compared to 2^10 eps (1.2e-4) of its own scale: the model's largest gradient
+# entry (see gradient_gap), a loss, the largest logit. A wrong result (a sample counted twice, a process's half
+# missing, a loss scaled by the number of processes) is off by a fraction of its scale of order 1, thousands of times
+# more.
+FLOAT32_REORDER = 2 ** 10 * torch.finfo(torch.float32).eps
+
+
+def adam_step_bound(step: int, betas=(0.9, 0.999)) -> float:
+    """The most one Adam step moves a weight, in units of the learning rate: |m_hat / sqrt(v_hat)| at step `step`
+    (Cauchy-Schwarz on m's and v's sums over the gradients so far; about 1 for the first steps)."""
+    b1, b2 = betas
+    return (1 - b1) / (1 - b1 ** step) * math.sqrt((1 - b2 ** step) / (1 - b2)) \
+        * math.sqrt(sum((b1 * b1 / b2) ** k for k in range(step)))
+
+
+def adam_drift_bound(lr: float, steps: int) -> float:
+    """How far apart AdamW can take one weight in two runs whose gradients differ only by rounding. Adam divides each
+    gradient by its own size, so a weight whose gradient is within rounding of 0 can step +lr in one run and -lr in
+    the other, whatever the gradient's scale: up to 2 x lr x the step bound per step (weight decay only shrinks the
+    gap). Such weights are the ones the loss does not depend on, so the losses still agree to float32. The betas are
+    the Trainer's, which the recipe keeps."""
+    return 2 * lr * sum(adam_step_bound(t) for t in range(1, steps + 1))
+
+
+# Patches the trainer of the process it runs in: after the first step's backward (before clipping and the optimizer
+# step), the process of rank 0 saves the gradient every process then holds, the engine's reduction over the global
+# batch, whole (FSDP2 shards it; accelerate runs DeepSpeed's backward and step in one call), in float64.
+FIRST_GRADIENT = textwrap.dedent("""
+    import os
+    import torch
+    from vlm_fusion.training import trainer as _trainer
+
+    def record_first_gradient(path):
+        rank = int(os.environ.get("RANK", "0"))
+
+        def save(named):
+            grads = {}
+            for name, parameter in named:
+                if not parameter.requires_grad:
+                    continue
+                if hasattr(parameter, "ds_id") or hasattr(parameter, "_hp_mapping"):
+                    from deepspeed.utils import safe_get_full_grad
+                    grad = safe_get_full_grad(parameter)
+                else:
+                    grad = parameter.grad
+                if grad is not None:
+                    grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+                    grads[name.removeprefix("module.")] = grad.detach().double().cpu()
+            if rank == 0 and not os.path.exists(path):
+                torch.save(grads, path)
+
+        step = _trainer.FusionTrainer.training_step
+        def training_step(self, *args, **kwargs):
+            loss = step(self, *args, **kwargs)
+            if self.state.global_step == 0 and not self.is_deepspeed_enabled:
+                save(self.model.named_parameters())
+            return loss
+        _trainer.FusionTrainer.training_step = training_step
+
+        from accelerate.utils import deepspeed as _deepspeed
+        backward = _deepspeed.DeepSpeedEngineWrapper.backward
+        def deepspeed_backward(self, loss, sync_gradients=True, **kwargs):
+            if getattr(self, "_recorded", False):
+                return backward(self, loss, sync_gradients=sync_gradients, **kwargs)
+            self._recorded = True
+            self.engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
+            self.engine.backward(loss, **kwargs)
+            save(self.engine.module.named_parameters())
+            if sync_gradients:
+                self.engine.step()
+        _deepspeed.DeepSpeedEngineWrapper.backward = deepspeed_backward
+""")
+
+
+def gradient_gap(grads: dict, reference: dict) -> float:
+    """The largest difference between two gradients as a fraction of the largest gradient entry of the model. Rounding
+    an entry's sums moves it by eps times the magnitudes summed into it, the gradients flowing through the network,
+    not by eps times the entry: a key's bias (softmax ignores it: its exact gradient is 0) or a bias under a norm
+    (terms that cancel) holds only such noise, and differs between two runs by 100% of itself."""
+    assert grads.keys() == reference.keys() and grads, (sorted(grads)[:3], sorted(reference)[:3])
+    scale = max(g.abs().max().item() for g in reference.values())
+    return max((grads[k] - reference[k]).abs().max().item() for k in reference) / scale
 
 
 def losses(out) -> list[float]:

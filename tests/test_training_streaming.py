@@ -201,6 +201,18 @@ def test_bad_streaming_input_is_one_line_and_nothing_is_written(parts, tmp_path,
     assert not out.exists()
 
 
+def test_the_readmes_shards_snippet_run_twice_writes_each_pair_once(parts, tmp_path):
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    snippet = next(s for s in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "tarfile.open" in s)
+    (tmp_path / "parts").symlink_to(parts)
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True, timeout=120)
+    names = [tarfile.open(path).getnames() for path in sorted((tmp_path / "shards").glob("*.tar"))]
+    assert [len(n) for n in names] == [8, 8, 8, 8] and all(len(set(n)) == 8 for n in names)  # 4 pairs, once each
+
+
 # ---- two processes through the launcher --------------------------------------------------------------------------
 RECORD = textwrap.dedent("""
     import json, os

@@ -17,7 +17,7 @@ from test_training import options
 from test_training_qformer import stage1
 from vlm_fusion.tools.tiny import write_training_parts
 from vlm_fusion.training import train
-from vlm_fusion.training.watch import plot_losses
+from vlm_fusion.training.watch import loss_curves, loss_figure, plot_losses
 from vlm_fusion_cli import main
 
 
@@ -97,6 +97,37 @@ def test_the_loss_curve_is_a_png_beside_the_model_and_in_its_card(reported):
     assert json.loads((reported / "training_summary.json").read_text())["loss_curve"] == "loss.png"
     card = (reported / "README.md").read_text()
     assert "![training loss](loss.png)" in card.split("## Training")[1]
+
+
+def test_a_readme_sized_run_draws_a_curve_of_points_not_one(parts, tmp_path):
+    """The README's align command (16 pairs, batch 4, 2 epochs: 8 steps) with a held-out loss, --logging-steps not
+    given: every step is logged, to the picture and to TensorBoard, and each curve's points are marked."""
+    out = tmp_path / "out"
+    command = [item for item in argv(parts, out) if item not in ("--max-steps", "5", "--logging-steps", "1")]
+    assert main([*command, "--epochs", "2", "--eval-data", str(parts / "captions.json"), "--eval-steps", "2",
+                 "--report-to", "tensorboard"]) == 0
+    curves = loss_curves(log_history(out))
+    assert [step for step, _ in curves["training loss"]] == list(range(1, 9))
+    assert [step for step, _ in curves["eval loss"]] == [2, 4, 6, 8]
+    assert len(tensorboard_scalars(out, "train/loss")) == 8
+    lines = loss_figure(log_history(out)).axes[0].get_lines()
+    assert [(line.get_label(), len(line.get_xdata()), line.get_marker()) for line in lines] == \
+        [("training loss", 8, "o"), ("eval loss", 4, "o")]
+
+
+def test_the_logging_interval_scales_with_the_run():
+    from types import SimpleNamespace
+
+    from vlm_fusion.training.trainer import logging_interval
+
+    def interval(samples, max_steps=-1, epochs=1.0, batch=4, processes=1, accumulation=1):
+        args = SimpleNamespace(max_steps=max_steps, per_device_train_batch_size=batch, world_size=processes,
+                               gradient_accumulation_steps=accumulation, num_train_epochs=epochs)
+        return logging_interval(args, range(samples))
+
+    assert interval(16, epochs=2) == 1 and interval(80, batch=4) == 1  # up to 20 steps: every step
+    assert interval(16, max_steps=100) == 5 and interval(10**6) == 10  # 20 points, at most every 10 steps
+    assert interval(1600, processes=2, accumulation=2) == 5  # 100 steps of 4 x 2 processes x 2 accumulated
 
 
 def test_eval_losses_are_drawn_when_the_run_logged_them(tmp_path):

@@ -43,7 +43,9 @@ class FusionLlavaProjector(nn.Module):
         hidden = self.linear_1(image_features)
         if hasattr(self, "linear_2"):
             hidden = self.linear_2(self.act(hidden))
-        return hidden
+        # a tensor of its own, not a view: a linear layer on (N, P, D_v) returns a view of its 2-D product, and FSDP2,
+        # which hooks its backward on the output of the unit it wraps, warns that an in-place op on a view drops it
+        return hidden.clone() if hidden._base is not None else hidden
 
 
 class FusionLlavaModel(FusionModel):

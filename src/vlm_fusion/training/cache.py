@@ -95,6 +95,10 @@ def prepare(path: str, image_folder: str | None, processor, layout: str, plain_e
             build(folder, path, image_folder, processor, layout, plain_end, inputs, workers, show_progress)
         else:
             logger.warning("data cache: reused %s (the data pass is not run again)", folder)
+    if show_progress:  # the main process
+        entries, size = usage(root)
+        logger.warning("data cache: %s holds %d data pass(es), %s (--clear-data-cache removes those a run does not "
+                       "use)", root, entries, human_size(size))
     dataset = Dataset.from_file(os.path.join(folder, "samples.arrow"))
     source = data.read_dataset(path) if in_memory_images(dataset) else None
     return Prepared(dataset, os.path.basename(os.path.normpath(path)), folder, built, source)
@@ -109,6 +113,56 @@ def writable(root: str) -> str:
         raise data.DataError(f"--data-cache {root} is not a writable folder ({error.strerror or error}); give one "
                              "that is") from None
     return root
+
+
+# ---- how big it is, and clearing it -------------------------------------------------------------------------------
+def entries(root: str) -> list[str]:
+    """The cache folders of `root` (one per fingerprint), complete or partial."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, name) for name in os.listdir(root)
+                  if os.path.isdir(os.path.join(root, name)))
+
+
+def folder_size(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(top, name)) for top, _, names in os.walk(folder) for name in names)
+
+
+def usage(root: str) -> tuple[int, int]:
+    """(data passes, bytes) the cache folder `root` holds."""
+    folders = [f for f in entries(root) if ".partial-" not in os.path.basename(f)]
+    return len(folders), sum(folder_size(f) for f in entries(root))
+
+
+def clear(root: str, keep=()) -> tuple[int, int]:
+    """Removes the cache folders of `root` but `keep` (and any a process is building or checking: its lock is held);
+    returns (folders, bytes) removed. A process that memory-maps a removed file keeps reading it."""
+    import filelock
+
+    keep = {os.path.realpath(k) for k in keep}
+    removed, freed = 0, 0
+    for folder in entries(root):
+        key = folder.split(".partial-")[0]
+        if os.path.realpath(key) in keep:
+            continue
+        try:
+            with filelock.FileLock(key + ".lock", timeout=0):
+                size = folder_size(folder)
+                shutil.rmtree(folder)
+                if os.path.realpath(key) == os.path.realpath(folder):  # the entry's lock goes with it
+                    with contextlib.suppress(OSError):
+                        os.remove(key + ".lock")
+        except filelock.Timeout:
+            continue
+        removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
 
 
 # ---- the fingerprint -----------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def blocks(path: str, image_folder: str | None, size: int):
 
 
 def iter_json(path: str, chunk: int = 1 << 20):
-    """The objects of a JSON list (or of JSON lines), one at a time, read `chunk` characters at a time."""
+    """The objects of a JSON list (or of JSON lines), one at a time, read `chunk` characters at a time. Invalid JSON is
+    one line naming the sample and the place in the file (line and column) where it breaks."""
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             for number, line in enumerate(f, start=1):
@@ -92,19 +93,34 @@ def iter_json(path: str, chunk: int = 1 << 20):
                     try:
                         yield json.loads(line)
                     except json.JSONDecodeError as error:
-                        raise DataError(f"{path} is not valid JSON lines (line {number}: {error.msg})") from None
+                        raise DataError(f"{path} is not valid JSON lines (line {number} column {error.colno}: "
+                                        f"{error.msg})") from None
             return
         decoder, buffer, position, done, count = json.JSONDecoder(), f.read(chunk), 0, False, 0
+        line, column = 1, 1  # where buffer[0] is in the file
+
+        def read_on() -> bool:  # drop what was read, add the next chunk; whether there was one
+            nonlocal buffer, position, line, column
+            dropped, more = buffer[:position], f.read(chunk)
+            newline = dropped.rfind("\n")
+            line, column = (line + dropped.count("\n"), position - newline) if newline >= 0 \
+                else (line, column + position)
+            buffer, position = buffer[position:] + more, 0
+            return bool(more)
+
+        def invalid(at: int, why: str) -> DataError:
+            newline = buffer.rfind("\n", 0, at)
+            place = (line + buffer.count("\n", 0, at), at - newline) if newline >= 0 else (line, column + at)
+            return DataError(f"{path} is not valid JSON ({why}, line {place[0]} column {place[1]})")
 
         def skip(characters):  # whitespace, then `characters` if there (returns whether it was)
-            nonlocal buffer, position, done
+            nonlocal position, done
             while True:
                 while position < len(buffer) and buffer[position].isspace():
                     position += 1
                 if position < len(buffer) or done:
                     break
-                buffer, position = buffer[position:] + f.read(chunk), 0
-                done = position >= len(buffer)
+                done = not read_on()
             if buffer.startswith(characters, position):
                 position += len(characters)
                 return True
@@ -120,18 +136,16 @@ def iter_json(path: str, chunk: int = 1 << 20):
                 try:
                     row, end = decoder.raw_decode(buffer, position)
                     break
-                except json.JSONDecodeError as error:
-                    more = f.read(chunk)
-                    if not more:
-                        raise DataError(f"{path} is not valid JSON (sample {count + 1} of the list: {error.msg})") \
-                            from None
-                    buffer, position = buffer[position:] + more, 0
+                except json.JSONDecodeError as error:  # a broken sample, or one the chunk cut: read on
+                    broken = invalid(error.pos, f"sample {count + 1} of the list: {error.msg}")
+                    if not read_on():
+                        raise broken from None
             yield row
             position, count = end, count + 1
             if skip("]"):
                 return
             if not skip(","):
-                raise DataError(f"{path} is not valid JSON (expected `,` or `]` after sample {count} of the list)")
+                raise invalid(position, f"expected `,` or `]` after sample {count} of the list")
 
 
 def read_dataset(path: str):

@@ -12,9 +12,11 @@ Run it in one process (`vlm-fusion train ...`) or in several through accelerate'
 vlm_fusion.training ...` with a config of your own).
 """
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -67,7 +69,7 @@ class TrainOptions:
     bf16: bool = False
     gradient_checkpointing: bool = False
     group_by_length: bool = False
-    logging_steps: int = 10
+    logging_steps: int | None = None  # default: scaled to the run (trainer.logging_interval)
     save_steps: int = 500
     seed: int = 0
     workers: int = 0
@@ -75,6 +77,7 @@ class TrainOptions:
     eval_steps: int | None = None  # default: `save_steps`
     data_cache: str | None = None  # the data pass's cache folder (default: $VLM_FUSION_DATA_CACHE or ~/.cache/...)
     data_workers: int | None = None  # processes of the data pass (default: one per core; 0: in this process)
+    clear_data_cache: bool = False  # remove the data cache's folders this run does not use
     resume: bool = False
     overwrite: bool = False
     report_to: str = "none"  # tensorboard | wandb | none: transformers' integration the logs also go to
@@ -228,6 +231,16 @@ def trainable_per_part(model) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT (0.21 too) reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated with a
+    FutureWarning on every read: a notice to PEFT, of nothing a user can act on, printed by every process at every
+    LoRA run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, options):
     """LoRA adapters on every linear layer of the LM's decoder (not on the bridge's blocks inside it)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -240,7 +253,8 @@ def add_lora(model, options):
                if isinstance(module, torch.nn.Linear) and "gated_cross_attn_layer" not in name]
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=LORA["lora_dropout"],
                         target_modules=[f"model.language_model.{name}" for name in targets], bias="none")
-    model = get_peft_model(model, config)
+    with peft_quietly():
+        model = get_peft_model(model, config)
     for parameter in trained:  # get_peft_model freezes everything but the adapters: the bridge trains fully
         parameter.requires_grad_(True)
     return model
@@ -290,6 +304,18 @@ def prepare_data(options, processor, layout: str, path: str, flag: str = "--data
     return prepared, keep, skipped
 
 
+def clear_data_cache(options, used: list[str]) -> None:
+    """`--clear-data-cache`: the main process removes the cache's folders but `used` (this run's data passes)."""
+    if not options.clear_data_cache or not is_main_process():
+        return
+    from .cache import clear, default_root, human_size
+
+    root = options.data_cache or default_root()
+    removed, freed = clear(root, keep=used)
+    logger.warning("data cache: removed %d data pass(es) this run does not use from %s, %s", removed, root,
+                   human_size(freed))
+
+
 # ---- the stage -------------------------------------------------------------------------------------------------
 def train(options: TrainOptions) -> dict:
     """Run one stage; returns a summary (stage, data, samples, steps, final loss, where the model is)."""
@@ -317,6 +343,7 @@ def train(options: TrainOptions) -> dict:
     prepared, kept, too_long = prepare_data(options, processor, layout, options.data)
     evaluation = prepare_data(options, processor, layout, options.eval_data, "--eval-data") if options.eval_data \
         else None
+    clear_data_cache(options, [prepared.folder] + ([evaluation[0].folder] if evaluation else []))
     torch.manual_seed(options.seed)
     model, processor = load_model(options)
 
@@ -374,6 +401,8 @@ def stage_arguments(options: TrainOptions, stage, learning_rate: float, **extra)
     """`TrainingArguments` of a stage: the options, the stage's defaults, this machine and launch; `extra` on top."""
     from transformers import TrainingArguments
 
+    from .trainer import LOG_EVERY
+
     schedule = {"lr_scheduler_type": "cosine"} if not stage.min_lr_rate else {
         "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": stage.min_lr_rate}}
     return TrainingArguments(
@@ -384,7 +413,7 @@ def stage_arguments(options: TrainOptions, stage, learning_rate: float, **extra)
         warmup_steps=stage.warmup if options.warmup is None else options.warmup,
         weight_decay=stage.weight_decay if options.weight_decay is None else options.weight_decay,
         bf16=options.bf16, **checkpointing_arguments(options.gradient_checkpointing),
-        logging_steps=options.logging_steps, dataloader_pin_memory=torch.cuda.is_available(),
+        logging_steps=options.logging_steps or LOG_EVERY, dataloader_pin_memory=torch.cuda.is_available(),
         save_strategy="steps", save_steps=options.save_steps, save_total_limit=1, seed=options.seed,
         data_seed=options.seed, report_to=report_to(options.report_to), remove_unused_columns=False,
         dataloader_num_workers=options.workers,
@@ -397,9 +426,14 @@ def run_stage(trainer_class, model, processor, options, arguments, dataset, coll
               summary: dict, eval_dataset=None) -> dict:
     """Train (stopping cleanly on SIGTERM), then save the model, its processor and a card; returns the summary. A run
     resumed from its last step trains no step: it saves the checkpoint's weights, with its steps and losses."""
-    from .trainer import EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss
+    from .trainer import (EndAtTheLastStep, LogTheLastStep, NothingLeftToTrain, StopOnSignal, final_loss,
+                          logging_interval)
 
     clear_output(options)
+    if "data_cache" not in summary:  # Q-Former pairs and streamed data: no data pass of the cache's
+        clear_data_cache(options, [])
+    if options.logging_steps is None:
+        arguments.logging_steps = logging_interval(arguments, dataset)
     stopper = StopOnSignal()
     try:  # the SIGTERM handler is restored whatever fails, building the trainer included
         trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, eval_dataset=eval_dataset,
@@ -477,7 +511,8 @@ def merged(trainer, model, options):
     with torch.no_grad():
         for name, tensor in trained.items():
             parameters[name].copy_(tensor.to(parameters[name].dtype))
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with peft_quietly():
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def training_section(summary: dict) -> str:

@@ -208,6 +208,24 @@ class LogTheLastStep(TrainerCallback):
         return control
 
 
+LOG_EVERY, LOG_POINTS = 10, 20
+
+
+def logging_interval(args, dataset) -> int:
+    """`--logging-steps`' default: every step of a run of up to 20 steps, 20 points for up to 200, every 10 after, so
+    a short run's loss (the picture, TensorBoard) is a curve and a long one logs every 10 steps, as it did.
+    A streamed dataset of unknown length without `max_steps` logs every 10."""
+    steps = args.max_steps
+    if steps <= 0:
+        try:
+            samples = len(dataset)
+        except TypeError:
+            return LOG_EVERY
+        batches = math.ceil(samples / (args.per_device_train_batch_size * args.world_size))  # per process
+        steps = math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.num_train_epochs)
+    return min(LOG_EVERY, max(1, math.ceil(steps / LOG_POINTS)))
+
+
 class NothingLeftToTrain(Exception):
     """Raised by `EndAtTheLastStep` at the start of a run resumed from its last step."""
 

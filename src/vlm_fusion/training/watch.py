@@ -35,29 +35,45 @@ def report_to(name: str) -> list[str]:
     return [name]
 
 
-def plot_losses(log_history: list[dict], path: str) -> bool:
-    """Training loss against step (and `eval_loss`, if logged) as a PNG at `path`; `False` (with a warning) when there
-    is nothing to draw or matplotlib is not installed."""
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
-    evals = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry and "step" in entry]
-    if not train and not evals:
-        return False
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        logger.warning("matplotlib is not installed: no %s (pip install matplotlib)", LOSS_CURVE)
-        return False
+def loss_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The curves `loss.png` draws: (step, loss) of the training loss and of `eval_loss`, those the run logged."""
+    curves = {"training loss": [(entry["step"], entry["loss"]) for entry in log_history
+                                if "loss" in entry and "step" in entry],
+              "eval loss": [(entry["step"], entry["eval_loss"]) for entry in log_history
+                            if "eval_loss" in entry and "step" in entry]}
+    return {name: points for name, points in curves.items() if points}
+
+
+def loss_figure(log_history: list[dict]):
+    """A matplotlib `Figure` of the loss curves, each logged point marked (a short run's few points stay visible);
+    `None` when there is nothing to draw. Raises ImportError without matplotlib."""
+    curves = loss_curves(log_history)
+    if not curves:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(figure)  # the Agg canvas: no display, no pyplot state
     axes = figure.add_subplot()
-    if train:
-        axes.plot(*zip(*train), label="training loss")
-    if evals:
-        axes.plot(*zip(*evals), "o-", label="eval loss")
+    for name, points in curves.items():
+        axes.plot(*zip(*points), "o-", markersize=3, label=name)
     axes.set(xlabel="step", ylabel="loss")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
+    return figure
+
+
+def plot_losses(log_history: list[dict], path: str) -> bool:
+    """Training loss against step (and `eval_loss`, if logged) as a PNG at `path`; `False` (with a warning) when there
+    is nothing to draw or matplotlib is not installed."""
+    if not loss_curves(log_history):
+        return False
+    try:
+        figure = loss_figure(log_history)
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (pip install matplotlib)", LOSS_CURVE)
+        return False
     figure.savefig(path)
     return True
