@@ -42,6 +42,9 @@ def test_the_training_commands_run_as_written(tmp_path):
                               timeout=600)
         assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
         assert "stage done" in done.stdout, done.stdout
+        # the LoRA run in two FSDP2 processes: FSDP2 had warned 4 times that the projector returned a view, and PEFT
+        # once about a deprecated transformers property it reads (both out of the output now)
+        assert "view tensor" not in done.stderr and "is_gradient_checkpointing" not in done.stderr, done.stderr[-3000:]
     from transformers import AutoModelForImageTextToText
 
     for out in ("llava-align", "llava-instruct", "llava-lora"):

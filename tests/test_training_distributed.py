@@ -16,7 +16,11 @@ from conftest import random_image
 from test_training import FIRST_GRADIENT, FLOAT32_REORDER, adam_drift_bound, gradient_gap
 from vlm_fusion.tools.tiny import write_training_parts
 
-ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
+# DDP in the default run; FSDP2 there too through the Q-Former's two-process test and the README's LoRA command
+# (tests/test_readme.py); the other engines are the heavier variants (DeepSpeed compiles its CPU op for ~3 minutes on a
+# fresh machine), run by `.ci/run` with `-m slow`.
+ENGINES = ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow), pytest.param("zero2", marks=pytest.mark.slow),
+           pytest.param("zero3", marks=pytest.mark.slow)]
 STEPS, BRIDGE_LR, LM_LR = 6, 1e-2, 1e-3
 
 # Runs in every process: the recipe as `vlm-fusion train` runs it, recording whether each step's batch on this rank
@@ -145,6 +149,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(parts, probe, one
     assert (again - logits).abs().max() <= FLOAT32_REORDER * logits.abs().max()
 
 
+@pytest.mark.slow  # the README's LoRA command itself runs in the default suite (tests/test_readme.py), quiet there too
 def test_the_readme_lora_run_in_two_fsdp2_processes_is_quiet_and_its_bridge_gradient_is_one_processs(parts, tmp_path):
     """The README's LoRA command (llava, instruct, --lora, fsdp2, 2 processes): no FSDP2 warning about the projector's
     output (a view, which an in-place op would cut from FSDP2's backward hook) and no deprecation notice, and the

@@ -144,7 +144,7 @@ def run(parts, out, engine=None):
             torch.load(gradient))
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])  # DDP: test_training_distributed
 def test_two_processes_give_the_losses_and_weights_of_one_with_the_global_batch(parts, engine, tmp_path):
     (losses, weights, grads), (reference_losses, reference_weights, reference_grads) = \
         run(parts, tmp_path / engine, engine), run(parts, tmp_path / "one")
@@ -167,6 +167,7 @@ def test_two_processes_give_the_losses_and_weights_of_one_with_the_global_batch(
     assert all(torch.equal(weights[k], reference_weights[k]) for k in weights if k.startswith("vision_tower."))
 
 
+@pytest.mark.slow  # a kill window more: the default run resumes killed runs in test_training and the streaming tests
 def test_a_killed_stage1_run_resumes_to_the_weights_of_an_uninterrupted_one(parts, tmp_path):
     def argv(out):
         return ["--stage", "qformer", "--vision-tower", str(parts / "vision"), "--qformer-init", str(parts / "bert"),
