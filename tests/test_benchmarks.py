@@ -57,6 +57,7 @@ def test_run_py_runs_as_the_readme_gives_it(dry_run):
     flamingo = [("Flamingo-style, 4 images", "recomputed K/V"), ("Flamingo-style, 4 images", "OpenFlamingo")]
     assert rows == [("LLaVA-style", "transformers Llava"),
                     ("LLaVA-style, static cache + compile", "transformers Llava, same settings"),
+                    (f"LLaVA-style, a {setups.SIZES['tiny']['frames'][0]}-frame clip", "transformers LlavaOnevision"),
                     ("BLIP-2-style", "transformers Blip2"), *(flamingo if setups.open_flamingo_available() else []),
                     ("Flamingo-style (IDEFICS), 4 images", "transformers Idefics")]
     for record in results["reference"]:
@@ -67,6 +68,10 @@ def test_run_py_runs_as_the_readme_gives_it(dry_run):
     log = (out / step["log"]).read_text()
     assert "Flamingo-style (IDEFICS), 4 images vs transformers Idefics: prefill" in log  # each row as it is measured
     assert {r["family"] for r in results["tradeoffs"]} == {"LLaVA-style", "BLIP-2-style", "Flamingo-style"}
+    assert "Clips: the token budget" in tables  # every family's video setup at every frame count, as the config counts
+    assert [(r["setup"], r["frames"]) for r in results["video"]] == [
+        (name, frames) for name in setups.VIDEO_SETUPS for frames in setups.SIZES["tiny"]["frames"]]
+    assert all(r["prompt_tokens"] > r["tokens_per_clip"] > 0 and r["prefill_s"] > 0 for r in results["video"])
     assert results["bound"]["bandwidth"]["read_gbs"] > 0
     assert (out / "benchmarks" / "benchmarks.png").stat().st_size > 10_000
 
