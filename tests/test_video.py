@@ -79,6 +79,23 @@ def test_arrays_tensors_and_frame_lists_give_the_same_pixels(processor):
     assert every.shape[1] == 6
 
 
+def test_a_file_url_a_data_url_and_per_sample_lists_give_the_file_s_pixels(tmp_path, processor):
+    """What an OpenAI-style request carries (`transformers serve` passes a `video_url` part's URL as it is) and the
+    `[[clip, ...], ...]` that `apply_chat_template(tokenize=True)` passes: the same pixels as the file's path."""
+    import base64
+
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=10)
+    from_path = processor(str(path))["pixel_values_videos"]
+    data_url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    for source in (path.as_uri(), data_url):
+        assert np.array_equal(processor(source)["pixel_values_videos"], from_path)
+    per_sample = processor([[str(path)], [data_url, str(path)]])["pixel_values_videos"]
+    assert per_sample.shape[0] == 3 and all(np.array_equal(clip, from_path[0]) for clip in per_sample)
+    with pytest.raises(ValueError, match="not valid base64"):
+        processor("data:video/mp4;base64,%%%")
+
+
 def test_bad_clips_are_refused_in_one_line(tmp_path, processor):
     short = np.zeros((3, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="has 3 frames, fewer than num_frames=4"):
