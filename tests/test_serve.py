@@ -267,3 +267,18 @@ def test_a_video_to_a_model_that_reads_none_gets_400(server, tmp_path):
     family, client, model, _ = server
     with pytest.raises(openai.BadRequestError, match="no video processor"):
         ask_about_clip(client, model, video_data_url(write_clip(tmp_path / "clip.mp4")))
+
+
+def test_video_frames_default_to_the_checkpoint_s_beside_your_chat_template_kwargs():
+    """`vlm-fusion serve` puts `"num_frames": null` among the server's template arguments, keeping yours."""
+    import json
+
+    from vlm_fusion.integrations.transformers_serve import with_checkpoint_frames
+
+    assert with_checkpoint_frames(["--port", "1"]) == ["--port", "1", "--chat-template-kwargs", '{"num_frames": null}']
+    merged = with_checkpoint_frames(["--chat-template-kwargs", '{"enable_thinking": true}'])
+    assert json.loads(merged[1]) == {"num_frames": None, "enable_thinking": True}
+    merged = with_checkpoint_frames(['--chat-template-kwargs={"fps": 1}'])
+    assert json.loads(merged[0].split("=", 1)[1]) == {"num_frames": None, "fps": 1}
+    yours = ["--chat-template-kwargs", '{"num_frames": 8}']
+    assert with_checkpoint_frames(yours) == yours
