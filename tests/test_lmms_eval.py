@@ -234,3 +234,21 @@ def test_lmms_eval_video_task_on_a_model_that_reads_none_is_refused_in_one_line(
     done, results, _ = run_clip_task(clip_task, tmp_path / "out", f"pretrained={checkpoint('llava')}", 1)
     assert results is None  # lmms-eval exits 0 all the same
     assert f"vlm_fusion: the task gives clips, and {checkpoint('llava')} reads none" in done.stdout + done.stderr
+
+
+def test_lmms_eval_video_stretch_of_a_clip_is_refused_in_one_line(clip_task, tmp_path):
+    """A part's start_time / end_time would be dropped by the processor, which samples the whole clip: refused."""
+    from lmms_eval.protocol import ChatMessages
+
+    from vlm_fusion.integrations.lmms_eval_model import VLMFusion
+    from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor("fusion_llava", video=True, num_frames=4)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    lmm = VLMFusion(pretrained=str(tmp_path / "model"), device="cpu")
+    part = {"type": "video", "url": clip_task[1][0], "start_time": 0.5}
+    conversation = ChatMessages(messages=[{"role": "user", "content": [part, {"type": "text", "text": "what ?"}]}])
+    with pytest.raises(ValueError, match="start_time / end_time is not supported") as refused:
+        lmm.inputs([conversation])
+    assert "\n" not in str(refused.value)
