@@ -96,6 +96,24 @@ def test_a_file_url_a_data_url_and_per_sample_lists_give_the_file_s_pixels(tmp_p
         processor("data:video/mp4;base64,%%%")
 
 
+def test_an_http_url_is_fetched_as_transformers_load_video_fetches_it(tmp_path, processor):
+    """A clip served over http (here by a local server on 127.0.0.1): `load_video` fetches it, same pixels."""
+    import functools
+    import http.server
+    import threading
+
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=10)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+            assert np.array_equal(processor(url)["pixel_values_videos"], processor(str(path))["pixel_values_videos"])
+        finally:
+            server.shutdown()
+
+
 def test_bad_clips_are_refused_in_one_line(tmp_path, processor):
     short = np.zeros((3, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="has 3 frames, fewer than num_frames=4"):
