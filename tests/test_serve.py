@@ -247,7 +247,7 @@ def test_a_video_request_chooses_the_frame_count_as_generate_num_frames_does(vid
         assert usage.prompt_tokens < usage_default.prompt_tokens
 
 
-def test_a_bad_clip_gets_400_in_one_line_and_the_server_goes_on(video_server, capsys, tmp_path):
+def test_a_bad_video_clip_gets_400_in_one_line_and_the_server_goes_on(video_server, capsys, tmp_path):
     """Not a video, fewer frames than the checkpoint samples, no such file: HTTP 400 with the processor's reason."""
     family, client, model, clip = video_server
     short = write_clip(tmp_path / "short.mp4", frames=2)
