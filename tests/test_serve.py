@@ -3,6 +3,7 @@ model, started by the README's command, answers the demo question over HTTP (the
 data URL), streamed or not, as `vlm-fusion generate` does; a bad request gets HTTP 400 and the server goes on."""
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -60,11 +61,20 @@ def server(tmp_path_factory, request):
     lists the Hub cache only) and the server's log. From transformers 5.25 the model loads in a process the server
     spawns, where only `FusionModelLoader` brings the families in."""
     family = request.param
-    port = free_port()
     words = readme_serve_command()
     words = [f"demo:{family}" if w == "demo:llava" else w for w in words]
-    words[words.index("--port") + 1] = str(port)
     log = tmp_path_factory.mktemp("server") / "server.log"
+    with serving(words, log) as client:
+        yield family, client, checkpoint(family), log
+
+
+@contextlib.contextmanager
+def serving(words: list[str], log):
+    """`words` (`vlm-fusion serve MODEL --port ...`) run on a free port, its output in `log`, until it answers
+    /health; yields an OpenAI client for it and stops it after."""
+    port = free_port()
+    words = list(words)
+    words[words.index("--port") + 1] = str(port)
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "vlm_fusion_cli", *words[1:]], stdout=out,
                                    stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -79,8 +89,7 @@ def server(tmp_path_factory, request):
                 if process.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
                 time.sleep(1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield family, client, checkpoint(family), log
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -152,3 +161,124 @@ def test_continuous_batching_is_refused_in_one_line(capsys):
     assert cli.main(["serve", "demo:flamingo", "--continuous-batching"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "text-only models" in err
+
+
+# ---- clips: OpenAI-style `video_url` parts ------------------------------------------------------------------------
+# transformers' server keeps a `video_url` part as `{"type": "video", "url": URL}` and its `apply_chat_template`
+# hands the URL, as given, to the processor's `videos=`; `vlm-fusion serve` leaves the frame count to the checkpoint.
+VIDEO_QUESTION = "what colour is the square ?"
+VIDEO_FAMILIES = ["fusion_llava", "fusion_blip2", "fusion_flamingo"]
+
+
+def write_clip(path, frames: int = 12, seed: int = 0):
+    from test_video import write_clip as write  # PyAV: random-coloured frames
+
+    write(path, frames, seed=seed)
+    return path
+
+
+@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+def video_server(tmp_path_factory, request):
+    """A tiny random video model of each family (4 frames a clip), saved, served by the README's command on a free
+    port; yields the family, an OpenAI client, the served model's name (its folder) and a clip of 12 frames."""
+    from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+    family = request.param
+    folder = tmp_path_factory.mktemp(f"video-{family}")
+    model, processor = tiny_model_and_processor(family, video=True, num_frames=4)
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    clip = write_clip(folder / "clip.mp4")
+    words = [str(folder / "model") if w == "demo:llava" else w for w in readme_serve_command()]
+    with serving(words, folder / "server.log") as client:
+        yield family, client, str(folder / "model"), clip
+
+
+def generated_about_clip(model: str, clip, capsys, num_frames=None) -> str:
+    """What `vlm-fusion generate --video` prints about `clip` (the checkpoint's frame count unless `num_frames`)."""
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", model, "--video", str(clip), "--prompt", VIDEO_QUESTION,
+                     "--max-new-tokens", str(MAX_NEW_TOKENS),
+                     *(["--num-frames", str(num_frames)] if num_frames else [])]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def ask_about_clip(client, model, video_url, stream=False, **extra):
+    """The server's answer (and, not streamed, its usage) to the question about the clip at `video_url`."""
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_url}},
+                                             {"type": "text", "text": VIDEO_QUESTION}]}]
+    reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=MAX_NEW_TOKENS,
+                                           stream=stream, extra_body=extra or None)
+    if stream:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices).strip()
+    return reply.choices[0].message.content.strip(), reply.usage
+
+
+def video_data_url(path) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_a_clip_is_answered_as_vlm_fusion_generate_video_does(video_server, capsys):
+    """The clip as a base64 data URL (streamed and not), a local path and a file URL: the same answer as `generate
+    --video` on the saved model, from the same prompt (its length: the checkpoint's 4 frames, not the server's 32)."""
+    from transformers import AutoProcessor
+
+    family, client, model, clip = video_server
+    expected = generated_about_clip(model, clip, capsys)
+    answer, usage = ask_about_clip(client, model, video_data_url(clip))
+    streamed = ask_about_clip(client, model, video_data_url(clip), stream=True)
+    by_path, _ = ask_about_clip(client, model, str(clip))
+    by_file_url, _ = ask_about_clip(client, model, clip.as_uri())
+    print(f"{family}: served {answer!r}, streamed {streamed!r}, by path {by_path!r}, by file URL {by_file_url!r}; "
+          f"vlm-fusion generate --video {expected!r}")
+    assert expected and answer == streamed == by_path == by_file_url == expected
+    processor = AutoProcessor.from_pretrained(model)
+    prompt = cli.build_prompt(processor, VIDEO_QUESTION, raw=False, images=0, videos=1)
+    assert usage.prompt_tokens == processor(videos=[str(clip)], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+
+
+def test_a_video_request_chooses_the_frame_count_as_generate_num_frames_does(video_server, capsys):
+    """`chat_template_kwargs: {"num_frames": 2}` in the request samples as `generate --num-frames 2`."""
+    family, client, model, clip = video_server
+    answer, usage = ask_about_clip(client, model, video_data_url(clip), chat_template_kwargs={"num_frames": 2})
+    _, usage_default = ask_about_clip(client, model, video_data_url(clip))
+    assert answer == generated_about_clip(model, clip, capsys, num_frames=2)
+    if family != "fusion_flamingo":  # Flamingo's clip is one media position whatever its frames
+        assert usage.prompt_tokens < usage_default.prompt_tokens
+
+
+def test_a_bad_video_clip_gets_400_in_one_line_and_the_server_goes_on(video_server, capsys, tmp_path):
+    """Not a video, fewer frames than the checkpoint samples, no such file: HTTP 400 with the processor's reason."""
+    family, client, model, clip = video_server
+    short = write_clip(tmp_path / "short.mp4", frames=2)
+    for url, reason in [("data:video/mp4;base64," + base64.b64encode(b"this is not a video").decode(),
+                         "not a video PyAV can read"),
+                        (video_data_url(short), "fewer than num_frames=4"),
+                        (str(tmp_path / "missing.mp4"), "No video file")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask_about_clip(client, model, url)
+        message = refused.value.body["message"]
+        assert reason in message and "\n" not in message
+    assert ask_about_clip(client, model, video_data_url(clip))[0] == generated_about_clip(model, clip, capsys)
+
+
+def test_a_video_to_a_model_that_reads_none_gets_400(server, tmp_path):
+    """The demo models read images only: a clip is refused in one line, not dropped."""
+    family, client, model, _ = server
+    with pytest.raises(openai.BadRequestError, match="no video processor"):
+        ask_about_clip(client, model, video_data_url(write_clip(tmp_path / "clip.mp4")))
+
+
+def test_video_frames_default_to_the_checkpoint_s_beside_your_chat_template_kwargs():
+    """`vlm-fusion serve` puts `"num_frames": null` among the server's template arguments, keeping yours."""
+    import json
+
+    from vlm_fusion.integrations.transformers_serve import with_checkpoint_frames
+
+    assert with_checkpoint_frames(["--port", "1"]) == ["--port", "1", "--chat-template-kwargs", '{"num_frames": null}']
+    merged = with_checkpoint_frames(["--chat-template-kwargs", '{"enable_thinking": true}'])
+    assert json.loads(merged[1]) == {"num_frames": None, "enable_thinking": True}
+    merged = with_checkpoint_frames(['--chat-template-kwargs={"fps": 1}'])
+    assert json.loads(merged[0].split("=", 1)[1]) == {"num_frames": None, "fps": 1}
+    yours = ["--chat-template-kwargs", '{"num_frames": 8}']
+    assert with_checkpoint_frames(yours) == yours

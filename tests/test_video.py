@@ -79,6 +79,41 @@ def test_arrays_tensors_and_frame_lists_give_the_same_pixels(processor):
     assert every.shape[1] == 6
 
 
+def test_a_file_url_a_data_url_and_per_sample_lists_give_the_file_s_pixels(tmp_path, processor):
+    """What an OpenAI-style request carries (`transformers serve` passes a `video_url` part's URL as it is) and the
+    `[[clip, ...], ...]` that `apply_chat_template(tokenize=True)` passes: the same pixels as the file's path."""
+    import base64
+
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=10)
+    from_path = processor(str(path))["pixel_values_videos"]
+    data_url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    for source in (path.as_uri(), data_url):
+        assert np.array_equal(processor(source)["pixel_values_videos"], from_path)
+    per_sample = processor([[str(path)], [data_url, str(path)]])["pixel_values_videos"]
+    assert per_sample.shape[0] == 3 and all(np.array_equal(clip, from_path[0]) for clip in per_sample)
+    with pytest.raises(ValueError, match="not valid base64"):
+        processor("data:video/mp4;base64,%%%")
+
+
+def test_an_http_url_is_fetched_as_transformers_load_video_fetches_it(tmp_path, processor):
+    """A clip served over http (here by a local server on 127.0.0.1): `load_video` fetches it, same pixels."""
+    import functools
+    import http.server
+    import threading
+
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=10)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+            assert np.array_equal(processor(url)["pixel_values_videos"], processor(str(path))["pixel_values_videos"])
+        finally:
+            server.shutdown()
+
+
 def test_bad_clips_are_refused_in_one_line(tmp_path, processor):
     short = np.zeros((3, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="has 3 frames, fewer than num_frames=4"):

@@ -10,8 +10,13 @@ model's own, PIL backend), so a frame of a clip and the same picture given as an
 Legend: V videos, F frames per video, C channels, H height, W width.
 """
 
+import base64
+import binascii
 import json
 import os
+import tempfile
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import torch
@@ -136,17 +141,43 @@ class FusionVideoProcessor(VideoProcessorMixin):
         metadata = VideoMetadata(total_num_frames=total, fps=video_fps)
         return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
 
-    def decode(self, path: str, sample: bool, **sampling) -> np.ndarray:
-        """The frames of the file at `path`, `(F, H, W, C)` uint8, sampled if asked (PyAV, through `load_video`)."""
-        if not os.path.isfile(path):
-            raise ValueError(f"No video file at {path!r}.")
+    def decode(self, source: str, sample: bool, **sampling) -> np.ndarray:
+        """The frames of the clip at `source`, `(F, H, W, C)` uint8, sampled if asked (PyAV, through `load_video`).
+
+        `source` is a local file, a `file://` URL, an `http(s)://` URL (fetched by `load_video`) or a base64 `data:`
+        URL (what an OpenAI-style request carries: `transformers serve` hands a `video_url` part's URL over as it is).
+        """
+        if source.startswith("data:"):
+            header, _, payload = source.partition(",")
+            if not header.endswith(";base64"):
+                raise ValueError(f"A clip given as a data URL must be base64 (data:video/mp4;base64,...), got "
+                                 f"{header[:60]!r}.")
+            try:
+                data = base64.b64decode(payload, validate=True)
+            except binascii.Error as error:
+                raise ValueError(f"The clip's data URL is not valid base64 ({error}).") from None
+            with tempfile.TemporaryDirectory() as folder:  # `load_video` reads files and URLs, not bytes
+                path = os.path.join(folder, "clip")
+                with open(path, "wb") as handle:
+                    handle.write(data)
+                return self._decode_file(path, f"the clip of a data URL ({len(data)} bytes)", sample, **sampling)
+        if source.startswith("file://"):
+            url = urllib.parse.urlparse(source)
+            if url.netloc not in ("", "localhost"):
+                raise ValueError(f"{source}: a file URL of another host; give a local file.")
+            source = urllib.request.url2pathname(url.path)
+        if not source.startswith(("http://", "https://")) and not os.path.isfile(source):
+            raise ValueError(f"No video file at {source!r}.")
+        return self._decode_file(source, source, sample, **sampling)
+
+    def _decode_file(self, path: str, name: str, sample: bool, **sampling) -> np.ndarray:
         def pick(metadata, **_):
             total = metadata.total_num_frames
             if not total:  # a container that records no frame count (MKV, WebM)
                 raise _NoFrameCount
             if not sample:
                 return np.arange(total)
-            return self.sample_indices(total, path, video_fps=metadata.fps, **sampling)
+            return self.sample_indices(total, name, video_fps=metadata.fps, **sampling)
 
         try:
             import av
@@ -155,12 +186,12 @@ class FusionVideoProcessor(VideoProcessorMixin):
         try:
             frames, _ = load_video(path, backend="pyav", sample_indices_fn=pick)
         except _NoFrameCount:
-            return self._decode_counting(path, sample, **sampling)
+            return self._decode_counting(path, name, sample, **sampling)
         except (av.error.FFmpegError, IndexError, StopIteration) as error:
-            raise ValueError(f"{path} is not a video PyAV can read ({type(error).__name__}: {error}).") from None
+            raise ValueError(f"{name} is not a video PyAV can read ({type(error).__name__}: {error}).") from None
         return frames
 
-    def _decode_counting(self, path: str, sample: bool, **sampling) -> np.ndarray:
+    def _decode_counting(self, path: str, name: str, sample: bool, **sampling) -> np.ndarray:
         import av
 
         with av.open(path) as container:
@@ -169,11 +200,11 @@ class FusionVideoProcessor(VideoProcessorMixin):
             fps = float(stream.average_rate) if stream.average_rate else None
         if not sample:
             return frames
-        return frames[self.sample_indices(len(frames), path, video_fps=fps, **sampling)]
+        return frames[self.sample_indices(len(frames), name, video_fps=fps, **sampling)]
 
     def clip_frames(self, video, index: int, sample: bool, metadata=None, **sampling) -> list:
         """One clip as a list of frames, sampled if asked."""
-        name = video if isinstance(video, str) else f"video {index}"
+        name = f"video {index}"
         if isinstance(video, (str, os.PathLike)):
             return list(self.decode(str(video), sample, **sampling))
         if isinstance(video, (np.ndarray, torch.Tensor)):
@@ -201,8 +232,9 @@ class FusionVideoProcessor(VideoProcessorMixin):
                    **frame_kwargs) -> BatchFeature:
         r"""
         Args:
-            videos: one clip or a list of clips; a clip is a local video file, an array or tensor `(frames, height,
-                width, channels)` (or channels first), or a list of frames (PIL images or arrays).
+            videos: one clip, a list of clips or a list of them per sample; a clip is a local video file (or a
+                `file://`, http(s) or base64 `data:` URL), an array or tensor `(frames, height, width, channels)` (or
+                channels first), or a list of frames (PIL images or arrays).
             num_frames, fps, do_sample_frames: override the processor's.
             video_metadata: per clip (a `VideoMetadata` or a dict with `fps`), to sample arrays by `fps`.
 
@@ -236,16 +268,25 @@ class FusionVideoProcessor(VideoProcessorMixin):
         return frame
 
     @staticmethod
+    def is_clip(item) -> bool:
+        """A file or URL, an array `(F, H, W, C)` or a list of frames; a frame alone is not."""
+        return isinstance(item, (str, os.PathLike, list, tuple)) or (
+            isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4)
+
+    @staticmethod
     def batched(videos) -> list:
-        """A clip or a list of clips -> a list of clips."""
+        """A clip, a list of clips, or one list of clips per sample (`apply_chat_template(tokenize=True)` passes
+        `[[url, ...], ...]`) -> a flat list of clips, in order."""
         if isinstance(videos, (str, os.PathLike)):
             return [videos]
         if isinstance(videos, (np.ndarray, torch.Tensor)):
             return [videos] if videos.ndim == 4 else list(videos)
         if isinstance(videos, (list, tuple)) and videos:
-            first = videos[0]
-            if isinstance(first, (str, os.PathLike, list, tuple)) or (
-                    isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 4):
+            is_clip = FusionVideoProcessor.is_clip
+            if all(isinstance(sample, (list, tuple)) for sample in videos) and any(
+                    sample and is_clip(sample[0]) for sample in videos):  # per sample, its clips
+                return [clip for sample in videos for clip in sample]
+            if is_clip(videos[0]):
                 return list(videos)
             return [list(videos)]  # one clip as a list of frames
         raise ValueError(f"No clip in {type(videos).__name__} {videos!r}.")

@@ -3,7 +3,9 @@
 lmms-eval reads `manifest` through the `lmms_eval.models` entry point (`pyproject.toml`) and builds the chat model
 `vlm_fusion.integrations.lmms_eval_model.VLMFusion` (imported by lmms-eval only): a task's messages go through the
 model's own chat template and processor (Flamingo's images nested per sample, BLIP-2's query placeholders, LLaVA's
-patches), batches are left-padded, decoding is greedy unless the task's `generation_kwargs` say otherwise.
+patches), a task's clips (`{"type": "video", "url": ...}` parts) go to the processor's `videos=`, flat and in order,
+when it has a video processor (refused in one line when not), batches are left-padded, decoding is greedy unless the
+task's `generation_kwargs` say otherwise.
 
 Model args: `pretrained` (a vlm-fusion checkpoint folder or Hub id), `device` (default: the GPU if there is one),
 `dtype` (`auto`: the checkpoint's), `device_map` (e.g. `auto`, instead of `device`), `max_new_tokens` (when the task

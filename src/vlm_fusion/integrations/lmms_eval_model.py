@@ -46,6 +46,7 @@ class VLMFusion(lmms):
             raise ValueError(f"vlm_fusion: unknown model_args {sorted(kwargs)} (it takes pretrained, device, dtype, "
                              "device_map, batch_size, max_new_tokens, trust_remote_code)")
         check_checkpoint(pretrained)
+        self.pretrained = pretrained
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loading = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype),
                    "trust_remote_code": str(trust_remote_code).lower() == "true"}
@@ -100,14 +101,30 @@ class VLMFusion(lmms):
                 settings.pop(k, None)
         return settings, until
 
+    def clips(self, conversations: list) -> list:
+        """The batch's clips (`{"type": "video", "url": ...}` parts: a file, a URL, frames), flat and in order; refused
+        in one line when the processor reads none, or when a part asks for a stretch of its clip."""
+        parts = [part for c in conversations for message in c.messages for part in message.content
+                 if part.type == "video"]
+        if parts and getattr(self.processor, "video_processor", None) is None:
+            raise ValueError(f"vlm_fusion: the task gives clips, and {self.pretrained} reads none (its processor has no "
+                             "video processor): evaluate a video model (tiny_model_and_processor(..., video=True))")
+        if any(part.start_time is not None or part.end_time is not None for part in parts):
+            raise ValueError("vlm_fusion: a clip's start_time / end_time is not supported: the video processor samples "
+                             "the whole clip; cut it to the stretch first")
+        return [part.url for part in parts]
+
     def inputs(self, conversations: list) -> dict:
         """The batch's prompts through the model's chat template and processor, left-padded."""
         texts = [self.processor.apply_chat_template(c.to_hf_messages(), add_generation_prompt=True, tokenize=False)
                  for c in conversations]
         images = [[image.convert("RGB") for image in c.extract_media()[0]] for c in conversations]
+        videos = self.clips(conversations)
         call = {"text": texts, "padding": True, "return_tensors": "pt"}
         if any(images):  # never videos=[] / audios=[], which processors refuse
             call["images"] = images if self.nested_images else [image for own in images for image in own]
+        if videos:
+            call["videos"] = videos
         return self.processor(**call).to(self._device)
 
     def generate_until(self, requests) -> list:

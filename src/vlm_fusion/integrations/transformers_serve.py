@@ -26,6 +26,16 @@ transformers' own: the chat template and processor of the checkpoint, `model.gen
 A request the processor rejects (an image that is not one, a count mismatch) is answered with HTTP 400 and one line,
 not transformers' bare 500 (which OpenAI clients retry).
 
+Clips: the server keeps a chat request's `video_url` parts (`get_processor_inputs_from_messages`: `{"type": "video",
+"url": URL}` for a VLM) and hands them to `processor.apply_chat_template(..., tokenize=True)`, which renders `<video>`
+and calls the processor with `videos=[[URL, ...]]` (one list per conversation) and the URL as given: our video processor
+reads a local path, a `file://` URL, an http(s) URL or a base64 data URL. The server also sets `num_frames=32` for any
+request with a clip ("Gemma 4's default"), under its `--chat-template-kwargs` and a request's `chat_template_kwargs`;
+32 frames is not what the checkpoint was given (its video processor's `num_frames` / `fps`, what `vlm-fusion generate
+--video` samples) and a shorter clip would be refused, so `vlm-fusion serve` sets `"num_frames": null` among the
+server's template arguments (unless `--chat-template-kwargs` names `num_frames`): the checkpoint's own sampling, a
+request's `chat_template_kwargs` (`{"num_frames": N}` or `{"fps": R}`) still choosing.
+
 Continuous batching (`--continuous-batching`) is refused: transformers' server batches continuously only text-only
 models (`GenerationState.use_continuous_batching` requires `Modality.LLM`), and its continuous-batching manager takes a
 prompt's token ids alone (`ContinuousBatchingManager.add_request(input_ids, ...)`), so no pixel values (nor Flamingo's
@@ -104,6 +114,30 @@ def answer_bad_requests_with_400() -> None:
     server.build_server = build_server  # `Serve` imports it when it starts, so it takes this one
 
 
+def with_checkpoint_frames(options: list[str]) -> list[str]:
+    """`options` with `"num_frames": null` in `--chat-template-kwargs` (added, or put in the JSON given, unless that
+    names `num_frames`), so that a clip is sampled as the checkpoint's video processor says rather than at the
+    server's 32 frames. JSON transformers cannot read is left for it to refuse."""
+    import json
+
+    for i, option in enumerate(options):
+        if option == "--chat-template-kwargs" and i + 1 < len(options):
+            at, given = i + 1, options[i + 1]
+        elif option.startswith("--chat-template-kwargs="):
+            at, given = i, option.split("=", 1)[1]
+        else:
+            continue
+        try:
+            kwargs = json.loads(given)
+        except ValueError:
+            return options
+        if not isinstance(kwargs, dict) or "num_frames" in kwargs:
+            return options
+        value = json.dumps({"num_frames": None, **kwargs})
+        return [*options[:at], value if at == i + 1 else f"--chat-template-kwargs={value}", *options[at + 1:]]
+    return [*options, "--chat-template-kwargs", '{"num_frames": null}']
+
+
 def main(model: str, options: list[str]) -> int:
     """Run `transformers serve MODEL OPTIONS...` (the installed transformers' options, `--help` included) with the
     families registered; returns its exit status."""
@@ -129,7 +163,7 @@ def main(model: str, options: list[str]) -> int:
         print(f"vlm-fusion serve: {model} on transformers serve; requests name the model as {model!r} (the OpenAI "
               "API's `model` field)", file=sys.stderr)
     try:
-        app(["serve", model, *options], prog_name="vlm-fusion")
+        app(["serve", model, *with_checkpoint_frames(options)], prog_name="vlm-fusion")
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     return 0
