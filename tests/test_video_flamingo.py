@@ -13,23 +13,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from conftest import causal_lm_of, random_image
 from vlm_fusion import FusionFlamingoConfig, FusionFlamingoForConditionalGeneration
 from vlm_fusion.conversion.convert_openflamingo import import_open_flamingo
-from vlm_fusion.tools.tiny import tiny_model_and_processor
+from test_flamingo import SMALL, build as build_for_images  # noqa: E402
 
-SMALL = dict(num_latents=4, perceiver_depth=2, perceiver_heads=2, perceiver_head_dim=16, cross_attention_heads=2,
-             cross_attention_head_dim=16)
 FRAMES = 4  # the processor samples 4 frames; the model's `max_num_frames` is 4
 
 
 def build(open_gates=True, **kwargs):
-    model, processor = tiny_model_and_processor("fusion_flamingo", "clip", "llama", video=True, num_frames=FRAMES,
-                                                **{**SMALL, **kwargs})
-    if open_gates:  # a fresh model is its LM; open the gates so the media matter
-        with torch.no_grad():
-            for block in model.gated_cross_attn_layers.values():
-                block.attn_gate.fill_(0.8)
-                block.ff_gate.fill_(0.4)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    """test_flamingo's tiny model (its gates opened so the media matter), reading clips of up to FRAMES frames."""
+    return build_for_images(open_gates=open_gates, video=True, num_frames=FRAMES, **kwargs)
 
 
 def clip(seed: int, frames: int = FRAMES) -> np.ndarray:

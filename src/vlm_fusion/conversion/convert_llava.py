@@ -68,11 +68,11 @@ ORIGINAL_EXTRA_FIELDS = {
 
 
 # ---- llava-hf --------------------------------------------------------------------------------------------------
-def convert_llava_hf(args):
-    """transformers' Llava, or (`--source llava-next`) LlavaNext with its dynamic-resolution tiling."""
-    next_ = args.source == "llava-next"
+def llava_hf_source(args, expected: str):
+    """The config of a transformers LLaVA checkpoint (`expected` its `model_type`), refused in one line where the
+    family cannot take it (another model type, several vision feature layers, a projector activation other than
+    GELU)."""
     source = AutoConfig.from_pretrained(args.input)
-    expected = "llava_next" if next_ else "llava"
     if source.model_type != expected:
         raise ConversionError(f"--source {args.source} expects a `{expected}` config, {args.input} holds "
                               f"{source.model_type!r}.")
@@ -80,6 +80,13 @@ def convert_llava_hf(args):
         raise ConversionError(f"Several vision feature layers ({source.vision_feature_layer}) are not supported.")
     if source.projector_hidden_act != "gelu":
         raise ConversionError(f"Projector activation {source.projector_hidden_act!r} is not supported (only gelu).")
+    return source
+
+
+def convert_llava_hf(args):
+    """transformers' Llava, or (`--source llava-next`) LlavaNext with its dynamic-resolution tiling."""
+    next_ = args.source == "llava-next"
+    source = llava_hf_source(args, "llava_next" if next_ else "llava")
     text_config = source.text_config
     text_config.tie_word_embeddings = bool(source.tie_word_embeddings or text_config.tie_word_embeddings)
     config = FusionLlavaConfig(

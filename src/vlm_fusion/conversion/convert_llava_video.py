@@ -29,7 +29,7 @@ from transformers import AutoConfig, CLIPImageProcessorPil
 from vlm_fusion import FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor
 from vlm_fusion.conversion import common as conversion
 from vlm_fusion.conversion.common import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
-from vlm_fusion.conversion.convert_llava import llava_hf_rules
+from vlm_fusion.conversion.convert_llava import llava_hf_rules, llava_hf_source
 from vlm_fusion.processing_video import FusionVideoProcessor
 from vlm_fusion.vision import num_prefix_tokens
 
@@ -146,15 +146,7 @@ def sample_clip(num_frames: int, size: int = 96) -> list:
 
 
 def convert_video(args):
-    source = AutoConfig.from_pretrained(args.input)
-    expected = SOURCE_TYPES[args.source]
-    if source.model_type != expected:
-        raise ConversionError(f"--source {args.source} expects a `{expected}` config, {args.input} holds "
-                              f"{source.model_type!r}.")
-    if not isinstance(source.vision_feature_layer, int):
-        raise ConversionError(f"Several vision feature layers ({source.vision_feature_layer}) are not supported.")
-    if source.projector_hidden_act != "gelu":
-        raise ConversionError(f"Projector activation {source.projector_hidden_act!r} is not supported (only gelu).")
+    source = llava_hf_source(args, SOURCE_TYPES[args.source])
     strategy = source.vision_feature_select_strategy
     if strategy == "full" and num_prefix_tokens(source.vision_config) == 0:
         strategy = "default"  # a tower without CLS (SigLIP): every token is a patch either way
