@@ -454,6 +454,58 @@ def video_reference(path, requests, banned=()):
     return out
 
 
+def reading_clips(path, factor=10.0):
+    """The BLIP-2-style checkpoint at `path` with its Q-Formers' cross-attention values and outputs scaled up: a fresh
+    Q-Former's cross-attention adds little to its queries, so every clip gives nearly the same visual tokens and equal
+    greedy tokens would prove nothing about the clips (as Flamingo's gates are opened for the same reason)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    with torch.no_grad():
+        for name, param in model.model.named_parameters():
+            if "qformer." in name and (".cross_attn.to_v.weight" in name or ".cross_attn.to_out.weight" in name):
+                param.mul_(factor)
+    model.save_pretrained(path)
+    return path
+
+
+def converted_instructblip_video(root):
+    """transformers' own InstructBlipVideoForConditionalGeneration (OPT, heads 32 wide), saved as transformers saves
+    it, converted by our script (which checks logits against it), then made to read its clips (`reading_clips`)."""
+    import json as json_
+
+    from tokenizers import processors
+    from transformers import AddedToken, InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from vlm_fusion.conversion.convert_instructblip_video import convert_instructblip_video
+    from vlm_fusion.tools.tiny import WORDS, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(  # BOS, as OPT's
+        single="<s> $A", special_tokens=[("<s>", tokenizer.convert_tokens_to_ids("<s>"))])
+    tokenizer.add_tokens([AddedToken("<video>", normalized=False, special=True)], special_tokens=True)
+    qformer_tokenizer = tiny_tokenizer(list(reversed(WORDS)))
+    config = InstructBlipVideoConfig(
+        vision_config={k: v for k, v in tiny_vision_config("clip").items() if k != "model_type"},
+        qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            vocab_size=len(qformer_tokenizer), max_position_embeddings=32,
+                            pad_token_id=qformer_tokenizer.pad_token_id),
+        text_config=head_32("opt", vocab_size=len(tokenizer)), num_query_tokens=8,
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
+    model = InstructBlipVideoForConditionalGeneration(config).eval()
+    model.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    qformer_tokenizer.save_pretrained(root / "hf" / "qformer_tokenizer")
+    frames = BlipImageProcessorPil(size={"height": 32, "width": 32}).to_dict()
+    frames.update(video_processor_type="InstructBlipVideoVideoProcessor", do_sample_frames=False)
+    (root / "hf" / "processor_config.json").write_text(json_.dumps(
+        {"video_processor": frames, "num_query_tokens": 8, "processor_class": "InstructBlipVideoProcessor"}))
+    assert convert_instructblip_video(root / "hf", root / "out") == 0
+    return reading_clips(root / "out")
+
+
 def with_files(root, requests):
     """The requests as the runner takes them: images as PNG files, clips as `.npy` files."""
     out = []
@@ -467,14 +519,16 @@ def with_files(root, requests):
 
 @pytest.fixture(scope="module")
 def video_served(tmp_path_factory):
-    """Models that read clips, on vLLM (LLaVA- and BLIP-2-style on its Transformers backend, Flamingo-style natively),
-    one engine after another in one process, and transformers' answers."""
+    """Models that read clips, on vLLM (LLaVA- and BLIP-2-style on its Transformers backend, a converted
+    InstructBLIP-Video included; Flamingo-style natively), one engine after another in one process, and transformers'
+    answers."""
     root = tmp_path_factory.mktemp("vllm_video")
     checkpoints = {
         "llava_video": save_ours(root / "llava", "fusion_llava", video=True, video_pooling="average"),
-        "blip2_video": save_ours(root / "blip2", "fusion_blip2", video=True),
-        "blip2_video_qformer": save_ours(root / "blip2_vq", "fusion_blip2", video=True, video_bridge="video_qformer",
-                                         num_video_query_tokens=4, video_qformer_num_hidden_layers=1),
+        "blip2_video": reading_clips(save_ours(root / "blip2", "fusion_blip2", video=True)),
+        "blip2_video_qformer": reading_clips(save_ours(root / "blip2_vq", "fusion_blip2", video=True,
+                                                       video_bridge="video_qformer", num_video_query_tokens=4,
+                                                       video_qformer_num_hidden_layers=1)),
         "flamingo_video": save_flamingo(root / "flamingo", video=True, max_num_frames=FRAMES),
     }
     one, two = [(0, (32, 32))], [(1, (40, 48))]
@@ -492,6 +546,10 @@ def video_served(tmp_path_factory):
         "flamingo_video_images": [{"prompt": PROMPT, "images": one}, {"prompt": PROMPT, "images": two}],
     }
     requests["blip2_video_qformer"] = requests["blip2_video"]
+    checkpoints["instructblip_video"] = converted_instructblip_video(root / "instructblip")
+    requests["instructblip_video"] = [  # the Q-Former reads each prompt's text with every frame
+        {"prompt": BLIP2_PROMPT, "images": [], "videos": [0]}, {"prompt": BLIP2_PROMPT, "images": [], "videos": [1]},
+        {"prompt": "Question: how many shapes are there ? Answer:", "images": [], "videos": [0]}]
     checkpoints["flamingo_video_images"] = checkpoints["flamingo_video"]
     clips_only = {"image": 0, "video": 1}
     cases = {name: (path, requests[name], {"image": 1, "video": 1}) for name, path in checkpoints.items()}
@@ -500,6 +558,8 @@ def video_served(tmp_path_factory):
     cases["flamingo_image_and_clip"] = (checkpoints["flamingo_video"],
                                         [{"prompt": "<image>" + VIDEO_PROMPT, "images": one, "videos": [0]}], clips_only)
     cases["flamingo_both_kinds"] = (checkpoints["flamingo_video"], clips, {"image": 1, "video": 1})
+    cases["instructblip_image_and_clip"] = (checkpoints["instructblip_video"], [
+        {"prompt": "<image> <video> " + BLIP2_PROMPT, "images": one, "videos": [0]}], {"image": 1, "video": 1})
     jobs = [{"name": name, "model": str(path), "requests": with_files(root, reqs), "max_tokens": NEW_TOKENS,
              "limits": limits} for name, (path, reqs, limits) in cases.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -513,8 +573,8 @@ def video_served(tmp_path_factory):
     return results, references
 
 
-@pytest.mark.parametrize("name", ["llava_video", "blip2_video", "blip2_video_qformer", "flamingo_video",
-                                  "flamingo_video_images"])
+@pytest.mark.parametrize("name", ["llava_video", "blip2_video", "blip2_video_qformer", "instructblip_video",
+                                  "flamingo_video", "flamingo_video_images"])
 def test_clips_give_transformers_greedy_tokens(video_served, name):
     """A batch of prompts with a clip (two clips, a clip after the text, a BLIP-2 prompt without `<video>`, a clip
     beside an image for LLaVA) mixed with image and text-only prompts: vLLM samples the clips' frames and places their
@@ -530,14 +590,19 @@ def test_clips_give_transformers_greedy_tokens(video_served, name):
 
 
 def test_clips_change_the_tokens(video_served):
-    """The check above is not vacuous where the tiny models are sensitive to their clips: another clip, other tokens
-    (LLaVA-style on vLLM's Transformers backend, whose video path BLIP-2-style models share; Flamingo-style natively).
-    A tiny random Q-Former averages its frames' patches and the tiny LM its positions, so there a clip moves the last
-    logits by ~3e-3 and the BLIP-2-style checks above prove the placeholders' layout and the shared path only."""
+    """The check above is not vacuous: the same prompt with another clip answers otherwise. (Not for the converted
+    InstructBLIP-Video: its tiny random tower and Q-Former give every clip the same visual tokens to ~1e-6, so there
+    the check above proves the instruction path, the ragged batch and the placeholders' layout, not the pixels.)"""
     _, references = video_served
-    for name in ("llava_video", "flamingo_video"):
+    for name in ("llava_video", "blip2_video", "blip2_video_qformer", "flamingo_video"):
         (_, first), (_, second), *_ = references[name]
         assert first != second, name
+
+
+def test_instruction_aware_models_refuse_an_image_and_a_clip_in_one_prompt_in_one_line(video_served):
+    results, _ = video_served
+    error = results["instructblip_image_and_clip"]["error"]
+    assert "take an image or a clip per prompt on vLLM 0.32, not both" in error and "\n" not in error, error
 
 
 def test_flamingo_style_models_serve_images_or_clips_and_refuse_both_in_one_line(video_served):

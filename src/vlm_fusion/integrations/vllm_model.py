@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import torch
+
 from vllm.model_executor.models.transformers import TransformersMultiModalForCausalLM
 from vllm.model_executor.models.transformers.multimodal import (
     MultiModalDummyInputsBuilder,
@@ -9,6 +11,14 @@ from vllm.model_executor.models.transformers.multimodal import (
     MultiModalProcessor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+
+
+INSTRUCTION_ONE_KIND = (
+    "Instruction-aware BLIP-2-style models (qformer_text_input) take an image or a clip per prompt on vLLM 0.32, not "
+    "both: its Transformers backend gives the instruction (qformer_input_ids) to neither modality when a prompt has "
+    "both (MultiModalProcessor._partition_keys_by_modality), so the Q-Former would read no text; generate with "
+    "transformers for both."
+)
 
 
 class FusionMultiModalProcessor(MultiModalProcessor):
@@ -30,6 +40,8 @@ class FusionMultiModalProcessor(MultiModalProcessor):
         markers = {"image": config.image_token_id, "video": config.video_token_id}
         if config.model_type == "fusion_blip2" and any(counts.values()):
             if config.qformer_text_input:
+                if all(counts.values()):
+                    raise ValueError(INSTRUCTION_ONE_KIND)
                 tokenizer = self.info.get_tokenizer()
                 text = [t for t in inputs.prompt if t not in markers.values()]
                 if text and text[0] == tokenizer.bos_token_id:  # the BOS the tokenizer added, not the prompt's text
@@ -57,3 +69,16 @@ class FusionForVLLM(TransformersMultiModalForCausalLM):
         config = vllm_config.model_config.hf_config
         placeholders = [i for i in (config.image_token_id, config.video_token_id) if i is not None]
         self.configure_mm_token_handling(config.get_text_config().vocab_size, placeholders)
+
+    def _get_features(self, modality, pixel_values, **kwargs):
+        """Items whose own inputs differ in length (InstructBLIP's instructions) arrive as lists beside stacked pixels,
+        which `get_image_features` / `get_video_features` cannot take: each item is then encoded alone."""
+        if not any(isinstance(value, list) for value in kwargs.values()):
+            return super()._get_features(modality, pixel_values, **kwargs)
+        n = len(pixel_values)
+        features = []
+        for i in range(n):
+            item = {key: torch.stack(value) if isinstance(value, list) else value
+                    for key, value in self._select_item_kwargs(kwargs, i, n).items()}
+            features.append(super()._get_features(modality, pixel_values[i:i + 1], **item))
+        return torch.cat(features)
