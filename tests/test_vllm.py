@@ -525,6 +525,8 @@ def video_served(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_video")
     checkpoints = {
         "llava_video": save_ours(root / "llava", "fusion_llava", video=True, video_pooling="average"),
+        "llava_onevision_video": save_ours(root / "onevision", "fusion_llava", video=True, video_pooling="bilinear",
+                                           video_newline=True),
         "blip2_video": reading_clips(save_ours(root / "blip2", "fusion_blip2", video=True)),
         "blip2_video_qformer": reading_clips(save_ours(root / "blip2_vq", "fusion_blip2", video=True,
                                                        video_bridge="video_qformer", num_video_query_tokens=4,
@@ -546,6 +548,7 @@ def video_served(tmp_path_factory):
         "flamingo_video_images": [{"prompt": PROMPT, "images": one}, {"prompt": PROMPT, "images": two}],
     }
     requests["blip2_video_qformer"] = requests["blip2_video"]
+    requests["llava_onevision_video"] = requests["llava_video"]
     checkpoints["instructblip_video"] = converted_instructblip_video(root / "instructblip")
     requests["instructblip_video"] = [  # the Q-Former reads each prompt's text with every frame
         {"prompt": BLIP2_PROMPT, "images": [], "videos": [0]}, {"prompt": BLIP2_PROMPT, "images": [], "videos": [1]},
@@ -555,8 +558,8 @@ def video_served(tmp_path_factory):
     cases = {name: (path, requests[name], {"image": 1, "video": 1}) for name, path in checkpoints.items()}
     cases["flamingo_video"] = (checkpoints["flamingo_video"], requests["flamingo_video"], clips_only)
     cases["flamingo_video_images"] = (checkpoints["flamingo_video"], requests["flamingo_video_images"], {"image": 1})
-    cases["flamingo_image_and_clip"] = (checkpoints["flamingo_video"],
-                                        [{"prompt": "<image>" + VIDEO_PROMPT, "images": one, "videos": [0]}], clips_only)
+    image_and_clip = [{"prompt": "<image>" + VIDEO_PROMPT, "images": one, "videos": [0]}]
+    cases["flamingo_image_and_clip"] = (checkpoints["flamingo_video"], image_and_clip, clips_only)
     cases["flamingo_both_kinds"] = (checkpoints["flamingo_video"], clips, {"image": 1, "video": 1})
     cases["instructblip_image_and_clip"] = (checkpoints["instructblip_video"], [
         {"prompt": "<image> <video> " + BLIP2_PROMPT, "images": one, "videos": [0]}], {"image": 1, "video": 1})
@@ -573,8 +576,8 @@ def video_served(tmp_path_factory):
     return results, references
 
 
-@pytest.mark.parametrize("name", ["llava_video", "blip2_video", "blip2_video_qformer", "instructblip_video",
-                                  "flamingo_video", "flamingo_video_images"])
+@pytest.mark.parametrize("name", ["llava_video", "llava_onevision_video", "blip2_video", "blip2_video_qformer",
+                                  "instructblip_video", "flamingo_video", "flamingo_video_images"])
 def test_clips_give_transformers_greedy_tokens(video_served, name):
     """A batch of prompts with a clip (two clips, a clip after the text, a BLIP-2 prompt without `<video>`, a clip
     beside an image for LLaVA) mixed with image and text-only prompts: vLLM samples the clips' frames and places their
@@ -594,7 +597,7 @@ def test_clips_change_the_tokens(video_served):
     InstructBLIP-Video: its tiny random tower and Q-Former give every clip the same visual tokens to ~1e-6, so there
     the check above proves the instruction path, the ragged batch and the placeholders' layout, not the pixels.)"""
     _, references = video_served
-    for name in ("llava_video", "blip2_video", "blip2_video_qformer", "flamingo_video"):
+    for name in ("llava_video", "llava_onevision_video", "blip2_video", "blip2_video_qformer", "flamingo_video"):
         (_, first), (_, second), *_ = references[name]
         assert first != second, name
 
