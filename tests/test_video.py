@@ -150,6 +150,23 @@ def test_a_processor_without_a_video_processor_refuses_videos():
         processor(text="<video>", videos=[np.zeros((4, 8, 8, 3), np.uint8)])
 
 
+@pytest.mark.parametrize("family, kwargs", [("fusion_llava", {"video_pooling": "average"}), ("fusion_blip2", {}),
+                                            ("fusion_blip2", {"video_bridge": "video_qformer"}),
+                                            ("fusion_flamingo", {})])
+def test_the_clip_token_count_engines_ask_for_is_what_the_processor_writes(family, kwargs):
+    """`_get_num_multimodal_tokens(video_sizes=...)` (transformers' API, which vLLM sizes clips with) gives each clip's
+    placeholders as the processor writes them; an image-only processor counts none."""
+    from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor(family, video=True, num_frames=3, **kwargs)
+    inputs = processor(text=["a <video> b"], videos=[np.zeros((3, 40, 48, 3), np.uint8)])
+    written = inputs["input_ids"][0].count(model.config.video_token_id)
+    assert processor._get_num_multimodal_tokens(video_sizes=[(3, 40, 48)])["num_video_tokens"] == [written]
+    assert written == model.config.num_video_tokens(3)
+    _, image_only = tiny_model_and_processor(family)
+    assert image_only._get_num_multimodal_tokens(video_sizes=[(3, 40, 48)])["num_video_tokens"] is None
+
+
 def test_generate_answers_about_a_clip_file_from_the_command_line(tmp_path, capsys):
     from vlm_fusion import cli
     from vlm_fusion.tools.tiny import tiny_model_and_processor

@@ -1,6 +1,8 @@
 """Runs vLLM engines one after another in one process (started by tests/test_vllm.py): for each job, `LLM(model=...)`
 and greedy generation on its requests (each may set its own `max_tokens`); writes each job's token ids, or the error
-that stopped its engine or its requests, as JSON.
+that stopped its engine or its requests, as JSON. A request's clips are `.npy` files `(frames, height, width,
+channels)`, handed to vLLM with their metadata (as its video loader does), so the model's video processor samples
+their frames as in transformers.
 
     python vllm_runner.py JOBS.json RESULTS.json
 """
@@ -21,6 +23,14 @@ def data_url(path) -> str:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
+def clip(path, fps=8.0):
+    import numpy as np
+
+    frames = np.load(path)
+    return frames, {"fps": fps, "duration": len(frames) / fps, "total_num_frames": len(frames),
+                    "frames_indices": list(range(len(frames))), "video_backend": "pyav", "do_sample_frames": True}
+
+
 def main(jobs_file, results_file):
     from PIL import Image
     from vllm import LLM, SamplingParams
@@ -29,7 +39,7 @@ def main(jobs_file, results_file):
     for job in json.load(open(jobs_file)):
         try:
             llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-                      limit_mm_per_prompt={"image": job.get("max_images", 1)}, **job.get("llm", {}))
+                      limit_mm_per_prompt=job.get("limits", {"image": job.get("max_images", 1)}), **job.get("llm", {}))
         except Exception as error:  # the refusal a test expects, or what went wrong
             results[job["name"]] = {"error": f"{type(error).__name__}: {error}"}
             continue
@@ -39,6 +49,8 @@ def main(jobs_file, results_file):
             prompt = {"prompt_token_ids": r["prompt_ids"]} if "prompt_ids" in r else {"prompt": r["prompt"]}
             if r["images"]:
                 prompt["multi_modal_data"] = {"image": [Image.open(p).convert("RGB") for p in r["images"]]}
+            if r.get("videos"):
+                prompt.setdefault("multi_modal_data", {})["video"] = [clip(p) for p in r["videos"]]
             prompts.append(prompt)
         per_request = [SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens", sampling.max_tokens))
                        for r in job["requests"]]

@@ -147,16 +147,20 @@ class FusionProcessor(ProcessorMixin):
         bos = self.tokenizer.bos_token
         return not (bos and text.startswith(bos))
 
-    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
         """
-        transformers' processor API (vLLM sizes each image's placeholders with it): for `image_sizes`, a list of
+        transformers' processor API (vLLM sizes each item's placeholders with it): for `image_sizes`, a list of
         `(height, width)`, each image's placeholder count (`num_image_tokens`) and its entries in `pixel_values`
-        (`num_image_patches`, 1: one row per image).
+        (`num_image_patches`, 1: one row per image); for `video_sizes`, a list of `(num_frames, height, width)`, each
+        clip's placeholder count (`num_video_tokens`) when this processor takes clips (a video processor).
         """
-        if image_sizes is None:
-            return MultiModalData()
-        counts = [self.num_image_tokens(int(height), int(width)) for height, width in image_sizes]
-        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
+        counts = {}
+        if image_sizes is not None:
+            counts["num_image_tokens"] = [self.num_image_tokens(int(h), int(w)) for h, w in image_sizes]
+            counts["num_image_patches"] = [1] * len(image_sizes)
+        if video_sizes is not None and getattr(self, "video_processor", None) is not None:
+            counts["num_video_tokens"] = [self.num_video_tokens(int(num_frames)) for num_frames, _, _ in video_sizes]
+        return MultiModalData(**counts)
 
     def _process_images(self, images, **kwargs):
         processed, replacements = super()._process_images(images, **kwargs)

@@ -3,15 +3,18 @@
 vLLM loads `register` in each of its processes (the `vllm.general_plugins` entry point). It maps the families'
 architectures onto `FusionForVLLM`, vLLM's Transformers modeling backend (which builds our headless model with
 `AutoModel.from_config`, runs its LM with vLLM's paged attention, and takes the images' visual tokens from
-`get_image_features`) with what our models need on top:
+`get_image_features` and the clips' from `get_video_features`, sized by the processor's `_get_num_multimodal_tokens`)
+with what our models need on top:
 
-- a placeholder id outside the LM's embedding table (allowed in vlm-fusion) is masked before the lookup, as the
-  model itself does, since the visual tokens take those positions anyway;
-- a BLIP-2-style prompt without `<image>` gets its images' placeholders in front, where the processor puts them.
+- a placeholder id (`<image>`, `<video>`) outside the LM's embedding table (allowed in vlm-fusion) is masked before the
+  lookup, as the model itself does, since the visual tokens take those positions anyway;
+- a BLIP-2-style prompt without `<image>` (or `<video>`) gets its images' (or clip's) placeholders in front, where the
+  processor puts them.
 
 Flamingo-style models are served natively instead (`vllm_flamingo.FusionFlamingoForVLLM`, on vLLM's encoder-decoder
 path): the Transformers backend hands a model its text embeddings only, so gated cross-attention would never see the
-images (`FusionFlamingoModel` refuses it). vLLM reads their config as `FusionFlamingoServingConfig`, the same config
+images (`FusionFlamingoModel` refuses it). There an engine serves images or clips (vLLM 0.32 takes one modality for an
+encoder-decoder model). vLLM reads their config as `FusionFlamingoServingConfig`, the same config
 marked encoder-decoder.
 """
 

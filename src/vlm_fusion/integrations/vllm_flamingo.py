@@ -2,25 +2,27 @@
 
 vLLM serves it as it serves Whisper, an encoder-decoder model:
 
-    encoder  pixels -> vision tower -> perceiver resampler -> (L, D_v) latents per image     (`embed_multimodal`)
+    encoder  pixels -> vision tower -> perceiver resampler -> (L, D_v) latents per media     (`embed_multimodal`)
     decoder  the LM as vLLM serves it (its native class, or its Transformers backend), each gated block in front of its
              decoder layer (a forward pre-hook, as in `FusionFlamingoModel`), the block's cross-attention a vLLM
              `CrossAttention`: its keys/values over the latents are written into the paged cross-attention cache once,
              at the request's first step, and read at every later step.
 
-The prompt is the decoder's prompt exactly as the processor writes it (BOS and one `<image>` token per image); the
-encoder prompt is `L` placeholders per image, where vLLM counts the latents. A token attends to the latents when an
-`<image>` token is at or before it in its request (`only_attend_immediate_media` changes nothing with one image);
-tokens before it, and every token of a request without an image, get zero cross-attention output, as in transformers.
+The prompt is the decoder's prompt exactly as the processor writes it (BOS and one `<image>` token per image, one
+`<video>` token per clip); the encoder prompt is `L` placeholders per media, where vLLM counts the latents. A clip is
+one media, as in Flamingo: its frames (sampled by the model's video processor, as in transformers) each get their time
+embedding and the same latents read them all (`flatten_frames`). A token attends to the latents when an `<image>` or
+`<video>` token is at or before it in its request (`only_attend_immediate_media` changes nothing with one media);
+tokens before it, and every token of a request without media, get zero cross-attention output, as in transformers.
 
 Bounds (each refused in one line, not served approximately):
-- one image per prompt: vLLM 0.32 keeps an encoder-decoder request's encoder inputs at the start of the encoder
-  sequence and asserts so once decoding begins (`Scheduler._try_schedule_encoder_inputs`: "Encoder input should be
-  processed at the beginning of the sequence"), and its cross-attention lets every token of a request see all of the
-  request's encoder tokens (`CrossAttentionBuilder` sets `causal=False`, `seq_lens` = the whole encoder length), so
-  "each token sees only the image just before it" has no place to live in the kernel's inputs;
-- a generated `<image>` token is banned (its logit is -inf, as TGI did for IDEFICS): it would open a new image chunk
-  without an image, which vLLM keeps no per-request state to notice at later steps;
+- one media per prompt (an image or a clip): vLLM 0.32 keeps an encoder-decoder request's encoder inputs at the start
+  of the encoder sequence and asserts so once decoding begins (`Scheduler._try_schedule_encoder_inputs`: "Encoder input
+  should be processed at the beginning of the sequence"), and its cross-attention lets every token of a request see all
+  of the request's encoder tokens (`CrossAttentionBuilder` sets `causal=False`, `seq_lens` = the whole encoder length),
+  so "each token sees only the media just before it" has no place to live in the kernel's inputs;
+- a generated `<image>` (or `<video>`) token is banned (its logit is -inf, as TGI did for IDEFICS): it would open a
+  new media chunk without media, which vLLM keeps no per-request state to notice at later steps;
 - eager execution only (`enforce_eager=True` / `--enforce-eager`): the gated blocks read per-step state (which tokens
   see an image, this step's latents) that a compiled graph would freeze;
 - no tensor or pipeline parallelism (the gated blocks and the tower are plain `nn.Linear`s beside the LM's layers).
@@ -44,7 +46,7 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings, Supports
 from vllm.model_executor.models.utils import init_vllm_registered_model
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseProcessingInfo,
@@ -55,14 +57,34 @@ from vllm.multimodal.processing import (
 
 from ..configuration_flamingo import FusionFlamingoConfig
 from ..language_model import causal_lm_class
-from ..modeling_flamingo import build_gated_block, build_perceiver, find_decoder_layers
+from ..modeling_flamingo import build_gated_block, build_perceiver, find_decoder_layers, flatten_frames
 from ..vision import build_vision_tower, select_image_features
 
 ONE_IMAGE = (
-    "Flamingo-style models (fusion_flamingo) take one image per prompt on vLLM 0.32: its encoder-decoder path "
+    "Flamingo-style models (fusion_flamingo) take one image per prompt on vLLM 0.32 (or one clip instead: a clip is "
+    "one media): its encoder-decoder path "
     "attends every token of a request to all of the request's encoder tokens, so text cannot be kept to the image "
-    "just before it; generate with transformers for several images."
+    "just before it; generate with transformers for several images or clips."
 )
+ONE_KIND = (
+    "Flamingo-style models (fusion_flamingo) serve images or clips on vLLM 0.32, one kind per engine: its scheduler "
+    "takes an encoder-decoder model with one modality (Scheduler.__init__); start the engine with "
+    "limit_mm_per_prompt={\"image\": 0, \"video\": 1} (--limit-mm-per-prompt) to serve clips, with no video limit "
+    "to serve images."
+)
+
+
+def asked_limits(mm_config) -> dict[str, bool]:
+    """Which of images and clips the engine was started with a limit above 0 for."""
+    return {modality: mm_config.limit_per_prompt.get(modality) is not None
+            and mm_config.get_limit_per_prompt(modality) > 0 for modality in ("image", "video")}
+
+
+def serves_clips(mm_config) -> bool:
+    """vLLM 0.32 takes one modality for an encoder-decoder model (`ONE_KIND`): an engine serves images, or clips when it
+    was started with a video limit above 0 and no image limit above 0."""
+    asked = asked_limits(mm_config)
+    return asked["video"] and not asked["image"]
 
 
 # ---- processing info, dummy inputs, multimodal processor ------------------------------------------------------------
@@ -71,19 +93,32 @@ class FlamingoProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config()
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": 1}
+        """Images, or clips when the engine was started for them (see `serves_clips`)."""
+        return {"video": 1} if serves_clips(self.ctx.get_mm_config()) else {"image": 1}
 
     def validate_num_items(self, modality: str, num_items: int) -> None:
-        if modality == "image" and num_items > 1:
+        if num_items and modality in ("image", "video") and modality not in self.get_supported_mm_limits():
+            raise VLLMValidationError(ONE_KIND, parameter=modality)
+        if modality in ("image", "video") and num_items > 1:
             raise VLLMValidationError(ONE_IMAGE, parameter=modality)
         super().validate_num_items(modality, num_items)
 
+    def get_data_parser(self) -> MultiModalDataParser:
+        """Clips come with their metadata when the video processor samples frames (as transformers' processors do)."""
+        return MultiModalDataParser(video_needs_metadata=self.samples_frames(),
+                                    expected_hidden_size=self._get_expected_hidden_size(),
+                                    allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+
+    def samples_frames(self) -> bool:
+        video_processor = getattr(self.get_hf_processor(), "video_processor", None)
+        return bool(getattr(video_processor, "do_sample_frames", False))
+
     def get_num_image_tokens(self) -> int:
-        """Encoder tokens an image takes: its latents."""
+        """Encoder tokens a media (an image or a clip) takes: its latents."""
         return self.get_hf_config().num_latents
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return {"image": self.get_num_image_tokens()}
+        return dict.fromkeys(self.get_supported_mm_limits(), self.get_num_image_tokens())
 
     def image_size(self) -> int:
         return self.get_hf_config().vision_config.image_size
@@ -91,13 +126,21 @@ class FlamingoProcessingInfo(BaseProcessingInfo):
 
 class FlamingoDummyInputsBuilder(BaseDummyInputsBuilder[FlamingoProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return "<image>" * mm_counts.get("image", 0)
+        return "<image>" * mm_counts.get("image", 0) + "<video>" * mm_counts.get("video", 0)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int],
                           mm_options: MultiModalDummyOptions | None = None):
         size = self.info.image_size()
-        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
+        data = {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
                                                 overrides=(mm_options or {}).get("image"))}
+        if mm_counts.get("video", 0):  # the longest clip the time embeddings allow, every frame kept
+            frames = self.info.get_hf_config().max_num_frames
+            videos = self._get_dummy_videos(width=size, height=size, num_frames=frames,
+                                            num_videos=mm_counts["video"], overrides=(mm_options or {}).get("video"))
+            if self.info.samples_frames():
+                videos = [(video, {"total_num_frames": len(video), "do_sample_frames": False}) for video in videos]
+            data["video"] = videos
+        return data
 
 
 class FlamingoMultiModalProcessor(EncDecMultiModalProcessor[FlamingoProcessingInfo]):
@@ -107,30 +150,48 @@ class FlamingoMultiModalProcessor(EncDecMultiModalProcessor[FlamingoProcessingIn
     skip_decoder_start_token = True
 
     def create_encoder_prompt(self, prompt: list[int], mm_items: MultiModalDataItems) -> list[int]:
-        images = mm_items.get_count("image", strict=False)
-        image_token_id = self.info.get_hf_config().image_token_id
-        if isinstance(prompt, list) and images and prompt.count(image_token_id) != images:
-            raise VLLMValidationError(
-                f"Image tokens and images do not match: the prompt holds {prompt.count(image_token_id)} image tokens "
-                f"(id {image_token_id}), {images} images were given.", parameter="image")
-        return [image_token_id] * images
+        config = self.info.get_hf_config()
+        counts = {modality: mm_items.get_count(modality, strict=False) for modality in ("image", "video")}
+        encoder_prompt = []
+        for (modality, count), (kind, token_id) in zip(counts.items(), (("Image", config.image_token_id),
+                                                                          ("Video", config.video_token_id))):
+            if isinstance(prompt, list) and count and prompt.count(token_id) != count:
+                raise VLLMValidationError(
+                    f"{kind} tokens and {modality}s do not match: the prompt holds {prompt.count(token_id)} "
+                    f"{modality} tokens (id {token_id}), {count} {modality}s were given.", parameter=modality)
+            encoder_prompt += [token_id] * count
+        return encoder_prompt
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        image_processor = self.info.get_hf_processor(**hf_kwargs).image_processor
-        processed = image_processor(images=hf_data["images"], return_tensors="pt")
-        if not hasattr(processed, "keys"):  # IDEFICS' image processor returns the pixel tensor itself
-            processed = {"pixel_values": processed}
-        return BatchFeature({"pixel_values": processed["pixel_values"]})
+        processor = self.info.get_hf_processor(**hf_kwargs)
+        out = {}
+        if hf_data.get("images"):
+            processed = processor.image_processor(images=hf_data["images"], return_tensors="pt")
+            if not hasattr(processed, "keys"):  # IDEFICS' image processor returns the pixel tensor itself
+                processed = {"pixel_values": processed}
+            out["pixel_values"] = processed["pixel_values"]
+        if hf_data.get("videos"):  # frames sampled as transformers samples them (the clip's metadata, when it samples)
+            videos, sampling = list(hf_data["videos"]), {}
+            if self.info.samples_frames():
+                videos, metadata = zip(*videos)
+                sampling = dict(video_metadata=list(metadata),
+                                do_sample_frames=all(m.get("do_sample_frames", True) for m in metadata))
+            out["pixel_values_videos"] = processor.video_processor(list(videos), return_tensors="pt",
+                                                                   **sampling)["pixel_values_videos"]
+        return BatchFeature(out)
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(pixel_values=MultiModalFieldConfig.batched("image"))
+        return dict(pixel_values=MultiModalFieldConfig.batched("image"),
+                    pixel_values_videos=MultiModalFieldConfig.batched("video"))
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
-        image_token_id = self.info.get_hf_config().image_token_id
-        return [PromptReplacement(modality="image", target=[image_token_id],
-                                  replacement=[image_token_id] * self.info.get_num_image_tokens())]
+        config = self.info.get_hf_config()
+        latents = self.info.get_num_image_tokens()
+        return [PromptReplacement(modality=modality, target=[token_id], replacement=[token_id] * latents)
+                for modality, token_id in (("image", config.image_token_id), ("video", config.video_token_id))
+                if token_id is not None]
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
@@ -150,7 +211,9 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
             return "<image>"
-        raise ValueError("Flamingo-style models take images only.")
+        if modality.startswith("video"):
+            return "<video>"
+        raise ValueError("Flamingo-style models take images and clips only.")
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
@@ -164,6 +227,12 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
         if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
             raise ValueError("Flamingo-style models (fusion_flamingo) are served without tensor or pipeline "
                              "parallelism on vLLM (tensor_parallel_size=1, pipeline_parallel_size=1).")
+        asked = asked_limits(vllm_config.model_config.get_multimodal_config())
+        if asked["video"] and asked["image"]:  # before vLLM's scheduler asserts it
+            raise ValueError(ONE_KIND)
+        if asked["video"] and config.video_token_id is None:
+            raise ValueError("This Flamingo-style model reads no clips (its config has no video_token_id): serve it "
+                             "without a video limit.")
         self.config = config
         text_config = config.get_text_config()
         architecture, self.lm_prefix = causal_lm_architecture(text_config)
@@ -187,17 +256,23 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
 
     # ---- encoder ----------------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs) -> MultiModalEmbeddings:
-        """Each image's latents `(L, D_v)`: the encoder outputs vLLM hands to `forward` at the request's first step."""
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None:
-            return []
-        if isinstance(pixel_values, (list, tuple)):
-            pixel_values = torch.stack(list(pixel_values))
-        features, _ = select_image_features(self.vision_tower, pixel_values, layer=self.config.vision_feature_layer,
-                                            strategy=self.config.vision_feature_select_strategy)  # (N, V, D_v)
-        media_index = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)  # one image each
-        latents = self.perceiver(features.to(self.perceiver.latents.dtype), media_index)  # (N, L, D_v)
-        return list(latents.unbind(0))
+        """Each image's or clip's latents `(L, D_v)`: the encoder outputs vLLM hands to `forward` at the request's
+        first step (vLLM calls this once per modality)."""
+        latents = []
+        for name in ("pixel_values", "pixel_values_videos"):
+            pixels = kwargs.get(name)
+            if pixels is None:
+                continue
+            if isinstance(pixels, (list, tuple)):
+                pixels = torch.stack(list(pixels))
+            frames = pixels.flatten(0, 1) if name == "pixel_values_videos" else pixels  # clips: (N*F, C, H, W)
+            features, _ = select_image_features(self.vision_tower, frames, layer=self.config.vision_feature_layer,
+                                                strategy=self.config.vision_feature_select_strategy)  # (N[*F], V, D_v)
+            if name == "pixel_values_videos":  # each clip one media: its frames' features + time embeddings
+                features = flatten_frames(features.unflatten(0, pixels.shape[:2]), self.perceiver.frame_embs)
+            media_index = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)  # one media each
+            latents += self.perceiver(features.to(self.perceiver.latents.dtype), media_index).unbind(0)  # (L, D_v)
+        return latents
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal=None):
         return self.language_model.embed_input_ids(input_ids)
@@ -219,12 +294,19 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
         counts = starts.diff()  # (R,)
         T = int(starts[-1])
         request = torch.repeat_interleave(torch.arange(len(counts), device=input_ids.device), counts)  # (T,)
-        is_image = (input_ids[:T] == self.config.image_token_id).long()
+        is_image = self.is_media_token(input_ids[:T]).long()
         seen = is_image.cumsum(0)
         seen = seen - (seen - is_image)[starts[:-1].clamp(max=max(T - 1, 0))][request]  # (T,) within the request
         decoding = positions[starts[:-1].clamp(max=max(T - 1, 0))] > 0  # (R,)
         has_media[:T] = (encoder_lengths[request] > 0) & (decoding[request] | (seen > 0))
         return has_media
+
+    def is_media_token(self, input_ids: torch.Tensor) -> torch.BoolTensor:
+        """`<image>` or `<video>`: a media marker."""
+        return torch.isin(input_ids, torch.tensor(self.media_token_ids(), device=input_ids.device))
+
+    def media_token_ids(self) -> list[int]:
+        return [i for i in (self.config.image_token_id, self.config.video_token_id) if i is not None]
 
     # ---- the gated blocks, in front of their decoder layers ---------------------------------------------------
     def _gated_pre_hook(self, index: str):
@@ -267,8 +349,10 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.language_model.compute_logits(hidden_states)
-        if logits is not None and self.config.image_token_id < logits.shape[-1]:
-            logits[..., self.config.image_token_id] = float("-inf")  # see the module's bounds
+        if logits is not None:
+            for token_id in self.media_token_ids():
+                if token_id < logits.shape[-1]:
+                    logits[..., token_id] = float("-inf")  # see the module's bounds
         return logits
 
     # ---- weights ----------------------------------------------------------------------------------------------
