@@ -125,6 +125,11 @@ class FusionPreTrainedModel(FusionCheckpointMixin, PreTrainedModel):
         super().post_init()
         present = {type(module).__name__ for module in self.modules()}
         self._no_split_modules = {name for name in self._no_split_modules if name in present}
+        # and the fp32 modules a family lists that this configuration does not build (BLIP-2's video Q-Former)
+        names = {part for name, _ in self.named_modules() for part in name.split(".")}
+        strict = getattr(self, "_keep_in_fp32_modules_strict", None)
+        if strict:
+            self._keep_in_fp32_modules_strict = type(strict)(name for name in strict if name in names)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -263,31 +268,45 @@ class FusionModel(FusionPreTrainedModel):
         raise NotImplementedError(f"{type(self).__name__} has no video path.")
 
     @can_return_tuple
-    def get_video_features(self, pixel_values_videos: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`).
+            output_hidden_states, output_attentions (`bool`, *optional*): return the vision tower's (over all the
+                frames, `(num_videos * num_frames, ...)`); default to its config's, as `get_image_features`.
 
         Returns:
             [`BaseModelOutputWithPooling`]: `pooler_output` holds each clip's visual tokens, `(num_videos,
-            num_video_tokens, hidden_size)`; `last_hidden_state` is the vision tower's, `(num_videos * num_frames,
-            num_patches, vision_hidden_size)`.
+            num_video_tokens, hidden_size)`; `last_hidden_state` is the vision tower's, each clip's frames one after
+            the other, `(num_videos, num_frames * num_tokens, vision_hidden_size)`.
         """
         if self.config.video_token_id is None:
             raise ValueError(f"This {self.config.model_type} model takes no video: its config has no `video_token_id`.")
+        if pixel_values_videos.dim() != 5:
+            raise ValueError("`pixel_values_videos` must be (num_videos, num_frames, channels, height, width), got "
+                             f"shape {tuple(pixel_values_videos.shape)}.")
+        vision_config = self.vision_tower.config
+        if output_hidden_states is None:
+            output_hidden_states = vision_config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = vision_config.output_attentions
         V, F = pixel_values_videos.shape[:2]
-        features, tower = self.get_vision_features(pixel_values_videos.flatten(0, 1))  # (V*F, N_v, D_v)
+        features, tower = self.get_vision_features(pixel_values_videos.flatten(0, 1),
+                                                   output_attentions=output_attentions)  # (V*F, N_v, D_v)
         tokens = self.encode_videos(features.unflatten(0, (V, F)), **kwargs)  # (V, P_v, D)
-        return BaseModelOutputWithPooling(last_hidden_state=tower.last_hidden_state, pooler_output=tokens)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state.unflatten(0, (V, F)).flatten(1, 2),  # (V, F*N, D_v)
+            pooler_output=tokens,
+            hidden_states=tower.hidden_states if output_hidden_states else None,
+            attentions=tower.attentions if output_attentions else None,
+        )
 
     def embed_videos(self, input_ids, inputs_embeds, pixel_values_videos, **kwargs):
         """`inputs_embeds` `(B, T, D)` with each clip's visual tokens at its `video_token_id` positions; returns
         `(inputs_embeds, video_outputs)`."""
         if pixel_values_videos is None:
             return inputs_embeds, None
-        if pixel_values_videos.dim() != 5:
-            raise ValueError("`pixel_values_videos` must be (num_videos, num_frames, channels, height, width), got "
-                             f"shape {tuple(pixel_values_videos.shape)}.")
         video_outputs = self.get_video_features(pixel_values_videos, return_dict=True, **kwargs)
         video_mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id=self.config.video_token_id)
         embeds = self.merge_image_features(inputs_embeds, video_mask, video_outputs.pooler_output, kind="video")

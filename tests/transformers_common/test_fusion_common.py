@@ -88,7 +88,18 @@ class FusionModelTester:
 
     def get_config(self):
         return self.config_class(vision_config=dict(self.vision_config), text_config=dict(self.text_config),
-                                 image_token_id=self.image_token_id, vision_feature_layer=-1, **self.family_kwargs)
+                                 image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+                                 vision_feature_layer=-1, **self.family_kwargs)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.vocab_size - 1  # an LM token (Flamingo embeds it) that the batch never draws: no clip in it
+
+    @property
+    def video_model_tester(self):
+        """What transformers' `get_video_features` tests take: `VIDEO_FRAMES`-frame clips, one per sample, and the
+        vision tower's depth (its hidden states and attentions come back, over all the frames)."""
+        return VideoModelTester(self)
 
     def prepare_config_and_inputs(self):
         pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
@@ -96,11 +107,25 @@ class FusionModelTester:
 
     def prepare_config_and_inputs_for_common(self):
         config, pixel_values = self.prepare_config_and_inputs()
-        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 2) + 2
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 3) + 2  # 2 .. vocab - 2
         input_ids[input_ids == self.image_token_id] = self.pad_token_id
         input_ids[:, : self.num_image_tokens] = self.image_token_id
         attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=torch_device)
         return config, {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+VIDEO_FRAMES = 2
+
+
+class VideoModelTester:
+    def __init__(self, tester):
+        self.tester = tester
+        self.num_hidden_layers = tester.vision_config["num_hidden_layers"]
+
+    def prepare_config_and_inputs_for_common(self):
+        t = self.tester
+        videos = floats_tensor([t.batch_size, VIDEO_FRAMES, t.num_channels, t.image_size, t.image_size])
+        return t.get_config(), {"pixel_values_videos": videos}
 
 
 class FusionLlavaModelTester(FusionModelTester):
@@ -119,7 +144,7 @@ class FusionFlamingoModelTester(FusionModelTester):
     config_class = FusionFlamingoConfig
     family_kwargs = {"num_latents": 4, "perceiver_depth": 1, "perceiver_heads": 2, "perceiver_head_dim": 16,
                      "perceiver_ff_mult": 2, "cross_attention_heads": 2, "cross_attention_head_dim": 16,
-                     "cross_attention_ff_mult": 2, "cross_attention_every_n_layers": 1}
+                     "cross_attention_ff_mult": 2, "cross_attention_every_n_layers": 1, "max_num_frames": VIDEO_FRAMES}
 
 
 class LlavaReferenceModelTester(FusionModelTester):
