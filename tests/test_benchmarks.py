@@ -1,4 +1,5 @@
 """The benchmarks and the GPU check run (tiny size, on the CPU) so that they cannot rot; their numbers are not checked.
+The runs themselves are marked slow (minutes each): `.ci/run` runs them after the default suite (`-m slow`).
 
 `scripts/gpu_check.py --device cpu --dry-run` runs once for this module: every step it runs on a GPU, here — the tests
 of tests/test_cuda.py on the CPU, `python benchmarks/run.py` as the README gives it (each model loaded in a process
@@ -41,6 +42,7 @@ def dry_run(tmp_path_factory):
     return done, out, report, {step["name"]: step for step in report["steps"]}
 
 
+@pytest.mark.slow  # the GPU check's dry run builds and times every benchmark model (2 minutes): .ci/run runs it
 def test_run_py_runs_as_the_readme_gives_it(dry_run):
     """`python benchmarks/run.py` (each model loaded in a process of its own): every reference row, IDEFICS too."""
     _, out, _, steps = dry_run
@@ -76,6 +78,7 @@ def test_run_py_runs_as_the_readme_gives_it(dry_run):
     assert (out / "benchmarks" / "benchmarks.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # loads a model in a fresh interpreter: .ci/run runs it
 def test_a_footprint_that_fails_forked_is_measured_again_in_a_fresh_interpreter(tmp_path):
     """run.py forks each footprint's process from a helper; one that fails there is retried in a fresh interpreter,
     which measures the rest (here it fails too, so its own error is what is raised)."""
@@ -91,6 +94,7 @@ def test_a_footprint_that_fails_forked_is_measured_again_in_a_fresh_interpreter(
     assert footprints.server is False  # fresh interpreters from now on
 
 
+@pytest.mark.slow  # the same dry run: .ci/run runs it
 def test_the_gpu_check_dry_run_runs_every_step_and_reports_it(dry_run):
     done, out, report, steps = dry_run
     assert done.returncode == 0, done.stdout[-3000:]
@@ -204,6 +208,7 @@ def test_a_test_step_reports_outcomes_figures_and_each_failures_first_lines(tmp_
     assert "| `test_measured` | passed |" in markdown and "max_abs_dlogit 1.5e-07" in markdown
 
 
+@pytest.mark.slow  # trains each stage (1.5 minutes): .ci/run runs it
 def test_the_training_benchmark_runs(tmp_path):
     """benchmarks/train.py on the tiny size: a row per stage, ours and the baseline measured (TRL; LAVIS for the
     Q-Former's stage 1)."""
@@ -216,6 +221,7 @@ def test_the_training_benchmark_runs(tmp_path):
     assert all(r["ours"]["samples_per_s"] > 0 and r["trl"]["samples_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow  # runs vlm-fusion train on generated data (1 minute): .ci/run runs it
 def test_the_data_benchmark_runs(tmp_path):
     """benchmarks/data.py on 100 samples, one process: the fixed-cost run, the first run, the rerun and LLaVA's lazy
     loader, each in a process of its own, and the table and its JSON written."""

@@ -136,6 +136,7 @@ def test_demo_command_prints_questions_and_verdicts(capsys):
     assert "Q: how many shapes are there ?" in out and ("-> right" in out or "-> WRONG, expected" in out)
 
 
+@pytest.mark.slow  # the demo's whole recipe, quick (2.5 minutes); `vlm-fusion train`'s stages run in the default suite
 def test_training_script_runs(tmp_path, monkeypatch):
     from vlm_fusion.demo import train
 
