@@ -25,7 +25,7 @@ from transformers.utils import VIDEO_PROCESSOR_NAME
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn, load_video
 
-# What `VideoProcessorMixin.from_dict` passes through to `__init__` besides the fields below.
+# Where video_preprocessor_config.json keeps the frames' image processor (its `to_dict()` and class name).
 _FRAME_PROCESSOR_KEY = "frame_processor"
 
 
