@@ -391,6 +391,16 @@ def flamingo_served(tmp_path_factory):
     return results, references
 
 
+def assert_vllm_gives_transformers_tokens(results, references, name):
+    """vLLM's prompt ids and greedy tokens for each request of `name` equal the processor's and transformers'."""
+    assert "error" not in results[name], results[name]
+    assert len(results[name]["tokens"]) == len(references[name])
+    for (prompt, tokens), vllm_prompt, vllm_tokens in zip(references[name], results[name]["prompt_tokens"],
+                                                          results[name]["tokens"]):
+        assert vllm_prompt == prompt
+        assert vllm_tokens == tokens, (name, vllm_tokens, tokens)
+    print(f"{name}: vLLM == transformers on {len(references[name])} requests")
+
 @pytest.mark.parametrize("name", ["flamingo", "flamingo_arriving", "flamingo_vector_gates", "flamingo_gates_at_zero",
                                   *(f"flamingo_{text}" for text in OTHER_LMS), "flamingo_openflamingo",
                                   "flamingo_idefics"])
@@ -400,13 +410,7 @@ def test_flamingo_style_models_give_transformers_greedy_tokens(flamingo_served, 
     LMs (vLLM's native OPT, Qwen2, GPT-2: their decoder layers' own calling conventions); a converted OpenFlamingo
     and a converted IDEFICS (RMSNorm and SwiGLU blocks, vector gates, blocks before some layers only)."""
     results, references = flamingo_served
-    assert "error" not in results[name], results[name]
-    assert len(results[name]["tokens"]) == len(references[name])
-    for (prompt, tokens), vllm_prompt, vllm_tokens in zip(references[name], results[name]["prompt_tokens"],
-                                                          results[name]["tokens"]):
-        assert vllm_prompt == prompt
-        assert vllm_tokens == tokens, (name, vllm_tokens, tokens)
-    print(f"{name}: vLLM == transformers on {len(references[name])} requests")
+    assert_vllm_gives_transformers_tokens(results, references, name)
 
 
 def test_flamingo_images_change_the_tokens(flamingo_served):
@@ -583,13 +587,7 @@ def test_clips_give_transformers_greedy_tokens(video_served, name):
     beside an image for LLaVA) mixed with image and text-only prompts: vLLM samples the clips' frames and places their
     tokens as the processor does, and greedy tokens equal transformers' `generate`."""
     results, references = video_served
-    assert "error" not in results[name], results[name]
-    assert len(results[name]["tokens"]) == len(references[name])
-    for (prompt, tokens), vllm_prompt, vllm_tokens in zip(references[name], results[name]["prompt_tokens"],
-                                                          results[name]["tokens"]):
-        assert vllm_prompt == prompt
-        assert vllm_tokens == tokens, (name, vllm_tokens, tokens)
-    print(f"{name}: vLLM == transformers on {len(references[name])} requests")
+    assert_vllm_gives_transformers_tokens(results, references, name)
 
 
 def test_clips_change_the_tokens(video_served):

@@ -42,6 +42,15 @@ def chat_template(image: str = "<image>\\n", end_of_turn: str = "eos_token", bos
     )
 
 
+def check_marker_count(text, marker: str, given: int, what: str) -> None:
+    """The prompts (`text`, one or a list) hold as many `marker`s as `given` items (`what`: "images", "videos")."""
+    texts = [text] if isinstance(text, str) else text
+    found = sum(sample.count(marker) for sample in texts)
+    if found != given:
+        raise ValueError(f"The total number of {marker} tokens in the prompts should be the same as the number of "
+                         f"{what} passed. Found total {found} {marker} tokens and {given} {what}.")
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
@@ -171,22 +180,12 @@ class FusionProcessor(ProcessorMixin):
     def validate_inputs(self, images=None, text=None, videos=None, **kwargs):
         super().validate_inputs(images=images, text=text, videos=videos, **kwargs)
         # transformers 5.19 leaves these checks out (a surplus `<image>` then dies in its expansion, StopIteration)
-        if videos is not None and text is not None and self.video_token is not None:
-            texts = [text] if isinstance(text, str) else text
-            num_markers = sum(sample.count(self.video_token) for sample in texts)
-            num_videos = len(FusionVideoProcessor.batched(videos))
-            if num_markers != num_videos:
-                raise ValueError(f"The total number of {self.video_token} tokens in the prompts should be the same as "
-                                 f"the number of videos passed. Found total {num_markers} {self.video_token} tokens "
-                                 f"and {num_videos} videos.")
-        if images is not None and text is not None:
-            texts = [text] if isinstance(text, str) else text
-            num_tokens = sum(sample.count(self.image_token) for sample in texts)
-            num_images = len(make_flat_list_of_images(images))
-            if num_tokens != num_images:
-                raise ValueError(f"The total number of {self.image_token} tokens in the prompts should be the same as "
-                                 f"the number of images passed. Found total {num_tokens} {self.image_token} tokens "
-                                 f"and {num_images} images.")
+        if text is None:
+            return
+        if videos is not None and self.video_token is not None:
+            check_marker_count(text, self.video_token, len(FusionVideoProcessor.batched(videos)), "videos")
+        if images is not None:
+            check_marker_count(text, self.image_token, len(make_flat_list_of_images(images)), "images")
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         if videos is not None:

@@ -83,23 +83,24 @@ def llava_hf_source(args, expected: str):
     return source
 
 
+def llava_hf_config(source, **fields) -> FusionLlavaConfig:
+    """The fusion_llava config of a transformers LLaVA config: its backbones (the LM tying its head when either
+    config says so), the 2-layer GELU projector, the feature layer and strategy, `<image>`; `fields` add or replace."""
+    text_config = source.text_config
+    text_config.tie_word_embeddings = bool(source.tie_word_embeddings or text_config.tie_word_embeddings)
+    return FusionLlavaConfig(**{
+        "vision_config": source.vision_config, "text_config": text_config, "projector_type": "mlp2x_gelu",
+        "projector_bias": source.multimodal_projector_bias, "vision_feature_layer": source.vision_feature_layer,
+        "vision_feature_select_strategy": source.vision_feature_select_strategy,
+        "image_token_id": source.image_token_id, **fields})
+
+
 def convert_llava_hf(args):
     """transformers' Llava, or (`--source llava-next`) LlavaNext with its dynamic-resolution tiling."""
     next_ = args.source == "llava-next"
     source = llava_hf_source(args, "llava_next" if next_ else "llava")
-    text_config = source.text_config
-    text_config.tie_word_embeddings = bool(source.tie_word_embeddings or text_config.tie_word_embeddings)
-    config = FusionLlavaConfig(
-        vision_config=source.vision_config,
-        text_config=text_config,
-        projector_type="mlp2x_gelu",
-        projector_bias=source.multimodal_projector_bias,
-        vision_feature_layer=source.vision_feature_layer,
-        vision_feature_select_strategy=source.vision_feature_select_strategy,
-        image_token_id=source.image_token_id,
-        image_grid_pinpoints=source.image_grid_pinpoints if next_ else None,
-    )
-    state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(conversion.lm_base_prefix(text_config)))
+    config = llava_hf_config(source, image_grid_pinpoints=source.image_grid_pinpoints if next_ else None)
+    state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(conversion.lm_base_prefix(config.text_config)))
     source_processor = AutoProcessor.from_pretrained(args.input)
     processor = FusionLlavaProcessor(
         image_processor=source_processor.image_processor,

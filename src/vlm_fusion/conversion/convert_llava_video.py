@@ -26,10 +26,10 @@ import sys
 import torch
 from transformers import AutoConfig, CLIPImageProcessorPil
 
-from vlm_fusion import FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor
+from vlm_fusion import FusionLlavaForConditionalGeneration, FusionLlavaProcessor
 from vlm_fusion.conversion import common as conversion
 from vlm_fusion.conversion.common import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
-from vlm_fusion.conversion.convert_llava import llava_hf_rules, llava_hf_source
+from vlm_fusion.conversion.convert_llava import llava_hf_config, llava_hf_rules, llava_hf_source
 from vlm_fusion.processing_video import FusionVideoProcessor
 from vlm_fusion.vision import num_prefix_tokens
 
@@ -151,22 +151,15 @@ def convert_video(args):
     if strategy == "full" and num_prefix_tokens(source.vision_config) == 0:
         strategy = "default"  # a tower without CLS (SigLIP): every token is a patch either way
     model_cls, processor_cls, video_processor_cls = transformers_classes(args.source)
-    text_config = source.text_config
-    text_config.tie_word_embeddings = bool(source.tie_word_embeddings or text_config.tie_word_embeddings)
-    config = FusionLlavaConfig(
-        vision_config=source.vision_config,
-        text_config=text_config,
-        projector_type="mlp2x_gelu",
-        projector_bias=source.multimodal_projector_bias,
-        vision_feature_layer=source.vision_feature_layer,
+    config = llava_hf_config(
+        source,
         vision_feature_select_strategy=strategy,
-        image_token_id=source.image_token_id,
         video_token_id=source.video_token_id,
         image_grid_pinpoints=source.image_grid_pinpoints,
         **video_fields(args.source, source),
         origin=f"Converted from transformers' {model_cls.__name__} ({os.path.basename(os.path.abspath(args.input))}).",
     )
-    state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(conversion.lm_base_prefix(text_config)))
+    state_dict = rename_keys(read_state_dict(args.input), llava_hf_rules(conversion.lm_base_prefix(config.text_config)))
     source_processor = without_video_processor(processor_cls).from_pretrained(args.input)
     frames, settings = frame_processor(args.input, video_processor_cls)
     per_frame, per_clip = config.video_token_counts()
