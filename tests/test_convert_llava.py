@@ -18,7 +18,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from conftest import assert_same_logits, load_script, random_image
+from conftest import assert_same_logits, load_script, random_image, reorder_bound
 from vlm_fusion import FusionLlavaForConditionalGeneration, FusionLlavaProcessor
 from vlm_fusion.tools.tiny import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
@@ -160,7 +160,7 @@ def test_original_layout_converts_and_matches_transformers_llava(original_llava_
         ref_logits = reference(input_ids=ref_ids, pixel_values=inputs["pixel_values"]).logits[..., : logits.shape[-1]]
         diff = (logits - ref_logits).abs().max()
     print(f"original-layout parity vs transformers Llava: max |dlogit| = {diff:.2e}")
-    assert diff <= 1e-4
+    assert diff <= reorder_bound(ref_logits)
 
 
 # ---- checkpoints exactly as LLaVA's own code writes them ---------------------------------------------------------
@@ -253,7 +253,7 @@ def test_a_checkpoint_as_llavas_training_writes_it_converts(upstream_llava_dir, 
     diff = (logits - ref_logits).abs().max().item()
     print(f"LLaVA-training layout vs transformers Llava: max |dlogit| = {diff:.2e}; converter said: "
           + " | ".join(line for line in printed.splitlines() if line.startswith("[verify]")))
-    assert diff <= 1e-4
+    assert diff <= reorder_bound(ref_logits)
     # `image_aspect_ratio: pad`: the processor pads as LLaVA's expand2square does, and says so in its config.
     assert processor.pad_to_square and processor.chunked_tokenization
     wide = random_image(4, size=(20, 48))

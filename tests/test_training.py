@@ -36,15 +36,7 @@ def options(parts, out, family="llava", stage="align", data="captions.json", **k
     return TrainOptions(**{**defaults, **kwargs})
 
 
-# ---- comparing runs whose float32 arithmetic differs only in the order of its sums -----------------------------
-# Two processes (or other thread counts, other kernels) add the same float32 terms in another order. Reordering a sum
-# of n terms moves it by at most (n - 1) eps times the sum of the terms' magnitudes (Higham, "Accuracy and Stability
-# of Numerical Algorithms", section 4.2). The sums of these tiny models run over at most about 10^3 terms (a batch's
-# tokens, a hidden width), so a result is compared to 2^10 eps (1.2e-4) of its own scale: the model's largest gradient
-# entry (see gradient_gap), a loss, the largest logit. A wrong result (a sample counted twice, a process's half
-# missing, a loss scaled by the number of processes) is off by a fraction of its scale of order 1, thousands of times
-# more.
-FLOAT32_REORDER = 2 ** 10 * torch.finfo(torch.float32).eps
+# ---- comparing runs whose float32 arithmetic differs only in the order of its sums (conftest.FLOAT32_REORDER) --
 
 
 def adam_step_bound(step: int, betas=(0.9, 0.999)) -> float:

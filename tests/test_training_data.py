@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_training import FLOAT32_REORDER
+from conftest import FLOAT32_REORDER
 from vlm_fusion.tools.tiny import write_training_parts
 from vlm_fusion.training import TrainOptions, cache, data, train
 from vlm_fusion.training.encoding import encode

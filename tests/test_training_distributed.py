@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import random_image
-from test_training import FIRST_GRADIENT, FLOAT32_REORDER, adam_drift_bound, gradient_gap
+from conftest import FLOAT32_REORDER, random_image
+from test_training import FIRST_GRADIENT, adam_drift_bound, gradient_gap
 from vlm_fusion.tools.tiny import write_training_parts
 
 # DDP in the default run; FSDP2 there too through the Q-Former's two-process test and the README's LoRA command

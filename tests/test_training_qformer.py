@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, BertForMaskedLM
 
-from test_training import FIRST_GRADIENT, FLOAT32_REORDER, KILLED_RUN, adam_drift_bound, gradient_gap
+from conftest import FLOAT32_REORDER
+from test_training import FIRST_GRADIENT, KILLED_RUN, adam_drift_bound, gradient_gap
 from vlm_fusion.tools.tiny import write_training_parts
 from vlm_fusion.training import TrainOptions, train
 from vlm_fusion_cli import main

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import causal_lm_of, random_image
+from conftest import causal_lm_of, random_image, reorder_bound
 from vlm_fusion import FusionFlamingoConfig, FusionFlamingoForConditionalGeneration
 from vlm_fusion.conversion.convert_openflamingo import import_open_flamingo
 from test_flamingo import SMALL, build as build_for_images  # noqa: E402
@@ -68,11 +68,10 @@ def test_clip_latents_match_openflamingos_resampler_over_frames_and_time_embeddi
         ours = model.model.get_video_features(pixels, media_index=torch.tensor([0, 1])).pooler_output  # (2, L, D_v)
         features = model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states[-1][:, 1:]
         expected = reference(features.unflatten(0, (1, 2, 3)))[0]  # (b=1, T=2, F=3, v, D_v) -> (T, L, D_v)
-    # float32 (eps 1.2e-7) through 2 attention + feed-forward layers over LayerNormed O(1) values; SDPA against
-    # OpenFlamingo's einsum softmax sums in another order: a few ulps per op, far under 1e-5.
+    # SDPA against OpenFlamingo's einsum softmax: the same float32 math, summed in another order
     diff = (ours - expected).abs().max().item()
     print(f"OpenFlamingo resampler over frames: max |dlatent| = {diff:.2e}")
-    assert ours.shape == expected.shape and diff <= 1e-5
+    assert ours.shape == expected.shape and diff <= reorder_bound(expected)
     assert (ours[0] - ours[1]).abs().max() > 1e-2  # the media-time embeddings tell the two clips apart
 
 
