@@ -20,6 +20,26 @@ import torch
 
 
 
+def commit() -> str:
+    """The commit a table comes from: the short hash, `+changes` when the tree differs from it ("unknown" outside git)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def load_average() -> str:
+    """The machine's 1-minute load average, for a table's header: how busy the machine was besides the benchmark."""
+    return f"load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load unknown"
+
+
 def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

