@@ -75,7 +75,12 @@ def _download_tests(version: str, target: pathlib.Path) -> None:
             for member in members:
                 data = tar.extractfile(member).read()
                 (staging / pathlib.Path(member.name).name).write_bytes(data)
-        staging.rename(target)  # atomic: a half-extracted folder is never taken for a cached one
+        try:
+            staging.rename(target)  # atomic: a half-extracted folder is never taken for a cached one
+        except OSError:  # another test process (pytest-xdist's workers) renamed its complete copy first: keep that one
+            shutil.rmtree(staging)
+            if _tests_dir_in(target) is None:
+                raise
 
 
 def find_tests_dir() -> pathlib.Path:
