@@ -296,3 +296,18 @@ def test_tokens_counts_llava_next_images_as_transformers_does(height, width, cap
     out = capsys.readouterr().out
     print(f"{height}x{width}: ours {out.split('LM tokens')[0].split()[-1]}, transformers {expected}")
     assert f" {expected} LM tokens per image" in out
+
+
+def test_the_command_line_knows_the_demo_families_and_only_points_down():
+    """`vlm_fusion_cli` keeps its own copy of the demo families (to answer --help without importing vlm_fusion), and the
+    arrows go one way: vlm_fusion_cli imports vlm_fusion, no module of vlm_fusion imports vlm_fusion_cli."""
+    import pathlib
+    import re
+
+    import vlm_fusion
+    from vlm_fusion.demo import FAMILIES
+
+    assert DEMO_FAMILIES == FAMILIES
+    root = pathlib.Path(vlm_fusion.__file__).parent
+    upward = re.compile(r"^\s*(from|import)\s+vlm_fusion_cli\b", flags=re.M)
+    assert [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if upward.search(p.read_text())] == []
