@@ -6,8 +6,7 @@ CONVERTERS = {"llava": "convert_llava", "blip2": "convert_blip2", "openflamingo"
               "instructblip-video": "convert_instructblip_video"}
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser("convert", help="convert an upstream checkpoint (the rest goes to the converter)")
+def add_arguments(p) -> None:
     p.add_argument("source", choices=sorted(CONVERTERS))
 
 

@@ -5,8 +5,7 @@ import os
 from .common import DEMO_FAMILIES, fail, quiet
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser("demo", help="ask the embedded demo checkpoints about a fresh synthetic image")
+def add_arguments(p) -> None:
     p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
     p.add_argument("--seed", type=int, default=None, help="the image's seed (default: a fresh one)")
     p.add_argument("--save-image", metavar="PNG", help="also save the image (upscaled 4x)")

@@ -5,8 +5,7 @@ import os
 from .common import fail, load_failure, positive_int, quiet, resolve_model
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser("evaluate", help="evaluate a model on your data: retrieval (a stage-1 Q-Former)")
+def add_arguments(p) -> None:
     evaluations = p.add_subparsers(dest="evaluation", required=True)
     p = evaluations.add_parser(
         "retrieval", help="image-text retrieval R@1/5/10 of a stage-1 Q-Former checkpoint, by LAVIS's procedure",

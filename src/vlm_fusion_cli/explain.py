@@ -4,8 +4,7 @@ from .common import MODEL_HELP, fail, positive_int
 from .generate import build_prompt, load_for_generation, open_image
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser("explain", help="where the model looked: per-token heatmaps over the images (PNGs, a page)")
+def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--image", required=True, action="append", help="an image; repeat for several, in prompt order")
     p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")

@@ -5,8 +5,7 @@ import os
 from .common import MODEL_HELP, fail, load_failure, positive_int, quiet, resolve_model
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser("generate", help="answer a prompt about an image or a clip with any vlm-fusion model")
+def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--image", help="an image file")
     p.add_argument("--video", help="a video file (read with PyAV), for a model whose processor reads clips")

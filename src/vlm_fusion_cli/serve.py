@@ -5,14 +5,12 @@ import argparse
 from .common import MODEL_HELP, fail, resolve_model
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser(
-        "serve", help="an OpenAI-compatible server for any vlm-fusion model: transformers serve, our families known",
-        description="transformers' own server (`transformers serve`) with the vlm-fusion families known to it: the "
-                    "OpenAI chat API at http://HOST:PORT/v1 (images as URLs or base64 data URLs), answers from the "
-                    "model's generate. Every option after MODEL is transformers serve's (`vlm-fusion serve MODEL "
-                    "--help` lists them), except --continuous-batching, which transformers runs for text-only models "
-                    "only. Needs transformers' serving extras: pip install \"transformers[serving]\".")
+def add_arguments(p) -> None:
+    p.description = ("transformers' own server (`transformers serve`) with the vlm-fusion families known to it: the "
+                     "OpenAI chat API at http://HOST:PORT/v1 (images as URLs or base64 data URLs), answers from the "
+                     "model's generate. Every option after MODEL is transformers serve's (`vlm-fusion serve MODEL "
+                     "--help` lists them), except --continuous-batching, which transformers runs for text-only models "
+                     "only. Needs transformers' serving extras: pip install \"transformers[serving]\".")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("options", nargs=argparse.REMAINDER, help="transformers serve's options, e.g. --host, --port, "
                    "--dtype, --device, --trust-remote-code")

@@ -17,8 +17,7 @@ def height_width(text: str) -> tuple[int, int]:
     return height, width
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser("tokens", help="the visual-token budget of each family")
+def add_arguments(p) -> None:
     p.add_argument("--image-size", type=positive_int, default=336)
     p.add_argument("--patch-size", type=positive_int, default=14)
     p.add_argument("--tiles", type=positive_int, default=1)

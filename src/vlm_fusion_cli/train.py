@@ -23,13 +23,10 @@ def key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
-def add_parser(commands) -> None:
-    p = commands.add_parser(
-        "train", help="train a model on your data: one stage of LLaVA's recipe (align, instruct), BLIP-2's stage 1 "
-                      "(qformer) or Flamingo's",
-        description="One stage of the recipe on transformers' Trainer: from a vlm-fusion checkpoint (--model) or from "
-                    "pretrained parts (--family, --vision-tower, --language-model), to a vlm-fusion checkpoint with "
-                    "its processor and a model card recording the training.")
+def add_arguments(p) -> None:
+    p.description = ("One stage of the recipe on transformers' Trainer: from a vlm-fusion checkpoint (--model) or "
+                     "from pretrained parts (--family, --vision-tower, --language-model), to a vlm-fusion checkpoint "
+                     "with its processor and a model card recording the training.")
     data = p.add_argument_group("data")
     data.add_argument("--data", required=True, help="LLaVA JSON / JSON lines, or a local TRL-format dataset "
                       "(`messages` + `images`: a save_to_disk folder, .json/.jsonl or .parquet)")
