@@ -300,10 +300,10 @@ sys.exit(main())
 
 
 def ddp_config() -> str:
-    import vlm_fusion_cli
+    import importlib.util
 
-    return os.path.join(os.path.dirname(os.path.abspath(vlm_fusion_cli.__file__)), "vlm_fusion", "training",
-                        "accelerate", "ddp.yaml")
+    package = importlib.util.find_spec("vlm_fusion").submodule_search_locations[0]  # without importing it
+    return os.path.join(package, "training", "accelerate", "ddp.yaml")
 
 
 def free_port() -> int:

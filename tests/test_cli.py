@@ -9,25 +9,26 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig
 
-from vlm_fusion import cli
 from vlm_fusion.demo import shapes
 from vlm_fusion.tools.tiny import tiny_model_and_processor
+from vlm_fusion_cli import main
+from vlm_fusion_cli.common import DEMO_FAMILIES, missing_model
 
 CHECKPOINTS = importlib.resources.files("vlm_fusion.demo") / "checkpoints"
 
 
 # ---- tokens: the seeds' budget calculator --------------------------------------------------------------------
 def test_tokens_match_the_seeds_worked_examples(capsys):
-    assert cli.main(["tokens", "--image-size", "224", "--patch-size", "14", "--family", "llava"]) == 0
+    assert main(["tokens", "--image-size", "224", "--patch-size", "14", "--family", "llava"]) == 0
     assert " 256 LM tokens per image" in capsys.readouterr().out  # 224px: 16x16 = 256 tokens
-    assert cli.main(["tokens", "--image-size", "336", "--patch-size", "14", "--tiles", "4", "--thumbnail"]) == 0
+    assert main(["tokens", "--image-size", "336", "--patch-size", "14", "--tiles", "4", "--thumbnail"]) == 0
     out = capsys.readouterr().out
     assert "2880 LM tokens per image  (70.3% of the context)" in out  # 4 tiles + thumbnail: 2880 tokens, 70% of 4K
     assert " 160 LM tokens" in out and "320 latents" in out  # BLIP-2: 5 crops x 32 queries; Flamingo: 5 x 64 latents
 
 
 def test_tokens_rejects_an_image_smaller_than_a_patch(capsys):
-    assert cli.main(["tokens", "--image-size", "10", "--patch-size", "14"]) == 2
+    assert main(["tokens", "--image-size", "10", "--patch-size", "14"]) == 2
     assert "smaller than --patch-size" in capsys.readouterr().err
 
 
@@ -45,19 +46,19 @@ def saved_model(tmp_path_factory):
 
 def test_generate_answers_about_an_image(saved_model, capsys):
     path, image = saved_model
-    assert cli.main(["generate", "--model", str(path), "--image", str(image), "--prompt", "what is shown ?",
+    assert main(["generate", "--model", str(path), "--image", str(image), "--prompt", "what is shown ?",
                      "--max-new-tokens", "4"]) == 0
     assert len(capsys.readouterr().out.split()) >= 1
 
 
 def test_generate_errors_are_clear(saved_model, tmp_path, capsys):
     path, image = saved_model
-    assert cli.main(["generate", "--model", str(path), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(path), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
     assert "no image file" in capsys.readouterr().err
     (tmp_path / "not_an_image.png").write_text("hello")
-    assert cli.main(["generate", "--model", str(path), "--image", str(tmp_path / "not_an_image.png"), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(path), "--image", str(tmp_path / "not_an_image.png"), "--prompt", "x"]) == 2
     assert "not a readable image" in capsys.readouterr().err
-    assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--image", str(image), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--image", str(image), "--prompt", "x"]) == 2
     assert f"no model folder {tmp_path / 'nowhere'}" in capsys.readouterr().err
 
 
@@ -65,7 +66,7 @@ def test_convert_dispatches_to_the_converters(capsys):
     for source, flag in (("llava", "--vision-tower"), ("blip2", "--qformer-heads"), ("openflamingo", "--checkpoint"),
                          ("idefics", "--input")):
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["convert", source, "--help"])
+            main(["convert", source, "--help"])
         out = capsys.readouterr().out
         assert exit_info.value.code == 0 and flag in out
         assert out.startswith(f"usage: vlm-fusion convert {source} ") and "conversion_scripts" not in out
@@ -131,7 +132,7 @@ def test_the_demo_prompt_is_what_the_models_chat_template_renders(family):
 
 
 def test_demo_command_prints_questions_and_verdicts(capsys):
-    assert cli.main(["demo", "--family", "llava", "--seed", "3"]) == 0
+    assert main(["demo", "--family", "llava", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "Q: how many shapes are there ?" in out and ("-> right" in out or "-> WRONG, expected" in out)
 
@@ -155,7 +156,7 @@ def test_training_script_runs(tmp_path, monkeypatch):
 
 
 # ---- what a new user runs into ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", cli.DEMO_FAMILIES)
+@pytest.mark.parametrize("family", DEMO_FAMILIES)
 def test_generate_with_a_demo_model_answers_through_its_chat_template(family, tmp_path, capsys):
     rng = np.random.default_rng(1)  # the scene `vlm-fusion demo --seed 1` draws and asks about
     scene = shapes.sample_scene(rng)
@@ -163,7 +164,7 @@ def test_generate_with_a_demo_model_answers_through_its_chat_template(family, tm
     asked = shapes.questions(scene, rng)[:3]  # colour, shape, count
     answers = []
     for kind, question, truth in asked:
-        assert cli.main(["generate", "--model", f"demo:{family}", "--image", str(tmp_path / "scene.png"),
+        assert main(["generate", "--model", f"demo:{family}", "--image", str(tmp_path / "scene.png"),
                          "--prompt", question]) == 0
         answers.append(capsys.readouterr().out.strip())
     print(f"demo:{family}: " + "; ".join(f"{q!r} -> {a!r}" for (_, q, _), a in zip(asked, answers)))
@@ -184,7 +185,7 @@ def test_bad_input_is_one_line(argv, message, saved_model, capsys):
     _, image = saved_model
     argv = [str(image) if a == "IMAGE" else a for a in argv]
     try:
-        code = cli.main(argv)
+        code = main(argv)
     except SystemExit as exit_info:  # argparse's own errors
         code = exit_info.code
     err = capsys.readouterr().err
@@ -196,7 +197,7 @@ def test_a_corrupted_weights_file_is_named(saved_model, tmp_path, capsys):
     path, image = saved_model
     broken = shutil.copytree(path, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert f"{broken / 'model.safetensors'} is not a readable safetensors file" in err and len(err.splitlines()) == 1
 
@@ -209,7 +210,7 @@ def test_a_config_without_vision_config_is_refused_in_one_line(saved_model, tmp_
     config = json.loads((broken / "config.json").read_text())
     del config["vision_config"]
     (broken / "config.json").write_text(json.dumps(config))
-    assert cli.main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(broken), "--image", str(image), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "has no `vision_config`" in err and len(err.splitlines()) == 1
 
@@ -251,16 +252,14 @@ def test_a_missing_model_folder_is_one_line_within_a_second_offline(command, mod
 
 def test_a_model_in_the_hub_cache_passes_the_check_offline(tmp_path, monkeypatch):
     """Offline, a Hub id the Hub cache holds is not refused: transformers loads it from there."""
-    import vlm_fusion_cli
-
     snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / "0123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert vlm_fusion_cli.missing_model("org/cached") is None
-    assert "not in the Hub cache" in vlm_fusion_cli.missing_model("org/other")
-    assert vlm_fusion_cli.missing_model(str(snapshot / "config.json")).endswith(
+    assert missing_model("org/cached") is None
+    assert "not in the Hub cache" in missing_model("org/other")
+    assert missing_model(str(snapshot / "config.json")).endswith(
         "is a file, not a model folder (a folder with config.json and the weights)")
 
 
@@ -292,8 +291,23 @@ def test_tokens_counts_llava_next_images_as_transformers_does(height, width, cap
                                    tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                                    num_additional_image_tokens=1)
     expected = reference._get_number_of_features(height, width, 336, 336) - 1  # "default" drops CLS
-    assert cli.main(["tokens", "--family", "llava", "--anyres", ",".join(f"{h}x{w}" for h, w in grids),
+    assert main(["tokens", "--family", "llava", "--anyres", ",".join(f"{h}x{w}" for h, w in grids),
                      "--image", f"{height}x{width}"]) == 0
     out = capsys.readouterr().out
     print(f"{height}x{width}: ours {out.split('LM tokens')[0].split()[-1]}, transformers {expected}")
     assert f" {expected} LM tokens per image" in out
+
+
+def test_the_command_line_knows_the_demo_families_and_only_points_down():
+    """`vlm_fusion_cli` keeps its own copy of the demo families (to answer --help without importing vlm_fusion), and the
+    arrows go one way: vlm_fusion_cli imports vlm_fusion, no module of vlm_fusion imports vlm_fusion_cli."""
+    import pathlib
+    import re
+
+    import vlm_fusion
+    from vlm_fusion.demo import FAMILIES
+
+    assert DEMO_FAMILIES == FAMILIES
+    root = pathlib.Path(vlm_fusion.__file__).parent
+    upward = re.compile(r"^\s*(from|import)\s+vlm_fusion_cli\b", flags=re.M)
+    assert [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if upward.search(p.read_text())] == []

@@ -12,10 +12,10 @@ from conftest import assert_reordered, random_image
 from test_blip2 import blip2_hf_dir, converted  # noqa: F401  (fixtures: a tiny transformers BLIP-2, converted)
 from test_flamingo import build as build_flamingo
 from vlm_fusion import FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor
-from vlm_fusion.cli import main
 from vlm_fusion.explain import ExplainError, explain
 from vlm_fusion.explain.render import write
 from vlm_fusion.tools.tiny import tiny_model_and_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+from vlm_fusion_cli import main
 
 PROMPT = "what is this ? <image> a"
 

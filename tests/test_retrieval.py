@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import assert_reordered
-from vlm_fusion import cli
 from vlm_fusion.evaluation import retrieval
 from vlm_fusion.evaluation.retrieval import RetrievalSet
+from vlm_fusion_cli import main
 
 LAVIS_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean",
               "agg_metrics"]
@@ -301,7 +301,7 @@ def test_bad_data_is_one_line_and_nothing_is_written(case, qformer_config, tmp_p
     (tmp_path / "data.json").write_text(json.dumps(rows))
     output = tmp_path / "out" / "results.json"
     for extra in ([], ["--output", str(output)]):
-        assert cli.main(["evaluate", "retrieval", "--model", str(qformer_config), "--data", str(tmp_path / "data.json"),
+        assert main(["evaluate", "retrieval", "--model", str(qformer_config), "--data", str(tmp_path / "data.json"),
                          "--image-folder", str(images), *extra]) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1
@@ -313,11 +313,11 @@ def test_a_generation_model_is_refused_in_one_line(tmp_path, capsys):
     images = write_images(tmp_path / "images", 2)
     (tmp_path / "data.json").write_text(json.dumps([llava("s0", "0.png", "a"), llava("s1", "1.png", "b")]))
     args = ["--data", str(tmp_path / "data.json"), "--image-folder", str(images), "--output", str(tmp_path / "r.json")]
-    assert cli.main(["evaluate", "retrieval", "--model", "demo:blip2", *args]) == 2
+    assert main(["evaluate", "retrieval", "--model", "demo:blip2", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a generation model (fusion_blip2)" in err
     assert "retrieval needs a stage-1 Q-Former checkpoint (fusion_blip2_qformer)" in err
-    assert cli.main(["evaluate", "retrieval", "--model", str(tmp_path / "nowhere"), *args]) == 2
+    assert main(["evaluate", "retrieval", "--model", str(tmp_path / "nowhere"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"no model folder {tmp_path / 'nowhere'}" in err
     assert not (tmp_path / "r.json").exists()
@@ -325,10 +325,10 @@ def test_a_generation_model_is_refused_in_one_line(tmp_path, capsys):
 
 def test_the_command_needs_its_subcommand_and_a_positive_k(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["evaluate"])
+        main(["evaluate"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["evaluate", "retrieval", "--model", "m", "--data", "d", "--k", "0"])
+        main(["evaluate", "retrieval", "--model", "m", "--data", "d", "--k", "0"])
     assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
@@ -386,7 +386,7 @@ def test_batched_scores_equal_one_pair_at_a_time(tiny_checkpoint, caption_data):
 def test_evaluate_retrieval_end_to_end(tiny_checkpoint, caption_data, tmp_path, capsys):
     args = ["evaluate", "retrieval", "--model", str(tiny_checkpoint), "--data", str(caption_data / "data.json"),
             "--image-folder", str(caption_data / "images"), "--k", "3", "--batch-size", "2"]
-    assert cli.main(args) == 0
+    assert main(args) == 0
     out = capsys.readouterr().out
     written = json.loads((tiny_checkpoint / "retrieval_results.json").read_text())
     assert list(written) == LAVIS_KEYS + ["setup"]
@@ -401,6 +401,6 @@ def test_evaluate_retrieval_end_to_end(tiny_checkpoint, caption_data, tmp_path, 
     assert f"written to {tiny_checkpoint / 'retrieval_results.json'}" in out
     assert written["txt_r10"] == written["img_r10"] == 100.0  # 4 images, 6 captions: everything is in the top 10
     output = tmp_path / "results" / "tiny.json"
-    assert cli.main([*args, "--k", "100", "--output", str(output)]) == 0
+    assert main([*args, "--k", "100", "--output", str(output)]) == 0
     assert "top 6 captions" in capsys.readouterr().out
     assert list(json.loads(output.read_text())) == LAVIS_KEYS + ["setup"]

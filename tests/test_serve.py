@@ -21,8 +21,9 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from conftest import ROOT  # noqa: E402
-from vlm_fusion import cli  # noqa: E402
 from vlm_fusion.demo import FAMILIES, checkpoint, shapes  # noqa: E402
+from vlm_fusion_cli import main  # noqa: E402
+from vlm_fusion_cli.generate import build_prompt  # noqa: E402
 
 QUESTION = "what colour is the square ?"  # the demo models' card question, about the scene of seed 1
 MAX_NEW_TOKENS = 30  # `vlm-fusion generate`'s default, given to both sides
@@ -102,7 +103,7 @@ def generated(family, scene, capsys, question=QUESTION) -> str:
     """What `vlm-fusion generate` prints for `question` about the scene (run once per family and question)."""
     if (family, question) not in GENERATED:
         capsys.readouterr()
-        assert cli.main(["generate", "--model", f"demo:{family}", "--image", str(scene[0]), "--prompt", question,
+        assert main(["generate", "--model", f"demo:{family}", "--image", str(scene[0]), "--prompt", question,
                          "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
         GENERATED[family, question] = capsys.readouterr().out.strip()
     return GENERATED[family, question]
@@ -114,7 +115,7 @@ def prompt_tokens(family, scene, question) -> int:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(checkpoint(family))
-    prompt = cli.build_prompt(processor, question, raw=False)
+    prompt = build_prompt(processor, question, raw=False)
     image = Image.open(scene[0]).convert("RGB")
     return processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
 
@@ -158,7 +159,7 @@ def test_the_banner_says_how_requests_name_the_model(server):
 
 def test_continuous_batching_is_refused_in_one_line(capsys):
     """transformers' server batches continuously only text-only models: its manager takes token ids, no images."""
-    assert cli.main(["serve", "demo:flamingo", "--continuous-batching"]) == 2
+    assert main(["serve", "demo:flamingo", "--continuous-batching"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "text-only models" in err
 
@@ -197,7 +198,7 @@ def video_server(tmp_path_factory, request):
 def generated_about_clip(model: str, clip, capsys, num_frames=None) -> str:
     """What `vlm-fusion generate --video` prints about `clip` (the checkpoint's frame count unless `num_frames`)."""
     capsys.readouterr()
-    assert cli.main(["generate", "--model", model, "--video", str(clip), "--prompt", VIDEO_QUESTION,
+    assert main(["generate", "--model", model, "--video", str(clip), "--prompt", VIDEO_QUESTION,
                      "--max-new-tokens", str(MAX_NEW_TOKENS),
                      *(["--num-frames", str(num_frames)] if num_frames else [])]) == 0
     return capsys.readouterr().out.strip()
@@ -233,7 +234,7 @@ def test_a_clip_is_answered_as_vlm_fusion_generate_video_does(video_server, caps
           f"vlm-fusion generate --video {expected!r}")
     assert expected and answer == streamed == by_path == by_file_url == expected
     processor = AutoProcessor.from_pretrained(model)
-    prompt = cli.build_prompt(processor, VIDEO_QUESTION, raw=False, images=0, videos=1)
+    prompt = build_prompt(processor, VIDEO_QUESTION, raw=False, images=0, videos=1)
     assert usage.prompt_tokens == processor(videos=[str(clip)], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
 
 

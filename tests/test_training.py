@@ -358,7 +358,7 @@ def test_a_training_command_that_quantises_nothing_goes_without_bitsandbytes(par
     import subprocess
     import sys
 
-    from vlm_fusion import cli
+    from vlm_fusion_cli.train import needs_bitsandbytes
 
     argv = ["--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"), "--language-model",
             str(parts / "lm"), "--data", str(parts / "captions.json"), "--image-folder", str(parts / "images"),
@@ -368,7 +368,7 @@ def test_a_training_command_that_quantises_nothing_goes_without_bitsandbytes(par
     assert "bitsandbytes imported: False" in done.stdout and (tmp_path / "out" / "model.safetensors").is_file()
 
     def needs(**kwargs):
-        return cli.needs_bitsandbytes(argparse.Namespace(**{**dict(qlora=False, model=None, language_model=str(
+        return needs_bitsandbytes(argparse.Namespace(**{**dict(qlora=False, model=None, language_model=str(
             parts / "lm"), vision_tower=str(parts / "vision")), **kwargs}))
 
     assert not needs() and needs(qlora=True) and needs(language_model="org/some-llm")  # a Hub id: not known

@@ -168,8 +168,9 @@ def test_the_clip_token_count_engines_ask_for_is_what_the_processor_writes(famil
 
 
 def test_generate_answers_about_a_clip_file_from_the_command_line(tmp_path, capsys):
-    from vlm_fusion import cli
     from vlm_fusion.tools.tiny import tiny_model_and_processor
+    from vlm_fusion_cli import main
+    from vlm_fusion_cli.generate import build_prompt
 
     model, processor = tiny_model_and_processor("fusion_flamingo", video=True, num_frames=3)
     model.save_pretrained(tmp_path / "model")
@@ -178,27 +179,27 @@ def test_generate_answers_about_a_clip_file_from_the_command_line(tmp_path, caps
     write_clip(clip, frames=9)
     argv = ["generate", "--model", str(tmp_path / "model"), "--video", str(clip), "--prompt", "what happens ?",
             "--max-new-tokens", "4"]
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     answer = capsys.readouterr().out.strip().splitlines()[-1]  # (deepspeed, where installed, logs to stdout first)
-    prompt = cli.build_prompt(processor, "what happens ?", raw=False, images=0, videos=1)
+    prompt = build_prompt(processor, "what happens ?", raw=False, images=0, videos=1)
     inputs = processor(videos=[str(clip)], text=[prompt], return_tensors="pt")
     assert inputs["pixel_values_videos"].shape[1] == 3
     expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert answer == processor.decode(expected[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     # bad input: one line each, exit code 2
-    assert cli.main([*argv[:4], str(tmp_path / "missing.mp4"), *argv[5:]]) == 2
-    assert cli.main([*argv, "--num-frames", "20"]) == 2
+    assert main([*argv[:4], str(tmp_path / "missing.mp4"), *argv[5:]]) == 2
+    assert main([*argv, "--num-frames", "20"]) == 2
     assert "fewer than num_frames=20" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_clip_for_a_model_that_reads_no_video(tmp_path, capsys):
-    from vlm_fusion import cli
     from vlm_fusion.tools.tiny import tiny_model_and_processor
+    from vlm_fusion_cli import main
 
     model, processor = tiny_model_and_processor("fusion_llava")
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     clip = tmp_path / "clip.mp4"
     write_clip(clip, frames=4)
-    assert cli.main(["generate", "--model", str(tmp_path / "model"), "--video", str(clip), "--prompt", "x"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "model"), "--video", str(clip), "--prompt", "x"]) == 2
     assert "reads no video" in capsys.readouterr().err
