@@ -228,6 +228,8 @@ def video_tradeoffs(size, args):
     records = []
     frames = size["frames"]
     for name, (family, video) in setups.VIDEO_SETUPS.items():
+        if args.setups and not any(part.lower() in name.lower() for part in args.setups):
+            continue
         model, processor = setups.family_model(family, size, size["image_size"], video=video, num_frames=max(frames))
         model.to(args.device)
         rng = np.random.default_rng(0)
@@ -238,6 +240,7 @@ def video_tradeoffs(size, args):
             with torch.no_grad():
                 out = model(**inputs, use_cache=True)
                 prefill = measure.median_time(lambda: model(**inputs, use_cache=True), max(1, args.repeats // 2 + 1))
+            print(f"  {name}, {count} frames: prefill {prefill:.3f} s", flush=True)
             records.append(dict(
                 setup=name, family=FAMILY_NAMES[family], frames=count,
                 tokens_per_clip=model.config.num_video_tokens(count), prompt_tokens=int(inputs["input_ids"].shape[1]),
@@ -317,6 +320,8 @@ def main(argv=None):
                         help="which tables to measure (default: all; `bound` measures the reference rows too)")
     parser.add_argument("--rows", nargs="+", metavar="TEXT",
                         help="only the reference rows whose label contains one of these (e.g. `clip`, `BLIP-2`)")
+    parser.add_argument("--setups", nargs="+", metavar="TEXT",
+                        help="only the clip setups whose name contains one of these (e.g. `llava`, `Q-Former`)")
     args = parser.parse_args(argv)
     try:  # checked before the work, not after it
         import matplotlib  # noqa: F401

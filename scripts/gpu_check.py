@@ -274,7 +274,7 @@ def install(check: Check) -> bool:
     if python is None:
         return False
     pip = [python, "-m", "pip", "install", "--progress-bar", "off"]
-    commands = [[*pip, TORCH], [*pip, "-e", ".[bench,train]", "pytest>=9", TORCH], [*pip, "--no-deps", OPEN_FLAMINGO]]
+    commands = [[*pip, TORCH], [*pip, "-e", ".[bench,train]", "pytest>=9", "pytest-xdist>=3.8", TORCH], [*pip, "--no-deps", OPEN_FLAMINGO]]
     for command in commands:
         if not check.run(record, command, log_name="install"):
             return False
@@ -308,7 +308,7 @@ def cuda_tests(check: Check, name: str, selection: str) -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
                                                        check.env.get("PYTHONPATH")]))}
     check.run(record, [check.python, "-m", "pytest", CUDA_TESTS, "-k", selection, "-p", "gpu_check",
-                       "-p", "no:cacheprovider", "-q", "-rs"], env=env)
+                       "-p", "no:cacheprovider", "-q", "-rs", "-n", "0"], env=env)  # -n 0: one process, one GPU user
     tests = []
     if os.path.exists(results):
         with open(results) as f:

@@ -4,6 +4,9 @@ import os
 import pathlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network (the local-Hub test sets 0)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's workers (the default run has one per core, up to 4):
+    # one thread each, for its subprocesses too, so that the workers share the cores instead of fighting for them
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "VLM_FUSION_DATA_CACHE" not in os.environ:  # `vlm-fusion train`'s data cache: this run's own, not ~/.cache
     import tempfile
 
