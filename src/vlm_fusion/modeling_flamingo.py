@@ -127,7 +127,9 @@ class PerceiverLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """Resamples each media's features `(N, V, D_v)` (a clip's: `flatten_frames`) to `(N, L, D_v)` learned latents."""
+    """Resamples each media's features `(N, V, D_v)` to `(N, L, D_v)` learned latents; a clip's frames `(N, F, V, D_v)`
+    first get their time embeddings (`flatten_frames`), here in the module's own forward so that a device map's hooks
+    bring `frame_embs` in with the rest of the resampler."""
 
     def __init__(self, *, dim: int, depth: int, heads: int, dim_head: int, num_latents: int, ff_mult: int,
                  max_num_media: int | None = None, max_num_frames: int | None = None, activation: str = "gelu"):
@@ -143,6 +145,10 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, media: torch.Tensor, media_index: torch.LongTensor) -> torch.Tensor:
         """`media_index` `(N,)`: each media's position among its sample's media (for the media-time embeddings)."""
+        if media.dim() == 4:  # clips (N, F, V, D_v): every frame's tokens plus its time embedding, one media a clip
+            if self.frame_embs is None:
+                raise ValueError("This resampler reads no clips: its config sets no `max_num_frames`.")
+            media = flatten_frames(media, self.frame_embs)
         if self.media_time_embs is not None:
             if int(media_index.max()) >= self.media_time_embs.shape[0]:
                 raise ValueError(f"A sample has more media than `max_num_media` ({self.media_time_embs.shape[0]}).")
@@ -354,7 +360,7 @@ class FusionFlamingoModel(FusionModel):
         Each clip's latents `(num_videos, num_latents, vision_hidden_size)` from its frames' features `(num_videos,
         num_frames, num_patches, vision_hidden_size)`: time embeddings added, all frames resampled together.
         """
-        return self.encode_images(flatten_frames(features, self.perceiver.frame_embs), media_index)
+        return self.encode_images(features, media_index)  # the resampler adds the time embeddings
 
     def encode_media(self, pixel_values: torch.FloatTensor | None, media_mask: torch.BoolTensor,
                      pixel_values_videos: torch.FloatTensor | None = None, video_mask: torch.BoolTensor | None = None):

@@ -57,7 +57,7 @@ from vllm.multimodal.processing import (
 
 from ..configuration_flamingo import FusionFlamingoConfig
 from ..language_model import causal_lm_class
-from ..modeling_flamingo import build_gated_block, build_perceiver, find_decoder_layers, flatten_frames
+from ..modeling_flamingo import build_gated_block, build_perceiver, find_decoder_layers
 from ..vision import build_vision_tower, select_image_features
 
 ONE_IMAGE = (
@@ -268,8 +268,8 @@ class FusionFlamingoForVLLM(nn.Module, SupportsMultiModal):
             frames = pixels.flatten(0, 1) if name == "pixel_values_videos" else pixels  # clips: (N*F, C, H, W)
             features, _ = select_image_features(self.vision_tower, frames, layer=self.config.vision_feature_layer,
                                                 strategy=self.config.vision_feature_select_strategy)  # (N[*F], V, D_v)
-            if name == "pixel_values_videos":  # each clip one media: its frames' features + time embeddings
-                features = flatten_frames(features.unflatten(0, pixels.shape[:2]), self.perceiver.frame_embs)
+            if name == "pixel_values_videos":  # each clip one media (the resampler adds the frames' time embeddings)
+                features = features.unflatten(0, pixels.shape[:2])  # (N, F, V, D_v)
             media_index = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)  # one media each
             latents += self.perceiver(features.to(self.perceiver.latents.dtype), media_index).unbind(0)  # (L, D_v)
         return latents
