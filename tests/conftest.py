@@ -96,6 +96,21 @@ def assert_same_logits(name, ours, reference, inputs, reference_inputs=None) -> 
     return diff
 
 
+def dynamic_static_and_compiled(model, inputs, max_new_tokens: int):
+    """Greedy tokens of `model` on `inputs` with the dynamic cache, the static cache, and the static cache with a
+    compiled forward (fullgraph, as `_can_compile_fullgraph` promises; on the CPU too)."""
+    from transformers import CompileConfig
+
+    dynamic = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    static = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static")
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    torch._dynamo.reset()
+    compiled = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static",
+                              compile_config=compile_config)
+    return dynamic, static, compiled
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,14 +12,14 @@ from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     CLIPVisionModel,
-    CompileConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conftest import causal_lm_of, causal_lm_state_dict, changed_weights, random_image, reorder_bound
+from conftest import (causal_lm_of, causal_lm_state_dict, changed_weights, dynamic_static_and_compiled, random_image,
+                      reorder_bound)
 from vlm_fusion import FAMILIES, FusionLlavaConfig, FusionLlavaForConditionalGeneration
 from vlm_fusion.tools.tiny import tiny_model_and_processor, tiny_text_config, tiny_vision_config
 
@@ -266,13 +266,7 @@ def test_static_cache_and_compiled_decoding_give_the_dynamic_caches_tokens(saved
     n = 1 if family != "fusion_flamingo" else 2
     prompts = [PROMPT, "<image> what colour is the circle ?"] if n == 1 else ["<image> a <image> b", "<image> c <image> d e"]
     inputs = processor(images=[random_image(i) for i in range(2 * n)], text=prompts, padding=True, return_tensors="pt")
-    dynamic = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    static = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    compile_config = CompileConfig(fullgraph=True)  # what `_can_compile_fullgraph` promises
-    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
-    torch._dynamo.reset()
-    compiled = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static",
-                              compile_config=compile_config)
+    dynamic, static, compiled = dynamic_static_and_compiled(model, inputs, max_new_tokens=6)
     assert torch.equal(static, dynamic) and torch.equal(compiled, dynamic)
 
 

@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, BitsAndBytesConfig, CompileConfig
+from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-from conftest import assert_reordered, changed_weights
+from conftest import assert_reordered, changed_weights, dynamic_static_and_compiled
 from vlm_fusion.tools.tiny import tiny_model_and_processor
 
 # Each family's video path, at widths bitsandbytes' CPU kernels take (tools/tiny.py).
@@ -74,13 +74,7 @@ def build(family):
 @pytest.mark.parametrize("family", family_params("fusion_llava"))
 def test_static_cache_and_compiled_decoding_give_the_dynamic_caches_tokens(family):
     model, _, inputs = build(family)
-    dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    static = model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static")
-    compile_config = CompileConfig(fullgraph=True)  # what `_can_compile_fullgraph` promises
-    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
-    torch._dynamo.reset()
-    compiled = model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static",
-                              compile_config=compile_config)
+    dynamic, static, compiled = dynamic_static_and_compiled(model, inputs, max_new_tokens=5)
     assert torch.equal(static, dynamic) and torch.equal(compiled, dynamic)
 
 
