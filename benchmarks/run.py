@@ -33,6 +33,11 @@ import setups  # noqa: E402
 TABLES = ("reference", "tradeoffs", "video", "bound")
 
 
+def chosen(name: str, parts) -> bool:
+    """`--rows` / `--setups`: whether `name` contains one of `parts` (every name when none are given)."""
+    return not parts or any(part.lower() in name.lower() for part in parts)
+
+
 class Footprints:
     """Load time and peak RSS of one model at a time, each in a process of its own: forked from a helper that has
     imported torch and transformers and nothing else (`measure.serve_footprints`), or a fresh interpreter when a
@@ -106,8 +111,8 @@ def reference_comparisons(work, size, args):
     common = dict(repeats=args.repeats, new_tokens=args.new_tokens, image_size=size["image_size"], device=args.device)
     rows = []
 
-    def wanted(label: str) -> bool:  # --rows: a row is built and timed only when its label contains one of them
-        return not args.rows or any(part.lower() in label.lower() for part in args.rows)
+    def wanted(label: str) -> bool:  # a row is built and timed only when --rows chooses it
+        return chosen(label, args.rows)
 
     print("[1/3] building reference models and converting them ...", flush=True)
     if wanted("LLaVA-style") or wanted("LLaVA-style, static cache + compile"):
@@ -228,7 +233,7 @@ def video_tradeoffs(size, args):
     records = []
     frames = size["frames"]
     for name, (family, video) in setups.VIDEO_SETUPS.items():
-        if args.setups and not any(part.lower() in name.lower() for part in args.setups):
+        if not chosen(name, args.setups):
             continue
         model, processor = setups.family_model(family, size, size["image_size"], video=video, num_frames=max(frames))
         model.to(args.device)
@@ -365,9 +370,10 @@ def main(argv=None):
         f.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    if reference_records is not None and tradeoff_records is not None:
+    plotted = reference_records is not None and tradeoff_records is not None
+    if plotted:
         plot(os.path.join(args.out, "benchmarks.png"), reference_records, tradeoff_records)
-    print(f"written: {args.out}/tables.md, results.json" + (", benchmarks.png" if tradeoff_records and reference_records else ""))
+    print(f"written: {args.out}/tables.md, results.json" + (", benchmarks.png" if plotted else ""))
     return 0
 
 

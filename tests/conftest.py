@@ -96,6 +96,11 @@ def assert_same_logits(name, ours, reference, inputs, reference_inputs=None) -> 
     return diff
 
 
+def slow_except(keep, values) -> list:
+    """`values` as parameters, all but `keep` marked slow: the default run takes one variant, `-m slow` the others."""
+    return [value if value == keep else pytest.param(value, marks=pytest.mark.slow) for value in values]
+
+
 def dynamic_static_and_compiled(model, inputs, max_new_tokens: int):
     """Greedy tokens of `model` on `inputs` with the dynamic cache, the static cache, and the static cache with a
     compiled forward (fullgraph, as `_can_compile_fullgraph` promises; on the CPU too)."""

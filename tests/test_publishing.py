@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, changed_weights, random_image
+from conftest import ROOT, changed_weights, random_image, slow_except
 from vlm_fusion.tools.tiny import tiny_model_and_processor
 
 FAMILIES = {
@@ -160,7 +160,7 @@ PUSH_AND_LOAD = textwrap.dedent("""
 
 
 # One family in the default run: the Hub round trip is the same code for every family (the others: -m slow).
-@pytest.mark.parametrize("family", [f if f == "fusion_llava" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+@pytest.mark.parametrize("family", slow_except("fusion_llava", FAMILIES))
 def test_push_to_hub_and_from_pretrained_through_a_local_hub(family, tmp_path):
     from hub_server import serve
 
@@ -187,8 +187,7 @@ def test_push_to_hub_and_from_pretrained_through_a_local_hub(family, tmp_path):
 
 # One card in the default run: the three snippets differ only in the family's name, and every demo model's answers
 # are checked by the demo's own tests (the others: -m slow).
-@pytest.mark.parametrize("family", ["llava", pytest.param("blip2", marks=pytest.mark.slow),
-                                    pytest.param("flamingo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", slow_except("llava", ["llava", "blip2", "flamingo"]))
 def test_the_demo_model_cards_snippet_runs_where_the_card_is_read(family, tmp_path):
     """The card shipped beside each demo checkpoint: its snippet, run alone in an empty folder, answers right."""
     import re

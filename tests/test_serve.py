@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")  # transformers' serving extras: pip install "tra
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, slow_except  # noqa: E402
 from vlm_fusion.demo import FAMILIES, checkpoint, shapes  # noqa: E402
 from vlm_fusion_cli import main  # noqa: E402
 from vlm_fusion_cli.generate import build_prompt  # noqa: E402
@@ -170,8 +170,7 @@ def test_continuous_batching_is_refused_in_one_line(capsys):
 VIDEO_QUESTION = "what colour is the square ?"
 # One family served with clips in the default run: the server reads a clip the same way for every family, and each
 # family's video path is checked against transformers in test_video_* (the others: -m slow).
-VIDEO_FAMILIES = ["fusion_llava", pytest.param("fusion_blip2", marks=pytest.mark.slow),
-                  pytest.param("fusion_flamingo", marks=pytest.mark.slow)]
+VIDEO_FAMILIES = slow_except("fusion_llava", ["fusion_llava", "fusion_blip2", "fusion_flamingo"])
 
 
 def write_clip(path, frames: int = 12, seed: int = 0):

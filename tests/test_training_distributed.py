@@ -12,15 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FLOAT32_REORDER, random_image
+from conftest import FLOAT32_REORDER, random_image, slow_except
 from test_training import FIRST_GRADIENT, adam_drift_bound, gradient_gap
 from vlm_fusion.tools.tiny import write_training_parts
 
 # DDP in the default run; FSDP2 there too through the Q-Former's two-process test and the README's LoRA command
 # (tests/test_readme.py); the other engines are the heavier variants (DeepSpeed compiles its CPU op for ~3 minutes on a
 # fresh machine), run by `.ci/run` with `-m slow`.
-ENGINES = ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow), pytest.param("zero2", marks=pytest.mark.slow),
-           pytest.param("zero3", marks=pytest.mark.slow)]
+ENGINES = slow_except("ddp", ["ddp", "fsdp2", "zero2", "zero3"])
 STEPS, BRIDGE_LR, LM_LR = 6, 1e-2, 1e-3
 
 # Runs in every process: the recipe as `vlm-fusion train` runs it, recording whether each step's batch on this rank

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, BertForMaskedLM
 
-from conftest import FLOAT32_REORDER
+from conftest import FLOAT32_REORDER, slow_except
 from test_training import FIRST_GRADIENT, KILLED_RUN, adam_drift_bound, gradient_gap
 from vlm_fusion.tools.tiny import write_training_parts
 from vlm_fusion.training import TrainOptions, train
@@ -145,7 +145,7 @@ def run(parts, out, engine=None):
             torch.load(gradient))
 
 
-@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])  # DDP: test_training_distributed
+@pytest.mark.parametrize("engine", slow_except("fsdp2", ["ddp", "fsdp2"]))  # DDP: test_training_distributed
 def test_two_processes_give_the_losses_and_weights_of_one_with_the_global_batch(parts, engine, tmp_path):
     (losses, weights, grads), (reference_losses, reference_weights, reference_grads) = \
         run(parts, tmp_path / engine, engine), run(parts, tmp_path / "one")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import slow_except
 from test_training import BRIDGES, KILLED_RUN
 from vlm_fusion.tools.tiny import write_training_parts
 from vlm_fusion.training import TrainOptions, train
@@ -252,7 +253,7 @@ def test_two_processes_through_the_launcher_read_disjoint_shards(parts, tmp_path
 
 
 # ---- killed mid-run, then --resume ------------------------------------------------------------------------------
-@pytest.mark.parametrize("workers", ["0", pytest.param("2", marks=pytest.mark.slow)])  # data workers: the other tests
+@pytest.mark.parametrize("workers", slow_except("0", ["0", "2"]))  # data workers: the other tests
 def test_a_killed_streamed_run_resumes_to_the_weights_of_an_uninterrupted_one(parts, tmp_path, workers):
     shards = write_shards(parts, tmp_path / "shards", broken=True)
 

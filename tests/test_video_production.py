@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-from conftest import assert_reordered, changed_weights, dynamic_static_and_compiled
+from conftest import assert_reordered, changed_weights, dynamic_static_and_compiled, slow_except
 from vlm_fusion.tools.tiny import tiny_model_and_processor
 
 # Each family's video path, at widths bitsandbytes' CPU kernels take (tools/tiny.py).
@@ -28,11 +28,6 @@ FRAMES = 4
 
 def clip(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (FRAMES, 40, 48, 3), dtype=np.uint8)
-
-
-def family_params(default: str):
-    """Every family, `default` in the default run and the others marked slow (they run in CI with -m slow)."""
-    return [f if f == default else pytest.param(f, marks=pytest.mark.slow) for f in VIDEO]
 
 
 @pytest.fixture(scope="module", params=list(VIDEO))
@@ -71,7 +66,7 @@ def build(family):
     return model, processor, processor(videos=[clip(0), clip(1)], text=PROMPTS, padding=True, return_tensors="pt")
 
 
-@pytest.mark.parametrize("family", family_params("fusion_llava"))
+@pytest.mark.parametrize("family", slow_except("fusion_llava", VIDEO))
 def test_static_cache_and_compiled_decoding_give_the_dynamic_caches_tokens(family):
     model, _, inputs = build(family)
     dynamic, static, compiled = dynamic_static_and_compiled(model, inputs, max_new_tokens=5)
@@ -126,7 +121,7 @@ REMOTE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family", family_params("fusion_llava"))
+@pytest.mark.parametrize("family", slow_except("fusion_llava", VIDEO))
 def test_remote_code_export_reads_a_clip_without_the_package(family, tmp_path):
     model, processor, inputs = build(family)
     model.save_pretrained(tmp_path / "model", remote_code=True)
