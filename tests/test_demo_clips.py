@@ -1,0 +1,113 @@
+"""The demo's clips (`vlm_fusion.demo.clips`): reproducible from their seed, and each answer is what the frames show
+(read back from the pixels, cell by cell) and what no single frame shows."""
+
+import numpy as np
+import pytest
+
+from vlm_fusion.demo import clips, shapes
+
+BACKGROUND = np.array((235, 235, 235))
+
+
+def cells_seen(frame) -> dict:
+    """`{(row, col): colour}` of the grid cells a shape is drawn in, read from the pixels: a cell holds a shape when
+    enough of its pixels are not the background, and its colour is the nearest of the palette to their mean."""
+    pixels = np.asarray(frame).astype(float)
+    size = shapes.IMAGE_SIZE // shapes.GRID
+    seen = {}
+    for row in range(shapes.GRID):
+        for col in range(shapes.GRID):
+            cell = pixels[row * size:(row + 1) * size, col * size:(col + 1) * size].reshape(-1, 3)
+            drawn = cell[np.abs(cell - BACKGROUND).sum(1) > 60]
+            if len(drawn) > 20:
+                mean = drawn.mean(0)
+                seen[(row, col)] = min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - mean).sum())
+    return seen
+
+
+def shapes_in(frame) -> dict:
+    """`{(row, col): shape}` of a frame: each drawn cell's mask matched against the four shapes, each drawn alone where
+    its geometry puts it given the mask's box (the best overlap)."""
+    mask = np.abs(np.asarray(frame).astype(float) - BACKGROUND).sum(2) > 60
+    size = shapes.IMAGE_SIZE // shapes.GRID
+    found = {}
+    for (row, col) in cells_seen(frame):
+        cell = np.zeros_like(mask)
+        cell[row * size:(row + 1) * size, col * size:(col + 1) * size] = True
+        ys, xs = np.nonzero(mask & cell)
+        half_width, top, cx = (xs.max() - xs.min() + 1) / 2, ys.min(), (xs.min() + xs.max() + 1) / 2
+        # each shape's radius and centre from the mask's box, by the shape's geometry in `shapes.render`
+        fits = {"circle": (half_width, top + half_width), "square": (half_width / 0.85, top + half_width),
+                "triangle": (half_width, top + half_width), "star": (half_width / np.cos(np.pi / 10), None)}
+        fits["star"] = (fits["star"][0], top + fits["star"][0])
+
+        def overlap(shape):
+            radius, cy = fits[shape]
+            drawn = shapes.render([shapes.Item(shape, "red", row, col, radius, cx, cy)])
+            alone = (np.abs(np.asarray(drawn).astype(float) - BACKGROUND).sum(2) > 60) & cell
+            return (alone & mask).sum() / (alone | (mask & cell)).sum()
+
+        found[(row, col)] = max(shapes.SHAPES, key=overlap)
+    return found
+
+
+def test_a_seed_reproduces_its_clips_and_another_does_not():
+    first, again, other = clips.examples(7, 6), clips.examples(7, 6), clips.examples(8, 6)
+    for (frames, *text), (frames_again, *text_again) in zip(first, again):
+        assert text == text_again
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, frames_again))
+    assert any(not np.array_equal(np.asarray(a[0][0]), np.asarray(b[0][0])) for a, b in zip(first, other))
+
+
+def test_clips_have_the_frames_and_size_of_the_task():
+    for frames, kind, question, answer in clips.examples(3, 6):
+        assert len(frames) == clips.NUM_FRAMES
+        assert all(frame.size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE) for frame in frames)
+        assert kind in clips.TEMPORAL_TYPES
+        assert set(question.split()) | set(answer.split()) <= set(shapes.VOCABULARY) | set(clips.VOCABULARY)
+
+
+@pytest.mark.parametrize("kind", clips.TEMPORAL_TYPES)
+def test_the_answer_is_what_the_frames_show_and_no_single_frame_shows(kind):
+    for frames, _, question, answer in clips.examples(11, 60, kinds=(kind,)):
+        seen = [cells_seen(frame) for frame in frames]
+        if kind == "direction":
+            colour = question.split()[4]  # which way does the <colour> <shape> move ?
+            start = [cell for cell, c in seen[0].items() if c == colour]
+            end = [cell for cell, c in seen[-1].items() if c == colour]
+            assert len(start) == len(end) == 1
+            step = (end[0][0] - start[0][0], end[0][1] - start[0][1])
+            assert clips.DIRECTIONS[answer] == step
+            # every frame shows the shape in one cell: which way it went is in no single frame
+            assert all(sum(c == colour for c in frame.values()) == 1 for frame in seen)
+        elif kind == "appears_last":
+            first_shown = {}
+            for index, frame in enumerate(seen):
+                for cell in frame:
+                    first_shown.setdefault(cell, index)
+            assert len(set(first_shown.values())) == len(first_shown) >= 2  # one after another
+            assert max(first_shown.values()) > 0
+            last = max(first_shown, key=first_shown.get)
+            assert answer == shapes_in(frames[-1])[last]
+        else:  # blinks: the asked shape's cell goes empty, frame by frame, as many times as the answer says
+            cells = set().union(*seen)
+            runs = {cell: sum(cell not in seen[i] and cell in seen[i - 1] for i in range(1, len(seen))) for cell in cells}
+            blinking = [cell for cell, count in runs.items() if count]
+            assert len(blinking) == 1
+            assert shapes.NUMBERS[runs[blinking[0]]] == answer
+            assert blinking[0] in seen[0] and blinking[0] in seen[-1]
+
+
+def test_an_unknown_question_type_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown temporal question type 'speed'"):
+        clips.sample_clip(np.random.default_rng(0), "speed")
+
+
+def test_the_pixel_reader_reads_known_scenes():
+    """The reader the answers are checked with, on still scenes whose shapes are known."""
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        scene = shapes.sample_scene(rng)
+        image = shapes.render(scene)
+        assert cells_seen(image) == {(item.row, item.col): item.colour for item in scene}
+        assert shapes_in(image) == {(item.row, item.col): item.shape for item in scene}
