@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.video_utils import load_video
 
-from vlm_fusion.processing_video import FusionVideoProcessor
+from vlm_fusion.processing_video import FusionVideoProcessor, count_frames
 from vlm_fusion.tools.tiny import tiny_image_processor
 
 av = pytest.importorskip("av")
@@ -66,6 +66,36 @@ def test_a_container_without_a_frame_count_is_counted(tmp_path, processor):
     mp4 = tmp_path / "clip.mp4"
     write_clip(mp4, frames=8)
     assert np.array_equal(processor.decode(str(path), sample=True), processor.decode(str(mp4), sample=True))
+
+
+def test_a_frames_folder_gives_the_pixels_of_its_frames_in_numbered_order(tmp_path, processor):
+    from PIL import Image
+
+    frames = np.random.default_rng(0).integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for index in np.random.default_rng(1).permutation(12):  # written out of order; named without zero padding
+        Image.fromarray(frames[index]).save(folder / f"frame_{index}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    assert np.array_equal(processor.decode(str(folder), sample=False), frames)
+    assert torch.equal(processor(str(folder), return_tensors="pt")["pixel_values_videos"],
+                       processor(frames, return_tensors="pt")["pixel_values_videos"])
+    assert count_frames(str(folder)) == 12
+
+
+def test_count_frames_reads_what_decoding_finds(tmp_path, processor):
+    write_clip(tmp_path / "clip.mp4", frames=10)  # MP4 records its frame count
+    write_clip(tmp_path / "clip.mkv", frames=7)  # Matroska does not: counted by decoding
+    assert count_frames(str(tmp_path / "clip.mp4")) == len(load_video(str(tmp_path / "clip.mp4"), backend="pyav")[0])
+    assert count_frames(str(tmp_path / "clip.mkv")) == len(processor.decode(str(tmp_path / "clip.mkv"), sample=False))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="folder without frames"):
+        count_frames(str(tmp_path / "empty"))
+    (tmp_path / "notes.mp4").write_text("not a video")
+    with pytest.raises(ValueError, match="is not a video PyAV can read"):
+        count_frames(str(tmp_path / "notes.mp4"))
+    with pytest.raises(ValueError, match="No video file or frames folder"):
+        count_frames(str(tmp_path / "missing.mp4"))
 
 
 def test_arrays_tensors_and_frame_lists_give_the_same_pixels(processor):

@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import tempfile
 import urllib.parse
 import urllib.request
@@ -24,6 +25,9 @@ from transformers import BatchFeature
 from transformers.utils import VIDEO_PROCESSOR_NAME
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn, load_video
+
+# A frames folder's frames: its images, in the order of the last number in their names (frame_2 before frame_10)
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # Where video_preprocessor_config.json keeps the frames' image processor (its `to_dict()` and class name).
 _FRAME_PROCESSOR_KEY = "frame_processor"
@@ -40,6 +44,38 @@ def _image_processor_class(name: str):
     if cls is None:
         raise ValueError(f"Unknown image processor class {name!r} for the frames of a video.")
     return cls
+
+
+def frame_files(folder: str) -> list[str]:
+    """The frames of a frames folder (`clips/0001/` holding `000.png`, `001.png`, ...), in order: sorted by the last
+    number in each file's name, then by name. Refuses a folder without images."""
+    def order(name):
+        numbers = re.findall(r"\d+", name)
+        return (int(numbers[-1]) if numbers else -1, name)
+
+    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES)), key=order)
+    if not names:
+        raise ValueError(f"{folder} is a folder without frames (images named {', '.join(FRAME_SUFFIXES)}).")
+    return [os.path.join(folder, name) for name in names]
+
+
+def count_frames(source: str) -> int:
+    """How many frames the clip at `source` (a video file or a frames folder) holds, read from the container's header
+    where it records the count (MP4), else by decoding; for a check before training, without keeping any frame."""
+    if os.path.isdir(source):
+        return len(frame_files(source))
+    if not os.path.isfile(source):
+        raise ValueError(f"No video file or frames folder at {source!r}.")
+    import av
+
+    try:
+        with av.open(source) as container:
+            if not container.streams.video:
+                raise ValueError(f"{source} holds no video stream.")
+            total = container.streams.video[0].frames
+            return total or sum(1 for _ in container.decode(video=0))
+    except av.error.FFmpegError as error:
+        raise ValueError(f"{source} is not a video PyAV can read ({type(error).__name__}: {error}).") from None
 
 
 class FusionVideoProcessor(VideoProcessorMixin):
@@ -144,7 +180,8 @@ class FusionVideoProcessor(VideoProcessorMixin):
     def decode(self, source: str, sample: bool, **sampling) -> np.ndarray:
         """The frames of the clip at `source`, `(F, H, W, C)` uint8, sampled if asked (PyAV, through `load_video`).
 
-        `source` is a local file, a `file://` URL, an `http(s)://` URL (fetched by `load_video`) or a base64 `data:`
+        `source` is a local file, a frames folder (its images in order, see `frame_files`; only the sampled ones are
+        opened), a `file://` URL, an `http(s)://` URL (fetched by `load_video`) or a base64 `data:`
         URL (what an OpenAI-style request carries: `transformers serve` hands a `video_url` part's URL over as it is).
         """
         if source.startswith("data:"):
@@ -166,8 +203,10 @@ class FusionVideoProcessor(VideoProcessorMixin):
             if url.netloc not in ("", "localhost"):
                 raise ValueError(f"{source}: a file URL of another host; give a local file.")
             source = urllib.request.url2pathname(url.path)
+        if os.path.isdir(source):
+            return self._decode_folder(source, sample, **sampling)
         if not source.startswith(("http://", "https://")) and not os.path.isfile(source):
-            raise ValueError(f"No video file at {source!r}.")
+            raise ValueError(f"No video file or frames folder at {source!r}.")
         return self._decode_file(source, source, sample, **sampling)
 
     def _decode_file(self, path: str, name: str, sample: bool, **sampling) -> np.ndarray:
@@ -190,6 +229,20 @@ class FusionVideoProcessor(VideoProcessorMixin):
         except (av.error.FFmpegError, IndexError, StopIteration) as error:
             raise ValueError(f"{name} is not a video PyAV can read ({type(error).__name__}: {error}).") from None
         return frames
+
+    def _decode_folder(self, folder: str, sample: bool, **sampling) -> np.ndarray:
+        from PIL import Image
+
+        files = frame_files(folder)
+        if sample:
+            files = [files[i] for i in self.sample_indices(len(files), folder, **sampling)]
+        frames = []
+        for file in files:
+            with Image.open(file) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+        if len({frame.shape for frame in frames}) > 1:
+            raise ValueError(f"{folder}: its frames differ in size ({sorted({f.shape[:2] for f in frames})}).")
+        return np.stack(frames)
 
     def _decode_counting(self, path: str, name: str, sample: bool, **sampling) -> np.ndarray:
         import av
