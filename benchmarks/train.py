@@ -111,12 +111,12 @@ def run_trl(root, out, family, stage, args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from vlm_fusion.training import STAGES, data
-    from vlm_fusion.training.recipe import freeze_for, load_model
+    from vlm_fusion.training.models import freeze_for, load_generation_model
 
     start = time.perf_counter()
     run = options(root, out, family, stage, args)
     torch.manual_seed(run.seed)
-    model, processor = load_model(run)
+    model, processor = load_generation_model(run)
     freeze_for(model, STAGES[stage], run)
     rows = []
     for sample in data.load(run.data, run.image_folder)[0]:

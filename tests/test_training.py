@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vlm_fusion.tools.tiny import TINY_QFORMER, write_training_parts
 from vlm_fusion.training import TrainOptions, train
-from vlm_fusion.training.recipe import load_model
+from vlm_fusion.training.models import load_generation_model
 
 BRIDGES = {
     "llava": {"projector_type": "mlp2x_gelu"},
@@ -151,7 +151,7 @@ def test_label_masks_follow_llavas_plain_and_v1_rules(parts, family, tmp_path):
     from vlm_fusion.training.encoding import encode
 
     torch.manual_seed(0)
-    model, processor = load_model(options(parts, tmp_path, family))
+    model, processor = load_generation_model(options(parts, tmp_path, family))
     image_id, per_image = processor.image_token_id, model.config.num_image_tokens()
     for sample in data.load(str(parts / "captions.json"), str(parts / "images"))[0][:2]:
         plain = encode(processor, sample, [(32, 32)], "plain", getattr(processor, "end_of_chunk_token", None) or "\n")
@@ -186,7 +186,7 @@ def test_a_stage_lowers_the_loss_and_changes_only_what_it_trains(parts, family, 
     run = options(parts, tmp_path / "out", family, stage, data, **({"lora_r": 4, "lora_alpha": 8} if extra else {}),
                   **extra)
     torch.manual_seed(run.seed)  # as the recipe does before it builds the model: the same bridge initialisation
-    before = {name: p.detach().clone() for name, p in load_model(run, quantize=False)[0].named_parameters()}
+    before = {name: p.detach().clone() for name, p in load_generation_model(run, quantize=False)[0].named_parameters()}
     summary = train(run)
     trend = losses(tmp_path / "out")
     print(f"{family} {stage} {extra or ''}: losses {[round(x, 3) for x in trend]}")
@@ -260,7 +260,7 @@ def test_trl_conversational_datasets_encode_as_the_same_llava_json(parts, tmp_pa
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({**row, "images": own})  # images as paths, in JSON lines
                                                     for row, own in zip(trl, names)))
     torch.manual_seed(0)
-    _, processor = load_model(options(parts, tmp_path / "unused"))
+    _, processor = load_generation_model(options(parts, tmp_path / "unused"))
 
     def encoded(path, folder=None):
         samples = data.load(path, folder)[0]

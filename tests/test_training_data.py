@@ -15,8 +15,8 @@ from conftest import FLOAT32_REORDER
 from vlm_fusion.tools.tiny import write_training_parts
 from vlm_fusion.training import TrainOptions, cache, data, train
 from vlm_fusion.training.encoding import encode
-from vlm_fusion.training.recipe import data_processor, load_model, plain_end, prepare_data
-from vlm_fusion.training.trainer import ConversationDataset
+from vlm_fusion.training.conversations import ConversationDataset, plain_end, prepare_data
+from vlm_fusion.training.models import load_generation_model, load_processor
 
 FLAMINGO = {"num_latents": 4, "perceiver_depth": 1, "perceiver_heads": 2, "perceiver_head_dim": 16,
             "cross_attention_heads": 2, "cross_attention_head_dim": 16}
@@ -48,8 +48,8 @@ def test_cached_samples_equal_the_reference_encoding(parts, tmp_path, monkeypatc
     if workers:  # blocks of 3 samples from the workers, joined into record batches of 5 or more in the file
         monkeypatch.setattr(cache, "BLOCK", 3)
         monkeypatch.setattr(cache, "WRITE_ROWS", 5)
-    _, processor = load_model(o)
-    prepared, kept, skipped = prepare_data(o, data_processor(o), layout, o.data)
+    _, processor = load_generation_model(o)
+    prepared, kept, skipped = prepare_data(o, load_processor(o), layout, o.data)
     assert prepared.built and skipped == 0
     dataset = ConversationDataset(processor, prepared, kept)
     conversations, _ = data.load(o.data, o.image_folder)
@@ -109,10 +109,10 @@ def test_a_killed_data_pass_leaves_nothing_that_is_used(parts, tmp_path, monkeyp
 
     monkeypatch.setattr(cache, "encode_block", dies)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(o, data_processor(o), "chat", o.data)
+        prepare_data(o, load_processor(o), "chat", o.data)
     assert not [p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock")]
     monkeypatch.setattr(cache, "encode_block", real)
-    prepared, _, _ = prepare_data(o, data_processor(o), "chat", o.data)
+    prepared, _, _ = prepare_data(o, load_processor(o), "chat", o.data)
     assert prepared.built and len(prepared.dataset) == 16
 
 
@@ -192,8 +192,8 @@ def test_the_log_says_where_the_cache_is_and_how_big_and_clear_data_cache_keeps_
 
 def test_lengths_come_from_the_cache_for_length_grouping(parts, tmp_path):
     o = options(parts, tmp_path, data_workers=0)
-    _, processor = load_model(o)
-    prepared, kept, _ = prepare_data(o, data_processor(o), "chat", o.data)
+    _, processor = load_generation_model(o)
+    prepared, kept, _ = prepare_data(o, load_processor(o), "chat", o.data)
     dataset = ConversationDataset(processor, prepared, kept)
     assert isinstance(dataset.lengths, np.ndarray)
     assert dataset.lengths.tolist() == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
@@ -202,7 +202,7 @@ def test_lengths_come_from_the_cache_for_length_grouping(parts, tmp_path):
 def test_the_eval_loss_equals_the_loss_computed_directly_on_the_held_out_samples(parts, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from vlm_fusion.training.trainer import Collator
+    from vlm_fusion.training.conversations import Collator
 
     o = options(parts, tmp_path, data_workers=0, eval_data=str(parts / "conversations.json"), eval_steps=2,
                 max_steps=2, save_steps=2)
@@ -213,8 +213,8 @@ def test_the_eval_loss_equals_the_loss_computed_directly_on_the_held_out_samples
     assert len(logged) == 1
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
-    _, processor = load_model(o)
-    prepared, kept, _ = prepare_data(o, data_processor(o), "chat", o.eval_data)
+    _, processor = load_generation_model(o)
+    prepared, kept, _ = prepare_data(o, load_processor(o), "chat", o.eval_data)
     dataset = ConversationDataset(processor, prepared, kept)
     collate = Collator(processor.tokenizer.pad_token_id or 0, model.model_class._per_image_inputs)
     with torch.no_grad():
@@ -247,7 +247,7 @@ def test_the_fast_encoder_checks_itself_and_falls_back_to_the_reference(parts, t
     from vlm_fusion.training import encoding
 
     o = options(parts, tmp_path)
-    processor = data_processor(o)
+    processor = load_processor(o)
     conversations, _ = data.load(o.data, o.image_folder)
     sizes = [[data.image_size(image, c.id) for image in c.images] for c in conversations]
     fast = encoding.Encoder(processor, "chat", "\n")
@@ -300,7 +300,7 @@ def test_a_skeleton_is_blind_only_where_the_template_just_prints_the_contents(pa
     test, method, length, escaping (`tojson`, `e`: nothing called, the text differs) or second use."""
     from vlm_fusion.training import encoding
 
-    processor = data_processor(options(parts, tmp_path))
+    processor = load_processor(options(parts, tmp_path))
     if template:
         processor.chat_template = template
     renderer = encoding.Encoder(processor, "chat", "\n")._render
@@ -336,7 +336,7 @@ def test_the_fast_encoder_equals_the_reference_on_every_sample_for_any_template(
     from vlm_fusion.training import encoding
 
     monkeypatch.setattr(encoding, "VERIFY_EVERY", 10**9)  # only the first sample is checked: the rest is the fast path
-    processor = data_processor(options(parts, tmp_path))
+    processor = load_processor(options(parts, tmp_path))
     if template:
         processor.chat_template = template
     image = str(parts / "images" / "0.png")

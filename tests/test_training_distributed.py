@@ -28,7 +28,7 @@ STEPS, BRIDGE_LR, LM_LR = 6, 1e-2, 1e-3
 INSTRUMENTED = FIRST_GRADIENT + textwrap.dedent("""
     import json, os, sys
     import torch
-    from vlm_fusion.training import recipe, trainer
+    from vlm_fusion.training import runner, trainer
     from vlm_fusion_cli import main
 
     record, probe = sys.argv[1], sys.argv[2]
@@ -41,8 +41,9 @@ INSTRUMENTED = FIRST_GRADIENT + textwrap.dedent("""
         return step(self, model, inputs, *args, **kwargs)
     trainer.FusionTrainer.training_step = training_step
 
-    save = recipe.save
-    def save_after_probe(trainer_, model, processor, options, summary):
+    save = runner.save
+    def save_after_probe(trainer_, run, summary):
+        model = run.model
         inputs = torch.load(probe, weights_only=False)
         was_training = model.training
         model.eval()
@@ -51,8 +52,8 @@ INSTRUMENTED = FIRST_GRADIENT + textwrap.dedent("""
         model.train(was_training)
         if rank == 0:
             torch.save(logits, probe + ".logits")
-        return save(trainer_, model, processor, options, summary)
-    recipe.save = save_after_probe
+        return save(trainer_, run, summary)
+    runner.save = save_after_probe
     sys.exit(main(["train", *sys.argv[3:]]))
 """)
 
@@ -66,9 +67,9 @@ def parts(tmp_path_factory):
 def probe(parts, tmp_path_factory):
     """A fixed input for the logits check, from the processor of the model the runs compose."""
     from vlm_fusion.training import TrainOptions
-    from vlm_fusion.training.recipe import load_model
+    from vlm_fusion.training.models import load_generation_model
 
-    _, processor = load_model(TrainOptions(data="", output_dir="", family="flamingo", vision_tower=str(parts / "vision"),
+    _, processor = load_generation_model(TrainOptions(data="", output_dir="", family="flamingo", vision_tower=str(parts / "vision"),
                                            language_model=str(parts / "lm"), bridge=FLAMINGO))
     inputs = processor(images=[random_image(0, (32, 32))], text=["USER: <image>\nwhat colour is it ?\nASSISTANT:"],
                        return_tensors="pt")

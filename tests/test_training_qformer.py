@@ -45,9 +45,9 @@ def trained(parts, tmp_path_factory):
 
 
 def test_the_q_former_starts_from_bert_as_blip2s_does(parts, tmp_path):
-    from vlm_fusion.training.qformer import load_model
+    from vlm_fusion.training.qformer import load_qformer_model
 
-    model, processor = load_model(stage1(parts, tmp_path))
+    model, processor = load_qformer_model(stage1(parts, tmp_path))
     bert = BertForMaskedLM.from_pretrained(parts / "bert").state_dict()
     ours = model.state_dict()
     vocab = bert["bert.embeddings.word_embeddings.weight"].shape[0]

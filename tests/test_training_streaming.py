@@ -111,12 +111,12 @@ def assert_equal_batches(streamed, reference):
 
 
 def test_streamed_align_batches_equal_the_same_pairs_given_as_llava_json(parts, tmp_path):
-    from vlm_fusion.training.recipe import load_model, prepare_data
-    from vlm_fusion.training.streaming import AlignItems
-    from vlm_fusion.training.trainer import Collator, ConversationDataset
+    from vlm_fusion.training.conversations import Collator, ConversationDataset, prepare_data
+    from vlm_fusion.training.generation import AlignItems
+    from vlm_fusion.training.models import load_generation_model
 
     run = options(parts, tmp_path / "out", write_shards(parts, tmp_path / "shards"))
-    model, processor = load_model(run)
+    model, processor = load_generation_model(run)
     collator = Collator(processor.tokenizer.pad_token_id or 0, model.model_class._per_image_inputs)
     streamed = streamed_batches(run, AlignItems(processor, "plain", "\n", run.max_length), collator)
     json_run = options(parts, tmp_path / "out", str(parts / "captions.json"), image_folder=str(parts / "images"),
@@ -130,12 +130,11 @@ def test_streamed_align_batches_equal_the_same_pairs_given_as_llava_json(parts, 
 
 def test_streamed_qformer_batches_equal_the_same_pairs_given_as_llava_json(parts, tmp_path):
     from vlm_fusion.training import qformer
-    from vlm_fusion.training.streaming import CaptionItems
 
     run = options(parts, tmp_path / "out", write_shards(parts, tmp_path / "shards"), stage="qformer")
-    _, processor = qformer.load_model(run)
+    _, processor = qformer.load_qformer_model(run)
     collator = qformer.CaptionCollator(processor)
-    streamed = streamed_batches(run, CaptionItems(processor), collator)
+    streamed = streamed_batches(run, qformer.CaptionItems(processor), collator)
     _, json_pairs = qformer.read_pairs(options(parts, tmp_path / "out", str(parts / "captions.json"), stage="qformer",
                                                image_folder=str(parts / "images")))
     dataset = qformer.CaptionDataset(processor, json_pairs)
@@ -218,14 +217,14 @@ def test_the_readmes_shards_snippet_run_twice_writes_each_pair_once(parts, tmp_p
 RECORD = textwrap.dedent("""
     import json, os
     if os.environ.get("STREAM_RECORD"):  # every batch the trainer takes, by process: its image ids
-        from vlm_fusion.training import streaming
-        taken = streaming.Consumed.__iter__
+        from vlm_fusion.training import trainer
+        taken = trainer.Consumed.__iter__
         def record(self):
             for batch in taken(self):
                 with open(f"{os.environ['STREAM_RECORD']}.{os.environ.get('RANK', '0')}", "a") as f:
                     f.write(json.dumps(batch["image_ids"].tolist()) + "\\n")
                 yield batch
-        streaming.Consumed.__iter__ = record
+        trainer.Consumed.__iter__ = record
 """)
 
 

@@ -159,7 +159,7 @@ class KilledWhileSaving(Exception):
 
 @pytest.mark.parametrize("max_steps", [6, 8], ids=["last step inside an epoch", "last step ends an epoch"])
 def test_a_run_killed_after_its_last_checkpoint_resumes_without_another_step(parts, tmp_path, monkeypatch, max_steps):
-    from vlm_fusion.training import recipe
+    from vlm_fusion.training import runner
 
     out = tmp_path / "out"
     run = dict(max_steps=max_steps, save_steps=max_steps)  # 16 samples, 4 a batch: 4 steps an epoch
@@ -168,7 +168,7 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_another_step(par
         raise KilledWhileSaving
 
     with monkeypatch.context() as patch:
-        patch.setattr(recipe, "save", killed)
+        patch.setattr(runner, "save", killed)
         with pytest.raises(KilledWhileSaving):
             train(options(parts, out, **run))
     assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{max_steps}"]

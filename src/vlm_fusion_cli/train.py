@@ -110,12 +110,13 @@ def run(args, argv: list[str], own_process: bool = False) -> int:
     import logging
 
     from vlm_fusion.training import DataError, TrainOptions, train
+    from vlm_fusion.training.distributed import is_main_process
 
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names and k != "bridge"},
                            bridge=dict(args.bridge))
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice, on every import
-    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process speaks
+    main_process = is_main_process()  # under accelerate launch, one process speaks
     try:
         summary = train(options)
     except DataError as error:

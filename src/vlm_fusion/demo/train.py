@@ -46,7 +46,7 @@ from vlm_fusion.tools.hub import write_model_card
 from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_tokenizer
 from vlm_fusion.training import TrainOptions
 from vlm_fusion.training import train as train_stage
-from vlm_fusion.training.recipe import training_section
+from vlm_fusion.training.runner import training_section
 
 SEED = 0
 VISION = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=4,

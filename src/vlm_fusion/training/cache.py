@@ -32,9 +32,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import filelock
+import numpy as np
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from . import data
+from vlm_fusion import __version__
+
+from .data import Block, DataError, blocks, check, image_size, read_dataset
 from .encoding import Encoder
 
 logger = logging.get_logger("vlm_fusion.training")
@@ -75,16 +80,14 @@ def default_root() -> str:
 def prepare(path: str, image_folder: str | None, processor, layout: str, plain_end: str, root: str | None = None,
             workers: int | None = None, show_progress: bool = True) -> Prepared:
     """The encoded samples of `path`, from the cache if it holds them, else from a data pass (then cached)."""
-    import filelock
-
     try:
         from datasets import Dataset
     except ImportError:
-        raise data.DataError("the data pass writes its cache with `datasets`, which is not installed: "
-                             "pip install 'vlm-fusion[train]'") from None
+        raise DataError("the data pass writes its cache with `datasets`, which is not installed: "
+                        "pip install 'vlm-fusion[train]'") from None
 
     if not os.path.exists(path):
-        raise data.DataError(f"no training data at {path}")
+        raise DataError(f"no training data at {path}")
     root = writable(root or default_root())
     key, inputs = fingerprint(path, image_folder, processor, layout, plain_end)
     folder = os.path.join(root, key)
@@ -100,7 +103,7 @@ def prepare(path: str, image_folder: str | None, processor, layout: str, plain_e
         logger.warning("data cache: %s holds %d data pass(es), %s (--clear-data-cache removes those a run does not "
                        "use)", root, entries, human_size(size))
     dataset = Dataset.from_file(os.path.join(folder, "samples.arrow"))
-    source = data.read_dataset(path) if in_memory_images(dataset) else None
+    source = read_dataset(path) if in_memory_images(dataset) else None
     return Prepared(dataset, os.path.basename(os.path.normpath(path)), folder, built, source)
 
 
@@ -110,8 +113,8 @@ def writable(root: str) -> str:
         with tempfile.NamedTemporaryFile(dir=root):
             pass
     except OSError as error:
-        raise data.DataError(f"--data-cache {root} is not a writable folder ({error.strerror or error}); give one "
-                             "that is") from None
+        raise DataError(f"--data-cache {root} is not a writable folder ({error.strerror or error}); give one "
+                        "that is") from None
     return root
 
 
@@ -137,8 +140,6 @@ def usage(root: str) -> tuple[int, int]:
 def clear(root: str, keep=()) -> tuple[int, int]:
     """Removes the cache folders of `root` but `keep` (and any a process is building or checking: its lock is held);
     returns (folders, bytes) removed. A process that memory-maps a removed file keeps reading it."""
-    import filelock
-
     keep = {os.path.realpath(k) for k in keep}
     removed, freed = 0, 0
     for folder in entries(root):
@@ -168,8 +169,6 @@ def human_size(size: int) -> str:
 # ---- the fingerprint -----------------------------------------------------------------------------------------------
 def fingerprint(path, image_folder, processor, layout, plain_end) -> tuple[str, dict]:
     """The cache key and what went into it (kept in the cache's `meta.json`, for a reader)."""
-    from vlm_fusion import __version__
-
     inputs = {"format": FORMAT, "vlm_fusion": __version__, "data": files_stamp(path),
               "image_folder": os.path.realpath(image_folder) if image_folder else None,
               "processor": processor_digest(processor), "layout": layout, "plain_end": plain_end}
@@ -255,21 +254,20 @@ def valid(folder: str) -> bool:
 def build(folder, path, image_folder, processor, layout, plain_end, inputs, workers, show_progress) -> None:
     """Read, check and encode every sample into `folder` (written as `folder.partial-PID`, then renamed)."""
     from datasets.arrow_writer import ArrowWriter
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     partial = f"{folder}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     workers = workers if workers is not None else default_workers()
-    blocks = data.blocks(path, image_folder, BLOCK)
+    samples_in_blocks = blocks(path, image_folder, BLOCK)
     images, samples = {}, 0
     try:
         writer = ArrowWriter(features=features(), path=os.path.join(partial, "samples.arrow"))
         with tqdm(desc=f"data pass over {os.path.basename(path)} ({workers or 1} worker(s))", unit=" samples",
                   disable=not show_progress) as progress, worker_pool(workers, processor, layout, plain_end) as run:
             pending = []  # blocks joined into record batches of WRITE_ROWS or more: opening the file reads a header each
-            for rows, block_images in run(blocks):
+            for rows, block_images in run(samples_in_blocks):
                 pending.append(rows)
                 if sum(batch.num_rows for batch in pending) >= WRITE_ROWS:
                     write_joined(writer, pending)
@@ -282,7 +280,7 @@ def build(folder, path, image_folder, processor, layout, plain_end, inputs, work
         writer.finalize()
         writer.close()
         if not samples:
-            raise data.DataError(f"{path} holds no samples")
+            raise DataError(f"{path} holds no samples")
         paths = sorted(images)
         with open(os.path.join(partial, "images.json"), "w", encoding="utf-8") as f:
             json.dump({"paths": paths, "stamps": image_stamps(paths)}, f)
@@ -368,7 +366,7 @@ def start_worker(processor, layout, plain_end) -> None:
     _image_sizes.clear()
 
 
-def encode_block(block: data.Block) -> tuple[object, dict]:
+def encode_block(block: Block) -> tuple[object, dict]:
     """Read, check and encode a block of samples: its rows as an Arrow record batch (numpy buffers, not Python lists,
     cross the process boundary) and the image files it opened."""
     import pyarrow as pa
@@ -376,16 +374,16 @@ def encode_block(block: data.Block) -> tuple[object, dict]:
     columns = {key: [] for key in FEATURES}
     opened = {}
     for index, conversation in block.conversations():
-        data.check(conversation)
+        check(conversation)
         sizes = []
         for image in conversation.images:
             if isinstance(image, str):
                 if image not in _image_sizes:
-                    _image_sizes[image] = data.image_size(image, conversation.id)
+                    _image_sizes[image] = image_size(image, conversation.id)
                 opened[image] = True
                 sizes.append(_image_sizes[image])
             else:
-                sizes.append(data.image_size(image, conversation.id))
+                sizes.append(image_size(image, conversation.id))
         row = _encoder(conversation, sizes)
         columns["id"].append(conversation.id)
         columns["source_index"].append(index)
@@ -400,7 +398,6 @@ def encode_block(block: data.Block) -> tuple[object, dict]:
 
 def list_array(rows: list, arrow_type):
     """A list column from each row's numpy array: one concatenation, no Python element."""
-    import numpy as np
     import pyarrow as pa
 
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)

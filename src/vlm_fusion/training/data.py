@@ -165,12 +165,13 @@ def read_dataset(path: str):
     return dataset
 
 
-def sample_id(row: dict, index: int) -> str:
+def row_id(row: dict, index: int) -> str:
+    """A sample's name in messages: its `id`, else its place in the file."""
     return str(row.get("id", f"#{index}"))
 
 
 def llava_conversation(row: dict, index: int, image_folder: str | None) -> Conversation:
-    sid = sample_id(row, index)
+    sid = row_id(row, index)
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"sample {sid}: empty conversation")
@@ -188,7 +189,7 @@ def llava_conversation(row: dict, index: int, image_folder: str | None) -> Conve
 
 
 def chat_conversation(row: dict, index: int, image_folder: str | None) -> Conversation:
-    sid = sample_id(row, index)
+    sid = row_id(row, index)
     raw = row.get("messages")
     if not isinstance(raw, list) or not raw:
         raise DataError(f"sample {sid}: empty conversation")

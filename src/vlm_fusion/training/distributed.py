@@ -1,4 +1,7 @@
-"""What the recipe needs from accelerate when it runs in several processes, on GPUs or on the CPU.
+"""What the recipe needs to know of its processes, and from accelerate when it runs in several, on GPUs or on the CPU.
+
+Which process this is and how many there are is read here only (`rank`, `world_size`: the environment
+`accelerate launch` / `torchrun` set, before any process group exists).
 
 On a machine without GPUs the processes train on the CPU over gloo (`use_cpu`); DeepSpeed is told to use gloo too
 (it would otherwise look for oneCCL); and FSDP, which accelerate (1.15) enables only on accelerator backends —
@@ -10,12 +13,27 @@ import os
 import torch
 
 
+def rank() -> int:
+    """This process's number among the launch's (0 in a single process)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """The number of processes of the launch (1 in a single process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """The process that speaks: writes the output folder's files, shows progress, clears caches."""
+    return rank() == 0
+
+
 def launched_with(name: str) -> bool:
     """Whether `accelerate launch` was asked for FSDP or DeepSpeed (it says so in the environment)."""
     return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
 
 
-def training_arguments() -> dict:
+def machine_arguments() -> dict:
     """`TrainingArguments` fields for this machine and launch."""
     if torch.cuda.is_available():
         return {}

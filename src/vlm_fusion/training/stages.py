@@ -1,4 +1,6 @@
-"""The recipe's stages as plain data: what each one trains, on which layout, at which learning rates.
+"""The recipe's stages as plain data: what each one trains, on which layout, at which learning rates. What a stage
+runs on (its model, data, collator) is one function per kind of model, which `recipe.RUNS` names for each stage:
+`generation.generation_run` (align, instruct, flamingo), `qformer.qformer_run` (qformer).
 
 | stage      | layout | trains                                   | learning rates (defaults)             | as in                  |
 |------------|--------|------------------------------------------|---------------------------------------|------------------------|
@@ -15,10 +17,6 @@ stage 1 (`training/qformer.py`).
 """
 
 from dataclasses import dataclass
-
-LAYOUTS = ("plain", "chat", "captions")
-PARTS = ("vision_tower", "bridge", "language_model")
-
 
 @dataclass(frozen=True)
 class Stage:

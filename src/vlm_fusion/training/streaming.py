@@ -25,7 +25,7 @@ Splitting. There are S readers, processes x data loader workers (`--workers`, or
 the shards `order[reader::S]` of each pass, so readers never share a shard and no process reads another's. Fewer
 shards than readers is refused in one line (a `datasets` folder is cut into max(S, rows / 10,000) contiguous shards).
 `accelerate`'s own handling of an iterable dataset (rank 0 reads and dispatches, or every rank reads everything) is
-not used: the trainer builds the data loader itself (`trainer_class`).
+not used: the trainer builds the data loader itself (`trainer.StreamReading`).
 
 Passes. The stream never ends: a reader that reaches the end of its shards starts the next pass, its shard order
 reshuffled with `random.Random(seed * 1_000_003 + pass)` (pass 0 included); samples keep their order inside a shard
@@ -35,7 +35,7 @@ with img2dataset's `*_stats.json` beside every one), `--epochs` over it; otherwi
 
 Resume. Each item carries its reader's place (pass, records read in the pass, counts of what was skipped); the trainer
 keeps the place of the last batch it took from each reader and, at every checkpoint, gathers them from every process
-into `trainer_state.json` (`StreamPositions`). `--resume` starts each reader at its place: the records before it are
+into `trainer_state.json` (`trainer.StreamPositions`). `--resume` starts each reader at its place: the records before it are
 passed over by their headers (tar) or rows (datasets), no image decoded; Trainer's own data skip is off
 (`ignore_data_skip`); the data loader's round-robin over workers is rotated to the worker whose batch was next. Same
 shards, seed, processes and workers (checked): the resumed run sees exactly the batches the uninterrupted one would
@@ -65,9 +65,8 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
-from . import data
-from .encoding import Encoder, expand
-from .trainer import model_item
+from .data import IMAGE, DataError, read_dataset, resolve
+from .distributed import rank, world_size
 
 logger = logging.get_logger("vlm_fusion.training")
 
@@ -124,7 +123,7 @@ def shard_paths(pattern: str) -> list[str]:
             logger.warning("%d of the %d shards %s names are missing: streaming the %d there", len(named) - len(paths),
                            len(named), pattern, len(paths))
     if not paths:
-        raise data.DataError(f"--data {pattern}: no shard file matches")
+        raise DataError(f"--data {pattern}: no shard file matches")
     return paths
 
 
@@ -254,7 +253,7 @@ def open_rows(path: str):
         if files and all(f.endswith(".parquet") for f in files):
             _OPENED[path] = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True), True
         else:
-            _OPENED[path] = data.read_dataset(path), False
+            _OPENED[path] = read_dataset(path), False
     return _OPENED[path]
 
 
@@ -262,8 +261,8 @@ def columns(features, path: str) -> tuple[str, str]:
     image = next((c for c in IMAGE_COLUMNS if c in features), None)
     caption = next((c for c in CAPTION_COLUMNS if c in features), None)
     if image is None or caption is None:
-        raise data.DataError(f"--streaming {path}: needs an image column ({' / '.join(IMAGE_COLUMNS)}) and a caption "
-                             f"column ({' / '.join(CAPTION_COLUMNS)}); it has {', '.join(features)}")
+        raise DataError(f"--streaming {path}: needs an image column ({' / '.join(IMAGE_COLUMNS)}) and a caption "
+                        f"column ({' / '.join(CAPTION_COLUMNS)}); it has {', '.join(features)}")
     return image, caption
 
 
@@ -295,7 +294,7 @@ class Stream:
 
 def open_stream(options) -> Stream:
     """The shards of `--data`, checked against the readers before any model is loaded."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     workers = max(options.workers, 1)
     readers = world * workers
     path = options.data
@@ -304,16 +303,16 @@ def open_stream(options) -> Stream:
         shards, length = [TarShard(p) for p in paths], img2dataset_count(paths)
     elif os.path.isdir(path) or path.endswith(".parquet"):
         if not (os.path.isdir(path) or glob.glob(path)):
-            raise data.DataError(f"--data {path}: no file matches")
+            raise DataError(f"--data {path}: no file matches")
         shards, length = row_shards(path, readers)
     else:
-        raise data.DataError(f"--streaming reads WebDataset shards ('shards/{{00000..00099}}.tar', a folder of .tar "
-                             f"files) or a local `datasets` dataset (a save_to_disk folder, .parquet); not {path}")
+        raise DataError(f"--streaming reads WebDataset shards ('shards/{{00000..00099}}.tar', a folder of .tar "
+                        f"files) or a local `datasets` dataset (a save_to_disk folder, .parquet); not {path}")
     if len(shards) < readers:
-        raise data.DataError(f"{len(shards)} shard(s) for {world} process(es) x {workers} data loader worker(s): each "
-                             f"of the {readers} readers needs a shard of its own; lower --workers or write more shards")
+        raise DataError(f"{len(shards)} shard(s) for {world} process(es) x {workers} data loader worker(s): each "
+                        f"of the {readers} readers needs a shard of its own; lower --workers or write more shards")
     name = os.path.basename(os.path.normpath(path.split("{")[0])) or path
-    return Stream(name, shards, length, readers, int(os.environ.get("RANK", "0")), workers)
+    return Stream(name, shards, length, readers, rank(), workers)
 
 
 def pass_order(count: int, seed: int, pass_: int) -> list[int]:
@@ -323,7 +322,7 @@ def pass_order(count: int, seed: int, pass_: int) -> list[int]:
     return order
 
 
-def sample_id(key: str) -> int:
+def image_number(key: str) -> int:
     """A number for a sample's image, the same in every process: img2dataset's numeric key, or a hash of the key."""
     if key.isdigit():
         return int(key)
@@ -336,7 +335,7 @@ def decode_image(value, image_folder: str | None) -> Image.Image:
     if isinstance(value, (bytes, bytearray)):
         image = Image.open(io.BytesIO(value))
     elif isinstance(value, str):
-        image = Image.open(data.resolve(value, image_folder))
+        image = Image.open(resolve(value, image_folder))
     elif isinstance(value, Image.Image):
         image = value
     else:
@@ -353,7 +352,7 @@ def checked(record: Record, image_folder: str | None) -> tuple[Image.Image, str]
     where = f"sample {record.key} in {record.where}"
     if image is None:
         raise Skip("no image", f"{where}: no image")
-    caption = caption.replace(data.IMAGE, "").strip() if isinstance(caption, str) else ""
+    caption = caption.replace(IMAGE, "").strip() if isinstance(caption, str) else ""
     if not caption:
         raise Skip("no caption", f"{where}: no caption")
     try:
@@ -402,42 +401,12 @@ that the worker whose batch comes first is the one whose batch was next when the
                 yielded = True
                 yield item
             if not yielded and skip == 0:
-                raise data.DataError(f"reader {reader} found no usable sample in its {len(mine)} shard(s) "
-                                     f"({', '.join(s.name for s in mine[:3])}): see the warnings above")
+                raise DataError(f"reader {reader} found no usable sample in its {len(mine)} shard(s) "
+                                f"({', '.join(s.name for s in mine[:3])}): see the warnings above")
             pass_, position, skip = pass_ + 1, 0, 0
 
 
-# ---- what each stage makes of a pair ------------------------------------------------------------------------------
-class AlignItems:
-    """The `align` stage's item, as `trainer.ConversationDataset` makes it for the same pair in LLaVA's JSON: one user
-    turn `<image>`, one assistant turn the caption, encoded in the stage's layout (by the data pass's `Encoder`)."""
-
-    def __init__(self, processor, layout: str, plain_end: str, max_length: int):
-        self.processor, self.max_length = processor, max_length
-        self.encoder = Encoder(processor, layout, plain_end)
-
-    def __call__(self, key: str, image: Image.Image, caption: str) -> dict:
-        conversation = data.Conversation(key, [{"role": "user", "content": data.IMAGE},
-                                               {"role": "assistant", "content": caption}], [image])
-        row = self.encoder(conversation, [(image.height, image.width)])
-        if row["length"] > self.max_length:
-            raise Skip("too long", f"sample {key}: {row['length']} tokens, over --max-length {self.max_length}")
-        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id)
-        return model_item(self.processor, key, [image], row["text"], row["add_special_tokens"], input_ids, labels,
-                          row["instruction"])
-
-
-class CaptionItems:
-    """BLIP-2 stage 1's item, as `qformer.CaptionDataset` makes it; `image_id` is the sample's key as a number."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, key: str, image: Image.Image, caption: str) -> dict:
-        pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"]  # (1, C, H, W)
-        return {"pixel_values": pixel_values[0], "caption": caption, "image_id": sample_id(key)}
-
-
+# ---- the batches: the stage's collator, the reader's place kept beside ----------------------------------------
 class StreamCollator:
     """The stage's own collator; the batch also carries its reader's place (the last item's: a batch is one
     reader's), which the trainer takes off before the model sees the batch."""
@@ -452,122 +421,15 @@ class StreamCollator:
         return batch
 
 
-# ---- the trainer side: the places in the checkpoints, the counts in the logs and the summary --------------------
-def gathered(value):
-    """`value` from every process (a list), or `[value]` in one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, value)
-        return out
-    return [value]
-
-
-def make_positions_callback():
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ExportableState
-
-    class StreamPositions(TrainerCallback, ExportableState):
-        """Every reader's place after the last batch taken from it, in `trainer_state.json` with each checkpoint."""
-
-        def __init__(self, readers: int, places: dict, batches: int):
-            self.readers, self.places, self.batches = readers, dict(places), batches
-
-        def state(self) -> dict:
-            return {"args": {}, "attributes": {"readers": self.readers, "batches": self.batches,
-                                               "places": [self.places[r] for r in sorted(self.places)]}}
-
-    return StreamPositions
-
-
-class Consumed:
-    """The data loader's batches with their reader's place taken off and kept (per process)."""
-
-    def __init__(self, loader, positions):
-        self.loader, self.positions = loader, positions
-
-    def __iter__(self):
-        for batch in self.loader:
-            place = batch.pop("stream_state").tolist()
-            self.positions.places[place[0]] = place
-            self.positions.batches += 1
-            yield batch
-
-
-def counts_of(places) -> dict[str, int]:
-    return {reason: sum(place[3 + i] for place in places) for i, reason in enumerate(REASONS)}
-
-
-def trainer_class(base, dataset: StreamDataset, summary: dict):
-    """`base` (the stage's trainer) reading `dataset`: its own data loader, the readers' places in every checkpoint,
-    the skipped counts in the logs and, at the end, in `summary` (which `recipe.run_stage` reports and saves)."""
-    StreamPositions = make_positions_callback()
-
-    class StreamingTrainer(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.positions = StreamPositions(dataset.stream.readers, dataset.start, dataset.batches)
-            self.add_callback(self.positions)
-
-        def own_places(self) -> dict:
-            stream = dataset.stream
-            return {r: p for r, p in self.positions.places.items() if r // stream.workers == stream.rank}
-
-        def get_train_dataloader(self):
-            args = self.args
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
-                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
-                prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers else None,
-                # its own generator: starting the loader draws no number from the RNG a resume restores
-                generator=torch.Generator().manual_seed(args.seed))
-            return Consumed(loader, self.positions)
-
-        def _save_checkpoint(self, model, trial):
-            for places in gathered(self.own_places()):  # every process's readers, in the state rank 0 writes
-                self.positions.places.update(places)
-            super()._save_checkpoint(model, trial)
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs:
-                counts = counts_of(self.own_places().values())
-                broken = torch.tensor([sum(n for reason, n in counts.items() if reason != "too long")],
-                                      dtype=torch.float64)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(broken)
-                logs["samples_broken"] = int(broken.item())
-            super().log(logs, start_time)
-
-        def train(self, *args, **kwargs):
-            try:
-                return super().train(*args, **kwargs)
-            finally:  # the last checkpoint (a run's end, a stop) gathered every reader's place
-                summary.update(summarize(dataset.stream, list(self.positions.places.values()), self.state.global_step,
-                                         self.args, self.is_world_process_zero()))
-
-    return StreamingTrainer
-
-
-def summarize(stream: Stream, places: list, steps: int, args, speak: bool) -> dict:
-    counts = counts_of(places)
-    broken = {reason: n for reason, n in counts.items() if reason != "too long"}
-    samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    if speak:
-        logger.warning("streamed %d samples from %d shard(s) over %d reader(s); skipped %s", samples,
-                       len(stream.shards), stream.readers, ", ".join(f"{n} {reason}" for reason, n in counts.items()))
-    return {"samples": samples, "samples_skipped": counts["too long"], "samples_broken": broken,
-            "stream": {"shards": len(stream.shards), "readers": stream.readers,
-                       "passes": max((place[1] for place in places), default=0) + 1}}
-
-
-# ---- the run: length, resume, and the two stages ----------------------------------------------------------------
+# ---- the run: its length, where each reader resumes ---------------------------------------------------------
 def run_length(options, stream: Stream):
     """`options` with `max_steps` set: given, or `--epochs` over the known number of samples."""
     if options.max_steps > 0:
         return options
     if stream.length is None:
-        raise data.DataError(f"streaming {len(stream.shards)} shard(s): the number of samples is unknown (no "
-                             "img2dataset *_stats.json beside every shard), so --epochs cannot be counted: give "
-                             "--max-steps")
+        raise DataError(f"streaming {len(stream.shards)} shard(s): the number of samples is unknown (no "
+                        "img2dataset *_stats.json beside every shard), so --epochs cannot be counted: give "
+                        "--max-steps")
     world = stream.readers // stream.workers
     steps = max(1, math.ceil(options.epochs * stream.length / (options.batch_size * options.gradient_accumulation
                                                                * world)))
@@ -582,77 +444,33 @@ def resume_places(resume_from: str | None, stream: Stream) -> tuple[dict, int]:
     with open(os.path.join(resume_from, "trainer_state.json"), encoding="utf-8") as f:
         saved = json.load(f).get("stateful_callbacks", {}).get("StreamPositions")
     if saved is None:
-        raise data.DataError(f"--resume: {resume_from} was not taken by a streamed run, so it holds no place in the "
-                             "stream to continue from")
+        raise DataError(f"--resume: {resume_from} was not taken by a streamed run, so it holds no place in the "
+                        "stream to continue from")
     attributes = saved["attributes"]
     if attributes["readers"] != stream.readers:
-        raise data.DataError(f"--resume: {resume_from} was taken with {attributes['readers']} readers (processes x "
-                             f"workers), this run has {stream.readers}: resume with the same processes and --workers")
+        raise DataError(f"--resume: {resume_from} was taken with {attributes['readers']} readers (processes x "
+                        f"workers), this run has {stream.readers}: resume with the same processes and --workers")
     return {place[0]: place for place in attributes["places"]}, attributes["batches"]
 
 
-def dataset_for(options, stream, make_item, resume_from) -> StreamDataset:
+def stream_dataset(options, stream: Stream, make_item, resume_from: str | None) -> StreamDataset:
+    """The stream of this process, each reader at its place in `resume_from` (from the start in a new run)."""
     places, batches = resume_places(resume_from, stream)
     return StreamDataset(stream, make_item, seed=options.seed, image_folder=options.image_folder, start=places,
                          batches=batches)
 
 
-def check_stage(options):
+def check_streamed_options(options) -> None:
+    """What a streamed run cannot do, refused in one line before anything is read."""
     if options.stage not in ("align", "qformer"):
-        raise data.DataError(f"streamed data are image-caption pairs: --stage align or --stage qformer, not "
-                             f"{options.stage}")
+        raise DataError(f"streamed data are image-caption pairs: --stage align or --stage qformer, not "
+                        f"{options.stage}")
     for flag, value in (("--group-by-length", options.group_by_length), ("--lora", options.lora),
                         ("--qlora", options.qlora)):
         if value:
-            raise data.DataError(f"{flag} does not apply to streamed image-caption pairs")
+            raise DataError(f"{flag} does not apply to streamed image-caption pairs")
     if options.eval_data:
-        raise data.DataError("--eval-data is not read beside streamed --data (not built yet): evaluate the output with "
-                             "a run on JSON data, or drop --eval-data")
+        raise DataError("--eval-data is not read beside streamed --data (not built yet): evaluate the output with "
+                        "a run on JSON data, or drop --eval-data")
 
 
-def train_align(options, stage, layout: str, resume_from) -> dict:
-    """The `align` stage on streamed pairs (`recipe.train` hands over once the output folder is checked)."""
-    from .recipe import (batch_collator, freeze_for, load_model, part_learning_rates, plain_end, run_stage,
-                         stage_arguments)
-    from .trainer import FusionTrainer
-
-    check_stage(options)
-    stream = open_stream(options)
-    options = run_length(options, stream)
-    torch.manual_seed(options.seed)
-    model, processor = load_model(options)
-    counts = freeze_for(model, stage, options)
-    logger.warning("trainable parameters per part: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-    part_lrs = part_learning_rates(options, stage)  # (no adapters: refused above)
-    collator = StreamCollator(batch_collator(model, processor))
-    items = AlignItems(processor, layout, plain_end(options, processor), options.max_length)
-    dataset = dataset_for(options, stream, items, resume_from)
-    arguments = stage_arguments(options, stage, part_lrs["bridge"], include_num_input_tokens_seen="non_padding",
-                                ignore_data_skip=True)
-    summary = {"stage": stage.name, "layout": layout, "data": stream.name, "samples": 0, "samples_skipped": 0}
-    return run_stage(trainer_class(FusionTrainer, dataset, summary), model, processor, options, arguments, dataset,
-                     collator, part_lrs, counts, resume_from, summary)
-
-
-def train_qformer(options, resume_from) -> dict:
-    """BLIP-2's stage 1 on streamed pairs (`qformer.train` hands over once the output folder is checked)."""
-    from . import qformer
-    from .recipe import freeze_for, run_stage, stage_arguments
-    from .stages import STAGES
-
-    stage = STAGES["qformer"]
-    check_stage(options)
-    stream = open_stream(options)
-    options = run_length(options, stream)
-    torch.manual_seed(options.seed)
-    model, processor = qformer.load_model(options)
-    counts = freeze_for(model, stage, options)
-    logger.warning("trainable parameters per part: %s", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-    part_lrs = {"bridge": options.bridge_lr if options.bridge_lr is not None else stage.bridge_lr,
-                "language_model": 0.0, "vision_tower": options.tower_lr}
-    dataset = dataset_for(options, stream, CaptionItems(processor), resume_from)
-    arguments = stage_arguments(options, stage, part_lrs["bridge"], ignore_data_skip=True)
-    summary = {"stage": stage.name, "layout": stage.layout, "data": stream.name, "samples": 0, "samples_skipped": 0}
-    return run_stage(trainer_class(qformer.make_trainer_class(), dataset, summary), model, processor, options,
-                     arguments, dataset, StreamCollator(qformer.CaptionCollator(processor)), part_lrs, counts,
-                     resume_from, summary)

@@ -1,112 +1,24 @@
-"""The recipe on transformers' `Trainer`: the dataset and collator, per-part learning rates, throughput logging,
-stopping cleanly on SIGTERM, and a resume from the last step that trains no step more.
-
-Legend: B samples in a batch, T longest sample, N images in the batch.
+"""The recipe on transformers' `Trainer`: per-part learning rates, throughput logging, length-grouped batches, a
+streamed dataset's places kept in the checkpoints (`StreamReading`), stopping cleanly on SIGTERM, and a resume from
+the last step that trains no step more.
 """
 
 import math
 import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.utils import logging
 
-from .data import DataError, open_image
-from .encoding import IGNORE_INDEX, expand
+from .conversations import ConversationDataset
+from .models import unwrap
+from .streaming import REASONS
 
-
-class ConversationDataset(torch.utils.data.Dataset):
-    """The encoded samples of a data pass (`cache.Prepared`: a memory-mapped Arrow file), those of `indices` only
-    (the ones within `--max-length`); an item's ids and labels are expanded and its images read and processed when it
-    is asked for, so the loop holds no sample it is not batching."""
-
-    def __init__(self, processor, prepared, indices: np.ndarray | None = None):
-        self.processor, self.rows, self.source = processor, prepared.dataset, prepared.source
-        self.indices = np.arange(len(self.rows)) if indices is None else np.asarray(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.asarray(self.rows.data.column("length"))[self.indices]
-
-    def __getitem__(self, index) -> dict:
-        row = self.rows[int(self.indices[index])]
-        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id)
-        return model_item(self.processor, row["id"], [open_image(image) for image in self.images(row)], row["text"],
-                          row["add_special_tokens"], input_ids, labels, row["instruction"])
-
-    def images(self, row) -> list:
-        """A row's images: its files, or (a TRL dataset holding them) the images of its source row."""
-        if all(row["images"]):
-            return row["images"]
-        return list(self.source[row["source_index"]]["images"])
-
-
-def model_item(processor, sid: str, images: list, text: str, add_special_tokens: bool, input_ids, labels,
-               instruction: str) -> dict:
-    """What the model reads of one sample: the processor's output for its images and text, with the recipe's labels
-    (aligned to the recipe's ids, which must be the processor's) and, for InstructBLIP, the instruction's ids."""
-    out = processor(images=images or None, text=[text], add_special_tokens=add_special_tokens, return_tensors="pt")
-    ids = out["input_ids"][0]
-    if not np.array_equal(ids.numpy(), np.asarray(input_ids)):  # the processor is the truth
-        raise DataError(f"sample {sid}: the processor's token ids differ from the recipe's; its labels cannot be placed "
-                        "(please report this with the sample)")
-    item = {"input_ids": ids, "labels": torch.as_tensor(np.asarray(labels)), "attention_mask": torch.ones_like(ids)}
-    if "qformer_input_ids" in out:  # InstructBLIP: the Q-Former reads the instruction, never the answer
-        item.update({k: v[0] for k, v in processor.qformer_inputs([instruction], return_tensors="pt").items()})
-    for key in out:
-        if key not in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"):
-            item[key] = out[key]  # pixel_values (n, ...), anyres image_sizes (n, 2): per image
-    return item
-
-
-class Collator:
-    """Pads each sample's sequences on the right (labels with -100) and joins the images of the batch, in order."""
-
-    def __init__(self, pad_token_id: int, per_image: tuple[str, ...], qformer_pad_token_id: int = 0):
-        self.pad = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0,
-                    "qformer_input_ids": qformer_pad_token_id, "qformer_attention_mask": 0}
-        self.per_image = ("pixel_values", *per_image)
-
-    def __call__(self, items: list[dict]) -> dict:
-        batch = {}
-        for key, value in self.pad.items():
-            rows = [item[key] for item in items if key in item]
-            if rows:
-                length = max(len(row) for row in rows)
-                padded = torch.full((len(rows), length), value, dtype=rows[0].dtype)  # (B, T)
-                for i, row in enumerate(rows):
-                    padded[i, : len(row)] = row
-                batch[key] = padded
-        for key in self.per_image:
-            groups = [item[key] for item in items if key in item]
-            if groups:
-                batch[key] = torch.cat(pad_to_common_shape(groups))  # (N, ...)
-        return batch
-
-
-def pad_to_common_shape(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zero-pad every dimension after the first to the largest (anyres: each image's tiles)."""
-    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-    out = []
-    for t in tensors:
-        if list(t.shape[1:]) != shape:
-            padded = t.new_zeros(t.shape[0], *shape)
-            padded[tuple(slice(0, s) for s in t.shape)] = t
-            t = padded
-        out.append(t)
-    return out
-
-
-def unwrap(model):
-    """The vlm-fusion model inside a PEFT wrapper (or the model itself)."""
-    inner = getattr(getattr(model, "base_model", None), "model", None)
-    return inner if inner is not None and hasattr(inner, "parameter_parts") else model
+logger = logging.get_logger("vlm_fusion.training")
 
 
 class FusionTrainer(Trainer):
@@ -141,6 +53,10 @@ class FusionTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)  # each group has its own
         self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def data_summary(self) -> dict:
+        """What the trainer learnt of its data while training, for the run's summary (a stream: `StreamReading`)."""
+        return {}
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -244,3 +160,101 @@ class EndAtTheLastStep(TrainerCallback):
 def final_loss(log_history: list[dict]) -> float | None:
     losses = [entry["loss"] for entry in log_history if "loss" in entry and math.isfinite(entry["loss"])]
     return losses[-1] if losses else None
+
+
+# ---- a streamed dataset (`streaming.py`): the readers' places in the checkpoints, the counts in the logs ------------
+def gathered(value):
+    """`value` from every process (a list), or `[value]` in one."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
+class StreamPositions(TrainerCallback, ExportableState):
+    """Every reader's place after the last batch taken from it, in `trainer_state.json` with each checkpoint."""
+
+    def __init__(self, readers: int, places: dict, batches: int):
+        self.readers, self.places, self.batches = readers, dict(places), batches
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"readers": self.readers, "batches": self.batches,
+                                           "places": [self.places[r] for r in sorted(self.places)]}}
+
+
+class Consumed:
+    """The data loader's batches with their reader's place taken off and kept (per process)."""
+
+    def __init__(self, loader, positions: StreamPositions):
+        self.loader, self.positions = loader, positions
+
+    def __iter__(self):
+        for batch in self.loader:
+            place = batch.pop("stream_state").tolist()
+            self.positions.places[place[0]] = place
+            self.positions.batches += 1
+            yield batch
+
+
+def counts_of(places) -> dict[str, int]:
+    return {reason: sum(place[3 + i] for place in places) for i, reason in enumerate(REASONS)}
+
+
+class StreamReading:
+    """Put before a trainer class (`class T(StreamReading, FusionTrainer)`): it reads its `train_dataset`, a
+    `streaming.StreamDataset`, with its own data loader, keeps the readers' places in every checkpoint, logs the
+    samples skipped as broken and, at the end, reports the stream (`data_summary`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        dataset = self.train_dataset
+        self.positions = StreamPositions(dataset.stream.readers, dataset.start, dataset.batches)
+        self.add_callback(self.positions)
+
+    def own_places(self) -> dict:
+        stream = self.train_dataset.stream
+        return {r: p for r, p in self.positions.places.items() if r // stream.workers == stream.rank}
+
+    def get_train_dataloader(self):
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers else None,
+            # its own generator: starting the loader draws no number from the RNG a resume restores
+            generator=torch.Generator().manual_seed(args.seed))
+        return Consumed(loader, self.positions)
+
+    def _save_checkpoint(self, model, trial):
+        for places in gathered(self.own_places()):  # every process's readers, in the state rank 0 writes
+            self.positions.places.update(places)
+        super()._save_checkpoint(model, trial)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            counts = counts_of(self.own_places().values())
+            broken = torch.tensor([sum(n for reason, n in counts.items() if reason != "too long")],
+                                  dtype=torch.float64)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(broken)
+            logs["samples_broken"] = int(broken.item())
+        super().log(logs, start_time)
+
+    def data_summary(self) -> dict:
+        """What was streamed, by the last checkpoint's places (a run's end or a stop gathered every reader's)."""
+        stream, places, args = self.train_dataset.stream, list(self.positions.places.values()), self.args
+        counts = counts_of(places)
+        broken = {reason: n for reason, n in counts.items() if reason != "too long"}
+        samples = (self.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+                   * args.world_size)
+        if self.is_world_process_zero():
+            logger.warning("streamed %d samples from %d shard(s) over %d reader(s); skipped %s", samples,
+                           len(stream.shards), stream.readers, ", ".join(f"{n} {reason}" for reason, n in counts.items()))
+        return {"samples": samples, "samples_skipped": counts["too long"], "samples_broken": broken,
+                "stream": {"shards": len(stream.shards), "readers": stream.readers,
+                           "passes": max((place[1] for place in places), default=0) + 1}}
+
+
+class StreamingFusionTrainer(StreamReading, FusionTrainer):
+    """`FusionTrainer` on streamed image-caption pairs (the `align` stage)."""
