@@ -34,15 +34,12 @@ from .modeling_flamingo import (
 )
 from .modeling_qformer import FusionBlip2ForImageTextRetrieval, FusionQFormer
 from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaModel, FusionLlavaProjector
-from .processing_fusion import (
-    FusionBlip2Processor,
-    FusionBlip2QFormerProcessor,
-    FusionFlamingoProcessor,
-    FusionIdeficsProcessor,
-    FusionInstructBlipProcessor,
-    FusionLlavaProcessor,
-    FusionProcessor,
-)
+from .processing_base import FusionProcessor
+from .processing_blip2 import FusionBlip2Processor, FusionInstructBlipProcessor
+from .processing_flamingo import FusionFlamingoProcessor
+from .processing_idefics import FusionIdeficsProcessor
+from .processing_llava import FusionLlavaProcessor
+from .processing_qformer import FusionBlip2QFormerProcessor
 
 __version__ = "0.2.0"
 

@@ -482,7 +482,7 @@ def qformer_tokenizer(path: str, *, vocab_size: int, placeholders=()):
     import json
     import tempfile
 
-    from vlm_fusion.processing_fusion import DEC_TOKEN
+    from vlm_fusion.processing_qformer import DEC_TOKEN
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     vocab = tokenizer.get_vocab()

@@ -41,7 +41,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from vlm_fusion.demo import card_usage, shapes
-from vlm_fusion.processing_fusion import chat_template
+from vlm_fusion.processing_base import chat_template
 from vlm_fusion.tools.hub import write_model_card
 from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_tokenizer
 from vlm_fusion.training import TrainOptions
