@@ -136,7 +136,7 @@ class FusionCheckpointMixin:
         if kwargs.get("is_main_process", True):
             without_machine_details(save_directory)  # the parts' local folders in config.json
             try:
-                from vlm_fusion.tools.hub import write_model_card
+                from vlm_fusion.model_card import write_model_card
             except ImportError:  # exported code, running without vlm-fusion installed
                 return result
             tags = [*(self.model_tags or []), *tags]

@@ -42,7 +42,7 @@ from transformers.utils import logging as hf_logging
 
 from vlm_fusion.demo import card_usage, shapes
 from vlm_fusion.processing_base import chat_template
-from vlm_fusion.tools.hub import write_model_card
+from vlm_fusion.model_card import write_model_card
 from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_tokenizer
 from vlm_fusion.training import TrainOptions
 from vlm_fusion.training import train as train_stage
