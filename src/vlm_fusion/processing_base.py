@@ -168,12 +168,6 @@ class FusionProcessor(ProcessorMixin):
             counts["num_video_tokens"] = [self.num_video_tokens(int(num_frames)) for num_frames, _, _ in video_sizes]
         return MultiModalData(**counts)
 
-    def _process_images(self, images, **kwargs):
-        processed, replacements = super()._process_images(images, **kwargs)
-        if not hasattr(processed, "keys"):  # IDEFICS' image processor returns the pixel tensor itself
-            processed = {"pixel_values": processed}
-        return processed, replacements
-
     def validate_inputs(self, images=None, text=None, videos=None, **kwargs):
         super().validate_inputs(images=images, text=text, videos=videos, **kwargs)
         # transformers 5.19 leaves these checks out (a surplus `<image>` then dies in its expansion, StopIteration)

@@ -113,6 +113,12 @@ class FusionIdeficsProcessor(FusionFlamingoProcessor):
             texts = [t if self.image_token in t else self.image_token + t for t in texts]
         return texts, per_sample
 
+    def _process_images(self, images, **kwargs):
+        processed, replacements = super()._process_images(images, **kwargs)
+        if not hasattr(processed, "keys"):  # IDEFICS' image processor returns the pixel tensor itself
+            processed = {"pixel_values": processed}
+        return processed, replacements
+
     def adds_special_tokens(self, text: str) -> bool:
         return False  # BOS is written into the text, as IdeficsProcessor does
 
