@@ -71,7 +71,6 @@ FAMILIES = {
 }
 
 
-
 def family_named(name: str) -> Family:
     """The family whose short name (`Family.name`) is `name`."""
     for family in FAMILIES.values():
