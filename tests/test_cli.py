@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from vlm_fusion.demo import shapes
 from vlm_fusion.tools.tiny import tiny_model_and_processor
 from vlm_fusion_cli import main
-from vlm_fusion_cli.common import DEMO_FAMILIES, missing_model
+from vlm_fusion_cli.common import FAMILY_NAMES, missing_model
 
 CHECKPOINTS = importlib.resources.files("vlm_fusion.demo") / "checkpoints"
 
@@ -156,7 +156,7 @@ def test_training_script_runs(tmp_path, monkeypatch):
 
 
 # ---- what a new user runs into ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", DEMO_FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_generate_with_a_demo_model_answers_through_its_chat_template(family, tmp_path, capsys):
     rng = np.random.default_rng(1)  # the scene `vlm-fusion demo --seed 1` draws and asks about
     scene = shapes.sample_scene(rng)
@@ -298,16 +298,16 @@ def test_tokens_counts_llava_next_images_as_transformers_does(height, width, cap
     assert f" {expected} LM tokens per image" in out
 
 
-def test_the_command_line_knows_the_demo_families_and_only_points_down():
-    """`vlm_fusion_cli` keeps its own copy of the demo families (to answer --help without importing vlm_fusion), and the
-    arrows go one way: vlm_fusion_cli imports vlm_fusion, no module of vlm_fusion imports vlm_fusion_cli."""
+def test_the_command_line_knows_the_families_and_only_points_down():
+    """`vlm_fusion_cli` keeps its own copy of the families' short names (to answer --help without importing vlm_fusion),
+    and the arrows go one way: vlm_fusion_cli imports vlm_fusion, no module of vlm_fusion imports vlm_fusion_cli."""
     import pathlib
     import re
 
     import vlm_fusion
     from vlm_fusion.demo import FAMILIES
 
-    assert DEMO_FAMILIES == FAMILIES
+    assert FAMILY_NAMES == tuple(family.name for family in vlm_fusion.FAMILIES.values()) == FAMILIES
     root = pathlib.Path(vlm_fusion.__file__).parent
     upward = re.compile(r"^\s*(from|import)\s+vlm_fusion_cli\b", flags=re.M)
     assert [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if upward.search(p.read_text())] == []

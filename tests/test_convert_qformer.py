@@ -27,7 +27,7 @@ from transformers import (
 from conftest import assert_reordered, random_image, reorder_bound
 from lavis_reference import build_lavis_qformer, lavis_stage1_losses, lavis_state_dict
 from vlm_fusion import FusionBlip2ForImageTextRetrieval, FusionBlip2QFormerProcessor
-from vlm_fusion.conversion import convert_blip2
+from vlm_fusion.conversion import blip2_common, convert_blip2, convert_blip2_stage1
 from vlm_fusion.conversion.common import ConversionError
 from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_image_processor
 from vlm_fusion.vision import select_image_features
@@ -154,7 +154,7 @@ def test_a_named_image_placeholder_is_removed_for_good(tmp_path):
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.save_pretrained(tmp_path / "source")
     assert "<image>" in json.loads((tmp_path / "source" / "tokenizer_config.json").read_text())["extra_special_tokens"]
-    converted = convert_blip2.qformer_tokenizer(tmp_path / "source", vocab_size=60, placeholders=["<image>"])
+    converted = convert_blip2_stage1.qformer_tokenizer(tmp_path / "source", vocab_size=60, placeholders=["<image>"])
     converted.save_pretrained(tmp_path / "converted")
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "converted")
     assert len(reloaded) == 60 and "<image>" not in reloaded.get_vocab()
@@ -394,13 +394,13 @@ def test_the_flag_says_where_the_head_count_came_from(lavis_stage1, capsys):
     _, root = lavis_stage1
     args = argparse.Namespace(input=str(root / "blip2_pretrained.pth"), qformer_tokenizer=str(root / "bert"),
                               qformer_heads=None)
-    assert convert_blip2.qformer_heads(args, 768)[0] == 12
+    assert blip2_common.qformer_heads(args, 768)[0] == 12
     assert "[qformer] 12 attention heads, from BLIP-2's default" in capsys.readouterr().out
     with pytest.raises(ConversionError, match="5 attention heads .from --qformer-heads. do not divide it"):
-        convert_blip2.qformer_heads(argparse.Namespace(**{**vars(args), "qformer_heads": 5}), 32)
+        blip2_common.qformer_heads(argparse.Namespace(**{**vars(args), "qformer_heads": 5}), 32)
     (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "num_attention_heads": 2}))
     try:  # the tokenizer's BERT config (bert-base-uncased's, where LAVIS reads the Q-Former's from)
-        assert convert_blip2.qformer_heads(args, 32)[0] == 2
+        assert blip2_common.qformer_heads(args, 32)[0] == 2
         assert "the --qformer-tokenizer's BERT config" in capsys.readouterr().out
     finally:
         (root / "bert" / "config.json").unlink()

@@ -312,7 +312,7 @@ def test_a_skeleton_is_blind_only_where_the_template_just_prints_the_contents(pa
 def test_a_processor_that_changes_the_rendered_text_is_never_blind():
     """IDEFICS's processor wraps each run of `<image>` in the rendered text (and writes BOS): its skeletons are
     checked per sample, whatever the template."""
-    from vlm_fusion.processing_fusion import FusionIdeficsProcessor
+    from vlm_fusion.processing_idefics import FusionIdeficsProcessor
     from vlm_fusion.tools.tiny import tiny_model_and_processor
     from vlm_fusion.training import encoding
 

@@ -34,15 +34,12 @@ from .modeling_flamingo import (
 )
 from .modeling_qformer import FusionBlip2ForImageTextRetrieval, FusionQFormer
 from .modeling_llava import FusionLlavaForConditionalGeneration, FusionLlavaModel, FusionLlavaProjector
-from .processing_fusion import (
-    FusionBlip2Processor,
-    FusionBlip2QFormerProcessor,
-    FusionFlamingoProcessor,
-    FusionIdeficsProcessor,
-    FusionInstructBlipProcessor,
-    FusionLlavaProcessor,
-    FusionProcessor,
-)
+from .processing_base import FusionProcessor
+from .processing_blip2 import FusionBlip2Processor, FusionInstructBlipProcessor
+from .processing_flamingo import FusionFlamingoProcessor
+from .processing_idefics import FusionIdeficsProcessor
+from .processing_llava import FusionLlavaProcessor
+from .processing_qformer import FusionBlip2QFormerProcessor
 
 __version__ = "0.2.0"
 
@@ -53,8 +50,14 @@ class Family(NamedTuple):
     processor: type
     base_model: type  # headless: what AutoModel builds
 
+    @property
+    def name(self) -> str:
+        """The family's short name ("llava", "blip2", "flamingo"): `--family`, the demo models' names."""
+        return self.config.model_type.removeprefix("fusion_")
 
-# model_type -> Family: every family, in one table.
+
+# model_type -> Family: every family, in one table, which everything else reads (the command line keeps a copy of the
+# short names, checked against it by its tests, to answer --help without importing this package).
 FAMILIES = {
     FusionLlavaConfig.model_type: Family(
         FusionLlavaConfig, FusionLlavaForConditionalGeneration, FusionLlavaProcessor, FusionLlavaModel
@@ -66,6 +69,15 @@ FAMILIES = {
         FusionFlamingoConfig, FusionFlamingoForConditionalGeneration, FusionFlamingoProcessor, FusionFlamingoModel
     ),
 }
+
+
+def family_named(name: str) -> Family:
+    """The family whose short name (`Family.name`) is `name`."""
+    for family in FAMILIES.values():
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown family {name!r}; the families are {', '.join(f.name for f in FAMILIES.values())}")
+
 
 for _model_type, _family in FAMILIES.items():
     AutoConfig.register(_model_type, _family.config, exist_ok=True)
@@ -82,6 +94,8 @@ AutoProcessor.register(FusionBlip2QFormerConfig, FusionBlip2QFormerProcessor, ex
 
 __all__ = [
     "FAMILIES",
+    "Family",
+    "family_named",
     "FusionBlip2Config",
     "FusionBlip2ForConditionalGeneration",
     "FusionBlip2ForImageTextRetrieval",

@@ -2,15 +2,105 @@
 
 On top of transformers' own: 4-bit loading keeps the family's `_unquantized_modules` in full precision; checkpoints
 in the *parts layout* (vlm-fusion < 0.2, and what the conversion tables target) load through a `key_mapping` and are
-saved again in today's layout; saving writes a model card (and, with `remote_code=True`, the model's code).
+saved again in today's layout; saving writes a model card (and, with `remote_code=True`, the model's code). Below them, the strict reading the
+conversion scripts and `qformer_from_bert` share: a checkpoint's tensors, renamed by a key table.
 """
 
 import re
+
+import torch
 
 from .configuration_base import FusionConfig
 from .language_model import causal_lm_class
 from .quantization import remember_4bit_absmax, restore_portable_4bit_layout, with_unquantized_modules
 from .remote_code import registered_for_auto_classes
+
+
+# ---- a checkpoint's tensors, renamed by a key table (conversion scripts, `qformer_from_bert`) ---------------------
+class ConversionError(RuntimeError):
+    """A checkpoint does not map onto the target model exactly."""
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file or directory (safetensors shards, or torch `.bin` / `.pt` / `.pth` files)."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            files = sorted(f for ext in ("bin", "pt", "pth") for f in glob.glob(os.path.join(path, f"*.{ext}")))
+        if not files:
+            raise ConversionError(f"No weight files (*.safetensors, *.bin, *.pt, *.pth) in {path}.")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise ConversionError(f"Checkpoint not found: {path}")
+    state_dict = {}
+    for file in tqdm(files, desc="reading checkpoint", disable=len(files) < 2):
+        if file.endswith(".safetensors"):
+            state_dict.update(load_file(file))
+        else:
+            state_dict.update(unwrap_checkpoint(torch.load(file, map_location="cpu", weights_only=True), file))
+    return state_dict
+
+
+# Where training scripts put the weights in the objects they save: LAVIS's runner `{"model": ..., "optimizer": ...,
+# "config": ..., "epoch": ...}`, Lightning `{"state_dict": ...}`, DeepSpeed/DDP dumps `{"module": ...}`.
+CHECKPOINT_WRAPPERS = ("model", "state_dict", "module")
+
+
+def unwrap_checkpoint(loaded, path: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded torch checkpoint: the object itself, or the one a training script wrapped."""
+    if not isinstance(loaded, dict):
+        raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict.")
+    for key in CHECKPOINT_WRAPPERS:
+        inner = loaded.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    others = sorted(k for k, v in loaded.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ConversionError(
+            f"{path} is neither a state dict nor one wrapped under {list(CHECKPOINT_WRAPPERS)}: its top-level keys "
+            f"{preview(sorted(loaded))} include non-tensors ({preview(others)})."
+        )
+    return loaded
+
+
+def rename_keys(state_dict: dict, rules: list[tuple[str, str | None]]) -> dict:
+    """
+    Rename every key with the first rule whose regex matches it (`re.sub` with the target template); a `None`
+    target drops the key on purpose (e.g. a text branch the model does not have).
+
+    Raises `ConversionError` listing the keys no rule consumes, or two keys mapped onto one target.
+    """
+    compiled = [(re.compile(pattern), target) for pattern, target in rules]
+    renamed, unconsumed = {}, []
+    for key in state_dict:
+        for pattern, target in compiled:
+            if pattern.search(key):
+                if target is None:
+                    break
+                new_key = pattern.sub(target, key, count=1)
+                if new_key in renamed:
+                    raise ConversionError(f"Two source keys map onto {new_key!r} (the second is {key!r}).")
+                renamed[new_key] = state_dict[key]
+                break
+        else:
+            unconsumed.append(key)
+    if unconsumed:
+        raise ConversionError(f"{len(unconsumed)} source keys match no rule: {preview(unconsumed)}")
+    return renamed
+
+
+def preview(items, limit: int = 12) -> str:
+    """The first `limit` of `items`, and how many more there are: for error messages."""
+    items = list(items)
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def parts_key_mapping(config: FusionConfig, model_class) -> dict[str, str]:
@@ -136,7 +226,7 @@ class FusionCheckpointMixin:
         if kwargs.get("is_main_process", True):
             without_machine_details(save_directory)  # the parts' local folders in config.json
             try:
-                from vlm_fusion.tools.hub import write_model_card
+                from vlm_fusion.model_card import write_model_card
             except ImportError:  # exported code, running without vlm-fusion installed
                 return result
             tags = [*(self.model_tags or []), *tags]

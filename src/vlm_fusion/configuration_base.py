@@ -125,6 +125,13 @@ class FusionConfig(PreTrainedConfig):
                 f"(from {-(num_layers + 1)} to {num_layers}), got {layer}."
             )
 
+    # ---- the model card: each family says what its template (`model_cards/<model_type>.md`) shows -----------------
+    pipeline_tag = "image-text-to-text"  # the card's Hub task
+
+    def model_card_fields(self) -> dict:
+        """The template's fields that describe this family's bridge. Each family overrides this."""
+        raise NotImplementedError(f"The {self.model_type} family declares no model card fields.")
+
     # ---- videos: each family says what a clip costs ------------------------------------------------------------
     def video_token_counts(self) -> tuple[int, int]:
         """`(per_frame, per_clip)`: a clip of F frames takes `F * per_frame + per_clip` LM positions. A family

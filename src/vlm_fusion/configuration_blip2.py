@@ -86,6 +86,14 @@ class FusionBlip2Config(FusionConfig):
         for name in ("max_num_frames", "num_video_query_tokens", "video_qformer_num_hidden_layers"):
             check_positive_int(name, getattr(self, name))
 
+    def model_card_fields(self) -> dict:
+        """The card's Q-Former: its queries, depth, width, cross-attention, and whether it reads the instruction."""
+        return dict(self.qformer_card_fields(), instruction_aware=self.qformer_text_input)
+
+    def qformer_card_fields(self) -> dict:
+        return dict(num_query_tokens=self.num_query_tokens, qformer_layers=self.qformer_num_hidden_layers,
+                    qformer_width=self.qformer_hidden_size, cross_attention_frequency=self.cross_attention_frequency)
+
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         """Visual tokens the LM sees per image: always `num_query_tokens`, whatever the resolution."""
         return self.num_query_tokens
@@ -118,6 +126,7 @@ class FusionBlip2QFormerConfig(FusionBlip2Config):
     """
 
     model_type = "fusion_blip2_qformer"
+    pipeline_tag = "zero-shot-image-classification"  # the card's Hub task: no LM, no generation
     sub_configs_defaults = {"vision_config": FusionBlip2Config.sub_configs_defaults["vision_config"]}
     if not TRANSFORMERS_BUILDS_SUB_CONFIGS:
         sub_configs = {"vision_config": FusionBlip2Config.sub_configs_defaults["vision_config"].config_class}
@@ -156,6 +165,10 @@ class FusionBlip2QFormerConfig(FusionBlip2Config):
 
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         return self.num_query_tokens
+
+    def model_card_fields(self) -> dict:
+        """The card's Q-Former and its contrastive space."""
+        return dict(self.qformer_card_fields(), embed_dim=self.embed_dim, max_text_length=self.max_text_length)
 
     def generation_fields(self) -> dict:
         """The fields a [`FusionBlip2Config`] takes over from this stage-1 config (the tower's and the Q-Former's)."""

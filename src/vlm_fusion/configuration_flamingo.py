@@ -91,6 +91,12 @@ class FusionFlamingoConfig(FusionConfig):
         n = self.cross_attention_every_n_layers
         return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
 
+    def model_card_fields(self) -> dict:
+        """The card's resampler, gated layers and their style."""
+        return dict(num_latents=self.num_latents, perceiver_depth=self.perceiver_depth,
+                    gated_layers=", ".join(map(str, self.gated_layer_indices())),
+                    idefics=self.cross_attention_style == "idefics", gate_shape=self.gate_shape)
+
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
         """Tokens an image occupies in the text: one `<image>` marker; the latents reach the LM by cross-attention."""
         return 1

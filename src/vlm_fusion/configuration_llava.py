@@ -112,6 +112,31 @@ class FusionLlavaConfig(FusionConfig):
             self.vision_config, height or size, width or size, self.vision_feature_select_strategy
         )
 
+    def model_card_fields(self) -> dict:
+        """The card's projector, feature selection, anyres grids and clip reading."""
+        projector = "2-layer GELU MLP" if self.projector_type == "mlp2x_gelu" else "linear"
+        anyres = self.image_grid_pinpoints and ", ".join(f"{h}x{w}" for h, w in self.image_grid_pinpoints)
+        if self.anyres_max_tiles is not None:
+            anyres = f"{anyres}; a grid above {self.anyres_max_tiles} tiles' features resized down, as OneVision's"
+        return dict(projector=projector, vision_feature_layer=self.vision_feature_layer,
+                    strategy=self.vision_feature_select_strategy, anyres=anyres, video=self.video_card_text())
+
+    def video_card_text(self) -> str | None:
+        """One sentence on how the model reads clips, or `None` without a video path."""
+        if self.video_token_id is None:
+            return None
+        per_frame, per_clip = self.video_token_counts()
+        stride = self.video_pool_stride
+        how = {None: "every patch of each frame is projected",
+               "average": f"each frame's patch features are average-pooled ({stride} x {stride}) before the "
+                          "projector, as LLaVA-NeXT-Video does",
+               "max": f"each frame's patch features are max-pooled ({stride} x {stride}) before the projector, as "
+                      "LLaVA-NeXT-Video does",
+               "bilinear": f"each frame's projected tokens are bilinearly resized down {stride}x, as LLaVA-OneVision "
+                           "does"}[self.video_pooling]
+        newline = ", then a learned newline after the clip" if per_clip else ""
+        return f"Clips are read frame by frame: {how} ({per_frame} tokens a frame{newline})."
+
     def video_token_counts(self) -> tuple[int, int]:
         """`(per_frame, per_clip)`: each frame's tokens after `video_pooling`, and the clip's newline."""
         size, patch = self.vision_config.image_size, self.vision_config.patch_size

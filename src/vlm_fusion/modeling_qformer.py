@@ -39,6 +39,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .checkpoints import ConversionError, preview, read_state_dict, rename_keys
 from .configuration_blip2 import FusionBlip2QFormerConfig
 from .modeling_base import FusionPreTrainedModel, _mark_initialized
 from .vision import build_vision_tower, select_image_features
@@ -539,3 +540,89 @@ class FusionBlip2ForImageTextRetrieval(FusionPreTrainedModel):
             loss_itg=loss_itg.detach(), logits_per_image=sim_i2t, logits_per_text=sim_t2i,
             image_embeds=image_feats, text_embeds=text_feat,
         )
+
+
+# ---- starting from BERT, as BLIP-2's stage 1 does --------------------------------------------------------------------
+# One Q-Former layer, transformers' names -> ours. LAVIS differs only by `attention.self` for `attention.attention`.
+# (The BLIP-2 conversion scripts build their tables from these too.)
+QFORMER_LAYER_RULES = [
+    (r"attention\.(?:attention|self)\.query\.", "self_attn.to_q."),
+    (r"attention\.(?:attention|self)\.key\.", "self_attn.to_k."),
+    (r"attention\.(?:attention|self)\.value\.", "self_attn.to_v."),
+    (r"attention\.output\.dense\.", "self_attn.to_out."),
+    (r"attention\.output\.LayerNorm\.", "self_attn_norm."),
+    (r"crossattention\.(?:attention|self)\.query\.", "cross_attn.to_q."),
+    (r"crossattention\.(?:attention|self)\.key\.", "cross_attn.to_k."),
+    (r"crossattention\.(?:attention|self)\.value\.", "cross_attn.to_v."),
+    (r"crossattention\.output\.dense\.", "cross_attn.to_out."),
+    (r"crossattention\.output\.LayerNorm\.", "cross_attn_norm."),
+    (r"intermediate_query\.dense\.", "ff.0."),
+    (r"output_query\.dense\.", "ff.2."),
+    (r"output_query\.LayerNorm\.", "ff_norm."),
+]
+
+
+# The text's own feed-forward in a layer (BERT's, which the queries' `*_query` copy starts from).
+QFORMER_TEXT_LAYER_RULES = [
+    (r"intermediate\.dense\.", "text_ff.0."),
+    (r"output\.dense\.", "text_ff.2."),
+    (r"output\.LayerNorm\.", "text_ff_norm."),
+]
+
+
+def qformer_rules(layer_prefix: str, text: bool = False) -> list[tuple[str, str | None]]:
+    """A Q-Former's layers; its text feed-forward kept with `text`, else dropped on purpose (BLIP-2 generation does
+    not use it)."""
+    rules = [(rf"^{layer_prefix}(\d+)\.{src}", rf"qformer.layers.\1.{dst}") for src, dst in QFORMER_LAYER_RULES]
+    if text:
+        return rules + [(rf"^{layer_prefix}(\d+)\.{src}", rf"qformer.layers.\1.{dst}")
+                        for src, dst in QFORMER_TEXT_LAYER_RULES]
+    return rules + [(rf"^{layer_prefix}\d+\.(?:intermediate|output)\.", None)]
+
+
+def bert_rules() -> list[tuple[str, str | None]]:
+    """A BERT checkpoint (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`) -> the Q-Former's text side, as
+    BLIP-2's stage 1 starts from bert-base-uncased: embeddings (no token types), self-attention, the text FFN, and the
+    masked-LM head as ITG's `text_head` (its decoder weight is the word embeddings)."""
+    return [
+        (r"^(?:bert\.)?embeddings\.word_embeddings\.", "qformer.word_embeddings."),
+        (r"^(?:bert\.)?embeddings\.position_embeddings\.", "qformer.position_embeddings."),
+        (r"^(?:bert\.)?embeddings\.LayerNorm\.", "qformer.layernorm."),
+        (r"^(?:bert\.)?embeddings\.(?:token_type_embeddings\.|position_ids|token_type_ids)", None),
+        *qformer_rules(r"(?:bert\.)?encoder\.layer\.", text=True),
+        (r"^(?:bert\.)?pooler\.", None),
+        (r"^cls\.predictions\.transform\.dense\.", "text_head.dense."),
+        (r"^cls\.predictions\.transform\.LayerNorm\.", "text_head.norm."),
+        (r"^cls\.predictions\.bias$", "text_head.decoder.bias"),
+        (r"^cls\.predictions\.decoder\.", None),  # weight: the word embeddings; bias: `cls.predictions.bias`
+        (r"^cls\.seq_relationship\.", None),
+    ]
+
+
+def qformer_from_bert(model, path: str) -> dict[str, int]:
+    """
+    Start `model`'s Q-Former (a [`FusionBlip2ForImageTextRetrieval`]) from the BERT checkpoint at `path`, as BLIP-2
+    does: every BERT tensor but the token types and the pooler; each layer's query FFN a copy of its text FFN;
+    cross-attention, queries, projections and the ITM head stay as initialised. A vocabulary grown by `[DEC]` keeps
+    its new rows. Returns how many tensors were taken and how many stay new.
+    """
+    source = rename_keys(read_state_dict(path), bert_rules())
+    for key in [k for k in source if ".text_ff" in k]:  # BLIP-2: the `*_query` FFN starts as a copy of BERT's
+        source[key.replace(".text_ff", ".ff")] = source[key].clone()
+    own = model.state_dict()
+    unknown = [k for k in source if k not in own]
+    if unknown:
+        raise ConversionError(f"{path} holds tensors this Q-Former has no place for: {preview(unknown)}")
+    with torch.no_grad():
+        for key, tensor in source.items():
+            target = own[key]
+            if key.endswith(("word_embeddings.weight", "decoder.bias")) and tensor.shape[0] <= target.shape[0] \
+                    and tensor.shape[1:] == target.shape[1:]:
+                target[: tensor.shape[0]].copy_(tensor)  # BERT's vocabulary; [DEC] after it keeps its init
+            elif tensor.shape != target.shape:
+                raise ConversionError(f"{key}: {tuple(tensor.shape)} in {path}, {tuple(target.shape)} in the Q-Former "
+                                      "(build it with the BERT config's sizes)")
+            else:
+                target.copy_(tensor)
+    return {"from_bert": len(source),
+            "new": len([k for k in own if k not in source and not k.startswith("vision_tower.")])}

@@ -6,9 +6,9 @@ import os
 import re
 import sys
 
-DEMO_FAMILIES = ("llava", "blip2", "flamingo")  # as `vlm_fusion.demo.FAMILIES`
+FAMILY_NAMES = ("llava", "blip2", "flamingo")  # `vlm_fusion.FAMILIES`' short names, copied: --help imports no torch
 DEMO_PREFIX = "demo:"  # `--model demo:llava` names a demo checkpoint shipped in the package
-MODEL_HELP = "directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in DEMO_FAMILIES)
+MODEL_HELP = "directory, Hub id, or a shipped demo model: " + ", ".join(DEMO_PREFIX + f for f in FAMILY_NAMES)
 
 
 def fail(message: str) -> int:

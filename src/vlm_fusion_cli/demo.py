@@ -2,11 +2,11 @@
 
 import os
 
-from .common import DEMO_FAMILIES, fail, quiet
+from .common import FAMILY_NAMES, fail, quiet
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
+    p.add_argument("--family", choices=FAMILY_NAMES + ("all",), default="all")
     p.add_argument("--seed", type=int, default=None, help="the image's seed (default: a fresh one)")
     p.add_argument("--save-image", metavar="PNG", help="also save the image (upscaled 4x)")
 
@@ -42,7 +42,7 @@ def ask_the_demo_models(args) -> int:
     print(f"A fresh synthetic image (seed {args.seed}): {shapes.caption(scene)}"
           + (f" Saved to {args.save_image}." if args.save_image else ""))
     asked = shapes.questions(scene, rng) + [("caption", shapes.CAPTION_QUESTION, shapes.caption(scene))]
-    for family in DEMO_FAMILIES if args.family == "all" else (args.family,):
+    for family in FAMILY_NAMES if args.family == "all" else (args.family,):
         path = checkpoint(family)
         if not os.path.isdir(path):
             return fail(f"the {family} demo checkpoint is missing from the installed package ({path}).")

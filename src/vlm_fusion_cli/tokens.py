@@ -3,7 +3,7 @@
 
 import argparse
 
-from .common import DEMO_FAMILIES, fail, positive_int
+from .common import FAMILY_NAMES, fail, positive_int
 
 
 def height_width(text: str) -> tuple[int, int]:
@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--patch-size", type=positive_int, default=14)
     p.add_argument("--tiles", type=positive_int, default=1)
     p.add_argument("--thumbnail", action="store_true", help="add a downscaled whole-image crop to the tiles")
-    p.add_argument("--family", choices=DEMO_FAMILIES + ("all",), default="all")
+    p.add_argument("--family", choices=FAMILY_NAMES + ("all",), default="all")
     p.add_argument("--num-query-tokens", type=positive_int, default=32, help="BLIP-2-style queries per crop")
     p.add_argument("--num-latents", type=positive_int, default=64, help="Flamingo-style latents per crop")
     p.add_argument("--context", type=positive_int, default=4096, help="the LM's context window")

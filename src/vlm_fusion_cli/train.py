@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .common import DEMO_FAMILIES, fail, positive_int
+from .common import FAMILY_NAMES, fail, positive_int
 
 ACCELERATE_CONFIGS = ("ddp", "fsdp2", "zero2", "zero3")  # shipped in vlm_fusion/training/accelerate/
 
@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
                        help="qformer: BLIP-2's stage 1 (ITC + ITM + ITG) on image-caption pairs, no LM")
     model.add_argument("--model", help="a vlm-fusion checkpoint to start from (e.g. the align stage's output; for "
                        "--stage align with --language-model, a stage-1 Q-Former checkpoint: BLIP-2's stage 2)")
-    model.add_argument("--family", choices=DEMO_FAMILIES, help="compose a new model of this family from parts")
+    model.add_argument("--family", choices=FAMILY_NAMES, help="compose a new model of this family from parts")
     model.add_argument("--vision-tower", help="with --family: a vision checkpoint (CLIP, SigLIP, DINOv2, ViT, ...)")
     model.add_argument("--language-model", help="with --family: a causal LM checkpoint with its tokenizer")
     model.add_argument("--qformer-init", help="--stage qformer: a BERT checkpoint the Q-Former starts from "

@@ -6,7 +6,6 @@ here fails loudly instead of printing warnings.
 
 import glob
 import os
-import re
 import shutil
 import signal
 import sys
@@ -14,81 +13,8 @@ import tempfile
 from contextlib import contextmanager
 
 import torch
-from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
-
-class ConversionError(RuntimeError):
-    """A checkpoint does not map onto the target model exactly."""
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint file or directory (safetensors shards, or torch `.bin` / `.pt` / `.pth` files)."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            files = sorted(f for ext in ("bin", "pt", "pth") for f in glob.glob(os.path.join(path, f"*.{ext}")))
-        if not files:
-            raise ConversionError(f"No weight files (*.safetensors, *.bin, *.pt, *.pth) in {path}.")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise ConversionError(f"Checkpoint not found: {path}")
-    state_dict = {}
-    for file in tqdm(files, desc="reading checkpoint", disable=len(files) < 2):
-        if file.endswith(".safetensors"):
-            state_dict.update(load_file(file))
-        else:
-            state_dict.update(unwrap_checkpoint(torch.load(file, map_location="cpu", weights_only=True), file))
-    return state_dict
-
-
-# Where training scripts put the weights in the objects they save: LAVIS's runner `{"model": ..., "optimizer": ...,
-# "config": ..., "epoch": ...}`, Lightning `{"state_dict": ...}`, DeepSpeed/DDP dumps `{"module": ...}`.
-CHECKPOINT_WRAPPERS = ("model", "state_dict", "module")
-
-
-def unwrap_checkpoint(loaded, path: str) -> dict[str, torch.Tensor]:
-    """The state dict inside a loaded torch checkpoint: the object itself, or the one a training script wrapped."""
-    if not isinstance(loaded, dict):
-        raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict.")
-    for key in CHECKPOINT_WRAPPERS:
-        inner = loaded.get(key)
-        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            return inner
-    others = sorted(k for k, v in loaded.items() if not isinstance(v, torch.Tensor))
-    if others:
-        raise ConversionError(
-            f"{path} is neither a state dict nor one wrapped under {list(CHECKPOINT_WRAPPERS)}: its top-level keys "
-            f"{_preview(sorted(loaded))} include non-tensors ({_preview(others)})."
-        )
-    return loaded
-
-
-def rename_keys(state_dict: dict, rules: list[tuple[str, str | None]]) -> dict:
-    """
-    Rename every key with the first rule whose regex matches it (`re.sub` with the target template); a `None`
-    target drops the key on purpose (e.g. a text branch the model does not have).
-
-    Raises `ConversionError` listing the keys no rule consumes, or two keys mapped onto one target.
-    """
-    compiled = [(re.compile(pattern), target) for pattern, target in rules]
-    renamed, unconsumed = {}, []
-    for key in state_dict:
-        for pattern, target in compiled:
-            if pattern.search(key):
-                if target is None:
-                    break
-                new_key = pattern.sub(target, key, count=1)
-                if new_key in renamed:
-                    raise ConversionError(f"Two source keys map onto {new_key!r} (the second is {key!r}).")
-                renamed[new_key] = state_dict[key]
-                break
-        else:
-            unconsumed.append(key)
-    if unconsumed:
-        raise ConversionError(f"{len(unconsumed)} source keys match no rule: {_preview(unconsumed)}")
-    return renamed
+from vlm_fusion.checkpoints import ConversionError, preview, read_state_dict, rename_keys  # noqa: F401 (the scripts' names)
 
 
 def load_exact(model: torch.nn.Module, state_dict: dict) -> None:
@@ -105,11 +31,11 @@ def load_exact(model: torch.nn.Module, state_dict: dict) -> None:
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} model keys missing from the checkpoint: {_preview(missing)}")
+        problems.append(f"{len(missing)} model keys missing from the checkpoint: {preview(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} converted keys the model does not have: {_preview(unexpected)}")
+        problems.append(f"{len(unexpected)} converted keys the model does not have: {preview(unexpected)}")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {_preview(mismatched)}")
+        problems.append(f"{len(mismatched)} shape mismatches: {preview(mismatched)}")
     if problems:
         raise ConversionError("\n".join(problems))
     model.load_state_dict(state_dict, strict=False, assign=True)
@@ -298,9 +224,3 @@ def lm_base_prefix(text_config) -> str:
     from vlm_fusion.language_model import causal_lm_class
 
     return causal_lm_class(text_config).base_model_prefix
-
-
-def _preview(items, limit: int = 12) -> str:
-    items = list(items)
-    shown = ", ".join(map(str, items[:limit]))
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -32,7 +32,8 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from vlm_fusion import FusionBlip2Config, FusionBlip2ForConditionalGeneration, FusionInstructBlipProcessor
 from vlm_fusion.conversion import common as conversion
 from vlm_fusion.conversion.common import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
-from vlm_fusion.conversion.convert_blip2 import instructblip_rules, qformer_fields
+from vlm_fusion.conversion.blip2_common import qformer_fields
+from vlm_fusion.conversion.convert_blip2 import instructblip_rules
 from vlm_fusion.processing_video import FusionVideoProcessor
 
 PROMPT = "Question: what happens in this video? Answer:"

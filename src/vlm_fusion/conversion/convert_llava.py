@@ -113,7 +113,7 @@ def convert_llava_hf(args):
 
     reference_cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
     reference = conversion.transformers_reference(reference_cls, args.input, args.dtype, source_processor, PROMPT)
-    write_and_verify(args, config, state_dict, processor, reference)
+    write_and_compare_logits(args, config, state_dict, processor, reference)
 
 
 # ---- original LLaVA ----------------------------------------------------------------------------------------------
@@ -185,11 +185,12 @@ def convert_original(args):
         embeds = torch.cat([embed(ids_before), image_embeds, embed(ids_after)])[None]
         return lm(inputs_embeds=embeds).logits
 
-    write_and_verify(args, config, state_dict, processor, reference)
+    write_and_compare_logits(args, config, state_dict, processor, reference)
 
 
 # ---- shared -------------------------------------------------------------------------------------------------------
-def write_and_verify(args, config, state_dict, processor, reference):
+def write_and_compare_logits(args, config, state_dict, processor, reference):
+    """Write the model, then compare its logits on the sample prompt with `reference(inputs)`'s."""
     def verify(path):
         converted_processor = FusionLlavaProcessor.from_pretrained(path)
         model = FusionLlavaForConditionalGeneration.from_pretrained(path, dtype=args.dtype).eval()

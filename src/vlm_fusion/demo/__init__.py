@@ -2,7 +2,9 @@
 
 import importlib.resources
 
-FAMILIES = ("llava", "blip2", "flamingo")
+import vlm_fusion
+
+FAMILIES = tuple(family.name for family in vlm_fusion.FAMILIES.values())  # one demo model per family, by its name
 
 
 def checkpoint(family: str) -> str:

@@ -40,9 +40,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+import vlm_fusion
 from vlm_fusion.demo import card_usage, shapes
-from vlm_fusion.processing_fusion import chat_template
-from vlm_fusion.tools.hub import write_model_card
+from vlm_fusion.model_card import write_model_card
+from vlm_fusion.processing_base import chat_template
 from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_tokenizer
 from vlm_fusion.training import TrainOptions
 from vlm_fusion.training import train as train_stage
@@ -269,7 +270,7 @@ def train_family(family, vision, language, data, steps, work, stage1: str | None
     stage2 = "flamingo" if flamingo else "instruct"
     common = dict(image_folder=os.path.join(work, "images"), batch_size=32, seed=SEED, weight_decay=0.0,
                   logging_steps=max(1, steps["align"] // 5), save_steps=10**9, max_length=256)
-    name = family.removeprefix("fusion_")
+    name = vlm_fusion.FAMILIES[family].name
     origin = ORIGIN_STAGE1 if stage1 else ORIGIN
     bridge = {**FAMILY_CONFIG[family], "origin": origin.format(stage=stage2), "license": "apache-2.0"}
     align = os.path.join(work, name + ("" if stage1 or family != "fusion_blip2" else "_without_stage1"), "align")
@@ -350,7 +351,7 @@ def main(argv=None):
                     print(f"fusion_blip2 without stage 1:\n{accuracy_table(results['fusion_blip2_without_stage1'])}")
             model, processor, summary = train_family(family, vision, language, data, steps, work, stage1)
             results[family] = evaluate(model, processor)
-            path = os.path.join(args.out, family.removeprefix("fusion_"))
+            path = os.path.join(args.out, vlm_fusion.FAMILIES[family].name)
             model.save_pretrained(path)
             processor.save_pretrained(path)
             if summary.get("loss_curve"):  # the card shows the stage's loss curve: it ships beside the card
@@ -359,7 +360,7 @@ def main(argv=None):
                           "exact match of the whole answer (for left_of, its reasoning too), measured by "
                           f"`vlm_fusion.demo.train.evaluate`:\n\n{accuracy_table(results[family])}\n")
             write_model_card(model, path, repo_id=family, extra=training_section(summary) + "\n" + evaluation,
-                             usage=card_usage(family.removeprefix("fusion_")))
+                             usage=card_usage(vlm_fusion.FAMILIES[family].name))
             print(f"{family}:\n{accuracy_table(results[family])}")
     minutes = (time.perf_counter() - start) / 60
     print(f"trained {len(args.families)} families in {minutes:.1f} min")
