@@ -666,6 +666,7 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         *,
         vision_kwargs: dict | None = None,
         text_kwargs: dict | None = None,
+        video: bool = False,
         **config_kwargs,
     ):
         """
@@ -674,29 +675,33 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
 
         `image_token_id` defaults to the id `<image>` has, or gets when added, in the LM's tokenizer — the id
         `FusionProcessor.from_vision_text_pretrained` gives it — or to the LM vocabulary size if there is no tokenizer.
+        `video=True` makes a model that reads clips too: `video_token_id` defaults to the id `<video>` gets after
+        `<image>` in the same way.
         """
         vision_tower = load_vision_tower(vision_model_name_or_path, **(vision_kwargs or {}))
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **(text_kwargs or {}))
         config = cls._composed_config(vision_model_name_or_path, text_model_name_or_path, vision_tower.config,
-                                      language_model.config, config_kwargs)
+                                      language_model.config, config_kwargs, video)
         return cls(config, vision_tower=vision_tower, language_model=language_model)
 
     @classmethod
     def config_from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str,
-                                           **config_kwargs):
+                                           video: bool = False, **config_kwargs):
         """The config `from_vision_text_pretrained` composes, from the two checkpoints' configs alone: no weight is
         read (what `vlm-fusion train` builds its processor from before the data pass)."""
         vision_config = _vision_half(AutoConfig.from_pretrained(vision_model_name_or_path))
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
         return cls._composed_config(vision_model_name_or_path, text_model_name_or_path, vision_config, text_config,
-                                    config_kwargs)
+                                    config_kwargs, video)
 
     @classmethod
     def _composed_config(cls, vision_model_name_or_path, text_model_name_or_path, vision_config, text_config,
-                         config_kwargs: dict):
+                         config_kwargs: dict, video: bool = False):
         config_kwargs = dict(config_kwargs)
         if "image_token_id" not in config_kwargs:
-            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, text_config)
+            config_kwargs["image_token_id"] = _default_placeholder_ids(text_model_name_or_path, text_config)[0]
+        if video and config_kwargs.get("video_token_id") is None:
+            config_kwargs["video_token_id"] = _default_placeholder_ids(text_model_name_or_path, text_config)[1]
         config_kwargs.setdefault(
             "origin", f"Composed from the pretrained vision tower `{vision_model_name_or_path}` and language model "
             f"`{text_model_name_or_path}`; only the bridge was initialised."
@@ -706,11 +711,13 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         return cls.config_class(vision_config=vision_config, text_config=text_config, **config_kwargs)
 
 
-def _default_image_token_id(text_model_name_or_path, text_config) -> int:
+def _default_placeholder_ids(text_model_name_or_path, text_config) -> tuple[int, int]:
+    """The ids `<image>` and then `<video>` have, or get when added, in the LM's tokenizer (the processor adds them in
+    that order); past the LM vocabulary where there is no tokenizer."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
     except (OSError, ValueError):
-        return text_config.vocab_size
-    return add_special_token(tokenizer, "<image>")
+        return text_config.vocab_size, text_config.vocab_size + 1
+    return add_special_token(tokenizer, "<image>"), add_special_token(tokenizer, "<video>")

@@ -529,32 +529,41 @@ class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, Gen
         return model_kwargs
 
     @classmethod
-    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, **kwargs):
+    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, video: bool = False,
+                                    **kwargs):
         """
-        As for every family. `<image>` and `<|endofchunk|>` get the ids OpenFlamingo's token order gives them in the
-        LM's tokenizer (as `FusionFlamingoProcessor` adds them), and the LM's embeddings grow to hold them.
+        As for every family. `<image>` and `<|endofchunk|>` (and `<video>`, with `video=True`) get the ids OpenFlamingo's
+        token order gives them in the LM's tokenizer (as `FusionFlamingoProcessor` adds them), and the LM's embeddings
+        grow to hold them.
         """
-        model = super().from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path,
-                                                    **flamingo_token_ids(text_model_name_or_path, kwargs))
-        needed = max(model.config.image_token_id, model.config.end_of_chunk_token_id or 0) + 1
+        model = super().from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path, video=video,
+                                                    **flamingo_token_ids(text_model_name_or_path, kwargs, video))
+        needed = max(model.config.image_token_id, model.config.end_of_chunk_token_id or 0,
+                     model.config.video_token_id or 0) + 1
         if needed > model.config.text_config.vocab_size:
             model.resize_token_embeddings(needed)
         return model
 
     @classmethod
-    def config_from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, **kwargs):
+    def config_from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, video: bool = False,
+                                           **kwargs):
         return super().config_from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path,
-                                                          **flamingo_token_ids(text_model_name_or_path, kwargs))
+                                                          video=video,
+                                                          **flamingo_token_ids(text_model_name_or_path, kwargs, video))
 
 
-def flamingo_token_ids(text_model_name_or_path: str, kwargs: dict) -> dict:
-    """`kwargs` with the ids OpenFlamingo's token order gives `<image>` and `<|endofchunk|>` in the LM's tokenizer,
-    unless given."""
+def flamingo_token_ids(text_model_name_or_path: str, kwargs: dict, video: bool = False) -> dict:
+    """`kwargs` with the ids OpenFlamingo's token order gives `<image>` and `<|endofchunk|>` in the LM's tokenizer
+    (and `<video>` after them, with `video`), unless given."""
     if "image_token_id" in kwargs or "media_token_id" in kwargs:
         return kwargs
     from transformers import AutoTokenizer
 
-    from .special_tokens import add_flamingo_tokens
+    from .special_tokens import add_flamingo_tokens, add_special_token
 
-    image_token_id, end_of_chunk_token_id = add_flamingo_tokens(AutoTokenizer.from_pretrained(text_model_name_or_path))
-    return {**kwargs, "image_token_id": image_token_id, "end_of_chunk_token_id": end_of_chunk_token_id}
+    tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
+    image_token_id, end_of_chunk_token_id = add_flamingo_tokens(tokenizer)
+    ids = {"image_token_id": image_token_id, "end_of_chunk_token_id": end_of_chunk_token_id}
+    if video and kwargs.get("video_token_id") is None:
+        ids["video_token_id"] = add_special_token(tokenizer, "<video>")
+    return {**kwargs, **ids}

@@ -305,17 +305,26 @@ class FusionProcessor(ProcessorMixin):
             return super().push_to_hub(repo_id, *args, **kwargs)
 
     @classmethod
-    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, config, **kwargs):
-        """The processor of a model composed with `from_vision_text_pretrained` from the same two checkpoints."""
+    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, config,
+                                    num_frames: int = 8, **kwargs):
+        """The processor of a model composed with `from_vision_text_pretrained` from the same two checkpoints; for a
+        model that reads clips (`video_token_id`), with a video processor sampling `num_frames` frames a clip, each
+        through the tower's image processor."""
+        image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
+        if config.video_token_id is not None and "video_processor" not in kwargs:
+            per_frame, per_clip = config.video_token_counts()
+            kwargs.update(video_processor=FusionVideoProcessor.from_image_processor(image_processor,
+                                                                                   num_frames=num_frames),
+                          video_tokens_per_frame=per_frame, video_tokens_per_clip=per_clip)
         processor = cls(
-            image_processor=AutoImageProcessor.from_pretrained(vision_model_name_or_path),
+            image_processor=image_processor,
             tokenizer=AutoTokenizer.from_pretrained(text_model_name_or_path),
             image_seq_length=config.num_image_tokens(),
             **kwargs,
         )
-        if processor.image_token_id != config.image_token_id:
-            raise ValueError(
-                f"The tokenizer gives {processor.image_token!r} the id {processor.image_token_id}, the model config "
-                f"expects `image_token_id={config.image_token_id}`."
-            )
+        for kind in ("image", "video"):
+            given, expected = getattr(processor, f"{kind}_token_id"), getattr(config, f"{kind}_token_id")
+            if given != expected:
+                raise ValueError(f"The tokenizer gives {getattr(processor, f'{kind}_token')!r} the id {given}, the "
+                                 f"model config expects `{kind}_token_id={expected}`.")
         return processor
