@@ -30,7 +30,9 @@ def add_arguments(p) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", required=True, help="LLaVA JSON / JSON lines, or a local TRL-format dataset "
                       "(`messages` + `images`: a save_to_disk folder, .json/.jsonl or .parquet)")
-    data.add_argument("--image-folder", help="the folder LLaVA-format image paths are relative to")
+    data.add_argument("--image-folder", help="the folder LLaVA-format image and video paths are relative to")
+    data.add_argument("--num-frames", type=positive_int, help="frames sampled from each clip (`<video>` samples: a "
+                      "video file or a frames folder); with --family, composes a model that reads clips")
     data.add_argument("--max-length", type=positive_int, default=2048, help="longest sample in tokens, images included")
     data.add_argument("--skip-too-long", action="store_true",
                       help="skip longer samples (with a count) instead of refusing the data; none is ever cut")

@@ -211,3 +211,51 @@ def write_training_parts(root, text: str = "llama", samples: int = 16):
     (root / "captions.json").write_text(json.dumps(captions))
     (root / "conversations.json").write_text(json.dumps(conversations))
     return root
+
+
+def write_training_clips(root, samples: int = 8, frames: int = 6):
+    """Clips beside `write_training_parts`' images (in `root/images/clips/`), as video data has them: even samples a
+    video file (MPEG-4, written with PyAV), odd ones a frames folder of numbered PNGs; each clip a square that moves
+    right across a colour's background. `videos.json` (LLaVA-Video's layout: `"video"`, `<video>` in the human turn)
+    asks which way it moves; `mixed.json` is those samples and `conversations.json`'s, alternating (images, clips and
+    text-only samples in one data set). Returns `root`."""
+    import json
+    import pathlib
+
+    import av
+    import numpy as np
+    from PIL import Image
+
+    root = pathlib.Path(root)
+    folder = root / "images" / "clips"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(TRAINING_COLOURS)
+    rows = []
+    for i in range(samples):
+        clip = np.zeros((frames, 32, 32, 3), dtype=np.uint8)
+        clip[:] = TRAINING_COLOURS[names[i % 4]]
+        for f in range(frames):  # a white square, one step right a frame
+            clip[f, 12:20, 2 + 4 * f:10 + 4 * f] = 255
+        if i % 2:
+            path = f"clips/{i:04d}/"
+            (folder / f"{i:04d}").mkdir(exist_ok=True)
+            for f, frame in enumerate(clip):
+                Image.fromarray(frame).save(folder / f"{i:04d}" / f"frame_{f}.png")
+        else:
+            path = f"clips/{i:04d}.mp4"
+            with av.open(str(root / "images" / path), "w") as container:
+                stream = container.add_stream("mpeg4", rate=4)
+                stream.height, stream.width, stream.pix_fmt = 32, 32, "yuv420p"
+                for frame in clip:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+        rows.append({"id": f"clip{i}", "video": path, "conversations": [
+            {"from": "human", "value": "<video>\nwhich way does the square move ?"},
+            {"from": "gpt", "value": f"right , on {names[i % 4]}"}]})
+    (root / "videos.json").write_text(json.dumps(rows))
+    images = json.loads((root / "conversations.json").read_text())
+    mixed = [row for pair in zip(rows, images) for row in pair]
+    (root / "mixed.json").write_text(json.dumps(mixed))
+    return root

@@ -39,26 +39,28 @@ from transformers.utils import logging
 
 from vlm_fusion import __version__
 
-from .data import Block, DataError, blocks, check, image_size, read_dataset
+from .data import Block, DataError, blocks, check, clip_frames, image_size, read_dataset
 from .encoding import Encoder
 
 logger = logging.get_logger("vlm_fusion.training")
 
-FORMAT = 2  # the layout of a cache folder; a change makes every older cache a miss
+FORMAT = 3  # the layout of a cache folder; a change makes every older cache a miss
 BLOCK = 256  # samples a worker checks and encodes at a time
 WRITE_ROWS = 8192  # samples per record batch of the file (a cold open of a 665K-sample file: ~80 headers, not 2,600)
-FEATURES = ("id", "source_index", "images", "text", "add_special_tokens", "instruction", "ids", "targets",
-            "image_tokens", "length")  # a cached sample: `ids` the text's own ids (one `<image>` per image), `targets`
-# a flag per id (the loss is on it), `image_tokens` each image's placeholder count, `length` the expanded length
+FEATURES = ("id", "source_index", "images", "videos", "text", "add_special_tokens", "instruction", "ids", "targets",
+            "image_tokens", "video_tokens", "length")  # a cached sample: `ids` the text's own ids (one `<image>` per
+# image, one `<video>` per clip), `targets` a flag per id (the loss is on it), `image_tokens` / `video_tokens` each
+# image's / clip's placeholder count, `length` the expanded length
 
 
 def features():
     from datasets import Features, Sequence, Value
 
     return Features({"id": Value("string"), "source_index": Value("int64"), "images": [Value("string")],
-                     "text": Value("string"), "add_special_tokens": Value("bool"), "instruction": Value("string"),
-                     "ids": Sequence(Value("int32")), "targets": Sequence(Value("bool")),
-                     "image_tokens": Sequence(Value("int32")), "length": Value("int32")})
+                     "videos": [Value("string")], "text": Value("string"), "add_special_tokens": Value("bool"),
+                     "instruction": Value("string"), "ids": Sequence(Value("int32")),
+                     "targets": Sequence(Value("bool")), "image_tokens": Sequence(Value("int32")),
+                     "video_tokens": Sequence(Value("int32")), "length": Value("int32")})
 
 
 @dataclass
@@ -218,9 +220,12 @@ def strip_keys(value, keys):
 
 
 def image_stamps(paths) -> list:
-    """`[size, modification time]` of each image file (threads: the calls wait on the file system, not the GIL)."""
+    """`[size, modification time]` of each image or clip file, and of each file of a frames folder (threads: the
+    calls wait on the file system, not the GIL)."""
     def stamp(path):
         try:
+            if os.path.isdir(path):  # a clip's frames folder
+                return [[name, *stamp(os.path.join(path, name))] for name in sorted(os.listdir(path))]
             stat = os.stat(path)
             return [stat.st_size, stat.st_mtime_ns]
         except OSError:
@@ -290,8 +295,8 @@ def build(folder, path, image_folder, processor, layout, plain_end, inputs, work
         os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    logger.warning("data cache: built %s: %d samples, %d images checked, in %.1f s", folder, samples, len(images),
-                   time.perf_counter() - start)
+    logger.warning("data cache: built %s: %d samples, %d images (and clips) checked, in %.1f s", folder, samples,
+                   len(images), time.perf_counter() - start)
 
 
 def write_joined(writer, batches) -> None:
@@ -338,6 +343,7 @@ class worker_pool:
 
 _encoder: Encoder | None = None
 _image_sizes: dict = {}
+_clip_frames: dict = {}
 
 
 @contextlib.contextmanager
@@ -364,6 +370,7 @@ def start_worker(processor, layout, plain_end) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a worker is one core
     _encoder = Encoder(processor, layout, plain_end)
     _image_sizes.clear()
+    _clip_frames.clear()
 
 
 def encode_block(block: Block) -> tuple[object, dict]:
@@ -385,10 +392,16 @@ def encode_block(block: Block) -> tuple[object, dict]:
             else:
                 sizes.append(image_size(image, conversation.id))
         row = _encoder(conversation, sizes)
+        for clip in conversation.videos:  # opens, and has the frames the model samples (`row` says the model reads clips)
+            if clip not in _clip_frames:
+                _clip_frames[clip] = clip_frames(clip, conversation.id, _encoder.processor.video_processor.num_frames)
+            opened[clip] = True
         columns["id"].append(conversation.id)
         columns["source_index"].append(index)
         columns["images"].append([image if isinstance(image, str) else "" for image in conversation.images])
-        for key in ("text", "add_special_tokens", "instruction", "ids", "targets", "image_tokens", "length"):
+        columns["videos"].append(conversation.videos)
+        for key in ("text", "add_special_tokens", "instruction", "ids", "targets", "image_tokens", "video_tokens",
+                    "length"):
             columns[key].append(row[key])
     schema = features().arrow_schema
     arrays = [list_array(columns[name], schema.field(name).type) if name in ("ids", "targets")

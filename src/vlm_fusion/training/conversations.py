@@ -79,9 +79,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index) -> dict:
         row = self.rows[int(self.indices[index])]
-        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id)
+        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id,
+                                   row["video_tokens"], getattr(self.processor, "video_token_id", None))
         return model_item(self.processor, row["id"], [open_image(image) for image in self.images(row)], row["text"],
-                          row["add_special_tokens"], input_ids, labels, row["instruction"])
+                          row["add_special_tokens"], input_ids, labels, row["instruction"], row["videos"])
 
     def images(self, row) -> list:
         """A row's images: its files, or (a TRL dataset holding them) the images of its source row."""
@@ -91,10 +92,13 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 def model_item(processor, sid: str, images: list, text: str, add_special_tokens: bool, input_ids, labels,
-               instruction: str) -> dict:
-    """What the model reads of one sample: the processor's output for its images and text, with the recipe's labels
-    (aligned to the recipe's ids, which must be the processor's) and, for InstructBLIP, the instruction's ids."""
-    out = processor(images=images or None, text=[text], add_special_tokens=add_special_tokens, return_tensors="pt")
+               instruction: str, videos: list = ()) -> dict:
+    """What the model reads of one sample: the processor's output for its images, clips and text, with the recipe's
+    labels (aligned to the recipe's ids, which must be the processor's) and, for InstructBLIP, the instruction's ids.
+    A clip's frames are decoded here, in the data loader's workers, and only the sampled ones."""
+    media = {"videos": list(videos)} if len(videos) else {}
+    out = processor(images=images or None, text=[text], add_special_tokens=add_special_tokens, return_tensors="pt",
+                    **media)
     ids = out["input_ids"][0]
     if not np.array_equal(ids.numpy(), np.asarray(input_ids)):  # the processor is the truth
         raise DataError(f"sample {sid}: the processor's token ids differ from the recipe's; its labels cannot be placed "
@@ -104,17 +108,18 @@ def model_item(processor, sid: str, images: list, text: str, add_special_tokens:
         item.update({k: v[0] for k, v in processor.qformer_inputs([instruction], return_tensors="pt").items()})
     for key in out:
         if key not in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"):
-            item[key] = out[key]  # pixel_values (n, ...), anyres image_sizes (n, 2): per image
+            item[key] = out[key]  # pixel_values (n, ...), anyres image_sizes (n, 2): per image; pixel_values_videos
     return item
 
 
 class Collator:
-    """Pads each sample's sequences on the right (labels with -100) and joins the images of the batch, in order."""
+    """Pads each sample's sequences on the right (labels with -100) and joins the images of the batch, in order, and
+    its clips (each sampled to the processor's `num_frames`: one frame count per batch)."""
 
     def __init__(self, pad_token_id: int, per_image: tuple[str, ...], qformer_pad_token_id: int = 0):
         self.pad = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0,
                     "qformer_input_ids": qformer_pad_token_id, "qformer_attention_mask": 0}
-        self.per_image = ("pixel_values", *per_image)
+        self.per_image = ("pixel_values", *per_image, "pixel_values_videos")  # pixel_values_videos (V, F, C, H, W)
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {}

@@ -5,10 +5,13 @@ LLaVA's format (`llava_v1_5_mix665k.json`, `blip_laion_cc_sbu_558k.json`): a JSO
     {"id": ..., "image": "path" | ["path", ...] (optional), "conversations": [{"from": "human" | "gpt" | "system",
      "value": "...<image>..."}, ...]}
 
-with image paths relative to `--image-folder`. TRL's conversational format: rows with `messages` (`role`, `content`:
-a string or `{"type": "text" | "image"}` parts) and `images`, from a local `datasets` dataset (a `save_to_disk`
-folder, JSON / JSON lines, or Parquet). Either way a sample becomes a `Conversation`: its id, its images (paths or PIL
-images) and its messages; `<image>` marks where each image goes.
+with image paths relative to `--image-folder`; and its video form (LLaVA-Video-178K, Video-ChatGPT): `"video":
+"clips/0001.mp4"` (a video file) or `"clips/0001/"` (a frames folder: numbered images), relative to `--image-folder`
+too, marked `<video>` in the text — or `<image>` where the sample has a video and no image, as LLaVA-NeXT's video
+data writes it. TRL's conversational format: rows with `messages` (`role`, `content`: a string or `{"type": "text" |
+"image" | "video"}` parts), `images` and `videos`, from a local `datasets` dataset (a `save_to_disk` folder, JSON /
+JSON lines, or Parquet). Either way a sample becomes a `Conversation`: its id, its images (paths or PIL images), its
+clips (paths) and its messages; `<image>` marks where each image goes, `<video>` each clip.
 
 Every sample is checked in one pass before training starts (`check_images` for the image files), so that a missing
 image shows up now, named with its sample's id, and not hours in.
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 IMAGE = "<image>"
+VIDEO = "<video>"
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's `from` -> chat roles
 CHAT_ROLES = {"user", "assistant", "system"}
 
@@ -34,10 +38,15 @@ class Conversation:
     id: str
     messages: list[dict]  # {"role", "content": str}, `<image>` where each image goes
     images: list = field(default_factory=list)  # paths (checked to exist) or PIL images, in order of `<image>`
+    videos: list = field(default_factory=list)  # clip paths (video files or frames folders), in order of `<video>`
 
     @property
     def image_markers(self) -> int:
         return sum(message["content"].count(IMAGE) for message in self.messages)
+
+    @property
+    def video_markers(self) -> int:
+        return sum(message["content"].count(VIDEO) for message in self.messages)
 
 
 def load(path: str, image_folder: str | None = None) -> tuple[list[Conversation], str]:
@@ -185,7 +194,13 @@ def llava_conversation(row: dict, index: int, image_folder: str | None) -> Conve
         messages.append({"role": LLAVA_ROLES[role], "content": turn["value"]})
     images = row.get("image") or []
     images = [images] if isinstance(images, str) else list(images)
-    return Conversation(sid, messages, [resolve(image, image_folder) for image in images])
+    videos = row.get("video") or []
+    videos = [videos] if isinstance(videos, str) else list(videos)
+    if videos and not images and not any(VIDEO in m["content"] for m in messages):
+        # LLaVA-NeXT's video data (LLaVA-Video-178K) marks the clip with `<image>`
+        messages = [{**m, "content": m["content"].replace(IMAGE, VIDEO)} for m in messages]
+    return Conversation(sid, messages, [resolve(image, image_folder) for image in images],
+                        [resolve(video, image_folder) for video in videos])
 
 
 def chat_conversation(row: dict, index: int, image_folder: str | None) -> Conversation:
@@ -205,18 +220,24 @@ def chat_conversation(row: dict, index: int, image_folder: str | None) -> Conver
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "image":
                     text += IMAGE
+                elif kind == "video":
+                    text += VIDEO
                 elif kind == "text":
                     text += part.get("text") or ""
                 else:
-                    raise DataError(f"sample {sid}: a message part of type {kind!r} (only text and image are read)")
+                    raise DataError(f"sample {sid}: a message part of type {kind!r} (text, image and video are read)")
             content = text
         if not isinstance(content, str):
             raise DataError(f"sample {sid}: a {role} message without text content")
         messages.append({"role": role, "content": content})
     images = row.get("images") or []
     images = [images] if not isinstance(images, (list, tuple)) else list(images)
+    videos = row.get("videos") or []
+    videos = [videos] if isinstance(videos, str) else list(videos)
+    if not all(isinstance(video, str) for video in videos):
+        raise DataError(f"sample {sid}: its `videos` are not paths (a clip is a video file or a frames folder)")
     return Conversation(sid, messages, [resolve(image, image_folder) if isinstance(image, str) else image
-                                        for image in images])
+                                        for image in images], [resolve(video, image_folder) for video in videos])
 
 
 @dataclass
@@ -234,6 +255,8 @@ def caption_pairs(conversations: list[Conversation]) -> list[CaptionPair]:
     pairs = []
     for conversation in conversations:
         sid = conversation.id
+        if conversation.videos:
+            raise DataError(f"sample {sid}: a clip ({VIDEO}); BLIP-2's stage 1 and retrieval read image-caption pairs")
         if len(conversation.images) != 1:
             raise DataError(f"sample {sid}: {len(conversation.images)} images; an image-caption pair has one")
         caption = " ".join(m["content"].replace(IMAGE, "").strip() for m in conversation.messages
@@ -256,8 +279,12 @@ def check(conversation: Conversation) -> None:
     if conversation.image_markers != len(conversation.images):
         raise DataError(f"sample {sid}: {conversation.image_markers} {IMAGE} marker(s) and {len(conversation.images)} "
                         "image(s)")
-    if any(IMAGE in m["content"] for m in messages if m["role"] == "assistant"):
-        raise DataError(f"sample {sid}: an {IMAGE} in an assistant turn (images go in user turns)")
+    if conversation.video_markers != len(conversation.videos):
+        raise DataError(f"sample {sid}: {conversation.video_markers} {VIDEO} marker(s) and {len(conversation.videos)} "
+                        "clip(s)")
+    for marker in (IMAGE, VIDEO):
+        if any(marker in m["content"] for m in messages if m["role"] == "assistant"):
+            raise DataError(f"sample {sid}: an {marker} in an assistant turn (images and clips go in user turns)")
 
 
 def image_size(image, sid: str) -> tuple[int, int]:
@@ -273,6 +300,21 @@ def image_size(image, sid: str) -> tuple[int, int]:
             return opened.height, opened.width
     except Exception as error:  # PIL raises many kinds for a broken file
         raise DataError(f"sample {sid}: image file {image} is not a readable image ({error})") from None
+
+
+def clip_frames(clip: str, sid: str, num_frames: int) -> int:
+    """A clip's frame count, checking that it opens (a video file PyAV reads, or a frames folder) and holds at least
+    the `num_frames` the model samples: clips are never padded or repeated."""
+    from vlm_fusion.processing_video import count_frames
+
+    try:
+        frames = count_frames(clip)
+    except ValueError as error:
+        raise DataError(f"sample {sid}: clip {clip}: {error}") from None
+    if frames < num_frames:
+        raise DataError(f"sample {sid}: clip {clip} has {frames} frames, fewer than the {num_frames} the model samples "
+                        "(--num-frames)")
+    return frames
 
 
 def open_image(image) -> Image.Image:

@@ -20,12 +20,13 @@ per CLIP-336 image), which is what the on-disk cache (`cache.py`) holds.
 """
 
 import logging
+import re
 from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 
-from .data import IMAGE, Conversation, DataError
+from .data import IMAGE, VIDEO, Conversation, DataError
 
 IGNORE_INDEX = -100
 
@@ -49,7 +50,7 @@ def render(processor, conversation: Conversation, layout: str, plain_end: str,
         if len(turns) != 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
             raise DataError(f"sample {conversation.id}: the plain layout takes a user turn and an assistant turn "
                             f"(an image-caption pair), got {len(turns)} turns")
-        markers = IMAGE * turns[0]["content"].count(IMAGE)
+        markers = "".join(re.findall(f"{re.escape(IMAGE)}|{re.escape(VIDEO)}", turns[0]["content"]))
         text = processor.prompt_text(markers + turns[1]["content"] + plain_end)
         start = len(text) - len(turns[1]["content"] + plain_end)
         return text, [(start, len(text))]
@@ -97,6 +98,8 @@ def token_offsets(processor, text: str, add_special_tokens: bool) -> tuple[list[
         encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         return encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
     # The original LLaVA's tokenizer_image_token (`FusionProcessor.chunked_ids`): each chunk alone, BOS kept once.
+    if VIDEO in text:
+        raise DataError(f"the original LLaVA's chunked tokenization takes images only, not clips ({VIDEO})")
     chunks, ids, offsets, start = text.split(processor.image_token), [], [], 0
     for i, chunk in enumerate(chunks):
         encoded = tokenizer(chunk, return_offsets_mapping=True)
@@ -122,9 +125,16 @@ def encode(processor, conversation: Conversation, image_sizes: list[tuple[int, i
     ids, offsets = token_offsets(processor, text, add_special)
     counts = iter(processor._get_num_multimodal_tokens(image_sizes=image_sizes)["num_image_tokens"]
                   if image_sizes else [])
+    clips = len(conversation.videos)
+    video_id, per_clip = (processor.video_token_id, clip_tokens(processor, conversation.id)) if clips else (None, 0)
     image_id = processor.image_token_id
     input_ids, labels = [], []
     for token, (start, end) in zip(ids, offsets):
+        if token == video_id:
+            clips -= 1
+            input_ids += [video_id] * per_clip
+            labels += [IGNORE_INDEX] * per_clip
+            continue
         if token == image_id:
             count = next(counts, None)
             if count is None:
@@ -137,27 +147,44 @@ def encode(processor, conversation: Conversation, image_sizes: list[tuple[int, i
         labels.append(token if target else IGNORE_INDEX)
     if next(counts, None) is not None:
         raise DataError(f"sample {conversation.id}: fewer {IMAGE} tokens than images after tokenization")
+    if clips:
+        raise DataError(f"sample {conversation.id}: {VIDEO} tokens and clips differ in number after tokenization")
     instruction = " ".join(m["content"] for m in conversation.messages if m["role"] == "user")
     return Encoded(text, input_ids, labels, add_special, instruction)
+
+
+def clip_tokens(processor, sid: str) -> int:
+    """The placeholders of one clip: the model's visual tokens for the `num_frames` frames its processor samples."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None:
+        raise DataError(f"sample {sid} has a clip ({VIDEO}) and the model reads no video: compose it from parts with "
+                        "--num-frames N, or start from a checkpoint that reads clips")
+    if not video_processor.do_sample_frames or video_processor.num_frames is None:
+        raise DataError(f"sample {sid}: the video processor samples clips by fps or keeps every frame; training needs "
+                        "a fixed frame count per clip (--num-frames N)")
+    return processor.num_video_tokens(video_processor.num_frames)
 
 
 # ---- the data pass's encoder ---------------------------------------------------------------------------------------
 VERIFY_EVERY = 1000  # samples between two checks of the fast path against `encode`
 
 
-def expand(ids, targets, image_tokens, image_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """A row's `(input_ids, labels)`: each `<image>` id repeated to its placeholder count (labels -100 there and
-    wherever the row's target flag is off)."""
+def expand(ids, targets, image_tokens, image_token_id: int, video_tokens=(), video_token_id: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """A row's `(input_ids, labels)`: each `<image>` id repeated to its placeholder count, and each `<video>` id to
+    its clip's (labels -100 there and wherever the row's target flag is off)."""
     ids, targets = np.asarray(ids, dtype=np.int64), np.asarray(targets, dtype=bool)
     repeats = np.ones(len(ids), dtype=np.int64)
     repeats[ids == image_token_id] = image_tokens
+    if len(video_tokens):
+        repeats[ids == video_token_id] = video_tokens
     input_ids = np.repeat(ids, repeats)
     return input_ids, np.where(np.repeat(targets, repeats), input_ids, IGNORE_INDEX)
 
 
 class Encoder:
     """`encode`, fast, as rows: `encoder(conversation, image_sizes)` -> `{"text", "add_special_tokens",
-    "instruction", "ids", "targets", "image_tokens", "length"}`."""
+    "instruction", "ids", "targets", "image_tokens", "video_tokens", "length"}`."""
 
     def __init__(self, processor, layout: str, plain_end: str):
         self.processor, self.layout, self.plain_end = processor, layout, plain_end
@@ -191,18 +218,28 @@ class Encoder:
     def reference_row(self, conversation, image_sizes) -> dict:
         encoded = encode(self.processor, conversation, image_sizes, self.layout, self.plain_end)
         counts = self.image_tokens(image_sizes)
+        video_counts = self.video_tokens(conversation)
         ids, targets, image, position = [], [], 0, 0
-        while position < len(encoded.input_ids):  # fold each image's placeholders back into one `<image>`
+        while position < len(encoded.input_ids):  # fold each image's (clip's) placeholders back into one `<image>`
             token = encoded.input_ids[position]
             ids.append(token)
             targets.append(encoded.labels[position] != IGNORE_INDEX)
             if token == self.image_token_id:
                 position, image = position + counts[image], image + 1
+            elif video_counts and token == self.processor.video_token_id:
+                position += video_counts[0]
             else:
                 position += 1
         return {"text": encoded.text, "add_special_tokens": encoded.add_special_tokens,
                 "instruction": encoded.instruction, "ids": np.asarray(ids, dtype=np.int32),
-                "targets": np.asarray(targets, dtype=bool), "image_tokens": counts, "length": len(encoded.input_ids)}
+                "targets": np.asarray(targets, dtype=bool), "image_tokens": counts, "video_tokens": video_counts,
+                "length": len(encoded.input_ids)}
+
+    def video_tokens(self, conversation) -> list[int]:
+        """Each clip's placeholder count (all clips are sampled to the processor's `num_frames`)."""
+        if not conversation.videos:
+            return []
+        return [clip_tokens(self.processor, conversation.id)] * len(conversation.videos)
 
     def image_tokens(self, image_sizes) -> list[int]:
         missing = [tuple(size) for size in image_sizes if tuple(size) not in self._counts]
@@ -232,9 +269,19 @@ class Encoder:
             more = "more" if found > len(image_sizes) else "fewer"
             raise DataError(f"sample {conversation.id}: {more} {IMAGE} tokens than images after tokenization")
         counts = self.image_tokens(image_sizes)
+        video_counts = self.video_tokens(conversation)
+        clips = 0
+        if video_counts:
+            is_clip = ids == self.processor.video_token_id
+            targets &= ~is_clip
+            clips = int(is_clip.sum())
+            if clips != len(video_counts):
+                raise DataError(f"sample {conversation.id}: {clips} {VIDEO} tokens and {len(video_counts)} clips "
+                                "after tokenization")
         instruction = " ".join(m["content"] for m in conversation.messages if m["role"] == "user")
         return {"text": text, "add_special_tokens": add_special, "instruction": instruction, "ids": ids,
-                "targets": targets, "image_tokens": counts, "length": len(ids) - found + sum(counts)}
+                "targets": targets, "image_tokens": counts, "video_tokens": video_counts,
+                "length": len(ids) - found - clips + sum(counts) + sum(video_counts)}
 
     def _chat(self, conversation) -> tuple[str, list[tuple[int, int]]]:
         """`render`'s text and spans, from the skeleton of the conversation's roles. Where the template is blind to

@@ -72,27 +72,48 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
         if options.family or options.vision_tower or options.language_model:
             raise DataError("give either --model (a vlm-fusion checkpoint) or --family, --vision-tower and "
                             "--language-model (parts), not both")
+        processor = with_num_frames(AutoProcessor.from_pretrained(options.model), options)
         if not weights:
-            return None, AutoProcessor.from_pretrained(options.model)
+            return None, processor
         kwargs = {"quantization_config": bnb} if bnb else {}
         model = AutoModelForImageTextToText.from_pretrained(options.model, **kwargs)
         if not hasattr(model, "parameter_parts"):
             raise DataError(f"{options.model} holds a {type(model).__name__}, not a vlm-fusion model")
-        return model, AutoProcessor.from_pretrained(options.model)
+        return model, processor
     missing = [flag for flag, value in (("--family", options.family), ("--vision-tower", options.vision_tower),
                                         ("--language-model", options.language_model)) if not value]
     if missing:
         raise DataError(f"start from --model DIR, or from parts: missing {', '.join(missing)}")
     family = vlm_fusion.FAMILIES[FAMILY_TYPES[options.family]]
+    video = options.num_frames is not None  # a model that reads clips too
+    bridge = dict(options.bridge)
+    if video and family.config.model_type == "fusion_flamingo":  # a time embedding per frame
+        bridge.setdefault("max_num_frames", options.num_frames)
+    frames = {"num_frames": options.num_frames} if video else {}
     if not weights:
         config = family.model.config_from_vision_text_pretrained(options.vision_tower, options.language_model,
-                                                                 **options.bridge)
-        return None, family.processor.from_vision_text_pretrained(options.vision_tower, options.language_model, config)
+                                                                 video=video, **bridge)
+        return None, family.processor.from_vision_text_pretrained(options.vision_tower, options.language_model, config,
+                                                                  **frames)
     text_kwargs = {"quantization_config": bnb} if bnb else {}
     model = family.model.from_vision_text_pretrained(options.vision_tower, options.language_model,
-                                                     text_kwargs=text_kwargs, **options.bridge)
-    processor = family.processor.from_vision_text_pretrained(options.vision_tower, options.language_model, model.config)
+                                                     text_kwargs=text_kwargs, video=video, **bridge)
+    processor = family.processor.from_vision_text_pretrained(options.vision_tower, options.language_model, model.config,
+                                                             **frames)
     return model, processor
+
+
+def with_num_frames(processor, options: TrainOptions):
+    """A checkpoint's processor, sampling `--num-frames` frames a clip if given (the checkpoint must read clips)."""
+    if options.num_frames is None:
+        return processor
+    if getattr(processor, "video_processor", None) is None:
+        raise DataError(f"--num-frames: {options.model} reads no clips (no video processor, no `video_token_id`); "
+                        "compose a model that does from parts (--family, --vision-tower, --language-model) with "
+                        "--num-frames")
+    processor.video_processor.num_frames = options.num_frames
+    processor.video_processor.fps = None
+    return processor
 
 
 def is_qformer_checkpoint(path: str) -> bool:

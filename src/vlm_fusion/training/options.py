@@ -12,7 +12,8 @@ class TrainOptions:
     data: str  # LLaVA JSON / JSON lines, or a local TRL-format dataset
     output_dir: str
     stage: str = "instruct"  # align | instruct | flamingo | qformer
-    image_folder: str | None = None
+    image_folder: str | None = None  # the folder image and clip paths are relative to
+    num_frames: int | None = None  # frames sampled a clip; with parts, composes a model that reads clips
     model: str | None = None  # a vlm-fusion checkpoint to start from ...
     family: str | None = None  # ... or parts: llava | blip2 | flamingo
     vision_tower: str | None = None

@@ -1,0 +1,193 @@
+"""`vlm-fusion train` on clips: LLaVA-Video's JSON layout with video files and frames folders, beside images; the data
+pass checks every clip and its items are the processor's own; bad clips are one line; a killed run resumes exactly."""
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_training import BRIDGES, KILLED_RUN
+from vlm_fusion.tools.tiny import write_training_clips, write_training_parts
+from vlm_fusion.training import TrainOptions, train
+from vlm_fusion.training.cache import prepare
+from vlm_fusion.training.conversations import ConversationDataset
+from vlm_fusion.training.data import load
+from vlm_fusion.training.encoding import encode
+from vlm_fusion.training.models import load_generation_model
+
+pytest.importorskip("av")
+FRAMES = 4  # sampled from each clip's 6
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return write_training_clips(write_training_parts(tmp_path_factory.mktemp("parts")))
+
+
+def options(parts, out, family="llava", stage="align", data="videos.json", **kwargs):
+    defaults = dict(data=str(parts / data), image_folder=str(parts / "images"), output_dir=str(out), stage=stage,
+                    family=family, vision_tower=str(parts / "vision"), language_model=str(parts / "lm"),
+                    bridge=BRIDGES[family], num_frames=FRAMES, batch_size=4, max_steps=4, logging_steps=1,
+                    save_steps=100, bridge_lr=1e-2, lm_lr=1e-3)
+    return TrainOptions(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("family,stage", [("llava", "align"), ("blip2", "instruct"), ("flamingo", "flamingo")])
+def test_each_family_trains_on_clips_beside_images_and_saves_a_model_that_reads_them(parts, family, stage, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    data = "videos.json" if stage == "align" else "mixed.json"  # align: clip captions; then clips, images and text
+    summary = train(options(parts, tmp_path, family, stage, data))
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert processor.video_processor.num_frames == FRAMES and model.config.video_token_id == processor.video_token_id
+    clip = str(parts / "images" / "clips" / "0000.mp4")
+    inputs = processor(videos=[clip], text=["USER: <video>\nwhich way does the square move ?\nASSISTANT:"],
+                       return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape[:2] == (1, FRAMES)
+    with torch.no_grad():
+        assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize("family", list(BRIDGES))
+def test_the_data_pass_gives_the_reference_encoding_and_the_processors_own_clips(parts, family, tmp_path):
+    """Each cached item (ids and labels expanded from the data pass's rows, frames decoded in the item) equals the
+    reference encoder's ids and labels and the processor's own pixels for the sample's images and clips; a second
+    pass reads the cache and gives the same items."""
+    _, processor = load_generation_model(options(parts, tmp_path, family), weights=False)
+    conversations, _ = load(str(parts / "mixed.json"), str(parts / "images"))
+    assert sum(bool(c.videos) for c in conversations) == 8 and sum(bool(c.images) for c in conversations) == 6
+    first = prepare(str(parts / "mixed.json"), str(parts / "images"), processor, "chat", "\n", root=str(tmp_path),
+                    workers=0, show_progress=False)
+    again = prepare(str(parts / "mixed.json"), str(parts / "images"), processor, "chat", "\n", root=str(tmp_path),
+                    workers=0, show_progress=False)
+    assert first.built and not again.built
+    for index, conversation in enumerate(conversations):
+        item, cached = ConversationDataset(processor, first)[index], ConversationDataset(processor, again)[index]
+        sizes = [(32, 32)] * len(conversation.images)
+        reference = encode(processor, conversation, sizes, "chat", "\n")
+        assert item["input_ids"].tolist() == reference.input_ids and item["labels"].tolist() == reference.labels
+        if conversation.videos:  # the processor's pixels for the clip, as inference reads it
+            own = processor(videos=conversation.videos, text=[reference.text], return_tensors="pt")
+            assert torch.equal(item["pixel_values_videos"], own["pixel_values_videos"])
+            assert item["pixel_values_videos"].shape[1] == FRAMES
+            assert (item["input_ids"] == processor.video_token_id).sum() == processor.num_video_tokens(FRAMES)
+        assert item.keys() == cached.keys() and all(torch.equal(item[k], cached[k]) for k in item)
+
+
+def test_a_changed_frame_in_a_frames_folder_rebuilds_the_cache(parts, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(parts / "images", data / "images")
+    shutil.copy(parts / "videos.json", data)
+    _, processor = load_generation_model(options(parts, tmp_path), weights=False)
+
+    def built():
+        return prepare(str(data / "videos.json"), str(data / "images"), processor, "plain", "\n",
+                       root=str(tmp_path / "cache"), workers=0, show_progress=False).built
+
+    assert built() and not built()
+    frame = data / "images" / "clips" / "0001" / "frame_3.png"
+    frame.write_bytes(frame.read_bytes())  # the same pixels, a new modification time
+    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
+    assert built()
+
+
+def test_llava_nexts_image_marker_on_a_video_sample_marks_the_clip(parts, tmp_path):
+    rows = json.loads((parts / "videos.json").read_text())
+    for row in rows:  # as LLaVA-Video-178K writes it
+        row["conversations"][0]["value"] = row["conversations"][0]["value"].replace("<video>", "<image>")
+    (tmp_path / "next.json").write_text(json.dumps(rows))
+    ours, _ = load(str(parts / "videos.json"), str(parts / "images"))
+    theirs, _ = load(str(tmp_path / "next.json"), str(parts / "images"))
+    assert [c.messages for c in theirs] == [c.messages for c in ours] and [c.videos for c in theirs] == \
+        [c.videos for c in ours]
+
+
+def broken(parts, folder, how) -> list:
+    """The clip data (rows; clips in `folder`) with one thing wrong."""
+    rows = json.loads((parts / "videos.json").read_text())
+    if how == "undecodable clip":
+        (folder / "clips" / "0002.mp4").write_bytes(b"not a video")
+    elif how == "too few frames":
+        for name in ("frame_4.png", "frame_5.png", "frame_3.png"):
+            (folder / "clips" / "0003" / name).unlink()
+    elif how == "missing clip":
+        rows[4]["video"] = "clips/nowhere.mp4"
+    elif how == "two markers, one clip":
+        rows[1]["conversations"][0]["value"] = "<video> <video>\nwhich way ?"
+    return rows
+
+
+BAD = [("undecodable clip", r"sample clip2: clip .*0002\.mp4: .*0002\.mp4 is not a video PyAV can read"),
+       ("too few frames", r"sample clip3: clip .*0003/ has 3 frames, fewer than the 4 the model samples"),
+       ("missing clip", r"sample clip4: clip .*nowhere\.mp4: No video file or frames folder"),
+       ("two markers, one clip", r"sample clip1: 2 <video> marker\(s\) and 1 clip\(s\)"),
+       ("model reads no video", r"sample clip0 has a clip \(<video>\) and the model reads no video: .*--num-frames"),
+       ("clips in BLIP-2's stage 1", r"sample clip0: a clip \(<video>\); BLIP-2's stage 1 .* image-caption pairs")]
+
+
+@pytest.mark.parametrize("how,message", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_clip_is_one_line_before_training_and_nothing_is_written(parts, tmp_path, capsys, how, message):
+    from vlm_fusion_cli import main
+
+    shutil.copytree(parts / "images", tmp_path / "images")
+    rows = broken(parts, tmp_path / "images", how)
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    if how == "clips in BLIP-2's stage 1":
+        model = ["--stage", "qformer", "--vision-tower", str(parts / "vision"), "--qformer-init", str(parts / "bert")]
+    else:
+        model = ["--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"),
+                 "--language-model", str(parts / "lm")]
+    argv = ["train", *model, "--data", str(tmp_path / "data.json"), "--image-folder", str(tmp_path / "images"),
+            "--output-dir", str(out), "--max-steps", "2"]
+    if how != "model reads no video":
+        argv += ["--num-frames", str(FRAMES)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]) and err[-1].startswith("vlm-fusion: error: train: "), err[-1]
+    assert not any("error" in line.lower() or "Traceback" in line for line in err[:-1])
+    assert not any("Loading weights" in line for line in err)  # found before any model is loaded
+    assert not out.exists()
+
+
+def test_num_frames_on_a_checkpoint_that_reads_no_clips_is_one_line(parts, tmp_path, capsys):
+    from vlm_fusion_cli import main
+
+    assert main(["train", "--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"),
+                 "--language-model", str(parts / "lm"), "--data", str(parts / "captions.json"), "--image-folder",
+                 str(parts / "images"), "--output-dir", str(tmp_path / "images_only"), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--stage", "instruct", "--model", str(tmp_path / "images_only"), "--data",
+                 str(parts / "videos.json"), "--image-folder", str(parts / "images"), "--output-dir",
+                 str(tmp_path / "out"), "--max-steps", "1", "--num-frames", "4"]) == 2
+    assert re.search(r"--num-frames: .*images_only reads no clips", capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_a_killed_run_on_clips_resumes_to_the_weights_of_an_uninterrupted_one(parts, tmp_path):
+    import subprocess
+    import sys
+
+    from vlm_fusion_cli import main
+
+    def argv(out):
+        return ["--stage", "instruct", "--family", "llava", "--vision-tower", str(parts / "vision"),
+                "--language-model", str(parts / "lm"), "--data", str(parts / "mixed.json"), "--image-folder",
+                str(parts / "images"), "--num-frames", str(FRAMES), "--output-dir", str(out), "--batch-size", "2",
+                "--max-steps", "6", "--save-steps", "2", "--logging-steps", "1", "--bridge-lr", "1e-3"]
+
+    assert main(["train", *argv(tmp_path / "whole")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same reductions, bit for bit
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "SIGTERM", "3", *argv(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert main(["train", *argv(tmp_path / "run"), "--resume"]) == 0
+    resumed, reference = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
