@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import FLOAT32_REORDER, random_image, slow_except
 from test_training import FIRST_GRADIENT, adam_drift_bound, gradient_gap
-from vlm_fusion.tools.tiny import write_training_parts
+from vlm_fusion.tools.tiny import write_training_clips, write_training_parts
 
 # DDP in the default run; FSDP2 there too through the Q-Former's two-process test and the README's LoRA command
 # (tests/test_readme.py); the other engines are the heavier variants (DeepSpeed compiles its CPU op for ~3 minutes on a
@@ -60,7 +60,7 @@ INSTRUMENTED = FIRST_GRADIENT + textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    return write_training_parts(tmp_path_factory.mktemp("parts"))
+    return write_training_clips(write_training_parts(tmp_path_factory.mktemp("parts")))
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,11 @@ FLAMINGO = {"num_latents": 4, "perceiver_depth": 1, "perceiver_heads": 2, "perce
             "cross_attention_heads": 2, "cross_attention_head_dim": 16}
 
 
-def run(parts, probe, out, engine=None):
+def run(parts, probe, out, engine=None, data="conversations.json", extra=()):
     """Flamingo-style (gated blocks inside the LM's layers, text-only samples in the data) through the instruct
     stage: 6 steps of a global batch of 2 — one sample per process in two processes."""
     argv = ["--stage", "instruct", "--family", "flamingo", "--vision-tower", str(parts / "vision"),
-            "--language-model", str(parts / "lm"), "--data", str(parts / "conversations.json"),
+            "--language-model", str(parts / "lm"), "--data", str(parts / data), *extra,
             "--image-folder", str(parts / "images"), "--output-dir", str(out), "--max-steps", str(STEPS),
             "--logging-steps", "1", "--bridge-lr", str(BRIDGE_LR), "--lm-lr", str(LM_LR),
             *[item for key, value in FLAMINGO.items() for item in ("--bridge", f"{key}={value}")]]
@@ -125,10 +125,23 @@ def one_process(parts, probe, tmp_path_factory):
 def test_two_processes_train_as_one_with_the_same_global_batch(parts, probe, one_process, engine, tmp_path):
     if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
+    assert_trained_as_one(run(parts, probe, tmp_path / "out", engine), one_process, engine, probe, tmp_path / "out")
+
+
+@pytest.mark.slow  # the blank-clip path it needs runs in the default suite (test_training_video)
+def test_two_processes_train_as_one_on_clips_beside_images(parts, probe, tmp_path):
+    """The same on LLaVA-Video-style clips mixed with images and text (tools.tiny.write_training_clips): a step where
+    one process holds a clip and the other none runs the video path in both (`blank_video_tokens`)."""
+    video = dict(data="mixed.json", extra=["--num-frames", "4"])
+    one = run(parts, probe, tmp_path / "one", **video)
+    assert_trained_as_one(run(parts, probe, tmp_path / "two", "ddp", **video), one, "ddp", probe, tmp_path / "two")
+
+
+def assert_trained_as_one(result, reference, engine, probe, out):
     from transformers import AutoModelForImageTextToText
 
-    losses, weights, batches, logits, grads = run(parts, probe, tmp_path / "out", engine)
-    reference_losses, reference_weights, _, _, reference_grads = one_process
+    losses, weights, batches, logits, grads = result
+    reference_losses, reference_weights, _, _, reference_grads = reference
     # what the claim is about: the first step's gradient is the global batch's, to float32's summation order (the
     # bounds and their reasons: test_training.FLOAT32_REORDER, gradient_gap, adam_drift_bound)
     grad_gap = gradient_gap(grads, reference_grads)
@@ -143,7 +156,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(parts, probe, one
     assert any(a != b for a, b in zip(*batches)), batches
     # what was saved (gathered from the shards) is the model that trained: it reloads with the same logits, to the
     # summation order of this process's kernels against the training processes' (one thread each)
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
     with torch.no_grad():
         again = reloaded(**torch.load(probe, weights_only=False)).logits
     assert (again - logits).abs().max() <= FLOAT32_REORDER * logits.abs().max()

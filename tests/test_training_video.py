@@ -191,3 +191,30 @@ def test_a_killed_run_on_clips_resumes_to_the_weights_of_an_uninterrupted_one(pa
     assert main(["train", *argv(tmp_path / "run"), "--resume"]) == 0
     resumed, reference = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("family,video", [("fusion_blip2", dict(video_bridge="video_qformer", num_video_query_tokens=4,
+                                                                          qformer_dropout=0.0)),
+                                          ("fusion_flamingo", {})])
+def test_a_training_step_without_a_clip_runs_the_video_path_at_zero_gradient(family, video):
+    """What two processes need when one holds a clip and the other none (DDP reduces every parameter's gradient;
+    FSDP gathers every parameter on each process: test_training_distributed runs it): an image-only or text-only
+    step gives the video path's own parameters (BLIP-2's video Q-Former, Flamingo's frame embeddings) a gradient,
+    exactly 0, and leaves the loss as it is."""
+    from conftest import random_image
+    from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor(family, video=True, num_frames=FRAMES, **video)
+    own = [name for name, _ in model.named_parameters() if "video" in name or "frame" in name]
+    assert own
+    for inputs in (processor(images=[random_image(0)], text=["<image> a red square"], return_tensors="pt"),
+                   processor(text=["a red square"], return_tensors="pt")):
+        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] >= model.config.text_config.vocab_size, -100)
+        with torch.no_grad():
+            expected = model.eval()(**inputs, labels=labels).loss
+        model.train().zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        assert loss.item() == expected.item()
+        grads = dict(model.named_parameters())
+        assert all(grads[name].grad is not None and not grads[name].grad.any() for name in own)

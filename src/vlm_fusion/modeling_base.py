@@ -306,6 +306,8 @@ class FusionModel(FusionPreTrainedModel):
         """`inputs_embeds` `(B, T, D)` with each clip's visual tokens at its `video_token_id` positions; returns
         `(inputs_embeds, video_outputs)`."""
         if pixel_values_videos is None:
+            if self.training and self.config.video_token_id is not None:  # see `blank_video_tokens`
+                inputs_embeds = inputs_embeds + 0.0 * self.blank_video_tokens().sum().to(inputs_embeds.dtype)
             return inputs_embeds, None
         video_outputs = self.get_video_features(pixel_values_videos, return_dict=True, **kwargs)
         video_mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id=self.config.video_token_id)
@@ -330,6 +332,14 @@ class FusionModel(FusionPreTrainedModel):
         """
         tokens = self.get_image_features(**self.blank_image_inputs(), return_dict=True).pooler_output
         return torch.cat([t.flatten() for t in tokens]) if isinstance(tokens, (list, tuple)) else tokens
+
+    def blank_video_tokens(self) -> torch.Tensor:
+        """The visual tokens of a one-frame blank clip. A training step of a model that reads clips whose batch holds
+        none adds them times 0, for `blank_image_tokens`' reason: the video path's own parameters (a frame-position
+        embedding, a video Q-Former, a newline) take part in every step of every process."""
+        inputs = self.blank_image_inputs()
+        pixels = inputs.pop("pixel_values")[:, None]  # (1, 1, C, S, S)
+        return self.get_video_features(pixels, return_dict=True, **inputs).pooler_output
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
                              token_id: int | None = None) -> torch.BoolTensor:

@@ -19,7 +19,7 @@ Legend: B batch, T text positions, N media (images and clips, whole batch), M mo
 per media, V vision tokens per image, F frames per clip, D_v vision width, D LM width, H heads, d head width.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -477,6 +477,9 @@ class FusionFlamingoModel(FusionModel):
             if has_pixels:
                 media_cache, image_outputs, video_outputs = self.encode_media(pixel_values, media_mask,
                                                                               pixel_values_videos, video_mask)
+            if self.training and self.config.video_token_id is not None and pixel_values_videos is None:
+                blank = 0.0 * self.blank_video_tokens().sum()  # see `FusionModel.blank_video_tokens`
+                media_cache = replace(media_cache, media=media_cache.media + blank.to(media_cache.media.dtype))
             allowed, no_media = self._media_masks(media_cache, media_mask)
             self._context = CrossAttentionContext(media_cache, allowed, no_media,
                                                   self.reuse_media_kv and not checkpointing)
