@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -82,3 +83,22 @@ def test_the_stage1_commands_run_as_written(tmp_path):
     assert type(AutoModel.from_pretrained(tmp_path / "qformer")).__name__ == "FusionBlip2ForImageTextRetrieval"
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "blip2-align")).__name__ == \
         "FusionBlip2ForConditionalGeneration"
+
+
+def test_the_video_training_commands_run_as_written(tmp_path):
+    """The README's "Train on clips": its snippet writes the parts and the clips, each `vlm-fusion train` command runs
+    as printed, and `vlm-fusion generate` answers about a clip with the trained model, as the section says."""
+    section = (ROOT / "README.md").read_text().split("### Train on clips")[1].split("\n## ")[0]
+    snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].replace("\\\n", " ")
+    generate = re.search(r"`(vlm-fusion generate [^`]+)`", section.replace("\n", " ")).group(1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, check=True, capture_output=True)
+    vlm_fusion = os.path.join(os.path.dirname(sys.executable), "vlm-fusion")
+    for line in [line for line in commands.splitlines() if line.startswith("vlm-fusion ")] + [generate]:
+        done = subprocess.run([vlm_fusion, *shlex.split(line)[1:]], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(tmp_path / "llava-video-instruct").video_processor.num_frames == 4

@@ -133,8 +133,11 @@ def test_two_processes_train_as_one_on_clips_beside_images(parts, probe, tmp_pat
     """The same on LLaVA-Video-style clips mixed with images and text (tools.tiny.write_training_clips): a step where
     one process holds a clip and the other none runs the video path in both (`blank_video_tokens`)."""
     video = dict(data="mixed.json", extra=["--num-frames", "4"])
-    one = run(parts, probe, tmp_path / "one", **video)
-    assert_trained_as_one(run(parts, probe, tmp_path / "two", "ddp", **video), one, "ddp", probe, tmp_path / "two")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = run(parts, probe, tmp_path / "one" / "out", **video)  # each run its own data cache
+    two = tmp_path / "two" / "out"
+    assert_trained_as_one(run(parts, probe, two, "ddp", **video), one, "ddp", probe, two)
 
 
 def assert_trained_as_one(result, reference, engine, probe, out):

@@ -88,14 +88,16 @@ def options(parts, out, data, stage="align", **kwargs):
     return TrainOptions(**{**defaults, **model, **kwargs})
 
 
-def streamed_batches(run, make_item, collator):
-    """The first pass of a one-reader stream, batched by 4, as the trainer gets it (the reader's place taken off)."""
+def streamed_batches(run, make_item, collator, count=16, batch=4):
+    """The first pass (`count` samples) of a one-reader stream, batched by `batch`, as the trainer gets it (the
+    reader's place taken off)."""
     from vlm_fusion.training.streaming import StreamCollator, StreamDataset, open_stream
 
     dataset = StreamDataset(open_stream(run), make_item, seed=run.seed, image_folder=None)
-    items = list(islice(iter(dataset), 16))
-    batches = [StreamCollator(collator)(items[i: i + 4]) for i in range(0, 16, 4)]
-    assert [b.pop("stream_state")[2].item() for b in batches] == [4, 8, 12, 16]  # the place: records read so far
+    items = list(islice(iter(dataset), count))
+    batches = [StreamCollator(collator)(items[i: i + batch]) for i in range(0, count, batch)]
+    places = [b.pop("stream_state")[2].item() for b in batches]
+    assert places == list(range(batch, count + 1, batch))  # the place: records read so far
     return batches
 
 
@@ -143,7 +145,8 @@ def test_streamed_qformer_batches_equal_the_same_pairs_given_as_llava_json(parts
     assert_equal_batches(streamed, reference)  # image_ids too: img2dataset's numeric keys
 
 
-BROKEN = {"unreadable shard": 1, "no image": 1, "no caption": 1, "unreadable image": 1}
+BROKEN = {"unreadable shard": 1, "no image": 1, "no caption": 1, "unreadable image": 1, "unreadable clip": 0,
+          "short clip": 0}  # clips: test_training_video
 
 
 @pytest.mark.parametrize("workers", [0, 2])

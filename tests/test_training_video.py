@@ -218,3 +218,57 @@ def test_a_training_step_without_a_clip_runs_the_video_path_at_zero_gradient(fam
         assert loss.item() == expected.item()
         grads = dict(model.named_parameters())
         assert all(grads[name].grad is not None and not grads[name].grad.any() for name in own)
+
+
+def write_clip_shards(parts, folder, broken=False) -> str:
+    """The video files of `videos.json` (its even samples) as WebVid-style shards, two clips each: `KEY.mp4` +
+    `KEY.txt`; `broken` adds a clip that is not a video and one with too few frames. Returns the brace pattern."""
+    import io
+    import tarfile
+
+    from test_video import write_clip
+
+    rows = [row for row in json.loads((parts / "videos.json").read_text()) if row["video"].endswith(".mp4")]
+    folder.mkdir(parents=True, exist_ok=True)
+    extras = [("000000100", b"not a video"), ("000000101", None)] if broken else []
+    for n in range(2):
+        with tarfile.open(folder / f"{n:05d}.tar", "w") as tar:
+            samples = [(f"{2 * n + i:09d}", rows[2 * n + i]) for i in range(2)]
+            for key, payload in ([extras[n]] if broken else []) + [
+                    (key, (parts / "images" / row["video"]).read_bytes()) for key, row in samples]:
+                if payload is None:  # a clip of 2 frames
+                    write_clip(folder / "short.mp4", frames=2, size=(32, 32))
+                    payload = (folder / "short.mp4").read_bytes()
+                caption = next((r["conversations"][1]["value"] for k, r in samples if k == key), "a broken one")
+                for name, data in ((f"{key}.mp4", payload), (f"{key}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder / "{00000..00001}.tar")
+
+
+def test_streamed_clip_shards_give_the_batches_of_the_same_clips_in_llava_json(parts, tmp_path):
+    from test_training_streaming import assert_equal_batches, streamed_batches
+
+    from vlm_fusion.training.conversations import ConversationDataset, batch_collator, prepare_data
+    from vlm_fusion.training.generation import AlignItems
+    from vlm_fusion.training.streaming import pass_order
+
+    run = options(parts, tmp_path / "out", data=write_clip_shards(parts, tmp_path / "shards"))
+    model, processor = load_generation_model(run)
+    collator = batch_collator(model, processor)
+    streamed = streamed_batches(run, AlignItems(processor, "plain", "\n", run.max_length), collator, count=4, batch=2)
+    rows = [row for row in json.loads((parts / "videos.json").read_text()) if row["video"].endswith(".mp4")]
+    (tmp_path / "clips.json").write_text(json.dumps(rows))
+    prepared, kept, _ = prepare_data(options(parts, tmp_path / "out", data=str(tmp_path / "clips.json"),
+                                             data_cache=str(tmp_path / "cache")), processor, "plain",
+                                     str(tmp_path / "clips.json"))
+    dataset = ConversationDataset(processor, prepared, kept)
+    order = [2 * shard + i for shard in pass_order(2, 0, 0) for i in range(2)]
+    assert_equal_batches(streamed, [collator([dataset[i] for i in order[b: b + 2]]) for b in (0, 2)])
+
+
+def test_broken_and_short_clips_in_shards_are_counted_and_skipped(parts, tmp_path):
+    summary = train(options(parts, tmp_path / "out", data=write_clip_shards(parts, tmp_path / "shards", broken=True),
+                            max_steps=2, batch_size=2))
+    assert summary["samples_broken"]["unreadable clip"] == 1 and summary["samples_broken"]["short clip"] == 1

@@ -8,7 +8,8 @@ from .common import MODEL_HELP, fail, load_failure, positive_int, quiet, resolve
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--image", help="an image file")
-    p.add_argument("--video", help="a video file (read with PyAV), for a model whose processor reads clips")
+    p.add_argument("--video", help="a video file (read with PyAV) or a frames folder, for a model whose processor reads "
+                   "clips")
     p.add_argument("--num-frames", type=positive_int, default=None,
                    help="frames sampled from --video, uniformly (default: the video processor's)")
     p.add_argument("--prompt", required=True, help="the question; it is put in the model's chat template")

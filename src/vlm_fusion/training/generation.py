@@ -8,10 +8,10 @@ image-caption pairs streamed from shards.
                     one-turn conversation (`AlignItems`)  ->  Run
 """
 
-from PIL import Image
+import numpy as np
 
 from .conversations import ConversationDataset, batch_collator, model_item, plain_end, prepare_data
-from .data import IMAGE, Conversation, DataError
+from .data import IMAGE, VIDEO, Conversation, DataError
 from .encoding import Encoder, expand
 from .models import load_generation_model, load_processor, model_to_train
 from .options import TrainOptions
@@ -78,18 +78,24 @@ def streamed_pairs_run(options: TrainOptions, stage: Stage, layout: str, resume_
 
 class AlignItems:
     """The `align` stage's item, as `conversations.ConversationDataset` makes it for the same pair in LLaVA's JSON: one user
-    turn `<image>`, one assistant turn the caption, encoded in the stage's layout (by the data pass's `Encoder`)."""
+    turn `<image>` (or `<video>`: a clip's frames, `(F, H, W, C)`), one assistant turn the caption, encoded in the
+    stage's layout (by the data pass's `Encoder`)."""
 
     def __init__(self, processor, layout: str, plain_end: str, max_length: int):
         self.processor, self.max_length = processor, max_length
         self.encoder = Encoder(processor, layout, plain_end)
+        video_processor = getattr(processor, "video_processor", None)
+        self.num_frames = video_processor.num_frames if video_processor is not None else None  # a clip holds this many
 
-    def __call__(self, key: str, image: Image.Image, caption: str) -> dict:
-        conversation = Conversation(key, [{"role": "user", "content": IMAGE},
-                                          {"role": "assistant", "content": caption}], [image])
-        row = self.encoder(conversation, [(image.height, image.width)])
+    def __call__(self, key: str, media, caption: str) -> dict:
+        clip = isinstance(media, np.ndarray)
+        images, videos = ([], [media]) if clip else ([media], [])
+        conversation = Conversation(key, [{"role": "user", "content": VIDEO if clip else IMAGE},
+                                          {"role": "assistant", "content": caption}], images, videos)
+        row = self.encoder(conversation, [(image.height, image.width) for image in images])
         if row["length"] > self.max_length:
             raise Skip("too long", f"sample {key}: {row['length']} tokens, over --max-length {self.max_length}")
-        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id)
-        return model_item(self.processor, key, [image], row["text"], row["add_special_tokens"], input_ids, labels,
-                          row["instruction"])
+        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id,
+                                   row["video_tokens"], getattr(self.processor, "video_token_id", None))
+        return model_item(self.processor, key, images, row["text"], row["add_special_tokens"], input_ids, labels,
+                          row["instruction"], videos)

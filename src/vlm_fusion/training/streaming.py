@@ -7,7 +7,8 @@ as `img2dataset` writes them, or a local `datasets` dataset read in streaming mo
 
 What `--data` names. Shards — `'shards/{00000..00999}.tar'` (braces expanded), a glob, a folder of `.tar` files or one
 `.tar` — are always streamed: per sample `KEY.jpg|jpeg|png|webp` + `KEY.txt` and/or `KEY.json` (its `"caption"`), the
-members of a sample next to each other (img2dataset's layout). A `datasets` dataset (a `save_to_disk` folder, or
+members of a sample next to each other (img2dataset's layout); or, for clip captions (WebVid-style, `align` with
+`--num-frames`), `KEY.mp4|webm|mkv|avi|mov` in place of the image, decoded by PyAV in the data loader's worker. A `datasets` dataset (a `save_to_disk` folder, or
 `.parquet` files) is streamed with `--streaming`: without it a folder means TRL's `messages` format, read into memory.
 Its image column is `image` (or `jpg` / `png` / `webp`: a PIL image, a path, bytes, or `{"bytes", "path"}`), its
 caption column `caption` (or `text` / `txt`).
@@ -43,7 +44,8 @@ have, and with Trainer's restored RNG state, ends at the same weights. Not repro
 process count (refused), shards changed on disk, and the worker processes' own random state (the pipeline draws none).
 
 Counted and skipped (never a crash hours in): a shard that is not a readable tar file (or breaks mid-way), a sample
-with no image or no caption, an image that does not decode, and (align) a sample longer than `--max-length` tokens.
+with no image or no caption, an image that does not decode, a clip that does not decode or holds fewer frames than
+the model samples, and (align) a sample longer than `--max-length` tokens.
 The counts go into the logs (`samples_broken`), the summary and `training_summary.json`.
 
 Legend: S readers (processes x workers), K shards, B samples in a batch.
@@ -61,6 +63,7 @@ import tarfile
 from dataclasses import dataclass, replace
 from itertools import islice
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers.utils import logging
@@ -70,8 +73,10 @@ from .distributed import rank, world_size
 
 logger = logging.get_logger("vlm_fusion.training")
 
-REASONS = ("unreadable shard", "no image", "no caption", "unreadable image", "too long")
+REASONS = ("unreadable shard", "no image", "no caption", "unreadable image", "too long", "unreadable clip",
+           "short clip")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")  # a sample's clip: its bytes, decoded by PyAV
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "text", "txt")
 ROWS_PER_SHARD = 10_000  # a `datasets` folder is read in contiguous shards of about this size (img2dataset's default)
@@ -194,6 +199,8 @@ class TarShard:
     def record(self, tar, key, members):
         def read():
             image = next((tar.extractfile(members[e]).read() for e in IMAGE_EXTENSIONS if e in members), None)
+            if image is None:
+                image = next((Clip(tar.extractfile(members[e]).read()) for e in VIDEO_EXTENSIONS if e in members), None)
             caption = None
             if "txt" in members:
                 caption = tar.extractfile(members["txt"]).read().decode("utf-8", errors="replace")
@@ -344,8 +351,28 @@ def decode_image(value, image_folder: str | None) -> Image.Image:
     return image.convert("RGB")
 
 
-def checked(record: Record, image_folder: str | None) -> tuple[Image.Image, str]:
-    """The record's decoded image and caption, or `Skip` saying what is wrong with it."""
+@dataclass(frozen=True)
+class Clip:
+    """A sample's clip as its shard holds it: a video file's bytes (`KEY.mp4`, WebVid-style shards)."""
+
+    data: bytes
+
+
+def decode_clip(clip: Clip) -> np.ndarray:
+    """Every frame of the clip, `(F, H, W, C)` uint8 (the model's video processor samples from them, as it samples
+    a file's). PyAV raises for bytes that are not a video."""
+    import av
+
+    with av.open(io.BytesIO(clip.data)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    if not frames:
+        raise ValueError("no frames")
+    return np.stack(frames)
+
+
+def checked(record: Record, image_folder: str | None, num_frames: int | None = None):
+    """The record's decoded image (or a clip's frames) and caption, or `Skip` saying what is wrong with it;
+    `num_frames`: the frames a clip must hold at least (the model's video processor samples them)."""
     if record.problem:
         raise Skip("unreadable shard", f"shard {record.where}: {record.problem}")
     image, caption = record.read()
@@ -355,6 +382,17 @@ def checked(record: Record, image_folder: str | None) -> tuple[Image.Image, str]
     caption = caption.replace(IMAGE, "").strip() if isinstance(caption, str) else ""
     if not caption:
         raise Skip("no caption", f"{where}: no caption")
+    if isinstance(image, Clip):
+        if num_frames is None:
+            raise DataError(f"{where} is a clip and the model reads no video: compose it from parts with "
+                            "--num-frames N, or start from a checkpoint that reads clips")
+        try:
+            frames = decode_clip(image)
+        except Exception as error:  # PyAV raises many kinds for broken bytes
+            raise Skip("unreadable clip", f"{where}: not a clip PyAV can read ({error})") from None
+        if len(frames) < num_frames:
+            raise Skip("short clip", f"{where}: {len(frames)} frames, fewer than the {num_frames} the model samples")
+        return frames, caption
     try:
         image = decode_image(image, image_folder)
     except Exception as error:  # PIL raises many kinds for a broken image
@@ -364,7 +402,8 @@ def checked(record: Record, image_folder: str | None) -> tuple[Image.Image, str]
 
 class StreamDataset(torch.utils.data.IterableDataset):
     """The stream of one process: each data loader worker is one reader; `make_item(key, image, caption)` is the
-    stage's item. `start` holds each reader's place from a checkpoint; worker `w` reads for reader `(w + rotation) % W`, so
+    stage's item (`image` a clip's frames `(F, H, W, C)` where the shard holds a clip and `make_item.num_frames` says
+    how many the model samples). `start` holds each reader's place from a checkpoint; worker `w` reads for reader `(w + rotation) % W`, so
 that the worker whose batch comes first is the one whose batch was next when the checkpoint was taken."""
 
     def __init__(self, stream: Stream, make_item, *, seed: int, image_folder: str | None, start: dict | None = None,
@@ -391,7 +430,8 @@ that the worker whose batch comes first is the one whose batch was next when the
             for record in islice((r for shard in mine for r in shard.records()), skip, None):
                 position += 1
                 try:
-                    item = self.make_item(record.key, *checked(record, self.image_folder))
+                    media = checked(record, self.image_folder, getattr(self.make_item, "num_frames", None))
+                    item = self.make_item(record.key, *media)
                 except Skip as skipped:
                     counts[REASONS.index(skipped.reason)] += 1
                     if counts[REASONS.index(skipped.reason)] <= WARNINGS_PER_REASON:
