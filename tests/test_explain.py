@@ -181,6 +181,207 @@ def test_flamingo_text_after_the_second_image_looks_only_at_it():
     assert result.maps()[0].abs().sum() == 0 and result.maps()[1].abs().sum() > 0
 
 
+# ---- relevance: the paper's rules on attention and gradients read directly ---------------------------------------
+def recorded_attention(model, inputs, rows, token_ids):
+    """Every attention of one forward pass (tower, bridge, LM: all SDPA, swapped for a softmax we keep), in call
+    order, and per answer token each one's gradient by plain `.backward()` of the token's logit."""
+    record = []
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if k.shape[-3] != q.shape[-3]:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+        scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if is_causal:
+            attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        probs = scores.softmax(-1)
+        probs.retain_grad()
+        record.append(probs)
+        return probs @ v
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        logits = model(**inputs).logits[0]
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    grads = []
+    for row, token in zip(rows.tolist(), token_ids):
+        for probs in record:
+            probs.grad = None
+        logits[row, token].backward(retain_graph=True)
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in record])
+    return [p.detach() for p in record], grads
+
+
+def cam(probs, grad):  # eq. 5: E_h[(grad * A)+], (H, n, m) -> (n, m)
+    return (grad * probs).clamp(min=0).mean(0)
+
+
+def r_bar(r):  # eq. 8-9: identity out, rows normalised (a zero row stays zero), identity back
+    eye = torch.eye(len(r))
+    hat = r - eye
+    total = hat.sum(-1, keepdim=True)
+    return hat / torch.where(total > 0, total, torch.ones_like(total)) + eye
+
+
+def tower_rule(probs, grads, image):
+    r = torch.eye(probs[0].shape[-1])
+    for a, g in zip(probs, grads):
+        r = r + cam(a[image], g[image]) @ r
+    return r
+
+
+def full_inputs(processor, images, prompt, token_ids):
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([token_ids])], 1)
+    rows = torch.arange(len(token_ids)) + inputs["input_ids"].shape[1] - 1
+    return {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, rows
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_llava_relevance_is_the_papers_self_attention_rule_through_the_lm_then_the_tower(strategy):
+    """Chefer et al. 2021 on LLaVA: R = I, R += Ā·R per layer over the LM's sequence; the token's row at the image's
+    positions, times the tower's own R (its prefix token dropped), is the map."""
+    model, processor = tiny_model_and_processor("fusion_llava", vision_feature_select_strategy=strategy)
+    images = [random_image(0), random_image(1)]
+    prompt = "<image> a <image> what is this ?"
+    result = explain(model, processor, images, prompt, method="relevance", max_new_tokens=3)
+    inputs, rows = full_inputs(processor, images, prompt, result.token_ids)
+    probs, grads = recorded_attention(model, inputs, rows, result.token_ids)
+    tower_layers = model.config.vision_config.num_hidden_layers
+    assert len(probs) == tower_layers + model.config.text_config.num_hidden_layers
+    positions = image_positions(inputs["input_ids"], model.config.image_token_id).split(len(images) * [16 + (strategy == "full")])
+    for t, row in enumerate(rows.tolist()):
+        r = torch.eye(inputs["input_ids"].shape[1])
+        for a, g in zip(probs[tower_layers:], grads[t][tower_layers:]):
+            r = r + cam(a[0], g[0]) @ r
+        for image, run in enumerate(positions):
+            tower = tower_rule(probs[:tower_layers], grads[t][:tower_layers], image)  # (17, 17): CLS, then 16 patches
+            expected = (r[row, run] @ tower[-len(run):])[1:].reshape(4, 4)
+            assert_reordered(result.maps()[image][t], expected)
+    assert result.maps()[0].abs().sum() > 0 and result.layers == ["all"]
+
+
+def test_blip2_relevance_follows_the_qformers_self_and_cross_attention_rules():
+    """BLIP-2: the LM's R at the query positions, times the Q-Former's R_qi (per layer: R_qq += Ā·R_qq and
+    R_qi += Ā·R_qi over the queries, then R_qi += R̄_qqᵀ·Ā over the image), times the tower's R."""
+    model, processor = tiny_model_and_processor("fusion_blip2")
+    image, prompt = random_image(2), "what is this ? <image> a"
+    result = explain(model, processor, [image], prompt, method="relevance", max_new_tokens=3)
+    inputs, rows = full_inputs(processor, [image], prompt, result.token_ids)
+    probs, grads = recorded_attention(model, inputs, rows, result.token_ids)
+    tower_layers = model.config.vision_config.num_hidden_layers
+    qformer = [("cross" if i % 2 else "self") for i in range(2 * model.config.qformer_num_hidden_layers)]
+    qformer = [kind for index, kind in enumerate(qformer)
+               if kind == "self" or (index // 2) % model.config.cross_attention_frequency == 0]
+    assert len(probs) == tower_layers + len(qformer) + model.config.text_config.num_hidden_layers
+    queries = image_positions(inputs["input_ids"], model.config.image_token_id)
+    Q = model.config.num_query_tokens
+    for t, row in enumerate(rows.tolist()):
+        g = grads[t]
+        tower = tower_rule(probs[:tower_layers], g[:tower_layers], 0)
+        r_qq, r_qi = torch.eye(Q), torch.zeros(Q, tower.shape[0] - (model.config.vision_feature_select_strategy == "default"))
+        for kind, a, ga in zip(qformer, probs[tower_layers:], g[tower_layers:]):
+            c = cam(a[0], ga[0])
+            if kind == "self":
+                r_qq, r_qi = r_qq + c @ r_qq, r_qi + c @ r_qi
+            else:
+                r_qi = r_qi + r_bar(r_qq).T @ c
+        r = torch.eye(inputs["input_ids"].shape[1])
+        for a, ga in zip(probs[tower_layers + len(qformer):], g[tower_layers + len(qformer):]):
+            r = r + cam(a[0], ga[0]) @ r
+        on_features = r[row, queries] @ r_qi
+        expected = (on_features @ tower[-len(on_features):])[1:].reshape(4, 4)
+        assert_reordered(result.maps()[0][t], expected)
+    assert result.maps()[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("open_gates", [True, False])
+def test_flamingo_relevance_follows_the_resampler_and_gated_cross_attention_rules(open_gates):
+    """Flamingo: the resampler's one softmax over [media; latents] split into its cross part (R_li += R̄_llᵀ·Ā) and
+    its self part (R_ll += Ā·R_ll, R_li += Ā·R_li); in the LM, each gated block R_tl += R̄_ttᵀ·Ā, each decoder layer
+    R_tt += Ā·R_tt, R_tl += Ā·R_tl. The gate is in the gradient: shut gates give no relevance at all."""
+    model, processor = build_flamingo(open_gates=open_gates)
+    image, prompt = random_image(0), "<image>a red circle"
+    result = explain(model, processor, [image], prompt, method="relevance", max_new_tokens=3)
+    if not open_gates:
+        assert torch.equal(result.maps()[0], torch.zeros_like(result.maps()[0]))
+        return
+    inputs, rows = full_inputs(processor, [image], prompt, result.token_ids)
+    probs, grads = recorded_attention(model, inputs, rows, result.token_ids)
+    tower_layers, depth = model.config.vision_config.num_hidden_layers, model.config.perceiver_depth
+    gated = {int(i) for i in model.gated_cross_attn_layers}
+    lm_kinds = [kind for i in range(model.config.text_config.num_hidden_layers)
+                for kind in (["gated"] if i in gated else []) + ["self"]]
+    assert len(probs) == tower_layers + depth + len(lm_kinds)
+    L = model.config.num_latents
+    for t, row in enumerate(rows.tolist()):
+        g = grads[t]
+        tower = tower_rule(probs[:tower_layers], g[:tower_layers], 0)
+        V = tower.shape[0] - 1  # the default strategy: the patches, CLS out
+        r_ll, r_li = torch.eye(L), torch.zeros(L, V)
+        for a, ga in zip(probs[tower_layers : tower_layers + depth], g[tower_layers : tower_layers + depth]):
+            c = cam(a[0], ga[0])  # (L, V + L)
+            r_ll, r_li = r_ll + c[:, V:] @ r_ll, r_li + c[:, V:] @ r_li + r_bar(r_ll).T @ c[:, :V]
+        S = inputs["input_ids"].shape[1]
+        r_tt, r_tl = torch.eye(S), torch.zeros(S, L)
+        for kind, a, ga in zip(lm_kinds, probs[tower_layers + depth :], g[tower_layers + depth :]):
+            c = cam(a[0], ga[0])
+            if kind == "gated":
+                r_tl = r_tl + r_bar(r_tt).T @ c
+            else:
+                r_tt, r_tl = r_tt + c @ r_tt, r_tl + c @ r_tl
+        expected = (r_tl[row] @ r_li @ tower[1:])[1:].reshape(4, 4)
+        assert_reordered(result.maps()[0][t], expected)
+    assert result.maps()[0].abs().sum() > 0
+
+
+# ---- occlusion: a batched loop equals one masked image at a time ------------------------------------------------
+@pytest.mark.parametrize("family", ["fusion_llava", "fusion_blip2", "fusion_flamingo"])
+@pytest.mark.parametrize("baseline", ["mean", "blur"])
+def test_occlusion_equals_a_loop_of_one_masked_image_at_a_time(family, baseline):
+    from vlm_fusion.explain.occlusion import baseline_pixels
+
+    model, processor = build_flamingo() if family == "fusion_flamingo" else tiny_model_and_processor(family)
+    images = [random_image(0), random_image(1)]
+    prompt = "<image>a red<|endofchunk|><image>a" if family == "fusion_flamingo" else "<image> a <image> what is this ?"
+    if family == "fusion_blip2":
+        images, prompt = images[:1], "what is this ? <image> a"
+    result = explain(model, processor, images, prompt, method="occlusion", baseline=baseline, grid=(2, 3),
+                     batch_size=4, max_new_tokens=3)
+    inputs, rows = full_inputs(processor, images, prompt, result.token_ids)
+    pixels = inputs["pixel_values"]
+    fill = baseline_pixels(pixels, baseline)
+
+    def logprobs(pixel_values):
+        with torch.no_grad():
+            logits = model(**{**inputs, "pixel_values": pixel_values}).logits[0, rows]
+        return logits.log_softmax(-1)[torch.arange(len(rows)), result.token_ids]
+
+    reference = logprobs(pixels)
+    Y, X = pixels.shape[-2:]
+    for image in range(len(images)):
+        assert result.maps()[image].shape == (len(result.tokens), 2, 3)
+        for r in range(2):
+            for c in range(3):
+                masked = pixels.clone()
+                ys, xs = slice(r * Y // 2, (r + 1) * Y // 2), slice(c * X // 3, (c + 1) * X // 3)
+                masked[image, :, ys, xs] = fill[image, :, ys, xs]
+                assert_reordered(result.maps()[image][:, r, c], reference - logprobs(masked))
+
+
+def test_the_mean_baseline_is_the_images_mean_colour_and_the_blur_keeps_a_flat_image():
+    from vlm_fusion.explain.occlusion import baseline_pixels
+
+    pixels = torch.rand(2, 3, 12, 16)
+    torch.testing.assert_close(baseline_pixels(pixels, "mean")[:, :, 5, 7], pixels.mean((-1, -2)))
+    flat = torch.full((1, 3, 12, 16), 0.25)
+    assert_reordered(baseline_pixels(flat, "blur"), flat)
+
+
 # ---- pictures and the page ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
 def test_cli_writes_a_picture_per_token_a_grid_and_a_page(family, tmp_path, capsys):

@@ -40,13 +40,15 @@ def baseline_pixels(pixel_values: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def cell_masks(grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """`(h*w, Y, X)` bool: cell k (row by row) of an `h x w` grid over a `Y x X` image."""
+    """`(h*w, Y, X)` bool: cell k (row by row) of an `h x w` grid over a `Y x X` image; cell (r, c) spans rows
+    `r*Y//h` to `(r+1)*Y//h` and columns `c*X//w` to `(c+1)*X//w`."""
     h, w = grid
     Y, X = size
-    rows = torch.arange(Y) * h // Y  # (Y,) the grid row of each pixel row
-    cols = torch.arange(X) * w // X
-    cell = rows[:, None] * w + cols[None, :]  # (Y, X)
-    return cell[None] == torch.arange(h * w)[:, None, None]
+    masks = torch.zeros(h * w, Y, X, dtype=torch.bool)
+    for r in range(h):
+        for c in range(w):
+            masks[r * w + c, r * Y // h : (r + 1) * Y // h, c * X // w : (c + 1) * X // w] = True
+    return masks
 
 
 def answer_logprobs(model, inputs: dict, rows: torch.Tensor, token_ids: torch.Tensor, variants: torch.Tensor,
