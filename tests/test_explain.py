@@ -356,10 +356,14 @@ def test_occlusion_equals_a_loop_of_one_masked_image_at_a_time(family, baseline)
     pixels = inputs["pixel_values"]
     fill = baseline_pixels(pixels, baseline)
 
-    def logprobs(pixel_values):
+    def logprobs(pixel_values):  # as log-odds: log p - log(1 - p), 1 - p summed over the other tokens
         with torch.no_grad():
-            logits = model(**{**inputs, "pixel_values": pixel_values}).logits[0, rows]
-        return logits.log_softmax(-1)[torch.arange(len(rows)), result.token_ids]
+            logits = model(**{**inputs, "pixel_values": pixel_values}).logits[0, rows].double()
+        logp = logits.log_softmax(-1)
+        chosen = logp[torch.arange(len(rows)), result.token_ids]
+        others = torch.stack([torch.cat([row[:token], row[token + 1 :]]).logsumexp(0)
+                              for row, token in zip(logp, result.token_ids)])
+        return (chosen - others).float()
 
     reference = logprobs(pixels)
     Y, X = pixels.shape[-2:]
@@ -385,6 +389,7 @@ def test_the_mean_baseline_is_the_images_mean_colour_and_the_blur_keeps_a_flat_i
 # ---- pictures and the page ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
 def test_cli_writes_a_picture_per_token_a_grid_and_a_page(family, tmp_path, capsys):
+    """Every method side by side: a picture per answer token but the special ones, each with one row per method."""
     from PIL import Image
 
     from vlm_fusion.demo import shapes
@@ -392,10 +397,11 @@ def test_cli_writes_a_picture_per_token_a_grid_and_a_page(family, tmp_path, caps
     path = tmp_path / "scene.png"
     shapes.render(shapes.sample_scene(__import__("numpy").random.default_rng(1))).save(path)
     assert main(["explain", "--model", f"demo:{family}", "--image", str(path), "--prompt", "how many shapes are there ?",
-                 "--out", str(tmp_path / "out")]) == 0
+                 "--method", "all", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     pictures = sorted((tmp_path / "out").glob("token_*.png"))
-    assert pictures and f"{len(pictures)} answer tokens" in printed
+    assert pictures and f"{len(pictures)} pictures" in printed  # "two </s>": the </s> is left out
+    assert all(f"{method} " in printed for method in ("relevance", "occlusion", "attention"))
     assert Image.open(tmp_path / "out" / "answer.png").width >= Image.open(pictures[0]).width
     page = (tmp_path / "out" / "explain.html").read_text()
     assert "http://" not in page and "https://" not in page  # self-contained
@@ -445,35 +451,81 @@ def chromium_driver():
     return selenium.Chrome(options=options, service=service)
 
 
-def test_the_page_in_a_real_browser_shows_each_tokens_heatmap_and_locks_on_click(tmp_path):
+def test_the_page_in_a_real_browser_switches_methods_keeps_one_scale_and_locks_on_click(tmp_path):
+    """The methods side by side or one at a time, one colour scale for the answer whose number is the PNGs' (a
+    per-token switch), special tokens out of the strip, the question shown, a token locked by a click."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     model, processor = tiny_model_and_processor("fusion_llava")
-    result = explain(model, processor, [random_image(0)], PROMPT, max_new_tokens=4)
-    assert not torch.allclose(result.maps()[0][0], result.maps()[0][1])
-    written = write(result, str(tmp_path))
+    first = explain(model, processor, [random_image(0)], PROMPT, method="relevance", max_new_tokens=4,
+                    question="what is this ?")
+    results = [first] + [explain(model, processor, [random_image(0)], PROMPT, method=method, token_ids=first.token_ids,
+                                 question="what is this ?") for method in ("occlusion", "attention")]
+    results[0].special[-1] = True  # as a </s> would be: out of the strip and the pictures
+    assert not torch.allclose(first.maps()[0][0], first.maps()[0][1])
+    written = write(results, str(tmp_path))
+    assert len(written["tokens"]) == len(first.tokens) - 1
     driver = chromium_driver()
     try:
         driver.get(f"file://{written['page']}")
-        heat = driver.find_element(By.ID, "heat-0")
+        heat = driver.find_element(By.ID, "heat-0-0")  # relevance on image 0
 
-        def pixels():
-            return driver.execute_script("return arguments[0].toDataURL()", heat)
+        def pixels(canvas=heat):
+            return driver.execute_script("return arguments[0].toDataURL()", canvas)
 
+        assert "Question: what is this ?" in driver.find_element(By.ID, "question").text
+        last = driver.find_element(By.ID, f"token-{len(first.tokens) - 1}")
+        assert not last.is_displayed()  # the special token is out of the strip
+        driver.find_element(By.ID, "special").click()
+        assert last.is_displayed()
         blank = pixels()
         ActionChains(driver).move_to_element(driver.find_element(By.ID, "token-0")).perform()
-        first = pixels()
+        token_0 = pixels()
+        for k, method in enumerate(("relevance", "occlusion", "attention")):  # the PNGs' number on every legend
+            assert driver.find_element(By.ID, f"legend-top-{k}").text == f"{written['tops'][method]:.3g}"
         ActionChains(driver).move_to_element(driver.find_element(By.ID, "token-1")).perform()
-        second = pixels()
-        assert blank != first != second
+        token_1 = pixels()
+        assert blank != token_0 != token_1
         driver.find_element(By.ID, "token-0").click()  # lock token 0
         ActionChains(driver).move_to_element(driver.find_element(By.ID, "token-1")).perform()
-        assert pixels() == first and "locked" in driver.find_element(By.ID, "status").text
-        driver.find_element(By.ID, "layer").send_keys("1")  # one layer: a different map for the locked token
-        assert pixels() != first
+        assert pixels() == token_0 and "locked" in driver.find_element(By.ID, "status").text
+        Select(driver.find_element(By.ID, "scale")).select_by_value("token")  # per-token scaling
+        assert driver.find_element(By.ID, "legend-top-0").text == f"{float(first.maps()[0][0].max()):.3g}"
+        Select(driver.find_element(By.ID, "scale")).select_by_value("answer")
+        assert pixels() == token_0
+        methods = Select(driver.find_element(By.ID, "method"))
+        assert [o.text for o in methods.options] == ["side by side", "relevance", "occlusion", "attention"]
+        assert all(driver.find_element(By.ID, f"method-{k}").is_displayed() for k in range(3))
+        methods.select_by_visible_text("occlusion")
+        assert not driver.find_element(By.ID, "method-0").is_displayed()
+        assert driver.find_element(By.ID, "method-1").is_displayed()
+        attention = driver.find_element(By.ID, "heat-2-0")
+        methods.select_by_visible_text("attention")
+        before = pixels(attention)
+        Select(driver.find_element(By.ID, "layer")).select_by_value("1")  # one layer: another map for the locked token
+        assert pixels(attention) != before
+        methods.select_by_visible_text("side by side")
         driver.save_screenshot(str(tmp_path / "page.png"))
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_pictures_draw_each_patch_flat_and_nothing_past_the_images_edge():
+    """On the patch grid, each cell one colour; a region larger than the image (padded to a square) is cut at the
+    image's edge."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm_fusion.explain.render import overlay, shown
+
+    image = Image.new("RGB", (64, 32), (255, 255, 255))
+    heat = np.array([[0.0, 1.0], [0.5, 0.0]])
+    out = np.asarray(overlay(image, heat, (0, -16, 64, 48), top=1.0)).astype(int)  # the square around the image
+    base = np.asarray(shown(image)).astype(int)
+    assert out.shape == base.shape  # nothing drawn outside the image
+    cell = out[: out.shape[0] // 2, out.shape[1] // 2 :]  # the top right cell, inside the image: one flat colour
+    assert (cell == cell[0, 0]).all() and (cell != base[0, 0]).any()
