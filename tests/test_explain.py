@@ -386,6 +386,119 @@ def test_the_mean_baseline_is_the_images_mean_colour_and_the_blur_keeps_a_flat_i
     assert_reordered(baseline_pixels(flat, "blur"), flat)
 
 
+# ---- faithfulness: pointing and deletion / insertion AUC against brute force ---------------------------------------
+def test_pointing_and_deletion_insertion_auc_equal_brute_force():
+    """`evaluate` against a plain loop: the peak cell found cell by cell, its centre tested against the target; each
+    step of deletion and insertion as its own masked image, the token's probability by softmax, the trapezoids
+    summed by hand."""
+    from vlm_fusion.explain.faithfulness import Item, evaluate
+    from vlm_fusion.explain.occlusion import baseline_pixels
+
+    model, processor = tiny_model_and_processor("fusion_llava")
+    items = [Item(image=random_image(i), prompt=PROMPT, target=target, objects=[target, (0, 0, 48, 20)])
+             for i, target in enumerate([(0, 0, 24, 20), (24, 20, 48, 40), (12, 10, 36, 30)])]
+    methods = ["relevance", "occlusion", "attention"]
+    report = evaluate(model, processor, items, methods, baseline="mean", random_orders=1)
+    expected = {m: {"pointing": 0.0, "deletion": 0.0, "insertion": 0.0} for m in methods}
+    cell_chance = 0.0
+    for item in items:
+        first = explain(model, processor, [item.image], item.prompt, method="relevance")
+        inputs, rows = full_inputs(processor, [item.image], item.prompt, first.token_ids)
+        pixels = inputs["pixel_values"]
+        fill = baseline_pixels(pixels, "mean")
+        Y, X = pixels.shape[-2:]
+        left, top, right, bottom = first.regions[0]
+
+        def centre(r, c, h, w):
+            return left + (c + 0.5) * (right - left) / w, top + (r + 0.5) * (bottom - top) / h
+
+        def probability(pixel_values):
+            with torch.no_grad():
+                logits = model(**{**inputs, "pixel_values": pixel_values}).logits[0, rows[0]]
+            return float(logits.softmax(-1)[first.token_ids[0]])
+
+        for method in methods:
+            heat = explain(model, processor, [item.image], item.prompt, method=method,
+                           token_ids=first.token_ids).maps()[0][0]
+            h, w = heat.shape
+            cells = [(float(heat[r, c]), r * w + c) for r in range(h) for c in range(w)]
+            best = max(cells, key=lambda cell: (cell[0], -cell[1]))[1]  # the first of equal peaks
+            x, y = centre(*divmod(best, w), h, w)
+            expected[method]["pointing"] += item.target[0] <= x < item.target[2] and item.target[1] <= y < item.target[3]
+            order = [index for _, index in sorted(cells, key=lambda cell: (-cell[0], cell[1]))]
+            for kind in ("deletion", "insertion"):
+                curve = []
+                for k in range(len(order) + 1):
+                    image = pixels.clone() if kind == "deletion" else fill.clone()
+                    for index in order[:k]:
+                        r, c = divmod(index, w)
+                        ys, xs = slice(r * Y // h, (r + 1) * Y // h), slice(c * X // w, (c + 1) * X // w)
+                        image[0, :, ys, xs] = (fill if kind == "deletion" else pixels)[0, :, ys, xs]
+                    curve.append(probability(image))
+                area = sum((curve[k] + curve[k + 1]) / 2 for k in range(len(order))) / len(order)
+                expected[method][kind] += area
+        cell_chance += sum(item.target[0] <= centre(r, c, 4, 4)[0] < item.target[2]
+                           and item.target[1] <= centre(r, c, 4, 4)[1] < item.target[3]
+                           for r in range(4) for c in range(4)) / 16
+    for method in methods:
+        assert report[method]["pointing"] == expected[method]["pointing"] / len(items)
+        for kind in ("deletion", "insertion"):
+            assert report[method][kind] == pytest.approx(expected[method][kind] / len(items), abs=1e-5)
+        assert report[method]["seconds_per_token"] > 0
+    assert report["chance"]["random_cell"] == pytest.approx(cell_chance / len(items))
+    assert report["chance"]["random_object"] == pytest.approx(0.5)
+
+
+def test_evaluate_refuses_items_without_a_target_in_one_line(tmp_path, capsys):
+    from vlm_fusion.explain.faithfulness import Item, evaluate
+
+    model, processor = tiny_model_and_processor("fusion_llava")
+    with pytest.raises(ExplainError, match="item 1 has no target region"):
+        evaluate(model, processor, [Item(random_image(0), PROMPT, (0, 0, 4, 4)), Item(random_image(1), PROMPT, None)],
+                 ["occlusion"])
+    random_image(0).save(tmp_path / "a.png")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"image": "a.png", "question": "what colour is it ?", "target": [0, 0, 8, 8]}\n'
+                    '{"image": "a.png", "question": "what colour is it ?"}\n')
+    assert main(["explain", "--model", "demo:llava", "--evaluate", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "line 2 has no \"target\"" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_prints_a_table_with_the_chance_rates(tmp_path, capsys):
+    assert main(["explain", "--model", "demo:blip2", "--evaluate", "shapes", "--items", "3", "--method",
+                 "occlusion,relevance"]) == 0
+    printed = capsys.readouterr().out
+    assert "| demo:blip2 | occlusion |" in printed and "| demo:blip2 | relevance |" in printed
+    assert "3 items; answers right" in printed and "a random cell 11.1%" in printed and "random order" in printed
+
+
+def test_cli_bad_methods_and_markers_are_one_line(tmp_path, capsys):
+    image = tmp_path / "image.png"
+    random_image(0).save(image)
+    common = ["explain", "--model", "demo:llava", "--image", str(image), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        main(common + ["--prompt", "what ?", "--method", "gradcam"])
+    assert "unknown method 'gradcam'" in capsys.readouterr().err
+    assert main(common + ["--prompt", "<image> what colour is it ?"]) == 2  # the template adds its own marker
+    err = capsys.readouterr().err.strip()
+    assert "holds 1 <image> marker(s) and the chat template adds 1" in err and "2 in all for 1 image" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_relevance_on_a_language_model_without_attention_says_why_and_occlusion_still_works():
+    _, processor = tiny_model_and_processor("fusion_llava")
+    config = FusionLlavaConfig(vision_config=tiny_vision_config("clip"), image_token_id=processor.image_token_id,
+                               text_config={"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2,
+                                            "vocab_size": processor.image_token_id, "state_size": 4})
+    model = FusionLlavaForConditionalGeneration(config).eval()
+    with pytest.raises(ExplainError, match="method 'relevance' needs the language model's attention weights") as error:
+        explain(model, processor, [random_image(0)], PROMPT, method="relevance", max_new_tokens=2)
+    assert len(str(error.value).splitlines()) == 1 and "use --method occlusion" in str(error.value)
+    result = explain(model, processor, [random_image(0)], PROMPT, method="occlusion", max_new_tokens=2)
+    assert result.maps()[0].shape == (2, 4, 4)
+
+
 # ---- pictures and the page ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
 def test_cli_writes_a_picture_per_token_a_grid_and_a_page(family, tmp_path, capsys):
@@ -432,7 +545,7 @@ def test_a_language_model_without_attention_is_refused_in_one_line():
                                text_config={"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2,
                                             "vocab_size": processor.image_token_id, "state_size": 4})
     model = FusionLlavaForConditionalGeneration(config).eval()
-    with pytest.raises(ExplainError, match="no attention layers") as error:
+    with pytest.raises(ExplainError, match="has no attention layers") as error:
         explain(model, processor, [random_image(0)], PROMPT, max_new_tokens=2)
     assert len(str(error.value).splitlines()) == 1
 
