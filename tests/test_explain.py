@@ -499,6 +499,20 @@ def test_relevance_on_a_language_model_without_attention_says_why_and_occlusion_
     assert result.maps()[0].shape == (2, 4, 4)
 
 
+@pytest.mark.slow
+def test_the_benchmark_prints_a_row_per_size_family_and_method():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "explain.py"), "--sizes", "tiny", "--tokens", "2"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
+    assert len(rows) == 9 and all(row.split(" | ")[3] != "0.000" for row in rows if "occlusion" in row)
+    assert "at the start" in out and "at the end" in out
+
+
 # ---- pictures and the page ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
 def test_cli_writes_a_picture_per_token_a_grid_and_a_page(family, tmp_path, capsys):
