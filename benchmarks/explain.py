@@ -53,7 +53,7 @@ def demo_rows(items: int, baseline: str):
                    f"{s['pointing']:.1%}", f"{s['deletion']:.3f}", f"{s['insertion']:.3f}")
 
 
-def sized_rows(name: str, tokens: int, baseline: str, batch_size: int):
+def sized_rows(name: str, tokens: int, baseline: str, batch_size: int, grid=None):
     from PIL import Image
 
     size = SIZES[name]
@@ -66,7 +66,7 @@ def sized_rows(name: str, tokens: int, baseline: str, batch_size: int):
         for method in METHODS:
             started = time.perf_counter()
             result = explain(model, processor, [image], PROMPTS[family], method=method, token_ids=answer,
-                             baseline=baseline, batch_size=batch_size)
+                             baseline=baseline, batch_size=batch_size, grid=grid)
             seconds[method] = (time.perf_counter() - started) / len(result.tokens)
         for method in METHODS:
             yield (f"{name} {family.removeprefix('fusion_')}", method, f"{seconds[method]:.3f}",
@@ -80,9 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=4, help="default: answer tokens explained")
     parser.add_argument("--baseline", default="background")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--grid", help="occlusion's cells at setups.py's sizes, ROWSxCOLUMNS (default: the patch grid)")
     args = parser.parse_args(argv)
     print(f"benchmarks/explain.py at {commit()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{load_average()} at the start")
+    print(f"occlusion's grid at setups.py's sizes: {args.grid or 'the patch grid'}")
     print("| size, family | method | s / token | / occlusion | pointing | deletion AUC | insertion AUC |")
     print("|---|---|---:|---:|---:|---:|---:|")
     sizes = args.sizes.split(",")
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
         rows.append(demo_rows(args.items, args.baseline))
     for name in sizes:
         if name != "demo":  # a size of setups.py: default, large, tiny (the smoke test's)
-            rows.append(sized_rows(name, args.tokens, args.baseline, args.batch_size))
+            grid = tuple(int(v) for v in args.grid.split("x")) if args.grid else None
+            rows.append(sized_rows(name, args.tokens, args.baseline, args.batch_size, grid))
     for generator in rows:
         for row in generator:
             print("| " + " | ".join(row) + " |", flush=True)

@@ -377,13 +377,16 @@ def test_occlusion_equals_a_loop_of_one_masked_image_at_a_time(family, baseline)
                 assert_reordered(result.maps()[image][:, r, c], reference - logprobs(masked))
 
 
-def test_the_mean_baseline_is_the_images_mean_colour_and_the_blur_keeps_a_flat_image():
+def test_the_baselines_mean_colour_blur_and_background():
     from vlm_fusion.explain.occlusion import baseline_pixels
 
     pixels = torch.rand(2, 3, 12, 16)
     torch.testing.assert_close(baseline_pixels(pixels, "mean")[:, :, 5, 7], pixels.mean((-1, -2)))
     flat = torch.full((1, 3, 12, 16), 0.25)
     assert_reordered(baseline_pixels(flat, "blur"), flat)
+    scene = torch.rand(1, 3, 12, 16)
+    scene[..., 4:, :] = torch.tensor([0.9, 0.8, 0.7])[:, None, None]  # two thirds of the image one colour
+    assert torch.equal(baseline_pixels(scene, "background")[0, :, 0, 0], torch.tensor([0.9, 0.8, 0.7]))
 
 
 # ---- faithfulness: pointing and deletion / insertion AUC against brute force ---------------------------------------

@@ -43,10 +43,11 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="directory for token_NNN.png, answer.png and explain.html")
     p.add_argument("--method", type=methods, default=["relevance"],
                    help="relevance (default: gradient-weighted attention through LM, bridge and tower), occlusion "
-                        "(the fall in the token's log-probability when a cell is replaced; slow, causal), attention "
+                        "(the fall in the token's log-odds when a cell is replaced; slow, causal), attention "
                         "(the raw view); several comma-separated, or all, to see them side by side")
-    p.add_argument("--baseline", choices=("mean", "blur"), default="mean",
-                   help="what a removed cell shows (occlusion, deletion/insertion): the image's mean colour or a blur")
+    p.add_argument("--baseline", choices=("mean", "blur", "background"), default="mean",
+                   help="what a removed cell shows (occlusion, deletion/insertion): the image's mean colour, a blur, or "
+                        "its most frequent colour (for objects on a plain background, as the demo's scenes)")
     p.add_argument("--grid", type=grid, help="occlusion's cells, ROWSxCOLUMNS (default: the tower's patch grid)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="masked images per forward pass")
     p.add_argument("--max-new-tokens", type=positive_int, default=30)

@@ -14,12 +14,14 @@ Three methods (`METHODS`), one `Explanation` each:
 - `"relevance"`: gradient-weighted attention propagated through the LM, the bridge and the vision tower (Chefer,
   Gur & Wolf, ICCV 2021; see `relevance`): one backward pass per answer token. Attribution: which patches the token's
   logit depends on through attention.
-- `"occlusion"`: the fall in the token's log-probability when a cell of the image is replaced by its mean colour or
-  a blur (see `occlusion`): one forward pass per cell, batched; causal, the reference the others are judged by.
+- `"occlusion"`: the fall in the token's log-odds when a cell of the image is replaced by its mean colour, a blur or
+  its background colour (see `occlusion`): one forward pass per cell, batched; causal, the reference the others are
+  judged by.
 - `"attention"`: the raw view, described below.
 
 For `relevance` and `occlusion`, `layer_maps` is `(T, 1, 1, h, w)` (one layer "all", one head) and `maps()` returns
-it as it is: relevance is >= 0, occlusion is a fall in log-probability (negative where removing a cell helped).
+it as it is: relevance is >= 0, occlusion is a fall in log-odds (negative where removing a cell made the token more
+likely). `faithfulness.evaluate` scores the methods (pointing game, deletion / insertion AUC).
 
 What an attention map is: attention, followed along the family's route from the text token to the image's patches (see
 `routes`), averaged over the layers and heads you pick. LLaVA- and BLIP-2-style maps are normalised to sum to one

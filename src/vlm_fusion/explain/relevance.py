@@ -191,7 +191,7 @@ def tower_relevance(calls: list[Captured], cams: list[torch.Tensor], image: int)
     return relevance
 
 
-def to_patches(relevance: torch.Tensor, tower: torch.Tensor, model) -> tuple[torch.Tensor, int, int]:
+def to_patches(relevance: torch.Tensor, tower: torch.Tensor, model) -> torch.Tensor:
     """Relevance `(..., n)` on the tower's last `n` output tokens (the bridge's features) -> `(..., h, w)` patches."""
     prefix, h, w = patch_grid(model.config.vision_config, tower.shape[-1])
     on_inputs = relevance @ tower[tower.shape[0] - relevance.shape[-1]:]  # (..., V_all)
@@ -264,8 +264,8 @@ def token_relevance(model, inputs, calls, cams, row: int) -> list[torch.Tensor]:
             out.append(to_patches(r_tt[row, positions] @ r_qi, towers[i], model))
         return out
     resampler = by_kind("resampler")
-    latents = resampler[0][0].probs.shape[-2]
-    _, r_tl = lm_relevance(calls, cams, kind_cross="gated", latents=cams[[c.kind for c in calls].index("gated")].shape[-1])
+    latents = resampler[0][0].probs.shape[-2]  # L_lat per image
+    _, r_tl = lm_relevance(calls, cams, kind_cross="gated", latents=by_kind("gated")[0][1].shape[-1])  # (S, M*L_lat)
     out = []
     for i in range(len(towers)):
         r_li = bridge_relevance(resampler, calls, cams, i, latents)
