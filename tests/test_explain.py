@@ -489,7 +489,9 @@ def test_cli_bad_methods_and_markers_are_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()  # nothing half-written
 
 
-def test_relevance_on_a_language_model_without_attention_says_why_and_occlusion_still_works():
+def test_a_language_model_without_attention_is_refused_in_one_line_and_occlusion_still_works():
+    """Mamba has no attention weights: relevance and attention cannot be made, and explain says why before
+    generating; occlusion reads only the answer's probabilities."""
     _, processor = tiny_model_and_processor("fusion_llava")
     config = FusionLlavaConfig(vision_config=tiny_vision_config("clip"), image_token_id=processor.image_token_id,
                                text_config={"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2,
@@ -498,6 +500,8 @@ def test_relevance_on_a_language_model_without_attention_says_why_and_occlusion_
     with pytest.raises(ExplainError, match="method 'relevance' needs the language model's attention weights") as error:
         explain(model, processor, [random_image(0)], PROMPT, method="relevance", max_new_tokens=2)
     assert len(str(error.value).splitlines()) == 1 and "use --method occlusion" in str(error.value)
+    with pytest.raises(ExplainError, match="method 'attention' needs .* has no attention layers"):
+        explain(model, processor, [random_image(0)], PROMPT, max_new_tokens=2)
     result = explain(model, processor, [random_image(0)], PROMPT, method="occlusion", max_new_tokens=2)
     assert result.maps()[0].shape == (2, 4, 4)
 
@@ -553,18 +557,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     model, processor = tiny_model_and_processor("fusion_llava")
     with pytest.raises(ExplainError, match="PngImageFile|not a PIL image"):
         explain(model, processor, ["image.png"], PROMPT)
-
-
-def test_a_language_model_without_attention_is_refused_in_one_line():
-    """Mamba has no attention weights to return: the maps cannot be made, and explain says why before generating."""
-    _, processor = tiny_model_and_processor("fusion_llava")
-    config = FusionLlavaConfig(vision_config=tiny_vision_config("clip"), image_token_id=processor.image_token_id,
-                               text_config={"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2,
-                                            "vocab_size": processor.image_token_id, "state_size": 4})
-    model = FusionLlavaForConditionalGeneration(config).eval()
-    with pytest.raises(ExplainError, match="has no attention layers") as error:
-        explain(model, processor, [random_image(0)], PROMPT, max_new_tokens=2)
-    assert len(str(error.value).splitlines()) == 1
 
 
 def chromium_driver():

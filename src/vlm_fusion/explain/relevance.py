@@ -156,21 +156,6 @@ def capturing(modules_by_kind: dict):
             hook.remove()
 
 
-@contextmanager
-def eager_tower(model):
-    """The vision tower's attention as `eager` for the block (it returns its weights), then as it was."""
-    before = model.config.vision_config._attn_implementation
-    try:
-        model.set_attn_implementation({"vision_config": "eager"})
-    except (ValueError, ImportError) as error:
-        raise ExplainError(f"the vision tower cannot run eager attention, whose weights relevance is made of: "
-                           f"{str(error).splitlines()[0]}") from error
-    try:
-        yield
-    finally:
-        model.set_attn_implementation({"vision_config": before})
-
-
 def tower_layers(model):
     _, layers = find_decoder_layers(model.model.vision_tower)
     return [attention_module(layer) for layer in layers]
@@ -222,7 +207,7 @@ def relevance_maps(model, inputs: dict, rows: torch.Tensor, token_ids: torch.Ten
     elif family == "fusion_flamingo":
         kinds["resampler"] = [layer.attn for layer in model.model.perceiver.layers]
         kinds["gated"] = [block.attn for block in model.model.gated_cross_attn_layers.values()]
-    with eager_attention(model), eager_tower(model), capturing(kinds) as calls, torch.enable_grad():
+    with eager_attention(model), eager_attention(model, "vision_config"), capturing(kinds) as calls, torch.enable_grad():
         logits = model(**inputs).logits[0]  # (S, vocab)
     if not any(call.kind == "lm" for call in calls):
         raise ExplainError("no attention layer of the language model ran")
