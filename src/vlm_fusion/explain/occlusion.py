@@ -21,9 +21,8 @@ BASELINES = ("mean", "blur", "background")
 
 def baseline_pixels(pixel_values: torch.Tensor, kind: str) -> torch.Tensor:
     """`(N, C, Y, X)` what a removed cell shows: each image's mean colour, the image blurred (a Gaussian of a
-    twelfth of its side), or its `"background"`: its most frequent colour (on a plain background the mean colour is
-    tinted by the objects, and a cell of it reads as a large object of that tint; the demo's LLaVA model answers
-    "green" more surely when the green star's cell is filled with a green-grey mean)."""
+    twelfth of its side), or its `"background"`: its most frequent colour (on a plain background, where the mean colour
+    is tinted by the objects)."""
     if kind == "mean":
         return pixel_values.mean((-1, -2), keepdim=True).expand_as(pixel_values)
     if kind == "background":
