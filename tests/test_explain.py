@@ -86,6 +86,10 @@ def test_anyres_maps_have_the_images_aspect_ratio():
         assert maps.shape[1] / maps.shape[2] == height / width
         assert result.regions[0] == (0, 0, width, height)  # the whole image: anyres pads, then unpads
         torch.testing.assert_close(maps.sum((-1, -2)), torch.ones(len(result.tokens)))
+    for method in ("relevance", "occlusion"):  # not yet: said before anything runs
+        with pytest.raises(ExplainError, match=f"method '{method}' does not .* anyres tiles") as error:
+            explain(model, processor, [random_image(0, size=(40, 80))], PROMPT, method=method)
+        assert len(str(error.value).splitlines()) == 1
 
 
 def test_blip2_maps_equal_transformers_blip2_attentions_pushed_through_the_qformer(blip2_hf_dir, converted):  # noqa: F811

@@ -135,13 +135,17 @@ def check_method(model, method: str, family: str) -> None:
     """One line for a method the model cannot support, before anything runs."""
     if method not in METHODS:
         raise ExplainError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
-    if method == "occlusion":
-        return  # any model with logits: it only reads the answer's probabilities
+    anyres = getattr(model.model, "anyres", None) is not None
+    if method == "occlusion":  # any model with logits: it only reads the answer's probabilities
+        if anyres:
+            raise ExplainError("method 'occlusion' does not lay its cells over anyres tiles yet (each tile is resized "
+                               "apart): use --method attention")
+        return
     text = model.config.text_config
     if family != "fusion_flamingo" and getattr(text, "num_attention_heads", None) is None:
         raise ExplainError(f"method {method!r} needs the language model's attention weights and this one "
                            f"({text.model_type}) has no attention layers: use --method occlusion")
-    if method == "relevance" and getattr(model.model, "anyres", None) is not None:
+    if method == "relevance" and anyres:
         raise ExplainError("method 'relevance' does not follow anyres tiles back to the image yet "
                            "(the tower sees each tile apart): use --method attention or occlusion")
 
