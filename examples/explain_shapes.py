@@ -1,66 +1,80 @@
-"""Where do the demo models look when they name a colour? `vlm_fusion.explain` on held-out shapes scenes.
+"""Do the demo models' maps point at what was asked? `vlm_fusion.explain`'s faithfulness scores on shapes scenes.
 
-For each colour question ("what colour is the star ?") of held-out scenes (seed 12345, as the demo's evaluation), the
-map of the answer's first token (the colour word) is read at its peak patch cell. The demo's tower sees a 96 px scene
-as 3 x 3 patches of 32 px, which are exactly the scene's grid cells, so the peak either is the asked shape's cell or
-is not. Printed per family: how often it is, how often the peak is on any shape, and two chances: a random cell
-(1 in 9) and a random one of the scene's shapes.
+For colour questions ("what colour is the star ?") about scenes with two or more shapes (seed 2026 by default: not
+the demo's training or held-out seed), each method maps the answer's first token (the colour word), and
+`vlm_fusion.explain.faithfulness.evaluate` scores it: the pointing game (is the map's peak in the asked shape's grid
+cell? The demo's tower sees a 96 px scene as 3 x 3 patches of 32 px, which are exactly the scene's grid cells),
+deletion and insertion AUC (RISE), and seconds per answer token. Printed per family and method, with the chance
+rates on the same scenes: a random cell, a random one of the scene's shapes, and the cells in a random order.
 
-    python examples/explain_shapes.py --questions 200 --pictures docs/explain
+    python examples/explain_shapes.py --items 200 --baseline background --pictures docs/explain
+
+is the same as `vlm-fusion explain --model demo:FAMILY --evaluate shapes --method all --items 200 --baseline
+background` for each family, in one table.
 """
 
 import argparse
 import os
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlm_fusion  # noqa: F401
-from vlm_fusion.demo import FAMILIES, checkpoint, shapes
-from vlm_fusion.explain import explain
+from vlm_fusion.demo import FAMILIES, checkpoint
+from vlm_fusion.explain import METHODS, explain
+from vlm_fusion.explain.faithfulness import evaluate, shapes_items
 from vlm_fusion.explain.render import write
 
-HELD_OUT_SEED = 12345
+SEED = 2026  # as `vlm-fusion explain --evaluate shapes`
 
 
-def colour_questions(count: int):
-    """`count` held-out colour questions: (image, question, answer, the asked shape's (row, col), occupied cells)."""
-    rng = np.random.default_rng(HELD_OUT_SEED)
-    found = []
-    while len(found) < count:
-        scene = shapes.sample_scene(rng)
-        asked = [q for q in shapes.questions(scene, rng) if q[0] == "colour"]
-        if asked:
-            _, question, answer = asked[0]
-            item = next(i for i in scene if question == f"what colour is the {i.shape} ?")
-            found.append((shapes.render(scene), question, answer, (item.row, item.col),
-                          {(i.row, i.col) for i in scene}))
-    return found
-
-
-def measure(family: str, questions) -> dict:
+def load(family: str):
     path = checkpoint(family)
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    in_cell = on_shape = right = 0
-    per_layer = None
-    for image, question, answer, cell, occupied in tqdm(questions, desc=family):
-        result = explain(model, processor, [image], shapes.PROMPT.format(question=question),
-                         max_new_tokens=shapes.MAX_ANSWER_TOKENS)
-        peak = result.peak(0)
-        if per_layer is None:
-            per_layer = np.zeros(len(result.layers))
-        for layer in range(len(result.layers)):
-            heat = result.maps(layers=[layer])[0][0]
-            per_layer[layer] += divmod(int(heat.flatten().argmax()), heat.shape[-1]) == cell
-        in_cell += peak == cell
-        on_shape += peak in occupied
-        right += result.answer.replace("</s>", "").strip() == answer
-    n = len(questions)
-    return {"questions": n, "peak_in_cell": in_cell / n, "peak_on_a_shape": on_shape / n, "answers_right": right / n,
-            "per_layer": {name: count / n for name, count in zip(result.layers, per_layer)}}
+    return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--baseline", default="background", help="mean, blur or background (see occlusion)")
+    parser.add_argument("--pictures", help="also write each family's pictures and page (every method) for the first "
+                                           "question here, and the three side by side (demo_colour_question.png)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    items = shapes_items(args.seed, args.items)
+    methods = args.methods.split(",")
+    print(f"{len(items)} colour questions on scenes of 2-3 shapes (seed {args.seed}), baseline {args.baseline}\n")
+    print("| family | method | pointing | deletion AUC (lower is better) | insertion AUC (higher is better) | "
+          "s / token |")
+    print("|---|---|---:|---:|---:|---:|")
+    chances, grids = [], []
+    for family in args.families.split(","):
+        model, processor = load(family)
+        report = evaluate(model, processor, items, methods, baseline=args.baseline)
+        for method in methods:
+            s = report[method]
+            print(f"| {family} | {method} | {s['pointing']:.1%} | {s['deletion']:.3f} | {s['insertion']:.3f} | "
+                  f"{s['seconds_per_token']:.3g} |", flush=True)
+        c = report["chance"]
+        chances.append(f"{family}: deletion {c['deletion']:.3f}, insertion {c['insertion']:.3f}, answers right "
+                       f"{report['answers_right']:.1%}")
+        if args.pictures:
+            item = items[0]
+            results = []
+            for method in methods:
+                results.append(explain(model, processor, [item.image], item.prompt, method=method,
+                                       baseline=args.baseline, question=item.question,
+                                       token_ids=results[0].token_ids if results else None))
+            grids.append((family, write(results, os.path.join(args.pictures, family))["grid"]))
+    c = report["chance"]
+    print(f"\nChance on the same scenes: pointing at a random cell {c['random_cell']:.1%}, at a random one of the "
+          f"scene's shapes {c['random_object']:.1%}; cells removed in a random order: " + "; ".join(chances))
+    if grids:
+        side_by_side(grids, items[0].question, os.path.join(args.pictures, "demo_colour_question.png"))
+    return 0
 
 
 def side_by_side(answers, question: str, path: str) -> None:
@@ -76,38 +90,6 @@ def side_by_side(answers, question: str, path: str) -> None:
         figure.paste(picture, (x, 40))
         x += picture.width + 12
     figure.save(path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=200)
-    parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--pictures", help="also write each family's pictures and page for the first question here, "
-                                           "and the three answers side by side (demo_colour_question.png)")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    questions = colour_questions(args.questions)
-    print("| family | colour questions | peak in the asked shape's cell | peak on any shape | answers right | "
-          "peak in the cell, layer by layer |")
-    print("|---|---:|---:|---:|---:|---|")
-    answers = []
-    for family in args.families.split(","):
-        figures = measure(family, questions)
-        layers = ", ".join(f"{name}: {share:.0%}" for name, share in figures["per_layer"].items())
-        print(f"| {family} | {figures['questions']} | {figures['peak_in_cell']:.1%} | {figures['peak_on_a_shape']:.1%} "
-              f"| {figures['answers_right']:.1%} | {layers} |")
-        if args.pictures:
-            image, question, *_ = questions[0]
-            path = checkpoint(family)
-            model = AutoModelForImageTextToText.from_pretrained(path).eval()
-            processor = AutoProcessor.from_pretrained(path)
-            result = explain(model, processor, [image], shapes.PROMPT.format(question=question))
-            answers.append((family, write(result, os.path.join(args.pictures, family))["grid"]))
-    if answers:
-        side_by_side(answers, questions[0][1], os.path.join(args.pictures, "demo_colour_question.png"))
-    by_shapes = np.mean([1 / len(occupied) for *_, occupied in questions])
-    print(f"chance: a random cell 11.1% (1 in 9); a random one of the scene's shapes {by_shapes:.1%}")
-    return 0
 
 
 if __name__ == "__main__":

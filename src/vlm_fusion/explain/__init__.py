@@ -6,9 +6,24 @@ result = explain(model, processor, [image], "USER: <image>\\nwhat colour is the 
 result.tokens              # the answer's tokens
 result.maps()[0]           # image 0: (tokens, h, w), one heatmap per token, mean over layers and heads
 result.layer_maps[0]       # image 0: (tokens, layers, heads, h, w), the numbers the maps are made of
+explain(model, processor, [image], prompt, method="relevance")   # or "occlusion"; "attention" is the default
 ```
 
-What a map is: attention, followed along the family's route from the text token to the image's patches (see
+Three methods (`METHODS`), one `Explanation` each:
+
+- `"relevance"`: gradient-weighted attention propagated through the LM, the bridge and the vision tower (Chefer,
+  Gur & Wolf, ICCV 2021; see `relevance`): one backward pass per answer token. Attribution: which patches the token's
+  logit depends on through attention.
+- `"occlusion"`: the fall in the token's log-odds when a cell of the image is replaced by its mean colour, a blur or
+  its background colour (see `occlusion`): one forward pass per cell, batched; causal, the reference the others are
+  judged by.
+- `"attention"`: the raw view, described below.
+
+For `relevance` and `occlusion`, `layer_maps` is `(T, 1, 1, h, w)` (one layer "all", one head) and `maps()` returns
+it as it is: relevance is >= 0, occlusion is a fall in log-odds (negative where removing a cell made the token more
+likely). `faithfulness.evaluate` scores the methods (pointing game, deletion / insertion AUC).
+
+What an attention map is: attention, followed along the family's route from the text token to the image's patches (see
 `routes`), averaged over the layers and heads you pick. LLaVA- and BLIP-2-style maps are normalised to sum to one
 over each image: they say where in the image the token's attention to that image went, not how much went there
 (`image_share` says that; most of it usually goes elsewhere). Flamingo-style maps are weighted by each gated
@@ -21,14 +36,19 @@ answer, with the LM's attention switched to `eager` (the implementation that ret
 back afterwards. The bridges' own attention (Q-Former, resampler, gated blocks) is recomputed from their inputs.
 """
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
+from .occlusion import BASELINES, occlusion_maps
+from .relevance import relevance_maps
 from .routes import ROUTES, ExplainError, gate_values
 
-__all__ = ["explain", "Explanation", "ExplainError"]
+__all__ = ["explain", "Explanation", "ExplainError", "METHODS"]
+
+METHODS = ("relevance", "occlusion", "attention")
 
 
 @dataclass
@@ -39,10 +59,14 @@ class Explanation:
     token_ids: list[int]  # the answer's tokens, as generated
     tokens: list[str]  # each token decoded alone
     layer_maps: list[torch.Tensor]  # per image (T, L, H, h, w): attention mass on each patch cell
-    image_share: torch.Tensor  # (T, L, H, I): the share of the token's attention on each image's positions
+    image_share: torch.Tensor | None  # attention: (T, L, H, I), the share of the token's attention on each image
     layers: list[str]  # what the route's L layers are: the LM's decoder layers, or the gated blocks' layers
     regions: list[tuple[float, float, float, float]]  # per image, the (left, top, right, bottom) the map covers
     gates: dict[str, float] = field(default_factory=dict)  # Flamingo: |tanh(attn_gate)| by decoder layer
+    method: str = "attention"  # one of METHODS
+    question: str | None = None  # the user's question, when the prompt is a template around it
+    special: list[bool] = field(default_factory=list)  # per answer token: a special token (</s>, ...)?
+    seconds: float = 0.0  # the time the maps took (the answer's generation not counted)
 
     @property
     def answer(self) -> str:
@@ -58,6 +82,8 @@ class Explanation:
 
     def maps(self, layers=None, heads=None) -> list[torch.Tensor]:
         """Per image `(T, h, w)`: the mean over `layers` and `heads` (indices; all by default); see the module doc."""
+        if self.method != "attention":
+            return [raw[:, 0, 0] for raw in self.layer_maps]
         out = []
         for raw in self.layer_maps:
             selected = raw if heads is None else raw[:, :, list(heads)]
@@ -105,45 +131,79 @@ def check_inputs(processor, images, prompt: str, family: str) -> None:
         raise ExplainError("no image given: there is nothing to look at")
 
 
-def explain(model, processor, images: list, prompt: str, *, max_new_tokens: int = 32, progress=None) -> Explanation:
+def check_method(model, method: str, family: str) -> None:
+    """One line for a method the model cannot support, before anything runs."""
+    if method not in METHODS:
+        raise ExplainError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+    anyres = getattr(model.model, "anyres", None) is not None
+    if method == "occlusion":  # any model with logits: it only reads the answer's probabilities
+        if anyres:
+            raise ExplainError("method 'occlusion' does not lay its cells over anyres tiles yet (each tile is resized "
+                               "apart): use --method attention")
+        return
+    text = model.config.text_config
+    if family != "fusion_flamingo" and getattr(text, "num_attention_heads", None) is None:
+        raise ExplainError(f"method {method!r} needs the language model's attention weights and this one "
+                           f"({text.model_type}) has no attention layers: use --method occlusion")
+    if method == "relevance" and anyres:
+        raise ExplainError("method 'relevance' does not follow anyres tiles back to the image yet "
+                           "(the tower sees each tile apart): use --method attention or occlusion")
+
+
+def explain(model, processor, images: list, prompt: str, *, method: str = "attention", max_new_tokens: int = 32,
+            token_ids=None, question: str | None = None, baseline: str = "mean", grid=None, batch_size: int = 16,
+            progress=None) -> Explanation:
     """
     Generate greedily from `prompt` (with one `<image>` marker per image, as the processor takes it) and return, for
-    every answer token, a heatmap over each image. `progress` (e.g. `tqdm.auto.tqdm`) wraps the steps.
+    every answer token, a map over each image made by `method` (one of `METHODS`). `token_ids` explains that answer
+    instead of generating one. `baseline` ("mean" or "blur"), `grid` (`(rows, columns)` of cells, the tower's patch
+    grid by default) and `batch_size` (masked images per forward pass) are occlusion's. `question` is shown on the
+    page. `progress` (e.g. `tqdm.auto.tqdm`) wraps the steps.
     """
     family = model.config.model_type
     if family not in ROUTES:
         raise ExplainError(f"{type(model).__name__} ({family}) is not a vlm-fusion model: explain takes "
                            f"{', '.join(sorted(ROUTES))}")
+    check_method(model, method, family)
     check_inputs(processor, images, prompt, family)
-    if family != "fusion_flamingo" and getattr(model.config.text_config, "num_attention_heads", None) is None:
-        raise ExplainError(f"the language model ({model.config.text_config.model_type}) has no attention layers, "
-                           "whose weights the maps are made of")
-    bar = progress(total=2, desc="explain: generate, then attention") if progress else None
+    if baseline not in BASELINES:
+        raise ExplainError(f"unknown baseline {baseline!r}: one of {', '.join(BASELINES)}")
     images_rgb = [image.convert("RGB") for image in images]
     inputs = processor(images=images_rgb, text=[prompt], return_tensors="pt")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    if bar is not None:
-        bar.update()
-    prompt_length = inputs["input_ids"].shape[1]
-    answer = out[0, prompt_length:]
+    if token_ids is None:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answer = out[0, inputs["input_ids"].shape[1]:]
+    else:
+        answer = torch.as_tensor(list(token_ids), dtype=torch.long, device=device)
     if len(answer) == 0:
         raise ExplainError("the model generated no token")
-    full = {**inputs, "input_ids": out[:, : prompt_length + len(answer)],
-            "attention_mask": torch.ones_like(out[:, : prompt_length + len(answer)])}
+    prompt_length = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"][0], answer])[None]
+    full = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     rows = torch.arange(prompt_length - 1, prompt_length - 1 + len(answer), device=device)  # each token's predictor
-    layer_maps, share = ROUTES[family](model, full, rows)
-    if bar is not None:
-        bar.update()
-        bar.close()
-    gates = gate_values(model) if family == "fusion_flamingo" else {}
-    layers = list(gates) if gates else [str(i) for i in range(layer_maps[0].shape[1])]
+    started = time.perf_counter()
+    gates, share = {}, None
+    if method == "attention":
+        layer_maps, share = ROUTES[family](model, full, rows)
+        gates = gate_values(model) if family == "fusion_flamingo" else {}
+        layers = list(gates) if gates else [str(i) for i in range(layer_maps[0].shape[1])]
+        share = share.cpu()
+    else:
+        if method == "relevance":
+            maps = relevance_maps(model, full, rows, answer, progress=progress)
+        else:
+            maps = occlusion_maps(model, full, rows, answer, grid=grid, baseline=baseline, batch_size=batch_size,
+                                  progress=progress)
+        layer_maps, layers = [m[:, None, None] for m in maps], ["all"]
+    seconds = time.perf_counter() - started
     anyres = getattr(model.model, "anyres", None) is not None
-    result = Explanation(
+    special_ids = set(getattr(processor.tokenizer, "all_special_ids", []) or [])
+    return Explanation(
         family=family, prompt=prompt, images=list(images), token_ids=answer.tolist(),
-        tokens=[processor.decode([int(t)]) for t in answer], layer_maps=[m.cpu() for m in layer_maps],
-        image_share=share.cpu(), layers=layers, regions=[_region(processor, im, anyres) for im in images], gates=gates,
+        tokens=[processor.decode([int(t)]) for t in answer], layer_maps=[m.detach().float().cpu() for m in layer_maps],
+        image_share=share, layers=layers, regions=[_region(processor, im, anyres) for im in images], gates=gates,
+        method=method, question=question, special=[int(t) in special_ids for t in answer], seconds=seconds,
     )
-    return result

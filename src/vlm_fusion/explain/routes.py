@@ -81,18 +81,20 @@ def recording(modules, compute):
 
 
 @contextmanager
-def eager_attention(model):
-    """The LM's attention as `eager` (the implementation that returns its weights) for the block, then as it was."""
-    before = model.config.text_config._attn_implementation
+def eager_attention(model, part: str = "text_config"):
+    """The LM's attention (or with `part="vision_config"` the tower's) as `eager`, the implementation that returns its
+    weights, for the block, then as it was."""
+    before = getattr(model.config, part)._attn_implementation
     try:
-        model.set_attn_implementation({"text_config": "eager"})
+        model.set_attn_implementation({part: "eager"})
     except (ValueError, ImportError) as error:
-        raise ExplainError(f"this model's language model cannot run eager attention, which returns the attention "
-                           f"weights the maps are made of: {str(error).splitlines()[0]}") from error
+        what = "language model" if part == "text_config" else "vision tower"
+        raise ExplainError(f"this model's {what} cannot run eager attention, which returns the attention weights the "
+                           f"maps are made of: {str(error).splitlines()[0]}") from error
     try:
         yield
     finally:
-        model.set_attn_implementation({"text_config": before})
+        model.set_attn_implementation({part: before})
 
 
 def lm_attentions(outputs, rows: torch.Tensor) -> torch.Tensor:
