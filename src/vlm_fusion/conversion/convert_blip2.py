@@ -54,7 +54,6 @@ from vlm_fusion.conversion.blip2_common import (
 )
 from vlm_fusion.conversion.common import ConversionError, compare_logits, read_state_dict, rename_keys, sample_image
 from vlm_fusion.modeling_qformer import qformer_rules
-from vlm_fusion.modeling_qformer import qformer_from_bert  # noqa: F401  training/qformer.py's import, until the merge
 from vlm_fusion.vision import load_vision_tower
 
 PROMPT = "Question: what is shown in this image? Answer:"

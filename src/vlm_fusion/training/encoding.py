@@ -382,7 +382,7 @@ def blind_to_contents(processor, roles: tuple[str, ...], renderer, skeleton: Ske
     change the rendered text either (IDEFICS wraps the `<image>` runs: not blind). What this cannot see: a template
     that builds a string from a content with `~` and then decides something from that string alone; `Encoder`'s
     periodic comparison with `encode` stays on for every template."""
-    from vlm_fusion.processing_fusion import FusionProcessor
+    from vlm_fusion.processing_base import FusionProcessor
 
     if getattr(type(processor), "prompt_text", None) is not FusionProcessor.prompt_text:
         return False

@@ -17,9 +17,6 @@ from .data import DataError
 from .options import TrainOptions
 from .stages import LORA
 
-FAMILY_TYPES = {"llava": "fusion_llava", "blip2": "fusion_blip2", "flamingo": "fusion_flamingo"}
-
-
 def quantization(options):
     if not options.qlora:
         return None
@@ -84,7 +81,7 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
                                         ("--language-model", options.language_model)) if not value]
     if missing:
         raise DataError(f"start from --model DIR, or from parts: missing {', '.join(missing)}")
-    family = vlm_fusion.FAMILIES[FAMILY_TYPES[options.family]]
+    family = vlm_fusion.family_named(options.family)
     video = options.num_frames is not None  # a model that reads clips too
     bridge = dict(options.bridge)
     if video and family.config.model_type == "fusion_flamingo":  # a time embedding per frame

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcesso
 from transformers.utils import logging
 
 from vlm_fusion import FusionBlip2ForImageTextRetrieval, FusionBlip2QFormerConfig, FusionBlip2QFormerProcessor
-from vlm_fusion.conversion.convert_blip2 import qformer_from_bert
+from vlm_fusion.modeling_qformer import qformer_from_bert
 from vlm_fusion.vision import load_vision_tower
 
 from .data import CaptionPair, DataError, caption_pairs, image_size, load, open_image

@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from vlm_fusion.tools.hub import write_model_card
+from vlm_fusion.model_card import write_model_card
 
 from .conversations import clear_data_cache
 from .data import DataError
