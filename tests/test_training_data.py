@@ -281,23 +281,63 @@ TOJSON = ("{% for m in messages %}{{ m['role'] + ': ' }}{{ m['content'] | tojson
           "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
 
 
-@pytest.mark.parametrize("template", [None, CHATML, LLAMA2, BRANCHING, TOJSON, "idefics"],
-                         ids=["default", "chatml", "llama2", "branching", "tojson", "idefics"])
-def test_the_fast_encoder_equals_the_reference_on_every_sample_for_any_template(parts, tmp_path, monkeypatch, template):
-    """With no periodic check at all, every sample's row equals `encode`'s — for templates that fold turns together,
-    trim contents, branch on them or escape them, and for a processor that changes the rendered text (IDEFICS wraps
-    each run of `<image>` and writes BOS)."""
+def turns_template(body: str) -> str:
+    """A template writing each message as `body` (with `m` the message) and `assistant: ` as its generation prompt."""
+    return f"{{% for m in messages %}}{body}{{% endfor %}}{{% if add_generation_prompt %}}assistant: {{% endif %}}"
+
+
+@pytest.mark.parametrize("template, blind", [
+    (None, True), (CHATML, True), (turns_template("{{ m['role'] ~ ': ' ~ m['content'] ~ '\\n' }}"), True),
+    (LLAMA2, False), (BRANCHING, False), (TOJSON, False),
+    (turns_template("{{ m['role'] }}: {% if m['content'] %}{{ m['content'] }}{% endif %}\n"), False),
+    (turns_template("{{ m['role'] }}: {{ m['content'] }} ({{ m['content'] | length }})\n"), False),
+    (turns_template("{{ m['role'] }}: {{ m['content'].split('?')[0] }}\n"), False),
+    (turns_template("{{ m['role'] }}: {{ m['content'] | e }}\n"), False),
+    (turns_template("{% set c = m['content'] ~ '' %}{{ m['role'] }}: {{ m['content'] }}\n"), False),
+], ids=["default", "chatml", "tilde", "llama2", "branching", "tojson", "if", "length", "split", "escape", "twice"])
+def test_a_skeleton_is_blind_only_where_the_template_just_prints_the_contents(parts, tmp_path, template, blind):
+    """A blind skeleton skips the per-sample render: the template must do nothing with a content but print it — no
+    test, method, length, escaping (`tojson`, `e`: nothing called, the text differs) or second use."""
+    from vlm_fusion.training import encoding
+
+    processor = data_processor(options(parts, tmp_path))
+    if template:
+        processor.chat_template = template
+    renderer = encoding.Encoder(processor, "chat", "\n")._render
+    for roles in [("user", "assistant"), ("system", "user", "assistant", "user", "assistant")]:
+        skeleton = encoding.Skeleton.of(processor, roles, renderer)
+        assert skeleton is not None and skeleton.blind is blind, roles
+
+
+def test_a_processor_that_changes_the_rendered_text_is_never_blind():
+    """IDEFICS's processor wraps each run of `<image>` in the rendered text (and writes BOS): its skeletons are
+    checked per sample, whatever the template."""
     from vlm_fusion.processing_fusion import FusionIdeficsProcessor
     from vlm_fusion.tools.tiny import tiny_model_and_processor
     from vlm_fusion.training import encoding
 
+    _, flamingo = tiny_model_and_processor("fusion_flamingo")
+    processor = FusionIdeficsProcessor(image_processor=flamingo.image_processor, tokenizer=flamingo.tokenizer,
+                                       chat_template=CHATML)
+    skeleton = encoding.Skeleton.of(processor, ("user", "assistant"),
+                                    encoding.Encoder(processor, "chat", "\n")._render)
+    assert skeleton is not None and not skeleton.blind
+    flamingo.chat_template = CHATML  # the same template and tokenizer, the text as rendered: blind
+    renderer = encoding.Encoder(flamingo, "chat", "\n")._render
+    assert encoding.Skeleton.of(flamingo, ("user", "assistant"), renderer).blind
+
+
+@pytest.mark.parametrize("template", [None, CHATML, LLAMA2, BRANCHING, TOJSON],
+                         ids=["default", "chatml", "llama2", "branching", "tojson"])
+def test_the_fast_encoder_equals_the_reference_on_every_sample_for_any_template(parts, tmp_path, monkeypatch, template):
+    """The fast path renders a conversation from its roles' skeleton (the template run with placeholder contents);
+    with no periodic check at all, every sample's row equals `encode`'s — for templates that fold turns together,
+    trim contents or branch on them (those samples go the per-prefix way, caught by the whole-text comparison)."""
+    from vlm_fusion.training import encoding
+
     monkeypatch.setattr(encoding, "VERIFY_EVERY", 10**9)  # only the first sample is checked: the rest is the fast path
     processor = data_processor(options(parts, tmp_path))
-    if template == "idefics":
-        _, flamingo = tiny_model_and_processor("fusion_flamingo")
-        processor = FusionIdeficsProcessor(image_processor=flamingo.image_processor, tokenizer=flamingo.tokenizer,
-                                           chat_template=CHATML)
-    elif template:
+    if template:
         processor.chat_template = template
     image = str(parts / "images" / "0.png")
     turns = [("user", "<image>\nwhat colour ?"), ("assistant", "red"), ("user", "  and now ?\n"),
@@ -310,14 +350,25 @@ def test_the_fast_encoder_equals_the_reference_on_every_sample_for_any_template(
     conversations.append(data.Conversation("text-only", [{"role": "user", "content": "hi"},
                                                          {"role": "assistant", "content": "hello"}]))
     fast = encoding.Encoder(processor, "chat", "\n")
-    for conversation in conversations:
-        sizes = [data.image_size(i, conversation.id) for i in conversation.images]
-        row = fast(conversation, sizes)
-        reference = encode(processor, conversation, sizes, "chat", "\n")
-        ids, labels = encoding.expand(row["ids"], row["targets"], row["image_tokens"], processor.image_token_id)
-        assert row["text"] == reference.text, conversation.id
-        assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels, conversation.id
+    renders, original = [], fast._render
+    monkeypatch.setattr(fast, "_render", lambda m, g: renders.append(len(m)) or original(m, g))
+    for round in range(2):
+        renders.clear()
+        for conversation in conversations:
+            sizes = [data.image_size(i, conversation.id) for i in conversation.images]
+            row = fast(conversation, sizes)
+            reference = encode(processor, conversation, sizes, "chat", "\n")
+            ids, labels = encoding.expand(row["ids"], row["targets"], row["image_tokens"], processor.image_token_id)
+            assert row["text"] == reference.text, conversation.id
+            assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels, conversation.id
     assert fast.fast
+    # Second round, every skeleton built: where the template only prints the contents, no render at all (the skeleton
+    # is blind to them); else one per sample (the whole conversation, the check), and the trimming, branching and
+    # escaping templates send the samples they change the per-prefix way.
+    if template in (None, CHATML):
+        assert renders == []
+    else:
+        assert len(conversations) < len(renders) < 5 * len(conversations)
 
 
 def test_a_failed_data_pass_stops_its_workers_whatever_sigterm_handler_the_process_has():

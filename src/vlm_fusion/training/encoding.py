@@ -8,9 +8,11 @@ so any chat template that renders a conversation turn by turn works, no markers 
 the processor's placeholders for that image (ignored by the loss), so the ids equal the processor's own.
 
 `encode` is the reference: plain and slow (every prefix through `apply_chat_template`, a Python loop over tokens).
-`Encoder` gives the same ids and labels faster — the chat template's compiled Jinja called directly (each prefix
-`render` needs, for every sample), the Rust tokenizer called directly, the labels computed with numpy, the placeholder
-counts remembered per image size — and checks itself against `encode` on its first sample and then every
+`Encoder` gives the same ids and labels at the speed a data pass over LLaVA's 665K conversations needs — the chat
+template's compiled Jinja called directly, once per sequence of roles (its prefixes with placeholder contents: a
+`Skeleton`) and then once per sample as a check, or not at all where the template only prints the contents
+(`blind_to_contents`) — the Rust tokenizer called directly, the labels computed with numpy, the
+placeholder counts remembered per image size — and checks itself against `encode` on its first sample and then every
 `VERIFY_EVERY`-th: a difference switches it to the reference for good, with a warning. It returns a sample as a
 *row* (the text's own ids with one `<image>` token per image, a target flag per id, each image's placeholder count),
 which `expand` turns into the ids and labels the model reads: a row is a quarter of the expanded size (576 placeholders
@@ -57,8 +59,13 @@ def render(processor, conversation: Conversation, layout: str, plain_end: str,
     renderer = renderer or (lambda upto_messages, generation_prompt: processor.tokenizer.apply_chat_template(
         upto_messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=generation_prompt))
     text, bounds = turn_bounds(processor, conversation, renderer)
-    # each assistant turn from its start to its end, the trailing space (the template's own newline or separator) out
-    return text, [(start, len(text[:end].rstrip())) for start, end in bounds]
+    return text, assistant_spans(text, bounds)
+
+
+def assistant_spans(text: str, bounds: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans the loss is on, from `turn_bounds`' bounds: each assistant turn from its start to its end, the
+    trailing space (the template's own newline or separator) left out."""
+    return [(start, len(text[:end].rstrip())) for start, end in bounds]
 
 
 def turn_bounds(processor, conversation: Conversation, renderer) -> tuple[str, list[tuple[int, int]]]:
@@ -157,7 +164,9 @@ class Encoder:
         self.image_token_id = processor.image_token_id
         self._counts: dict[tuple[int, int], int] = {}
         self._seen, self.fast = 0, True
-        self._template = self._compiled_template() if layout == "chat" and processor.chat_template else None
+        self._chat_layout = layout == "chat" and bool(processor.chat_template)
+        self._template = self._compiled_template() if self._chat_layout else None
+        self._skeletons: dict[tuple[str, ...], Skeleton | None] = {}
         self._special_tokens = dict(processor.tokenizer.special_tokens_map)  # what apply_chat_template passes too
         backend = getattr(processor.tokenizer, "_tokenizer", None)
         self._rust = backend if hasattr(backend, "encode") and not getattr(processor, "chunked_tokenization", False) \
@@ -203,7 +212,8 @@ class Encoder:
         return [self._counts[tuple(size)] for size in image_sizes]
 
     def _fast_row(self, conversation, image_sizes) -> dict:
-        text, spans = render(self.processor, conversation, self.layout, self.plain_end, self._render)
+        text, spans = self._chat(conversation) if self._chat_layout else \
+            render(self.processor, conversation, self.layout, self.plain_end, self._render)
         add_special = self.processor.adds_special_tokens(text)
         if self._rust is not None:
             encoding = self._rust.encode(text, add_special_tokens=add_special)
@@ -226,6 +236,23 @@ class Encoder:
         return {"text": text, "add_special_tokens": add_special, "instruction": instruction, "ids": ids,
                 "targets": targets, "image_tokens": counts, "length": len(ids) - found + sum(counts)}
 
+    def _chat(self, conversation) -> tuple[str, list[tuple[int, int]]]:
+        """`render`'s text and spans, from the skeleton of the conversation's roles. Where the template is blind to
+        the contents (`Skeleton.blind`) that is all; else the template runs once, over the whole conversation, and
+        that text must equal the skeleton's with the contents put in (else, or without a skeleton, `render`: every
+        prefix through the template)."""
+        messages = conversation.messages
+        roles = tuple(message["role"] for message in messages)
+        if roles not in self._skeletons:
+            self._skeletons[roles] = Skeleton.of(self.processor, roles, self._render)
+        skeleton = self._skeletons[roles]
+        if skeleton is not None:
+            contents = [message["content"] for message in messages]
+            text = skeleton.fill(contents)
+            if skeleton.blind or text == self.processor.prompt_text(self._render(messages, False)):
+                return text, skeleton.spans(text, contents)
+        return render(self.processor, conversation, self.layout, self.plain_end, self._render)
+
     def _compiled_template(self):
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -241,6 +268,141 @@ class Encoder:
                 add_generation_prompt=add_generation_prompt)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **self._special_tokens)
+
+
+class Skeleton:
+    """A chat template's text for one sequence of roles, each message's content a sentinel: the text around the
+    contents and, per assistant turn, `turn_bounds`' two positions, each as (position in the skeleton, contents
+    before it). A conversation with those roles renders as the skeleton with its contents put in, wherever the
+    template writes a message's content as it is and decides nothing from it; `Encoder._chat` checks that per sample
+    against the template's own rendering of the whole conversation, and `Encoder` the spans against `encode`."""
+
+    def __init__(self, pieces: list[str], sentinel_lengths: list[int], bounds: list[tuple[tuple[int, int], ...]]):
+        self.pieces, self.sentinel_lengths, self.bounds = pieces, sentinel_lengths, bounds
+        self.blind = False  # the template only prints the contents (`blind_to_contents`): no per-sample render needed
+
+    @classmethod
+    def of(cls, processor, roles: tuple[str, ...], renderer) -> "Skeleton | None":
+        """The skeleton of `roles`, or None where the template does not write each content once, in order, outside
+        the turn bounds (or fails on the sentinels): those conversations go through `render`."""
+        sentinels = [f"\ue000{i}\ue001" for i in range(len(roles))]
+        probe = Conversation("skeleton", [{"role": r, "content": s} for r, s in zip(roles, sentinels)])
+        try:
+            text, bounds = turn_bounds(processor, probe, renderer)
+        except Exception:  # noqa: BLE001 - the conversations themselves then report what is wrong, via `render`
+            return None
+        starts = [text.find(sentinel) for sentinel in sentinels]
+        ends = [start + len(sentinel) for start, sentinel in zip(starts, sentinels)]
+        if any(start < 0 or text.count(sentinel) != 1 for start, sentinel in zip(starts, sentinels)) \
+                or starts != sorted(starts):
+            return None
+        points = [point for bound in bounds for point in bound]
+        if any(start < point < end for point in points for start, end in zip(starts, ends)):
+            return None
+        pieces = [text[a:b] for a, b in zip([0] + ends, starts + [len(text)])]
+        located = [tuple((point, sum(end <= point for end in ends)) for point in bound) for bound in bounds]
+        skeleton = cls(pieces, [len(sentinel) for sentinel in sentinels], located)
+        skeleton.blind = blind_to_contents(processor, roles, renderer, skeleton)
+        return skeleton
+
+    def fill(self, contents: list[str]) -> str:
+        parts = [self.pieces[0]]
+        for content, piece in zip(contents, self.pieces[1:]):
+            parts += (content, piece)
+        return "".join(parts)
+
+    def spans(self, text: str, contents: list[str]) -> list[tuple[int, int]]:
+        """`render`'s spans in `text` (this skeleton filled with `contents`)."""
+        shift = [0]
+        for content, length in zip(contents, self.sentinel_lengths):
+            shift.append(shift[-1] + len(content) - length)
+        spans = []
+        for (start, before_start), (end, before_end) in self.bounds:
+            spans.append((start + shift[before_start], len(text[: end + shift[before_end]].rstrip())))
+        return spans
+
+
+def blind_to_contents(processor, roles: tuple[str, ...], renderer, skeleton: Skeleton) -> bool:
+    """Whether the chat template, for these roles, does nothing with a message's content but print it as it is: then
+    every conversation with these roles renders as `skeleton` filled with its contents, and `Encoder` skips the
+    per-sample render that checks it.
+
+    Each content is a `ContentProbe`, which notes every operation on it: blind means the template's renders (those
+    `turn_bounds` makes) converted each content to text once (`{{ content }}`, `~`) and did nothing else with it — no
+    test (`'<image>' in content`, `if content`), no method (`| trim`, `.split()`), no comparison — and their text
+    equals the skeleton's filled with the probes' texts, which hold characters any escaping would change (so
+    `| tojson` or `| e`, which read a string without calling anything on it, show up there). The processor must not
+    change the rendered text either (IDEFICS wraps the `<image>` runs: not blind). What this cannot see: a template
+    that builds a string from a content with `~` and then decides something from that string alone; `Encoder`'s
+    periodic comparison with `encode` stays on for every template."""
+    from vlm_fusion.processing_fusion import FusionProcessor
+
+    if getattr(type(processor), "prompt_text", None) is not FusionProcessor.prompt_text:
+        return False
+    uses: list[tuple[str, int]] = []
+    probes = [ContentProbe(f"\ue002{i} \"'\\<&>\n\ue003", i, uses) for i in range(len(roles))]
+    conversation = Conversation("probe", [{"role": r, "content": p} for r, p in zip(roles, probes)])
+    printed_once = True
+
+    def noted(messages, add_generation_prompt):
+        nonlocal printed_once
+        del uses[:]
+        text = renderer(messages, add_generation_prompt)
+        printed_once &= sorted(uses) == [("str", i) for i in range(len(messages))]
+        return str(text)
+
+    try:
+        text, bounds = turn_bounds(processor, conversation, noted)
+    except Exception:  # noqa: BLE001 - a template that fails on the probes is not shown blind
+        return False
+    texts = [str.__str__(probe) for probe in probes]
+    return printed_once and text == skeleton.fill(texts) and \
+        skeleton.spans(text, texts) == assistant_spans(text, bounds)
+
+
+class ContentProbe(str):
+    """A message content that notes (in `uses`, as `(operation, index)`) what a chat template does with it: `str`
+    when it becomes text (`{{ content }}`, `~`, `'...' + content`), the operation's name for anything else (a method,
+    `in`, `==`, `len`, truth...)."""
+
+    def __new__(cls, text: str, index: int, uses: list):
+        probe = super().__new__(cls, text)
+        probe.index, probe.uses = index, uses
+        return probe
+
+    def _note(self, operation: str) -> str:
+        object.__getattribute__(self, "uses").append((operation, object.__getattribute__(self, "index")))
+        return str.__str__(self)  # the text, a plain `str`
+
+    def __getattribute__(self, name):
+        if not (name.startswith("__") and name.endswith("__")):  # `__html__`, `__class__`: introspection, not use
+            ContentProbe._note(self, name)
+        return object.__getattribute__(self, name)
+
+    def __bool__(self):
+        return len(ContentProbe._note(self, "__bool__")) > 0
+
+    def __int__(self):
+        return int(ContentProbe._note(self, "__int__"))
+
+    def __float__(self):
+        return float(ContentProbe._note(self, "__float__"))
+
+    def __radd__(self, other):  # `'x' + content`: str has no __radd__, so Python asks this subclass first
+        return other + ContentProbe._note(self, "str")
+
+
+def _noting(name: str, noted_as: str):
+    def operation(self, *args):
+        return getattr(str, name)(ContentProbe._note(self, noted_as), *args)
+    return operation
+
+
+for _name in ("__str__", "__add__", "__repr__", "__format__", "__len__", "__iter__", "__contains__", "__getitem__",
+              "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__mul__", "__rmul__", "__mod__",
+              "__rmod__"):
+    setattr(ContentProbe, _name, _noting(_name, "str" if _name in ("__str__", "__add__") else _name))
+del _name
 
 
 def rows_equal(a: dict, b: dict) -> bool:
