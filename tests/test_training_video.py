@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import random_image
 from test_training import BRIDGES, KILLED_RUN
+from test_training_streaming import assert_equal_batches, streamed_batches
+from test_video import write_clip
 from vlm_fusion.tools.tiny import write_training_clips, write_training_parts
 from vlm_fusion.training import TrainOptions, train
 from vlm_fusion.training.cache import prepare
@@ -201,7 +204,6 @@ def test_a_training_step_without_a_clip_runs_the_video_path_at_zero_gradient(fam
     FSDP gathers every parameter on each process: test_training_distributed runs it): an image-only or text-only
     step gives the video path's own parameters (BLIP-2's video Q-Former, Flamingo's frame embeddings) a gradient,
     exactly 0, and leaves the loss as it is."""
-    from conftest import random_image
     from vlm_fusion.tools.tiny import tiny_model_and_processor
 
     model, processor = tiny_model_and_processor(family, video=True, num_frames=FRAMES, **video)
@@ -226,8 +228,6 @@ def write_clip_shards(parts, folder, broken=False) -> str:
     import io
     import tarfile
 
-    from test_video import write_clip
-
     rows = [row for row in json.loads((parts / "videos.json").read_text()) if row["video"].endswith(".mp4")]
     folder.mkdir(parents=True, exist_ok=True)
     extras = [("000000100", b"not a video"), ("000000101", None)] if broken else []
@@ -248,8 +248,6 @@ def write_clip_shards(parts, folder, broken=False) -> str:
 
 
 def test_streamed_clip_shards_give_the_batches_of_the_same_clips_in_llava_json(parts, tmp_path):
-    from test_training_streaming import assert_equal_batches, streamed_batches
-
     from vlm_fusion.training.conversations import ConversationDataset, batch_collator, prepare_data
     from vlm_fusion.training.generation import AlignItems
     from vlm_fusion.training.streaming import pass_order

@@ -242,11 +242,11 @@ class FusionBlip2ForConditionalGeneration(FusionForConditionalGeneration, Genera
 
     @classmethod
     def _stage2_config(cls, qformer_name_or_path, text_model_name_or_path, stage1_config, text_config, config_kwargs):
-        from .modeling_base import _default_image_token_id
+        from .modeling_base import _default_placeholder_ids
 
         config_kwargs = dict(config_kwargs)
         if "image_token_id" not in config_kwargs:
-            config_kwargs["image_token_id"] = _default_image_token_id(text_model_name_or_path, text_config)
+            config_kwargs["image_token_id"] = _default_placeholder_ids(text_model_name_or_path, text_config)[0]
         config_kwargs.setdefault("origin", f"BLIP-2's generative stage from the stage-1 Q-Former "
                                            f"`{qformer_name_or_path}` and the language model `{text_model_name_or_path}`;"
                                            " the language projection was initialised.")
