@@ -161,7 +161,7 @@ def test_a_bad_clip_is_one_line_before_training_and_nothing_is_written(parts, tm
     assert not out.exists()
 
 
-def test_num_frames_on_a_checkpoint_that_reads_no_clips_is_one_line(parts, tmp_path, capsys):
+def test_num_frames_a_checkpoint_cannot_read_is_one_line(parts, tmp_path, capsys):
     from vlm_fusion_cli import main
 
     assert main(["train", "--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"),
@@ -172,6 +172,16 @@ def test_num_frames_on_a_checkpoint_that_reads_no_clips_is_one_line(parts, tmp_p
                  str(parts / "videos.json"), "--image-folder", str(parts / "images"), "--output-dir",
                  str(tmp_path / "out"), "--max-steps", "1", "--num-frames", "4"]) == 2
     assert re.search(r"--num-frames: .*images_only reads no clips", capsys.readouterr().err.strip().splitlines()[-1])
+    # a Flamingo-style checkpoint embeds as many frames as it was composed for
+    assert main(["train", "--stage", "align", "--family", "flamingo", "--vision-tower", str(parts / "vision"),
+                 "--language-model", str(parts / "lm"), "--data", str(parts / "videos.json"), "--image-folder",
+                 str(parts / "images"), "--output-dir", str(tmp_path / "flamingo"), "--max-steps", "1",
+                 "--num-frames", "4", *[a for k, v in BRIDGES["flamingo"].items() for a in ("--bridge", f"{k}={v}")]]) == 0
+    capsys.readouterr()
+    assert main(["train", "--stage", "flamingo", "--model", str(tmp_path / "flamingo"), "--data",
+                 str(parts / "videos.json"), "--image-folder", str(parts / "images"), "--output-dir",
+                 str(tmp_path / "out"), "--max-steps", "1", "--num-frames", "6"]) == 2
+    assert re.search(r"--num-frames 6: .*flamingo embeds at most 4 frames", capsys.readouterr().err.splitlines()[-1])
 
 
 def test_a_killed_run_on_clips_resumes_to_the_weights_of_an_uninterrupted_one(parts, tmp_path):

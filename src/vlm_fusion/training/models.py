@@ -9,7 +9,7 @@ import os
 import warnings
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 import vlm_fusion
 
@@ -108,6 +108,12 @@ def with_num_frames(processor, options: TrainOptions):
         raise DataError(f"--num-frames: {options.model} reads no clips (no video processor, no `video_token_id`); "
                         "compose a model that does from parts (--family, --vision-tower, --language-model) with "
                         "--num-frames")
+    config = AutoConfig.from_pretrained(options.model)
+    limit = config.max_num_frames if config.model_type == "fusion_flamingo" or \
+        getattr(config, "video_bridge", None) == "video_qformer" else None  # a frame embedding per frame
+    if limit is not None and options.num_frames > limit:
+        raise DataError(f"--num-frames {options.num_frames}: {options.model} embeds at most {limit} frames a clip "
+                        "(its config's max_num_frames)")
     processor.video_processor.num_frames = options.num_frames
     processor.video_processor.fps = None
     return processor
