@@ -112,7 +112,7 @@ def run(args, argv: list[str], own_process: bool = False) -> int:
     import logging
 
     from vlm_fusion.training import DataError, TrainOptions, train
-    from vlm_fusion.training.distributed import is_main_process
+    from vlm_fusion.training.distributed import end_process_group, is_main_process
 
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in names and k != "bridge"},
@@ -123,6 +123,8 @@ def run(args, argv: list[str], own_process: bool = False) -> int:
         summary = train(options)
     except DataError as error:
         return fail(f"train: {error}") if main_process else 2
+    finally:
+        end_process_group()
     if not main_process:
         return 143 if "stopped_at" in summary else 0
     if "stopped_at" in summary:

@@ -63,3 +63,11 @@ def fsdp_on_cpu() -> None:
 
     init.fsdp_on_cpu = True
     state.AcceleratorState.__init__ = init
+
+
+def end_process_group() -> None:
+    """The process group destroyed at the end of a launched run: gloo's threads stopped before the interpreter exits
+    (left running, a process that had finished its work could die at exit with `terminate called without an active
+    exception`, SIGABRT, failing the launch)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
