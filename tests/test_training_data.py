@@ -261,7 +261,7 @@ def test_the_fast_encoder_checks_itself_and_falls_back_to_the_reference(parts, t
     for row, other, conversation, size in zip(rows, fallback, conversations, sizes):
         assert encoding.rows_equal(row, other)
         reference = encode(processor, conversation, size, "chat", "\n")
-        ids, labels = encoding.expand(row["ids"], row["targets"], row["image_tokens"], processor.image_token_id)
+        ids, labels = encoding.expand(row, processor)
         assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels
 
 
@@ -358,7 +358,7 @@ def test_the_fast_encoder_equals_the_reference_on_every_sample_for_any_template(
             sizes = [data.image_size(i, conversation.id) for i in conversation.images]
             row = fast(conversation, sizes)
             reference = encode(processor, conversation, sizes, "chat", "\n")
-            ids, labels = encoding.expand(row["ids"], row["targets"], row["image_tokens"], processor.image_token_id)
+            ids, labels = encoding.expand(row, processor)
             assert row["text"] == reference.text, conversation.id
             assert ids.tolist() == reference.input_ids and labels.tolist() == reference.labels, conversation.id
     assert fast.fast

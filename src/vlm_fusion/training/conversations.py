@@ -79,8 +79,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index) -> dict:
         row = self.rows[int(self.indices[index])]
-        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id,
-                                   row["video_tokens"], getattr(self.processor, "video_token_id", None))
+        input_ids, labels = expand(row, self.processor)
         return model_item(self.processor, row["id"], [open_image(image) for image in self.images(row)], row["text"],
                           row["add_special_tokens"], input_ids, labels, row["instruction"], row["videos"])
 

@@ -178,15 +178,14 @@ def clip_tokens(processor, sid: str) -> int:
 VERIFY_EVERY = 1000  # samples between two checks of the fast path against `encode`
 
 
-def expand(ids, targets, image_tokens, image_token_id: int, video_tokens=(), video_token_id: int | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def expand(row: dict, processor) -> tuple[np.ndarray, np.ndarray]:
     """A row's `(input_ids, labels)`: each `<image>` id repeated to its placeholder count, and each `<video>` id to
     its clip's (labels -100 there and wherever the row's target flag is off)."""
-    ids, targets = np.asarray(ids, dtype=np.int64), np.asarray(targets, dtype=bool)
+    ids, targets = np.asarray(row["ids"], dtype=np.int64), np.asarray(row["targets"], dtype=bool)
     repeats = np.ones(len(ids), dtype=np.int64)
-    repeats[ids == image_token_id] = image_tokens
-    if len(video_tokens):
-        repeats[ids == video_token_id] = video_tokens
+    repeats[ids == processor.image_token_id] = row["image_tokens"]
+    if len(row["video_tokens"]):
+        repeats[ids == processor.video_token_id] = row["video_tokens"]
     input_ids = np.repeat(ids, repeats)
     return input_ids, np.where(np.repeat(targets, repeats), input_ids, IGNORE_INDEX)
 

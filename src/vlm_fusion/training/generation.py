@@ -95,7 +95,6 @@ class AlignItems:
         row = self.encoder(conversation, [(image.height, image.width) for image in images])
         if row["length"] > self.max_length:
             raise Skip("too long", f"sample {key}: {row['length']} tokens, over --max-length {self.max_length}")
-        input_ids, labels = expand(row["ids"], row["targets"], row["image_tokens"], self.processor.image_token_id,
-                                   row["video_tokens"], getattr(self.processor, "video_token_id", None))
+        input_ids, labels = expand(row, self.processor)
         return model_item(self.processor, key, images, row["text"], row["add_special_tokens"], input_ids, labels,
                           row["instruction"], videos)
