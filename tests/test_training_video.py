@@ -161,17 +161,55 @@ def test_a_bad_clip_is_one_line_before_training_and_nothing_is_written(parts, tm
     assert not out.exists()
 
 
-def test_num_frames_a_checkpoint_cannot_read_is_one_line(parts, tmp_path, capsys):
+@pytest.mark.parametrize("family,stage,bridge", [("llava", "instruct", {"video_pooling": "average"}),
+                                                 ("blip2", "instruct", {"video_bridge": "video_qformer"}),
+                                                 ("flamingo", "flamingo", {})])
+def test_an_image_checkpoint_given_num_frames_gets_a_video_path_that_leaves_its_images_alone(parts, family, stage,
+                                                                                             bridge, tmp_path, caplog):
+    """LLaVA-NeXT-Video's start: an image model trained on clips with `--num-frames` (and the video path's fields
+    through `--bridge`); the model it starts from answers images exactly as the image checkpoint does."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     from vlm_fusion_cli import main
 
-    assert main(["train", "--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"),
+    images_only = tmp_path / "images_only"
+    assert main(["train", "--stage", "align", "--family", family, "--vision-tower", str(parts / "vision"),
                  "--language-model", str(parts / "lm"), "--data", str(parts / "captions.json"), "--image-folder",
-                 str(parts / "images"), "--output-dir", str(tmp_path / "images_only"), "--max-steps", "1"]) == 0
-    capsys.readouterr()
-    assert main(["train", "--stage", "instruct", "--model", str(tmp_path / "images_only"), "--data",
-                 str(parts / "videos.json"), "--image-folder", str(parts / "images"), "--output-dir",
-                 str(tmp_path / "out"), "--max-steps", "1", "--num-frames", "4"]) == 2
-    assert re.search(r"--num-frames: .*images_only reads no clips", capsys.readouterr().err.strip().splitlines()[-1])
+                 str(parts / "images"), "--output-dir", str(images_only), "--max-steps", "1",
+                 *[a for k, v in BRIDGES[family].items() for a in ("--bridge", f"{k}={v}")]]) == 0
+    model, processor = load_generation_model(TrainOptions(
+        data=str(parts / "mixed.json"), image_folder=str(parts / "images"), output_dir=str(tmp_path / "out"),
+        stage=stage, model=str(images_only), bridge=bridge, num_frames=FRAMES))
+    assert model.config.video_token_id == processor.video_token_id != model.config.image_token_id
+    assert all(getattr(model.config, k) == v for k, v in bridge.items())
+    image_model = AutoModelForImageTextToText.from_pretrained(images_only).eval()
+    image_processor = AutoProcessor.from_pretrained(images_only)
+    text = ["USER: <image>\nwhat colour is the square ?\nASSISTANT:"]
+    expected = image_processor(images=[random_image(0)], text=text, return_tensors="pt")
+    inputs = processor(images=[random_image(0)], text=text, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    with torch.no_grad():
+        logits = model.eval()(**inputs).logits
+        reference = image_model(**expected).logits
+    torch.testing.assert_close(logits[..., : reference.shape[-1]], reference, rtol=0, atol=0)
+
+    caplog.clear()
+    assert main(["train", "--stage", stage, "--model", str(images_only), "--data", str(parts / "mixed.json"),
+                 "--image-folder", str(parts / "images"), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
+                 "--num-frames", str(FRAMES), *[a for k, v in bridge.items() for a in ("--bridge", f"{k}={v}")]]) == 0
+    assert re.search(r"--num-frames: .*images_only reads images only; its video path is added", caplog.text)
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    inputs = processor(videos=[str(parts / "images" / "clips" / "0000.mp4")], return_tensors="pt",
+                       text=["USER: <video>\nwhich way does the square move ?\nASSISTANT:"])
+    assert inputs["pixel_values_videos"].shape[:2] == (1, FRAMES)
+    with torch.no_grad():
+        assert trained.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_num_frames_beyond_what_a_checkpoint_embeds_is_one_line(parts, tmp_path, capsys):
+    from vlm_fusion_cli import main
+
     # a Flamingo-style checkpoint embeds as many frames as it was composed for
     assert main(["train", "--stage", "align", "--family", "flamingo", "--vision-tower", str(parts / "vision"),
                  "--language-model", str(parts / "lm"), "--data", str(parts / "videos.json"), "--image-folder",

@@ -67,7 +67,9 @@ def add_arguments(p) -> None:
     model.add_argument("--qformer-tokenizer", help="--stage qformer from scratch (no --qformer-init): the Q-Former's "
                        "tokenizer")
     model.add_argument("--bridge", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="with --family: a bridge config field, e.g. projector_type=mlp2x_gelu, num_query_tokens=32")
+                       help="with --family: a bridge config field, e.g. projector_type=mlp2x_gelu, num_query_tokens=32; "
+                       "with --model (an image checkpoint) and --num-frames: a field of the video path added, e.g. "
+                       "video_pooling=average")
     model.add_argument("--lora", action="store_true", help="instruct: LoRA adapters on the LM instead of training it")
     model.add_argument("--qlora", action="store_true", help="instruct: the LM in 4-bit with LoRA adapters")
     model.add_argument("--lora-r", type=positive_int, default=128)

@@ -6,16 +6,23 @@ keeps frozen, frozen (LoRA / QLoRA on the LM if asked).
 import contextlib
 import json
 import os
+import tempfile
 import warnings
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers.utils import logging
 
 import vlm_fusion
+
+from vlm_fusion.special_tokens import add_special_token
 
 from .data import DataError
 from .options import TrainOptions
 from .stages import LORA
+
+logger = logging.get_logger("vlm_fusion.training")
+
 
 def quantization(options):
     if not options.qlora:
@@ -69,13 +76,20 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
         if options.family or options.vision_tower or options.language_model:
             raise DataError("give either --model (a vlm-fusion checkpoint) or --family, --vision-tower and "
                             "--language-model (parts), not both")
-        processor = with_num_frames(AutoProcessor.from_pretrained(options.model), options)
+        processor = AutoProcessor.from_pretrained(options.model)
+        config = AutoConfig.from_pretrained(options.model)
+        if options.num_frames is not None and getattr(processor, "video_processor", None) is None:
+            processor, config = with_video_path(processor, config, options)
+        processor = with_num_frames(processor, config, options)
         if not weights:
             return None, processor
         kwargs = {"quantization_config": bnb} if bnb else {}
-        model = AutoModelForImageTextToText.from_pretrained(options.model, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(options.model, config=config, **kwargs)
         if not hasattr(model, "parameter_parts"):
             raise DataError(f"{options.model} holds a {type(model).__name__}, not a vlm-fusion model")
+        if config.video_token_id is not None and config.model_type == "fusion_flamingo" and \
+                config.video_token_id >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(config.video_token_id + 1)  # Flamingo's LM reads its `<video>` marker
         return model, processor
     missing = [flag for flag, value in (("--family", options.family), ("--vision-tower", options.vision_tower),
                                         ("--language-model", options.language_model)) if not value]
@@ -100,15 +114,36 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
     return model, processor
 
 
-def with_num_frames(processor, options: TrainOptions):
-    """A checkpoint's processor, sampling `--num-frames` frames a clip if given (the checkpoint must read clips)."""
+def with_video_path(processor, config, options: TrainOptions):
+    """An image checkpoint given `--num-frames`: the processor and config of the same model reading clips too, as
+    LLaVA-NeXT-Video starts from LLaVA-NeXT. `<video>` is added to the tokenizer; the bridge reads each frame as it reads
+    an image, with the video fields of `--bridge` (pooling, the video Q-Former) if given; weights the image model has
+    not (a Flamingo-style resampler's time embeddings, a video Q-Former) start new and the stage trains them. The
+    video processor samples frames and processes each with the image processor."""
+    from vlm_fusion.processing_video import FusionVideoProcessor
+
+    video = {"video_token_id": add_special_token(processor.tokenizer, "<video>")}
+    if config.model_type == "fusion_flamingo":
+        video["max_num_frames"] = options.num_frames
+    # `--bridge` sets the video path's fields here (video_pooling=average, video_bridge=video_qformer, ...)
+    config = type(config).from_dict({**config.to_dict(), **video, **options.bridge})
+    per_frame, per_clip = config.video_token_counts()
+    with tempfile.TemporaryDirectory() as folder:  # the processor rebuilt with its video processor, all else as saved
+        processor.save_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(
+            folder, video_processor=FusionVideoProcessor.from_image_processor(processor.image_processor,
+                                                                              num_frames=options.num_frames),
+            video_tokens_per_frame=per_frame, video_tokens_per_clip=per_clip)
+    logger.warning(f"--num-frames: {options.model} reads images only; its video path is added (`<video>` id "
+                   f"{config.video_token_id}, {config.num_video_tokens(options.num_frames)} LM tokens a clip of "
+                   f"{options.num_frames} frames)")
+    return processor, config
+
+
+def with_num_frames(processor, config, options: TrainOptions):
+    """A checkpoint's processor, sampling `--num-frames` frames a clip if given (the checkpoint reads clips)."""
     if options.num_frames is None:
         return processor
-    if getattr(processor, "video_processor", None) is None:
-        raise DataError(f"--num-frames: {options.model} reads no clips (no video processor, no `video_token_id`); "
-                        "compose a model that does from parts (--family, --vision-tower, --language-model) with "
-                        "--num-frames")
-    config = AutoConfig.from_pretrained(options.model)
     limit = config.max_num_frames if config.model_type == "fusion_flamingo" or \
         getattr(config, "video_bridge", None) == "video_qformer" else None  # a frame embedding per frame
     if limit is not None and options.num_frames > limit:
