@@ -59,6 +59,18 @@ def test_a_seed_reproduces_its_clips_and_another_does_not():
     assert any(not np.array_equal(np.asarray(a[0][0]), np.asarray(b[0][0])) for a, b in zip(first, other))
 
 
+def test_a_longer_clip_is_the_same_clip_whose_uniformly_sampled_frames_are_the_short_ones():
+    """The 32-frame rows of the trade-off table read the same events recorded 4x slower."""
+    from transformers.video_utils import default_sample_indices_fn, VideoMetadata
+
+    for (short, *text), (long, *text_long) in zip(clips.examples(5, 6), clips.examples(5, 6, num_frames=32)):
+        assert text == text_long and len(long) == 32
+        picked = default_sample_indices_fn(VideoMetadata(total_num_frames=32), num_frames=clips.NUM_FRAMES)
+        assert all(np.array_equal(np.asarray(long[i]), np.asarray(frame)) for i, frame in zip(picked, short))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        clips.examples(5, 1, num_frames=12)
+
+
 def test_clips_have_the_frames_and_size_of_the_task():
     for frames, kind, question, answer in clips.examples(3, 6):
         assert len(frames) == clips.NUM_FRAMES

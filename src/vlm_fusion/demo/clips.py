@@ -49,9 +49,13 @@ def frame_items(clip: list[Track], frame: int) -> list[shapes.Item]:
     return out
 
 
-def render_clip(clip: list[Track]) -> list[Image.Image]:
-    """The clip's frames as PIL images, `NUM_FRAMES` of them."""
-    return [shapes.render(frame_items(clip, frame)) for frame in range(NUM_FRAMES)]
+def render_clip(clip: list[Track], num_frames: int = NUM_FRAMES) -> list[Image.Image]:
+    """The clip's frames as PIL images: its `NUM_FRAMES` states, each held `num_frames / NUM_FRAMES` frames (a slower
+    recording of the same events; sampling `NUM_FRAMES` of them uniformly gives the states back)."""
+    if num_frames % NUM_FRAMES:
+        raise ValueError(f"num_frames must be a multiple of {NUM_FRAMES} (each state held as long), got {num_frames}")
+    states = [shapes.render(frame_items(clip, frame)) for frame in range(NUM_FRAMES)]
+    return [state for state in states for _ in range(num_frames // NUM_FRAMES)]
 
 
 def _unique(scene, item, field) -> bool:
@@ -119,12 +123,14 @@ def sample_clip(rng: np.random.Generator, kind: str) -> tuple[list[Track], str, 
             return made
 
 
-def examples(seed: int, count: int, *, kinds=TEMPORAL_TYPES) -> list[tuple[list[Image.Image], str, str, str]]:
-    """`count` examples `(frames, kind, question, answer)`, the kinds in turn (balanced)."""
+def examples(seed: int, count: int, *, kinds=TEMPORAL_TYPES,
+             num_frames: int = NUM_FRAMES) -> list[tuple[list[Image.Image], str, str, str]]:
+    """`count` examples `(frames, kind, question, answer)`, the kinds in turn (balanced); `num_frames` frames a clip
+    (`render_clip`: the same clips and questions whatever the count)."""
     rng = np.random.default_rng(seed)
     out = []
     for index in range(count):
         kind = kinds[index % len(kinds)]
         clip, question, answer = sample_clip(rng, kind)
-        out.append((render_clip(clip), kind, question, answer))
+        out.append((render_clip(clip, num_frames), kind, question, answer))
     return out
