@@ -78,11 +78,20 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
                             "--language-model (parts), not both")
         processor = AutoProcessor.from_pretrained(options.model)
         config = AutoConfig.from_pretrained(options.model)
-        if options.num_frames is not None and getattr(processor, "video_processor", None) is None:
+        added = options.num_frames is not None and getattr(processor, "video_processor", None) is None
+        if options.bridge and not added:
+            raise DataError(f"--bridge sets the fields of a model composed from parts, or of the video path added to an "
+                            f"image checkpoint with --num-frames; {options.model} is trained as it is: drop --bridge "
+                            f"({', '.join(options.bridge)})")
+        if added:
             processor, config = with_video_path(processor, config, options)
         processor = with_num_frames(processor, config, options)
         if not weights:
             return None, processor
+        if added:  # said once, when the model is loaded (the data pass reads the processor alone first)
+            logger.warning(f"--num-frames: {options.model} reads images only; its video path is added (`<video>` id "
+                           f"{config.video_token_id}, {config.num_video_tokens(options.num_frames)} LM tokens a clip "
+                           f"of {options.num_frames} frames)")
         kwargs = {"quantization_config": bnb} if bnb else {}
         model = AutoModelForImageTextToText.from_pretrained(options.model, config=config, **kwargs)
         if not hasattr(model, "parameter_parts"):
@@ -134,9 +143,6 @@ def with_video_path(processor, config, options: TrainOptions):
             folder, video_processor=FusionVideoProcessor.from_image_processor(processor.image_processor,
                                                                               num_frames=options.num_frames),
             video_tokens_per_frame=per_frame, video_tokens_per_clip=per_clip)
-    logger.warning(f"--num-frames: {options.model} reads images only; its video path is added (`<video>` id "
-                   f"{config.video_token_id}, {config.num_video_tokens(options.num_frames)} LM tokens a clip of "
-                   f"{options.num_frames} frames)")
     return processor, config
 
 

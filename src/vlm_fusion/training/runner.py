@@ -153,6 +153,9 @@ def run(run: Run) -> dict:
         stopper.restore()
     summary = {"stage": run.stage.name, "layout": run.layout, **run.summary, **trainer.data_summary(),
                "steps": trainer.state.global_step, "final_loss": final_loss(trainer.state.log_history),
+               "samples_per_second": next((entry["train_samples_per_second"] for entry in
+                                           reversed(trainer.state.log_history)
+                                           if "train_samples_per_second" in entry), None),
                "trainable_parameters": run.trainable, "learning_rates": run.part_lrs, "output_dir": options.output_dir,
                "options": {k: v for k, v in asdict(options).items() if k not in ("output_dir",)}}
     if stopper.stopped_at is not None:
