@@ -241,3 +241,29 @@ def test_the_data_benchmark_runs(tmp_path):
     table = (tmp_path / "data.md").read_text()
     for line in ("| 100 | 1 | first run |", "| 100 | 1 | rerun |", "| 100 | 1 | LLaVA lazy (baseline) |"):
         assert line in table
+
+
+@pytest.mark.slow  # trains every clip setup for 2 steps (a minute or two): .ci/run runs it
+def test_the_clips_benchmark_runs(tmp_path):
+    """benchmarks/clips.py from tiny image models of each family: a row per setup at 8 frames (the Perceiver's 64
+    latents too), its cost measured and its accuracy per temporal question type, the table written."""
+    import clips as clips_benchmark
+
+    from vlm_fusion.demo import clips
+    from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+    for family, name in (("fusion_llava", "llava"), ("fusion_blip2", "blip2"), ("fusion_flamingo", "flamingo")):
+        model, processor = tiny_model_and_processor(family)  # image models: the benchmark adds their video paths
+        model.save_pretrained(tmp_path / "images" / name)
+        processor.save_pretrained(tmp_path / "images" / name)
+    assert clips_benchmark.main(["--image-models", str(tmp_path / "images"), "--frames", "8", "--steps", "2",
+                                 "--batch-size", "2", "--per-kind", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "clips.json").read_text())
+    assert [r["setup"] for r in rows] == [name for name, (_, _, frames) in clips_benchmark.SETUPS.items() if 8 in frames]
+    assert all(r["prefill_ms"] > 0 and r["kv_bytes"] > 0 and r["train_samples_s"] > 0 for r in rows)
+    assert all(set(r["accuracy"]) == set(clips.TEMPORAL_TYPES) for r in rows)
+    by_setup = {r["setup"]: r for r in rows}  # the knobs took: fewer LM tokens a clip than the plain video path
+    assert by_setup["llava, pooled 4 (bilinear)"]["tokens_per_clip"] < by_setup["llava, every patch"]["tokens_per_clip"]
+    assert by_setup["blip2, video Q-Former"]["tokens_per_clip"] < by_setup["blip2, per frame"]["tokens_per_clip"]
+    table = (tmp_path / "clips.md").read_text()
+    assert "| llava, every patch | 8 |" in table and "| 1.00 |" in table  # the baseline's ratios to itself

@@ -1,0 +1,186 @@
+"""Clips under a token budget, accuracy beside cost: the seeds' trade-off measured on one task.
+
+    python benchmarks/clips.py                                  # every setup (about an hour on 2 cores)
+    python benchmarks/clips.py --setups llava --steps 40        # some setups, a short budget (a quick look)
+
+Each family's video path, and the knob each has, on the same vision tower and LM: the demo's (`vlm_fusion.demo`), whose
+clips ask what no single frame shows (which way a shape moves, which appears last, how many times one blinks). Every
+setup starts from its family's demo image model, as shipped at commit `IMAGE_MODELS_COMMIT` (before the video stage;
+read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm_fusion.demo.train.train_video`:
+`vlm-fusion train --num-frames F` with the setup's video fields) on clips only, `--steps` steps of `--batch-size`
+clips, each clip seen twice. A 32-frame clip is the 8-frame one recorded 4x slower (`clips.render_clip`), so every
+row answers the same questions. Then, on the trained model:
+
+* **LM tokens / clip**: the config's `num_video_tokens(F)`; Flamingo-style: the one `<video>` marker (its latents reach
+  the LM by cross-attention);
+* **prefill (ms)**: one clip and its question, batch 1, median of `--repeats` (the demo models are tiny: this is the
+  overhead-dominated end; `benchmarks/run.py --tables video` has the same setups at CLIP-B/16 and a 0.5B-wide LM);
+* **KV (KB)**: the LM's KV cache after that prefill, plus the Flamingo-style model's cached media K/V;
+* **train samples/s**: the video stage's (`train_samples_per_second`, clips only);
+* **accuracy**: greedy exact match on `--per-kind` held-out clips per temporal type (seed 12345).
+
+Ratios are against the baseline row, `llava, every patch` at 8 frames. Writes `<out>/clips.md` and `clips.json`.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import measure  # noqa: E402
+
+IMAGE_MODELS_COMMIT = "83ea8c7"  # the last commit whose demo checkpoints read images only
+BASELINE = ("llava, every patch", 8)
+# name -> (family, the video path's fields, frame counts); each family's plain video path at 8 and 32 frames, its knob
+SETUPS = {
+    "llava, every patch": ("fusion_llava", {}, (8, 32)),
+    # the demo tower's 3x3 patch grid: average pooling would leave 1x1 at stride 2 and nothing at 4; OneVision's
+    # bilinear resize leaves ceil(3 / stride) a side (2x2, 1x1)
+    "llava, pooled 2 (bilinear)": ("fusion_llava", {"video_pooling": "bilinear", "video_pool_stride": 2}, (8,)),
+    "llava, pooled 4 (bilinear)": ("fusion_llava", {"video_pooling": "bilinear", "video_pool_stride": 4}, (8,)),
+    "blip2, per frame": ("fusion_blip2", {"video_bridge": "per_frame"}, (8, 32)),
+    "blip2, video Q-Former": ("fusion_blip2", {"video_bridge": "video_qformer", "num_video_query_tokens": 16,
+                                               "max_num_frames": 32}, (8, 32)),
+    "flamingo, 16 latents": ("fusion_flamingo", {}, (8, 32)),
+    "flamingo, 64 latents": ("fusion_flamingo", {"num_latents": 64}, (8,)),
+}
+
+
+def image_models(args, work) -> str:
+    """The demo's image models: `--image-models`, or the package's checkpoints at `IMAGE_MODELS_COMMIT` from git."""
+    if args.image_models:
+        return args.image_models
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=HERE, capture_output=True, text=True)
+    if root.returncode:
+        raise SystemExit(f"benchmarks/clips.py: not in a git checkout; give --image-models DIR (the demo's image "
+                         f"models: src/vlm_fusion/demo/checkpoints at commit {IMAGE_MODELS_COMMIT})")
+    archive = subprocess.run(["git", "archive", IMAGE_MODELS_COMMIT, "src/vlm_fusion/demo/checkpoints"],
+                             cwd=root.stdout.strip(), capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", work], input=archive, check=True)
+    return os.path.join(work, "src", "vlm_fusion", "demo", "checkpoints")
+
+
+def starting_model(family, video: dict, images: str, work: str, name: str) -> str:
+    """The family's image model; with `num_latents` other than its own, the same with a resampler of that many
+    latents (the latents start new, every other weight as trained)."""
+    import vlm_fusion
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path = os.path.join(images, vlm_fusion.FAMILIES[family].name)
+    latents = video.get("num_latents")
+    if latents is None or latents == AutoConfig.from_pretrained(path).num_latents:
+        return path
+    out = os.path.join(work, name.replace(",", "").replace(" ", "_"), "image")
+    model = AutoModelForImageTextToText.from_pretrained(path, num_latents=latents, ignore_mismatched_sizes=True)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(path).save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def cost(model, processor, frames: int, repeats: int) -> dict:
+    """Prefill latency, KV bytes and LM tokens of one held-out clip and its question."""
+    import numpy as np
+
+    from vlm_fusion.demo import clips
+
+    clip, _, question, _ = clips.examples(4321, 1, num_frames=frames)[0]
+    inputs = processor(videos=[np.stack([np.asarray(f) for f in clip])], text=[clips.PROMPT.format(question=question)],
+                       return_tensors="pt")
+    out = model(**inputs, use_cache=True)
+    return dict(tokens_per_clip=model.config.num_video_tokens(frames), prompt_tokens=int(inputs["input_ids"].shape[1]),
+                prefill_ms=1000 * measure.median_time(lambda: model(**inputs, use_cache=True), repeats),
+                kv_bytes=measure.cache_bytes(out.cache)
+                + measure.media_cache_bytes(getattr(out, "media_cache", None)))
+
+
+def run_setup(name, family, video, frames, images, args, work) -> dict:
+    from vlm_fusion.demo import train
+
+    steps = {"video": args.steps}
+    data = train.video_data(work, steps, num_frames=frames, images=False, batch_size=args.batch_size)
+    start = starting_model(family, video, images, work, name)
+    bridge = {k: v for k, v in video.items() if k != "num_latents"}
+    began = time.perf_counter()
+    model, processor, summary = train.train_video(family, start, data, steps, work, num_frames=frames, bridge=bridge,
+                                                  name=f"{name}, {frames}".replace(",", "").replace(" ", "_"),
+                                                  batch_size=args.batch_size)
+    trained_s = time.perf_counter() - began
+    accuracy = train.evaluate_clips(model, processor, per_kind=args.per_kind, num_frames=frames)
+    record = dict(setup=name, family=family, frames=frames, **cost(model, processor, frames, args.repeats),
+                  train_samples_s=summary["samples_per_second"], train_s=trained_s, final_loss=summary["final_loss"],
+                  accuracy=accuracy)
+    print(f"  {name}, {frames} frames: {record}", flush=True)
+    return record
+
+
+def report(records, args) -> str:
+    from vlm_fusion.demo import clips
+
+    base = next((r for r in records if (r["setup"], r["frames"]) == BASELINE), None)
+    kinds = clips.TEMPORAL_TYPES
+    lines = [f"Commit {measure.commit()}, {measure.load_average()}; {args.steps} steps x {args.batch_size} clips a "
+             f"setup, accuracy on {args.per_kind} held-out clips per type; ratios against `{BASELINE[0]}` at "
+             f"{BASELINE[1]} frames.", "",
+             "| setup | frames | LM tokens / clip | prefill (ms) | KV (KB) | train samples/s | "
+             + " | ".join(kinds) + " | mean | tokens x | prefill x | KV x | samples/s x |",
+             "|" + "---|" * (9 + len(kinds))]
+    for r in records:
+        mean = sum(r["accuracy"].values()) / len(kinds)
+
+        def ratio(key):
+            return f"{r[key] / base[key]:.2f}" if base and base[key] else "—"
+        lines.append(f"| {r['setup']} | {r['frames']} | {r['tokens_per_clip']} | {r['prefill_ms']:.1f} | "
+                     f"{r['kv_bytes'] / 1024:.0f} | {r['train_samples_s']:.1f} | "
+                     + " | ".join(f"{r['accuracy'][k]:.0%}" for k in kinds)
+                     + f" | {mean:.0%} | {ratio('tokens_per_clip')} | {ratio('prefill_ms')} | {ratio('kv_bytes')} | "
+                     f"{ratio('train_samples_s')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setups", nargs="*", default=[], help="run the setups whose name contains one of these")
+    parser.add_argument("--frames", default="8,32", help="frame counts, comma-separated (each setup has its own)")
+    parser.add_argument("--steps", type=int, default=300, help="video-stage steps a setup")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--per-kind", type=int, default=100, help="held-out clips per temporal question type")
+    parser.add_argument("--repeats", type=int, default=5, help="prefill timings (median)")
+    parser.add_argument("--image-models", help="the demo's image models (llava/, blip2/, flamingo/); default: the "
+                        f"package's at commit {IMAGE_MODELS_COMMIT}, from git")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--work", help="keep the clips and trained models here (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    frames = {int(f) for f in args.frames.split(",")}
+    work = args.work or tempfile.mkdtemp(prefix="vlm-fusion-clips-")
+    try:
+        images = image_models(args, work)
+        records = []
+        for name, (family, video, counts) in SETUPS.items():
+            if args.setups and not any(s in name for s in args.setups):
+                continue
+            for count in counts:
+                if count in frames:
+                    records.append(run_setup(name, family, video, count, images, args, work))
+        measure.write_report(args.out, "clips", report(records, args), records)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
