@@ -137,16 +137,50 @@ def test_demo_command_prints_questions_and_verdicts(capsys):
     assert "Q: how many shapes are there ?" in out and ("-> right" in out or "-> WRONG, expected" in out)
 
 
+def test_demo_command_asks_fresh_clips_and_saves_them(tmp_path, capsys):
+    from vlm_fusion.demo import clips
+
+    assert main(["demo", "--video", "--family", "llava", "--seed", "3", "--save-clips", str(tmp_path / "clip")]) == 0
+    out = capsys.readouterr().out
+    rng = np.random.default_rng(3)  # the clips of seed 3, one per temporal type, drawn as the command draws them
+    for kind in clips.TEMPORAL_TYPES:
+        clip, question, answer = clips.sample_clip(rng, kind)
+        assert f"Q: {question}" in out
+        with Image.open(tmp_path / f"clip_{kind}.gif") as gif:  # identical frames in a row are one, held longer
+            assert gif.size == (4 * shapes.IMAGE_SIZE,) * 2
+            durations = []
+            for index in range(gif.n_frames):
+                gif.seek(index)
+                durations.append(gif.info["duration"])
+            assert sum(durations) == 500 * clips.NUM_FRAMES
+    assert out.count("-> right") + out.count("-> WRONG, expected") == len(clips.TEMPORAL_TYPES)
+
+
+def test_demo_save_clips_without_video_is_one_line(capsys):
+    assert main(["demo", "--save-clips", "clip"]) == 2
+    assert "--save-clips saves the clips of --video" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # the demo's whole recipe, quick (2.5 minutes); `vlm-fusion train`'s stages run in the default suite
 def test_training_script_runs(tmp_path, monkeypatch):
     from vlm_fusion.demo import train
 
-    results = train.main(["--quick", "--families", "fusion_llava", "--out", str(tmp_path), "--parts",
+    from vlm_fusion.demo import clips
+
+    results = train.main(["--quick", "--families", "fusion_llava", "--out", str(tmp_path / "models"), "--parts",
                           str(tmp_path / "parts")])
-    assert set(results["fusion_llava"]) == set(shapes.QUESTION_TYPES)
-    card = (tmp_path / "llava" / "README.md").read_text()
-    assert "## Evaluation" in card and "| colour |" in card
-    assert "![training loss](loss.png)" in card and (tmp_path / "llava" / "loss.png").is_file()  # shipped with it
+    assert set(results["fusion_llava"]["images"]) == set(shapes.QUESTION_TYPES)
+    assert set(results["fusion_llava"]["clips"]) == set(clips.TEMPORAL_TYPES)
+    card = (tmp_path / "models" / "llava" / "README.md").read_text()
+    assert "## Evaluation" in card and "| colour |" in card and "| blinks |" in card
+    for curve in ("loss.png", "loss_video.png"):  # each stage's loss curve, shipped with the card
+        assert f"![training loss]({curve})" in card and (tmp_path / "models" / "llava" / curve).is_file()
+    # --video-from: the video stage alone, from image models already trained
+    shutil.copytree(tmp_path / "models" / "llava", tmp_path / "images" / "llava")
+    again = train.main(["--quick", "--families", "fusion_llava", "--out", str(tmp_path / "again"), "--video-from",
+                        str(tmp_path / "images")])
+    assert set(again["fusion_llava"]["clips"]) == set(clips.TEMPORAL_TYPES)
+    assert "## Training: the video stage" in (tmp_path / "again" / "llava" / "README.md").read_text()
     # --parts kept the pretrained parts: the next run uses them as they are, pretraining nothing
     for name in ("pretrain_vision", "pretrain_lm"):
         monkeypatch.setattr(train, name, lambda *a, **k: pytest.fail("pretrained again"))

@@ -15,8 +15,13 @@
    LM frozen) on the questions. The tower stays frozen. The BLIP-2-style model first goes through BLIP-2's stage 1
    (`qformer`: ITC + ITM + ITG on the captions, no LM; the Q-Former from scratch with a BERT-style tokenizer of the
    task's words), and its `align` stage starts from that Q-Former; `--ablation` also trains it without stage 1.
-3. Evaluate on held-out scenes and write each model card with its training and the accuracy per question type; the
-   stage-1 Q-Former's held-out image-text retrieval (`vlm-fusion evaluate retrieval`'s procedure) is printed.
+3. The video stage (`vlm_fusion.demo.clips`: 8-frame clips whose questions no single frame answers): each image
+   model learns the clips' words (its tokenizer and LM embeddings grow by them) and `vlm-fusion train --num-frames 8`
+   adds its video path (LLaVA-NeXT-Video's start from LLaVA-NeXT) and trains it, as the second stage did, on clips
+   and the image questions mixed, so that the image answers stay. `--video-from DIR` starts this stage from image
+   models already trained (`DIR/llava`, `DIR/blip2`, `DIR/flamingo`) instead of training them first.
+4. Evaluate on held-out scenes and clips and write each model card with its training and the accuracy per question
+   type; the stage-1 Q-Former's held-out image-text retrieval (`vlm-fusion evaluate retrieval`'s procedure) is printed.
 """
 
 import argparse
@@ -41,7 +46,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import vlm_fusion
-from vlm_fusion.demo import card_usage, shapes
+from vlm_fusion.demo import card_usage, clips, shapes
 from vlm_fusion.model_card import write_model_card
 from vlm_fusion.processing_base import chat_template
 from vlm_fusion.tools.tiny import tiny_bert_tokenizer, tiny_tokenizer
@@ -62,7 +67,7 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000)  # --quick divides them by 10
+STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, video=500)  # --quick divides them by 10
 # BLIP-2's stage 1 on the demo's Q-Former: its sizes above, a 64-wide contrastive space, captions of at most 32 tokens
 QFORMER = dict(embed_dim=64, max_text_length=32)
 STAGE2_LR = 1e-3
@@ -295,7 +300,78 @@ def train_family(family, vision, language, data, steps, work, stage1: str | None
     return AutoModelForImageTextToText.from_pretrained(tuned).eval(), AutoProcessor.from_pretrained(tuned), summary
 
 
-# ---- 3. evaluation ---------------------------------------------------------------------------------------------
+# ---- 3. the video stage ----------------------------------------------------------------------------------------
+CLIP_WORDS = [word for word in clips.VOCABULARY if word != "<video>"]  # `<video>` comes with the video path
+
+
+def write_clip_data(root, name: str, examples, prefix: str) -> list[dict]:
+    """`examples` (clips) as LLaVA-Video's layout has them, each clip a frames folder `<prefix>_<position>/` of numbered
+    PNG files in `root/images/clips` (lossless: the demo's colours stay exact); the rows."""
+    rows = []
+    for index, (frames, _, question, answer) in enumerate(tqdm(examples, desc=f"writing {name}", leave=False)):
+        folder = f"clips/{prefix}_{index}/"
+        path = os.path.join(root, "images", folder)
+        if not os.path.isdir(path):
+            os.makedirs(path)
+            for position, frame in enumerate(frames):
+                frame.save(os.path.join(path, f"{position:03d}.png"))
+        rows.append({"id": f"{name}_{index}", "video": folder, "conversations": [
+            {"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}]})
+    return rows
+
+
+def video_data(root, steps, num_frames: int = clips.NUM_FRAMES, images: bool = True, batch_size: int = 32) -> str:
+    """The video stage's data, every sample seen twice: clips and the second stage's image questions, alternating
+    (half each), or clips only (`images=False`)."""
+    count = steps["video"] * batch_size // 2
+    videos = write_clip_data(root, "clips", clips.examples(SEED + 5, count // 2 if images else count,
+                                                           num_frames=num_frames), f"clip{num_frames}")
+    rows = videos
+    if images:
+        with open(write_llava_data(root, "video_stage_images", shapes.examples(
+                SEED + 6, count // 2, kinds=QUESTION_MIX * 2 + ("caption",)), "video_stage")) as f:
+            rows = [row for pair in zip(videos, json.load(f)) for row in pair]
+    path = os.path.join(root, f"{'clips_and_images' if images else 'clips'}_{num_frames}_{len(rows)}.json")
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return path
+
+
+def with_clip_words(image_model: str, out: str) -> str:
+    """The image model `image_model` with the clips' words in its tokenizer and rows for them in its LM embeddings
+    (input and output; new rows as transformers initialises them), saved to `out`."""
+    from tokenizers import AddedToken
+
+    model = AutoModelForImageTextToText.from_pretrained(image_model)
+    processor = AutoProcessor.from_pretrained(image_model)
+    tokenizer = processor.tokenizer
+    tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=False) for word in CLIP_WORDS
+                          if word not in tokenizer.get_vocab()])
+    model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def train_video(family, image_model, data, steps, work, num_frames: int = clips.NUM_FRAMES, bridge=None,
+                name: str | None = None, batch_size: int = 32):
+    """The video stage of `family` from its image model: `vlm-fusion train --model ... --num-frames` on clips and
+    images (the second stage's settings; Flamingo-style: the `flamingo` stage, the LM frozen), the video path's
+    fields `bridge` (pooling, the video Q-Former), in `work/<name>`; the trained model, its processor and the
+    stage's summary."""
+    name = name or vlm_fusion.FAMILIES[family].name
+    start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
+    stage = "flamingo" if family == "fusion_flamingo" else "instruct"
+    out = os.path.join(work, name, "video")
+    summary = train_stage(TrainOptions(
+        data=data, image_folder=os.path.join(work, "images"), output_dir=out, stage=stage, model=start,
+        num_frames=num_frames, bridge=bridge or {}, max_steps=steps["video"], batch_size=batch_size, seed=SEED,
+        weight_decay=0.0, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, steps["video"] // 20),
+        logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=512))
+    return AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out), summary
+
+
+# ---- 4. evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, processor, seed: int = 12345, per_kind: int = 200) -> dict:
     """Exact-match accuracy per question type on held-out scenes (greedy answers; for "left_of" the whole reasoning
@@ -313,10 +389,71 @@ def evaluate(model, processor, seed: int = 12345, per_kind: int = 200) -> dict:
     return {kind: correct[kind] / per_kind for kind in shapes.QUESTION_TYPES}
 
 
+@torch.no_grad()
+def evaluate_clips(model, processor, seed: int = 12345, per_kind: int = 200,
+                   num_frames: int = clips.NUM_FRAMES) -> dict:
+    """Exact-match accuracy per temporal question type on held-out clips (greedy answers)."""
+    import numpy as np
+
+    processor.tokenizer.padding_side = "left"
+    data = clips.examples(seed, per_kind * len(clips.TEMPORAL_TYPES), num_frames=num_frames)
+    correct = {kind: 0 for kind in clips.TEMPORAL_TYPES}
+    for start in range(0, len(data), 50):
+        chunk = data[start : start + 50]
+        inputs = processor(videos=[np.stack([np.asarray(frame) for frame in frames]) for frames, *_ in chunk],
+                           text=[clips.PROMPT.format(question=q) for _, _, q, _ in chunk], padding=True,
+                           return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=shapes.MAX_ANSWER_TOKENS, do_sample=False)
+        for (_, kind, _, answer), ids in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
+            correct[kind] += processor.decode(ids, skip_special_tokens=True).strip() == answer
+    return {kind: correct[kind] / per_kind for kind in clips.TEMPORAL_TYPES}
+
+
 def accuracy_table(results: dict) -> str:
     lines = ["| question type | accuracy |", "|---|---|"]
     lines += [f"| {kind} | {accuracy:.1%} |" for kind, accuracy in results.items()]
     return "\n".join(lines)
+
+
+ORIGIN_VIDEO = (" Then the video stage: the clips' words added to its tokenizer, `vlm-fusion train --num-frames 8` "
+                "added its video path and trained it ({stage} stage) on the clips of `vlm_fusion.demo.clips` and the "
+                "image questions, mixed.")
+
+
+def image_training(image_model: str, summary: dict | None, out: str) -> str:
+    """The card's section on the image stage: from its summary, or (`--video-from`) the image model's own card, its
+    loss curve beside the new card."""
+    if summary is not None:
+        section = training_section(summary)
+        curve = summary.get("loss_curve") and os.path.join(summary["output_dir"], summary["loss_curve"])
+    else:
+        with open(os.path.join(image_model, "README.md"), encoding="utf-8") as f:
+            card = f.read()
+        section = "## Training" + card.split("## Training", 1)[1].split("\n## ", 1)[0]
+        curve = os.path.join(image_model, "loss.png")
+    if curve and os.path.isfile(curve):  # the card shows each stage's loss curve: it ships beside the card
+        shutil.copy(curve, os.path.join(out, "loss.png"))
+        section = section.replace(f"({os.path.basename(curve)})", "(loss.png)")
+    return section
+
+
+def video_training(summary: dict, out: str) -> str:
+    section = training_section(summary).replace("## Training", "## Training: the video stage", 1)
+    if summary.get("loss_curve"):
+        shutil.copy(os.path.join(summary["output_dir"], summary["loss_curve"]), os.path.join(out, "loss_video.png"))
+        section = section.replace(f"({summary['loss_curve']})", "(loss_video.png)")
+    return section
+
+
+def evaluation_section(image_before: dict, image_after: dict, video: dict) -> str:
+    """The card's evaluation: the clips' accuracy, and the images' before and after the video stage."""
+    images = ["| question type | image model | this model |", "|---|---|---|"]
+    images += [f"| {kind} | {image_before[kind]:.1%} | {image_after[kind]:.1%} |" for kind in image_after]
+    return ("## Evaluation\n\nHeld-out synthetic clips (seed 12345, 200 questions per type, 8 frames), greedy exact "
+            "match, measured by `vlm_fusion.demo.train.evaluate_clips`:\n\n"
+            f"{accuracy_table(video)}\n\nHeld-out synthetic scenes (seed 12345, 200 questions per type), greedy exact "
+            "match of the whole answer (for left_of, its reasoning too), measured by `vlm_fusion.demo.train.evaluate`, "
+            "for the image model the video stage started from and for this model:\n\n" + "\n".join(images) + "\n")
 
 
 def main(argv=None):
@@ -329,6 +466,8 @@ def main(argv=None):
     parser.add_argument("--parts", help="a folder for the pretrained parts (`vision/`, `lm/`): each one there is "
                         "used as it is, each one missing is pretrained and saved there (to train families one run at "
                         "a time on the same parts)")
+    parser.add_argument("--video-from", metavar="DIR", help="start the video stage from the image models in DIR "
+                        "(`llava/`, `blip2/`, `flamingo/`, as this script saves them) instead of training them")
     args = parser.parse_args(argv)
     steps = {k: max(2, v // 10) if args.quick else v for k, v in STEPS.items()}
     torch.set_num_threads(os.cpu_count())
@@ -336,32 +475,48 @@ def main(argv=None):
     start = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        vision, language = pretrained_parts(args.parts or work, steps)
-        data = task_data(work, steps, args.families)
+        if not args.video_from:
+            vision, language = pretrained_parts(args.parts or work, steps)
+            data = task_data(work, steps, args.families)
+        clip_data = video_data(work, steps)
         for family in args.families:
-            stage1 = None
-            if family == "fusion_blip2":
-                stage1 = train_qformer(vision, data, steps, work)
-                results["retrieval"] = evaluate_retrieval(stage1, work)
-                print("stage-1 Q-Former, held-out retrieval: " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in results["retrieval"].items()))
-                if args.ablation:
-                    model, processor, _ = train_family(family, vision, language, data, steps, work)
-                    results["fusion_blip2_without_stage1"] = evaluate(model, processor)
-                    print(f"fusion_blip2 without stage 1:\n{accuracy_table(results['fusion_blip2_without_stage1'])}")
-            model, processor, summary = train_family(family, vision, language, data, steps, work, stage1)
-            results[family] = evaluate(model, processor)
-            path = os.path.join(args.out, vlm_fusion.FAMILIES[family].name)
+            name = vlm_fusion.FAMILIES[family].name
+            if args.video_from:
+                image_model = os.path.join(args.video_from, name)
+                image_summary = None
+            else:
+                stage1 = None
+                if family == "fusion_blip2":
+                    stage1 = train_qformer(vision, data, steps, work)
+                    results["retrieval"] = evaluate_retrieval(stage1, work)
+                    print("stage-1 Q-Former, held-out retrieval: " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in results["retrieval"].items()))
+                    if args.ablation:
+                        model, processor, _ = train_family(family, vision, language, data, steps, work)
+                        results["fusion_blip2_without_stage1"] = evaluate(model, processor)
+                        print(f"fusion_blip2 without stage 1:\n{accuracy_table(results['fusion_blip2_without_stage1'])}")
+                _, _, image_summary = train_family(family, vision, language, data, steps, work, stage1)
+                image_model = image_summary["output_dir"]
+            before = evaluate(AutoModelForImageTextToText.from_pretrained(image_model).eval(),
+                              AutoProcessor.from_pretrained(image_model))
+            model, processor, summary = train_video(family, image_model, clip_data, steps, work)
+            results[family] = {"images_before": before, "images": evaluate(model, processor),
+                               "clips": evaluate_clips(model, processor)}
+            path = os.path.join(args.out, name)
+            if os.path.realpath(path) == os.path.realpath(image_model):
+                raise SystemExit(f"--out {args.out} would overwrite the image model the video stage starts from")
+            stage = "flamingo" if family == "fusion_flamingo" else "instruct"
+            model.config.origin = model.config.origin.rstrip() + ORIGIN_VIDEO.format(stage=stage)
+            shutil.rmtree(path, ignore_errors=True)
             model.save_pretrained(path)
             processor.save_pretrained(path)
-            if summary.get("loss_curve"):  # the card shows the stage's loss curve: it ships beside the card
-                shutil.copy(os.path.join(summary["output_dir"], summary["loss_curve"]), path)
-            evaluation = ("## Evaluation\n\nHeld-out synthetic scenes (seed 12345, 200 questions per type), greedy "
-                          "exact match of the whole answer (for left_of, its reasoning too), measured by "
-                          f"`vlm_fusion.demo.train.evaluate`:\n\n{accuracy_table(results[family])}\n")
-            write_model_card(model, path, repo_id=family, extra=training_section(summary) + "\n" + evaluation,
-                             usage=card_usage(vlm_fusion.FAMILIES[family].name))
-            print(f"{family}:\n{accuracy_table(results[family])}")
+            sections = [image_training(image_model, image_summary, path), video_training(summary, path)]
+            evaluation = evaluation_section(before, results[family]["images"], results[family]["clips"])
+            write_model_card(model, path, repo_id=family, extra="\n".join(sections) + "\n" + evaluation,
+                             usage=card_usage(name))
+            print(f"{family}, clips:\n{accuracy_table(results[family]['clips'])}\n"
+                  f"{family}, images (before the video stage / after):\n" + "\n".join(
+                      f"  {kind}: {before[kind]:.1%} / {acc:.1%}" for kind, acc in results[family]["images"].items()))
     minutes = (time.perf_counter() - start) / 60
     print(f"trained {len(args.families)} families in {minutes:.1f} min")
     return results
