@@ -1,8 +1,9 @@
-"""The training data path at scale: `vlm-fusion train` to its first step, against LLaVA's lazy loader.
+"""The training data path at scale: `vlm-fusion train` to its first step, against LLaVA's lazy loader; and clips.
 
     python benchmarks/data.py                                        # 20K, 80K, 665K samples; 1 and 2 processes
     python benchmarks/data.py --sizes 2000,5000 --processes 1,2      # a quick look (a few minutes on 2 cores)
-    python benchmarks/data.py --sizes 100 --processes 1 --skip-webdataset   # the smoke run the test suite does
+    python benchmarks/data.py --sizes 100 --processes 1 --skip-webdataset --skip-video   # the test suite's smoke run
+    python benchmarks/data.py --skip-images --skip-webdataset --video-clips 300,3000   # the clip rows alone
 
 LLaVA-format data shaped like LLaVA-1.5's mix (`llava_v1_5_mix665k.json`): multi-turn conversations of ~0.9 KB of
 text, one image each, `<image>` in the first human turn, the images a pool of a few hundred distinct JPEG files that
@@ -30,6 +31,22 @@ the first run's data pass at least 3x faster per core (its CPU seconds, all proc
 samples/s of `--stage align` streaming img2dataset-layout tar shards (`--data 'shards/{00000..000NN}.tar'`) against
 the same caption samples as LLaVA JSON, or "streaming: not available" when `--data` does not take a shard pattern.
 
+Clips (issue 40; `--skip-video` leaves them out, `--skip-images` the image rows): LLaVA-Video-178K's layout
+(`{"id", "video", "conversations"}`, `<image>` marking the clip as LLaVA-NeXT's video data write it; the
+conversations the image rows'), `--video-clips` samples over a pool of 64 distinct H.264 MP4 files (336x252, 10 s at
+24 fps: 240 frames, decoded up to the last sampled one), trained on for `--video-steps` steps of `--stage instruct`
+with `--num-frames 8` and `--workers` data loader workers per process, 1 and 2 processes, each run from a fresh data
+cache. The tower keeps the image rows' 336 px and image processor, so that decoding and processing 8 frames is the
+work it is at LLaVA-Video's geometry, but with 42 px patches (64 a frame, LLaVA-Video's bilinear pooling to 16 and a
+newline: 129 placeholders a clip), so that the model's step stays below the data's and the rate is the data path's;
+each training process gets `OMP_NUM_THREADS` = cores / processes - workers (at least 1). Reported: clips/s over steps
+2..K (as the WebDataset row's samples/s), the share of that time rank 0 waited for its batch (near 0: the model set
+the rate), peak RSS of the training processes and of their largest ended child (a data loader worker, or the data
+pass's), and a pass/fail that both peaks at each count are within 0.5 GB of the smallest count's — memory flat in the
+number of clips (clips decoded a batch at a time in the workers, never all held). A streaming clip row: the pool's
+clips as WebVid-style shards (`KEY.mp4` + `KEY.txt`, `--clip-shard-size` each) streamed into `--stage align` for
+`--video-steps` steps in one process, against the same clip-caption pairs as LLaVA JSON (`--skip-video-stream`).
+
 Writes `<out>/data.md` and `<out>/data.json`; the synthetic data stay in `--work` (reused by the next run).
 """
 
@@ -48,6 +65,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_SIZE, PATCH_SIZE = 336, 14  # CLIP-L/14-336's geometry: (336 / 14)^2 = 576 placeholders per image
 POOL_IMAGES = 256
+CLIP_WIDTH, CLIP_HEIGHT = 336, 252  # 4:3 at the tower's width (H.264 via PyAV, yuv420p)
+CLIP_FPS, CLIP_SECONDS = 24, 10  # 240 frames a clip: decoded up to the last sampled frame, as transformers decodes
+POOL_CLIPS = 64
+NUM_FRAMES = 8  # --num-frames: each clip's 8 frames sampled uniformly
+CLIP_PATCH_SIZE = 42  # the clip rows' tower: 336 px frames (the data path's work as at 14 px), an 8 x 8 patch grid
+VIDEO_BRIDGE = ("video_pooling=bilinear", "video_newline=true")  # LLaVA-Video's (OneVision's): 4 x 4 a frame + 1
 FIXED_COST_SAMPLES = 64  # the run whose time to the first step is the fixed cost (imports, model, launch)
 DATA_VERSION = "2"  # bump when the synthetic data change, so that old files in --work are rewritten
 GOAL_RERUN_S, GOAL_RSS_MB, GOAL_SPEEDUP = 10.0, 512.0, 3.0
@@ -85,6 +108,27 @@ def write_parts(work: str) -> dict:
     return parts
 
 
+def write_clip_tower(work: str) -> str:
+    """The clip rows' tower: `write_parts`' CLIP at the same 336 px and image processor, with 42 px patches (64 a
+    frame, not 576), so that a step's model work on 64 frames stays below the data path's (decoding the clips,
+    resizing and normalising their 8 frames at 336 px, handing the batch over from the worker)."""
+    folder = os.path.join(work, "parts", "clip-vision")
+    done = os.path.join(work, "parts", f"clip-vision-done-{DATA_VERSION}")
+    if os.path.exists(done):
+        return folder
+    import torch
+    from transformers import AutoConfig, CLIPVisionModel
+
+    from vlm_fusion.tools.tiny import tiny_image_processor, tiny_vision_config
+
+    torch.manual_seed(0)
+    vision = tiny_vision_config("clip", image_size=IMAGE_SIZE, patch_size=CLIP_PATCH_SIZE)
+    CLIPVisionModel(AutoConfig.for_model(**vision)).save_pretrained(folder)
+    tiny_image_processor(IMAGE_SIZE).save_pretrained(folder)
+    open(done, "w").close()
+    return folder
+
+
 def write_images(work: str) -> str:
     """`POOL_IMAGES` distinct 400x300 JPEG files (a gradient and a few shapes each): what the samples point at."""
     folder = os.path.join(work, "images")
@@ -113,6 +157,55 @@ def write_images(work: str) -> str:
 
 def image_name(i: int) -> str:
     return f"{i % POOL_IMAGES:05d}.jpg"
+
+
+def write_clips(work: str) -> str:
+    """`POOL_CLIPS` distinct MP4 files (H.264 where PyAV has it, else MPEG-4), `CLIP_SECONDS` s at `CLIP_FPS` fps,
+    `CLIP_WIDTH` x `CLIP_HEIGHT`: a drifting gradient, three shapes moving across it and mild sensor noise, so that
+    decoding is the work a real clip's is (what the video samples point at)."""
+    folder = os.path.join(work, "clips")
+    done = os.path.join(folder, f"done-{DATA_VERSION}")
+    if os.path.exists(done):
+        return folder
+    import av
+    import numpy as np
+
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    started = time.perf_counter()
+    ramp = np.linspace(0, 1, CLIP_WIDTH, dtype=np.float32)[None, :, None]  # (1, W, 1)
+    for i in range(POOL_CLIPS):
+        rng = np.random.default_rng(i)
+        a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+        shapes = [(rng.uniform(0, CLIP_WIDTH), rng.uniform(0, CLIP_HEIGHT), rng.uniform(-6, 6), rng.uniform(-4, 4),
+                   int(rng.integers(20, 80)), rng.uniform(0, 255, 3)) for _ in range(3)]  # x, y, dx, dy, side, colour
+        with av.open(os.path.join(folder, clip_name(i)), "w") as container:
+            stream = container.add_stream(codec, rate=CLIP_FPS)
+            stream.width, stream.height, stream.pix_fmt = CLIP_WIDTH, CLIP_HEIGHT, "yuv420p"
+            if codec == "libx264":
+                stream.options = {"preset": "veryfast"}
+            for f in range(CLIP_FPS * CLIP_SECONDS):
+                shift = (f / (CLIP_FPS * CLIP_SECONDS) + ramp) % 1.0  # (1, W, 1)
+                frame = np.broadcast_to(a + (b - a) * shift, (CLIP_HEIGHT, CLIP_WIDTH, 3)).copy()  # (H, W, 3)
+                for x, y, dx, dy, side, colour in shapes:
+                    x, y = int(x + dx * f) % CLIP_WIDTH, int(y + dy * f) % CLIP_HEIGHT
+                    frame[y: y + side, x: x + side] = colour
+                frame += rng.normal(0, 4, frame.shape).astype(np.float32)
+                picture = av.VideoFrame.from_ndarray(frame.clip(0, 255).astype(np.uint8), format="rgb24")
+                for packet in stream.encode(picture):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    open(done, "w").close()
+    size = sum(os.path.getsize(os.path.join(folder, clip_name(i))) for i in range(POOL_CLIPS))
+    log(f"  wrote {POOL_CLIPS} clips ({codec}, {CLIP_WIDTH}x{CLIP_HEIGHT}, {CLIP_SECONDS} s at {CLIP_FPS} fps) to "
+        f"{folder} ({size / 2**20:.0f} MB, {time.perf_counter() - started:.0f} s)")
+    return folder
+
+
+def clip_name(i: int) -> str:
+    return f"{i % POOL_CLIPS:05d}.mp4"
 
 
 def sentences() -> list[str]:
@@ -152,6 +245,20 @@ def conversation(i: int, pool) -> dict:
     return {"id": f"{i:07d}", "image": image_name(i), "conversations": turns}
 
 
+def video_conversation(i: int, pool) -> dict:
+    """Sample `i` of the clip data, as LLaVA-Video-178K writes it: `{"id", "video", "conversations"}`, the clip marked
+    `<image>` in the first human turn (LLaVA-NeXT's video data; `vlm-fusion train` reads it as `<video>`), the
+    conversation `conversation(i)`'s."""
+    return {"id": f"vid{i:07d}", "video": clip_name(i), "conversations": conversation(i, pool)["conversations"]}
+
+
+def clip_caption_sample(i: int, pool) -> dict:
+    """A clip-caption pair (WebVid-style captions, what `--stage align` streams from shards), as LLaVA JSON."""
+    return {"id": f"clipcap{i:07d}", "video": clip_name(i), "conversations": [
+        {"from": "human", "value": "<video>\nRender a clear and concise summary of the clip."},
+        {"from": "gpt", "value": caption(i, pool)}]}
+
+
 def caption(i: int, pool) -> str:
     return text_of(random.Random(10**9 + i), pool, random.Random(i).randrange(40, 160))
 
@@ -181,9 +288,10 @@ def write_json(path: str, count: int, make, pool) -> str:
     return path
 
 
-def write_shards(folder: str, count: int, shard_size: int, image_folder: str, pool) -> str:
+def write_shards(folder: str, count: int, shard_size: int, media_folder: str, pool, clips: bool = False) -> str:
     """The caption samples as img2dataset writes them: `00000.tar`, ... each holding `KEY.jpg`, `KEY.txt` (the caption)
-    and `KEY.json` (its metadata); returns the brace pattern naming them all."""
+    and `KEY.json` (its metadata); `clips`: the clip-caption pairs WebVid-style, `KEY.mp4` in place of the image.
+    Returns the brace pattern naming them all."""
     shards = (count + shard_size - 1) // shard_size
     pattern = os.path.join(folder, "{00000..%05d}.tar" % (shards - 1))
     done = os.path.join(folder, f"done-{count}-{shard_size}-{DATA_VERSION}")
@@ -193,21 +301,22 @@ def write_shards(folder: str, count: int, shard_size: int, image_folder: str, po
 
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    images = {}
+    suffix, name_of, size = ("mp4", clip_name, (CLIP_WIDTH, CLIP_HEIGHT)) if clips else ("jpg", image_name, (400, 300))
+    media = {}
     for shard in range(shards):
         with tarfile.open(os.path.join(folder, f"{shard:05d}.tar"), "w") as tar:
             for i in range(shard * shard_size, min(count, (shard + 1) * shard_size)):
                 key = f"{shard:05d}{i - shard * shard_size:04d}"
-                name = image_name(i)
-                if name not in images:
-                    with open(os.path.join(image_folder, name), "rb") as f:
-                        images[name] = f.read()
+                name = name_of(i)
+                if name not in media:
+                    with open(os.path.join(media_folder, name), "rb") as f:
+                        media[name] = f.read()
                 text = caption(i, pool)
-                meta = {"key": key, "caption": text, "url": f"https://example.com/{name}", "width": 400,
-                        "height": 300, "status": "success"}
-                for suffix, payload in (("jpg", images[name]), ("txt", text.encode()),
+                meta = {"key": key, "caption": text, "url": f"https://example.com/{name}", "width": size[0],
+                        "height": size[1], "status": "success"}
+                for member, payload in ((suffix, media[name]), ("txt", text.encode()),
                                         ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info = tarfile.TarInfo(f"{key}.{member}")
                     info.size, info.mtime = len(payload), 0
                     tar.addfile(info, io.BytesIO(payload))
     open(done, "w").close()
@@ -259,6 +368,8 @@ def add_probe(trainer_module):
             if not self.begun:
                 self.begun = True
                 emit("first_step", step=state.global_step)
+            else:  # the time since the last step's end: waiting for the batch
+                emit("step_begin", step=state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
             emit("step_end", step=state.global_step)
@@ -372,11 +483,11 @@ def train_command(args, probe: str, processes: int, train_args: list[str]) -> li
 
 
 def run_ours(args, name: str, processes: int, train_args: list[str], cache: str, fresh: bool,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, env: dict | None = None) -> dict:
     """One `vlm-fusion train` launch; time from launch to the first step of its slowest process, the largest peak
     RSS of its training processes, CPU time of all of them, and (rank 0) each step's end. `cache`: the data cache
     folder (`--data-cache` when the flag exists, and `$VLM_FUSION_DATA_CACHE` in any case, so that nothing is
-    cached outside the work folder), emptied first when `fresh`."""
+    cached outside the work folder), emptied first when `fresh`; `env`: more environment variables."""
     report = os.path.join(args.work, "logs", f"{name}.jsonl")
     os.makedirs(os.path.dirname(report), exist_ok=True)
     if os.path.exists(report):
@@ -385,7 +496,8 @@ def run_ours(args, name: str, processes: int, train_args: list[str], cache: str,
         shutil.rmtree(cache, ignore_errors=True)
     train_args = train_args + (["--data-cache", cache] if args.cache_flag else [])
     done = run_process(name, train_command(args, args.probe, processes, train_args), args.work,
-                       env={REPORT_ENV: report, "VLM_FUSION_DATA_CACHE": cache}, timeout=args.timeout, quiet=quiet)
+                       env={REPORT_ENV: report, "VLM_FUSION_DATA_CACHE": cache, **(env or {})}, timeout=args.timeout,
+                       quiet=quiet)
     events = []
     if os.path.exists(report):
         with open(report) as f:
@@ -404,14 +516,32 @@ def run_ours(args, name: str, processes: int, train_args: list[str], cache: str,
     result["cpu_s_at_first_step"] = sum(e["cpu_s"] for e in first)
     result["children_peak_mb"] = max(e["children_peak_mb"] for e in events)  # ended child processes (data workers)
     result["step_ends"] = [e["t"] - done["launched"] for e in events if e["event"] == "step_end" and e["rank"] == 0]
+    result["step_begins"] = [e["t"] - done["launched"] for e in events if e["event"] == "step_begin" and
+                             e["rank"] == 0]  # steps 2..K
     return result
 
 
-def instruct_args(args, data: str, out: str) -> list[str]:
-    return ["--stage", "instruct", "--family", "llava", "--vision-tower", args.parts["vision"],
-               "--language-model", args.parts["lm"], "--data", data, "--image-folder", args.images,
-               "--output-dir", out, "--max-steps", "1", "--overwrite", "--batch-size", str(args.batch_size),
-               "--logging-steps", "1", "--bridge", "projector_type=mlp2x_gelu"]
+def instruct_args(args, data: str, out: str, steps: int = 1, image_folder: str | None = None,
+                  tower: str | None = None) -> list[str]:
+    return ["--stage", "instruct", "--family", "llava", "--vision-tower", tower or args.parts["vision"],
+               "--language-model", args.parts["lm"], "--data", data, "--image-folder", image_folder or args.images,
+               "--output-dir", out, "--max-steps", str(steps), "--overwrite", "--batch-size", str(args.batch_size),
+               "--logging-steps", str(steps), "--bridge", "projector_type=mlp2x_gelu"]
+
+
+def clip_args(args) -> list[str]:
+    """What a run on clips adds: a model composed to read them (`--num-frames`, LLaVA-Video's pooling) and the data
+    loader's worker processes, where the clips are decoded batch by batch."""
+    return ["--num-frames", str(NUM_FRAMES), "--workers", str(args.workers),
+            *[a for field in VIDEO_BRIDGE for a in ("--bridge", field)]]
+
+
+def clip_threads(args, processes: int) -> dict:
+    """`OMP_NUM_THREADS` for a run on clips: the cores left to each training process once its data loader workers
+    have theirs (at least 1), as `accelerate launch` gives each of several processes 1. Left at torch's default (one
+    thread per core), one process's threads and its worker contend for the cores and the step, not the data, sets
+    the rate (here: 1.9 clips/s against 4.6 with 1 thread, one process, 2 cores)."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes - args.workers))}
 
 
 def has_train_flag(flag: str) -> bool:
@@ -603,10 +733,11 @@ def run_baseline(args, name: str, data: str, processes: int) -> dict:
 
 
 # ---- the WebDataset row --------------------------------------------------------------------------------------------
-def align_args(args, data: str, out: str, steps: int, image_folder: str | None) -> list[str]:
-    command = ["--stage", "align", "--family", "llava", "--vision-tower", args.parts["vision"], "--language-model",
-               args.parts["lm"], "--data", data, "--output-dir", out, "--max-steps", str(steps), "--overwrite",
-               "--batch-size", str(args.batch_size), "--logging-steps", str(steps),
+def align_args(args, data: str, out: str, steps: int, image_folder: str | None,
+               tower: str | None = None) -> list[str]:
+    command = ["--stage", "align", "--family", "llava", "--vision-tower", tower or args.parts["vision"],
+               "--language-model", args.parts["lm"], "--data", data, "--output-dir", out, "--max-steps", str(steps),
+               "--overwrite", "--batch-size", str(args.batch_size), "--logging-steps", str(steps),
                "--bridge", "projector_type=mlp2x_gelu"]
     return command + (["--image-folder", image_folder] if image_folder else [])
 
@@ -619,19 +750,44 @@ def samples_per_s(result: dict, args, processes: int = 1) -> float | None:
     return (len(ends) - 1) * args.batch_size * processes / (ends[-1] - ends[0])
 
 
-def webdataset_row(args, pool) -> dict:
-    n = args.webdataset_samples
-    folder = os.path.join(args.work, "webdataset")
+def waiting_share(result: dict) -> float | None:
+    """The share of steps 2..K that rank 0 spent waiting for its batch (from a step's end to the next one's begin:
+    the Trainer takes the batch in between): near 0, the data keep up and the rate is the model's; near 1, the rate
+    is the data path's."""
+    ends, begins = result.get("step_ends") or [], result.get("step_begins") or []
+    if len(ends) < 2 or len(begins) < len(ends) - 1 or ends[-1] <= ends[0]:
+        return None
+    return sum(begin - end for begin, end in zip(begins, ends)) / (ends[-1] - ends[0])
+
+
+def webdataset_row(args, pool, clips: bool = False) -> dict:
+    """Shards against the same caption samples as LLaVA JSON, each streamed into `--stage align` for some steps in
+    one process: image-caption pairs (img2dataset's layout), or with `clips` clip-caption pairs (WebVid's, `KEY.mp4`)
+    into a model that reads clips."""
+    kind = "webdataset-clips" if clips else "webdataset"
+    n = args.video_stream_samples if clips else args.webdataset_samples
+    shard_size = args.clip_shard_size if clips else args.shard_size
+    steps = args.video_steps if clips else args.webdataset_steps
+    media = args.clips if clips else args.images
+    folder = os.path.join(args.work, kind)
     os.makedirs(folder, exist_ok=True)
-    log(f"WebDataset: {n:,} caption samples as tar shards of {args.shard_size} and as LLaVA JSON ...")
-    captions = write_json(os.path.join(folder, f"captions-{n}.json"), n, caption_sample, pool)
-    shards = write_shards(os.path.join(folder, f"shards-{n}"), n, args.shard_size, args.images, pool)
-    probe_shards = write_shards(os.path.join(folder, "shards-probe"), 16, 8, args.images, pool)
-    out, cache = os.path.join(args.work, "runs", "webdataset"), os.path.join(folder, "cache")
+    what = "clip-caption pairs" if clips else "caption samples"
+    log(f"WebDataset: {n:,} {what} as tar shards of {shard_size} and as LLaVA JSON ...")
+    captions = write_json(os.path.join(folder, f"captions-{n}.json"), n, clip_caption_sample if clips else
+                          caption_sample, pool)
+    shards = write_shards(os.path.join(folder, f"shards-{n}"), n, shard_size, media, pool, clips)
+    probe_shards = write_shards(os.path.join(folder, "shards-probe"), 16, 8, media, pool, clips)
+    out, cache = os.path.join(args.work, "runs", kind), os.path.join(folder, "cache")
+
+    def align(data: str, steps: int, image_folder: str | None) -> list[str]:
+        if clips:
+            return align_args(args, data, out, steps, image_folder, args.clip_tower) + clip_args(args)
+        return align_args(args, data, out, steps, image_folder)
+
     log("  does --data take a shard pattern? (a 1-step run on 2 shards of 8)")
-    probe = run_ours(args, "webdataset-probe", 1, align_args(args, probe_shards, out, 1, None), cache, fresh=True,
-                     quiet=True)
-    row = {"samples": n, "shard_size": args.shard_size, "steps": args.webdataset_steps, "pattern": shards}
+    env = clip_threads(args, 1) if clips else None
+    probe = run_ours(args, f"{kind}-probe", 1, align(probe_shards, 1, None), cache, fresh=True, quiet=True, env=env)
+    row = {"samples": n, "shard_size": shard_size, "steps": steps, "pattern": shards}
     if "error" in probe:
         lines = [line for line in probe["error"].strip().splitlines() if line.strip()]
         row["available"] = False
@@ -639,17 +795,58 @@ def webdataset_row(args, pool) -> dict:
         log(f"  streaming: not available ({row['reason']})")
         return row
     row["available"] = True
-    log(f"  streaming {args.webdataset_steps} steps from {shards} ...")
-    row["webdataset"] = run_ours(args, "webdataset-shards", 1, align_args(args, shards, out, args.webdataset_steps,
-                                                                          None), cache, fresh=True)
+    log(f"  streaming {steps} steps from {shards} ...")
+    row["webdataset"] = run_ours(args, f"{kind}-shards", 1, align(shards, steps, None), cache, fresh=True, env=env)
     log(f"  the same samples from LLaVA JSON ({captions}) ...")
-    row["json"] = run_ours(args, "webdataset-json", 1, align_args(args, captions, out, args.webdataset_steps,
-                                                                  args.images), cache, fresh=True)
+    row["json"] = run_ours(args, f"{kind}-json", 1, align(captions, steps, media), cache, fresh=True, env=env)
     for side in ("webdataset", "json"):
         row[side]["samples_per_s"] = samples_per_s(row[side], args)
+        row[side]["waiting_share"] = waiting_share(row[side])
     if row["webdataset"]["samples_per_s"] and row["json"]["samples_per_s"]:
         row["ratio"] = row["webdataset"]["samples_per_s"] / row["json"]["samples_per_s"]
     return row
+
+
+# ---- the video rows ------------------------------------------------------------------------------------------------
+def video_rows(args, pool) -> list[dict]:
+    """LLaVA-Video-178K-style clip data (`video_conversation`) of each `--video-clips` count, trained on for
+    `--video-steps` steps of `--stage instruct` with `--num-frames 8` in 1 and 2 processes, each run from a fresh data
+    cache: time to the first step, clips/s over the steps after the first, peak RSS of the training processes and of
+    their ended children (the data loader's workers, the data pass's)."""
+    rows = []
+    for count in sorted(set(args.video_clips)):
+        log(f"{count:,} clip samples ...")
+        data = write_json(os.path.join(args.work, f"videos-{count}.json"), count, video_conversation, pool)
+        for processes in sorted(set(args.processes)):
+            name = f"video-{count}-p{processes}"
+            out = os.path.join(args.work, "runs", name)
+            log(f"  {processes} process(es), {args.video_steps} steps ...")
+            command = instruct_args(args, data, out, args.video_steps, args.clips, args.clip_tower) + clip_args(args)
+            run = run_ours(args, name, processes, command, os.path.join(args.work, f"cache-video-{count}"), fresh=True,
+                           env=clip_threads(args, processes))
+            run["samples_per_s"] = samples_per_s(run, args, processes)
+            run["waiting_share"] = waiting_share(run)
+            log(f"    {fmt(run.get('first_step_s'))} s to the first step, {fmt(run['samples_per_s'], '.2f')} clips/s, "
+                f"peak {fmt(run.get('peak_mb'), '.0f')} MB per process (a worker: "
+                f"{fmt(run.get('children_peak_mb'), '.0f')} MB)")
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append({"clips": count, "processes": processes, "run": run})
+    return rows
+
+
+def assess_video(rows: list[dict]) -> None:
+    """Peak RSS against the smallest clip count's, same process count, in place: of a training process, and of any
+    process of the run (a data worker included) — flat in the number of clips means both within `GOAL_RSS_MB`."""
+    smallest = min(r["clips"] for r in rows)
+    for row in rows:
+        run = row["run"]
+        reference = next(r["run"] for r in rows if r["clips"] == smallest and r["processes"] == row["processes"])
+        if "peak_mb" not in run or "peak_mb" not in reference:
+            continue
+        run["rss_over_smallest_mb"] = run["peak_mb"] - reference["peak_mb"]
+        run["any_rss_over_smallest_mb"] = (max(run["peak_mb"], run["children_peak_mb"]) -
+                                           max(reference["peak_mb"], reference["children_peak_mb"]))
+        run["goal_rss_flat"] = max(run["rss_over_smallest_mb"], run["any_rss_over_smallest_mb"]) <= GOAL_RSS_MB
 
 
 # ---- the table -----------------------------------------------------------------------------------------------------
@@ -694,7 +891,31 @@ def assess(rows: list[dict], before: dict | None) -> None:
                 first["goal_3x"] = first["speedup_vs_before"] >= GOAL_SPEEDUP
 
 
-def report(args, rows: list[dict], web: dict | None, notes: list[str]) -> str:
+def report(args, rows: list[dict], web: dict | None, video: list[dict] | None, clip_web: dict | None,
+           notes: list[str]) -> str:
+    lines = []
+    if rows:
+        lines += image_table(args, rows)
+    if web is not None:
+        lines += webdataset_table(web, "caption samples", f"tar shards ({web['shard_size']} samples each)",
+                                  "LLaVA JSON + image folder", "samples/s")
+    if video:
+        lines += video_table(args, video)
+    if clip_web is not None:
+        lines += webdataset_table(clip_web, f"clip-caption pairs, `--num-frames {NUM_FRAMES}`",
+                                  f"tar shards of `KEY.mp4` ({clip_web['shard_size']} clips each)",
+                                  "LLaVA JSON + clip folder", "clips/s")
+    if not lines:
+        lines = ["# Training data path: nothing measured", ""]
+    elif not rows:  # the image rows left out
+        lines = [f"# Training data path: `vlm-fusion train` ({os.cpu_count()} CPUs, batch {args.batch_size} per "
+                 "process)"] + lines
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def image_table(args, rows: list[dict]) -> list[str]:
     smallest = min(r["size"] for r in rows)
     lines = [f"# Training data path: `vlm-fusion train` to its first step vs LLaVA's lazy loader ({os.cpu_count()} "
              f"CPUs, batch {args.batch_size} per process)", ""]
@@ -726,27 +947,51 @@ def report(args, rows: list[dict], web: dict | None, notes: list[str]) -> str:
                     cells.append("—" if "speedup_vs_before" not in r else
                                  f"{goal(r['goal_3x'])} ({r['speedup_vs_before']:.2f}x)")
             lines.append("| " + " | ".join(cells) + " |")
-    if web is not None:
-        lines += ["", f"## WebDataset: `--stage align`, {web['samples']:,} caption samples, {web['steps']} steps, "
-                      "1 process", ""]
-        if not web.get("available"):
-            lines.append(f"streaming: not available (`--data '{os.path.basename(web['pattern'])}'`: "
-                         f"{web['reason']})")
+    return lines
+
+
+def webdataset_table(web: dict, what: str, shards: str, json_label: str, unit: str) -> list[str]:
+    lines = ["", f"## WebDataset: `--stage align`, {web['samples']:,} {what}, {web['steps']} steps, 1 process", ""]
+    if not web.get("available"):
+        return lines + [f"streaming: not available (`--data '{os.path.basename(web['pattern'])}'`: {web['reason']})"]
+    lines += [f"| source | to first step s | {unit} (steps 2..K) | x JSON | waiting for data | peak RSS MB |",
+              "|---|---|---|---|---|---|"]
+    for side, label in (("webdataset", shards), ("json", json_label)):
+        r = web[side]
+        if "first_step_s" not in r:
+            lines.append(f"| {label} | failed | — | — | — | — |")
+            continue
+        ratio = web.get("ratio") if side == "webdataset" else 1.0
+        peak = f"{r['peak_mb']:.0f}"
+        if r.get("children_peak_mb", 0) > r["peak_mb"]:
+            peak += f" (a data worker: {r['children_peak_mb']:.0f})"
+        lines.append(f"| {label} | {r['first_step_s']:.1f} | {fmt(r['samples_per_s'], '.2f')} | {fmt(ratio, '.2f')} "
+                     f"| {percent(r.get('waiting_share'))} | {peak} |")
+    return lines
+
+
+def percent(share) -> str:
+    return "—" if share is None else f"{100 * share:.0f} %"
+
+
+def video_table(args, rows: list[dict]) -> list[str]:
+    smallest = min(r["clips"] for r in rows)
+    lines = ["", f"## Clips: `--stage instruct`, LLaVA-Video-178K's layout, `--num-frames {NUM_FRAMES}`, "
+                 f"{args.video_steps} steps, `--workers {args.workers}`", "",
+             f"| clips | processes | to first step s | clips/s (steps 2..K) | waiting for data | peak RSS/process MB | "
+             f"data worker peak MB | RSS within 0.5 GB of {smallest:,} |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = row["run"]
+        cells = [f"{row['clips']:,}", str(row["processes"])]
+        if "first_step_s" not in r:
+            cells += ["failed"] + ["—"] * 5
         else:
-            lines += ["| source | to first step s | samples/s (steps 2..K) | x JSON | peak RSS MB |",
-                      "|---|---|---|---|---|"]
-            for side, label in (("webdataset", f"tar shards ({args.shard_size} samples each)"),
-                                ("json", "LLaVA JSON + image folder")):
-                r = web[side]
-                if "first_step_s" not in r:
-                    lines.append(f"| {label} | failed | — | — | — |")
-                    continue
-                ratio = web.get("ratio") if side == "webdataset" else 1.0
-                lines.append(f"| {label} | {r['first_step_s']:.1f} | {fmt(r['samples_per_s'], '.2f')} | "
-                             f"{fmt(ratio, '.2f')} | {r['peak_mb']:.0f} |")
-    if notes:
-        lines += [""] + [f"- {note}" for note in notes]
-    return "\n".join(lines) + "\n"
+            over = "" if row["clips"] == smallest or "rss_over_smallest_mb" not in r else \
+                f" ({r['rss_over_smallest_mb']:+.0f} MB; any process {r['any_rss_over_smallest_mb']:+.0f} MB)"
+            cells += [f"{r['first_step_s']:.1f}", fmt(r["samples_per_s"], ".2f"), percent(r.get("waiting_share")),
+                      f"{r['peak_mb']:.0f}", f"{r['children_peak_mb']:.0f}", goal(r.get("goal_rss_flat")) + over]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -763,6 +1008,15 @@ def parse(argv=None):
     parser.add_argument("--webdataset-samples", type=int, default=4000)
     parser.add_argument("--webdataset-steps", type=int, default=20)
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    parser.add_argument("--skip-images", action="store_true", help="leave out the image rows (--sizes)")
+    parser.add_argument("--video-clips", type=ints, default=[500, 2000],
+                        help="clip samples (a pool of distinct clips shared), comma-separated")
+    parser.add_argument("--video-steps", type=int, default=10, help="steps of each clip run")
+    parser.add_argument("--workers", type=int, default=1, help="data loader workers per process, clip runs")
+    parser.add_argument("--skip-video", action="store_true", help="leave out the clip rows (the shards' too)")
+    parser.add_argument("--skip-video-stream", action="store_true", help="leave out the clip shards row")
+    parser.add_argument("--video-stream-samples", type=int, default=400, help="clip-caption pairs in shards")
+    parser.add_argument("--clip-shard-size", type=int, default=100, help="clips per tar shard")
     parser.add_argument("--before", dest="before_data", metavar="DATA_JSON",
                         help="this benchmark's data.json from the code before the change: the data pass's speed-up")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds any one run may take")
@@ -789,7 +1043,54 @@ def main(argv=None) -> int:
         notes.append("`vlm-fusion train` has no `--data-cache` flag yet: the rerun is the same command again, "
                      "with nothing cached (first run = rerun).")
         log("note: " + notes[-1])
-    sizes = sorted(set(args.sizes))
+    sizes = [] if args.skip_images else sorted(set(args.sizes))
+    rows, fixed = image_rows(args, sizes, pool) if sizes else ([], {})
+    web = None if args.skip_webdataset else webdataset_row(args, pool)
+    video, clip_web = None, None
+    if not args.skip_video:
+        log(f"clips: {POOL_CLIPS} distinct ones ...")
+        args.clips, args.clip_tower = write_clips(args.work), write_clip_tower(args.work)
+        video = video_rows(args, pool) if args.video_clips else None
+        clip_web = None if args.skip_video_stream else webdataset_row(args, pool, clips=True)
+    if rows:
+        assess(rows, before)
+        notes.append("baseline: LLaVA's `LazySupervisedDataset` (json.load of the whole file, then the first batch "
+                     "tokenised lazily), the tower and LM loaded first as LLaVA's train.py does; its time is to the "
+                     "first batch collated, ours to the first step's start (also after the first batch).")
+        fixed_times = ", ".join(f"{p} process(es) {fmt(r.get('first_step_s'))} s" for p, r in fixed.items())
+        notes.append(f"data pass: time (CPU time, all processes) to the first step minus that of a run on "
+                     f"{FIXED_COST_SAMPLES} samples ({fixed_times}).")
+    if video:
+        assess_video(video)
+    if video or clip_web:
+        notes.append(f"clips: {POOL_CLIPS} distinct MP4 files ({CLIP_WIDTH}x{CLIP_HEIGHT}, {CLIP_SECONDS} s at "
+                     f"{CLIP_FPS} fps) shared by the samples; {NUM_FRAMES} frames sampled from each, decoded and "
+                     f"processed at {IMAGE_SIZE} px in the data loader's workers; the tower {IMAGE_SIZE} px with "
+                     f"{CLIP_PATCH_SIZE} px patches and LLaVA-Video's pooling ({', '.join(VIDEO_BRIDGE)}): "
+                     f"{NUM_FRAMES} x 16 + 1 placeholders a clip. clips/s: (K - 1) x batch x processes over steps "
+                     "2..K; waiting for data: the share of those steps' time rank 0 waited for its batch; a data "
+                     "worker's peak: the largest ended child of a training process (the data loader's workers, the "
+                     "data pass's); each training process runs torch on the cores its workers leave "
+                     "(`OMP_NUM_THREADS` = cores / processes - workers, at least 1).")
+    text = report(args, rows, web, video, clip_web, notes)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "data.md"), "w") as f:
+        f.write(text)
+    record = {"sizes": sizes, "processes": sorted(set(args.processes)), "batch_size": args.batch_size,
+              "cpus": os.cpu_count(), "data_cache_flag": args.cache_flag, "rows": rows, "webdataset": web,
+              "video": video, "video_stream": clip_web, "notes": notes, "elapsed_s": time.time() - started}
+    with open(os.path.join(args.out, "data.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    log(f"wrote {os.path.join(args.out, 'data.md')} and data.json ({time.time() - started:.0f} s)")
+    failed = [r for r in rows for k in ("first", "rerun", "baseline") if "error" in r[k]]
+    failed += [r for r in video or [] if "error" in r["run"]]
+    return 1 if failed else 0
+
+
+def image_rows(args, sizes: list[int], pool) -> tuple[list[dict], dict]:
+    """Each size in each process count: the first run, the rerun and LLaVA's lazy loader; and the fixed cost (a run
+    on `FIXED_COST_SAMPLES` samples) per process count."""
     fixed_data = write_json(os.path.join(args.work, f"data-{FIXED_COST_SAMPLES}.json"), FIXED_COST_SAMPLES,
                             conversation, pool)
     fixed = {}
@@ -820,27 +1121,7 @@ def main(argv=None) -> int:
                 f"{fmt(row['baseline'].get('peak_mb'), '.0f')} MB per process")
             shutil.rmtree(out, ignore_errors=True)
             rows.append(row)
-    web = None if args.skip_webdataset else webdataset_row(args, pool)
-    assess(rows, before)
-    notes.append("baseline: LLaVA's `LazySupervisedDataset` (json.load of the whole file, then the first batch "
-                 "tokenised lazily), the tower and LM loaded first as LLaVA's train.py does; its time is to the first "
-                 "batch collated, ours to the first step's start (also after the first batch).")
-    fixed_times = ", ".join(f"{p} process(es) {fmt(r.get('first_step_s'))} s" for p, r in fixed.items())
-    notes.append(f"data pass: time (CPU time, all processes) to the first step minus that of a run on "
-                 f"{FIXED_COST_SAMPLES} samples ({fixed_times}).")
-    text = report(args, rows, web, notes)
-    print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "data.md"), "w") as f:
-        f.write(text)
-    record = {"sizes": sizes, "processes": sorted(set(args.processes)), "batch_size": args.batch_size,
-              "cpus": os.cpu_count(), "data_cache_flag": args.cache_flag, "rows": rows, "webdataset": web,
-              "notes": notes, "elapsed_s": time.time() - started}
-    with open(os.path.join(args.out, "data.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    log(f"wrote {os.path.join(args.out, 'data.md')} and data.json ({time.time() - started:.0f} s)")
-    failed = [r for r in rows for k in ("first", "rerun", "baseline") if "error" in r[k]]
-    return 1 if failed else 0
+    return rows, fixed
 
 
 if __name__ == "__main__":

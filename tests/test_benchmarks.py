@@ -229,7 +229,7 @@ def test_the_data_benchmark_runs(tmp_path):
     data_benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(data_benchmark)
 
-    assert data_benchmark.main(["--sizes", "100", "--processes", "1", "--skip-webdataset", "--work",
+    assert data_benchmark.main(["--sizes", "100", "--processes", "1", "--skip-webdataset", "--skip-video", "--work",
                                 str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "data.json").read_text())
     [row] = record["rows"]
@@ -241,6 +241,33 @@ def test_the_data_benchmark_runs(tmp_path):
     table = (tmp_path / "data.md").read_text()
     for line in ("| 100 | 1 | first run |", "| 100 | 1 | rerun |", "| 100 | 1 | LLaVA lazy (baseline) |"):
         assert line in table
+
+
+@pytest.mark.slow  # five runs of vlm-fusion train on clips (1 minute): .ci/run runs it
+def test_the_data_benchmarks_clip_rows_run(tmp_path, monkeypatch):
+    """benchmarks/data.py's clip rows on a pool of 4 short clips: 8 and 16 clip samples in one process, and the clip
+    shards against the same pairs as LLaVA JSON; clips/s, peak RSS and the flatness goal in the table and its JSON."""
+    pytest.importorskip("av")
+    spec = importlib.util.spec_from_file_location("data_benchmark", ROOT / "benchmarks" / "data.py")
+    data_benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data_benchmark)
+    monkeypatch.setattr(data_benchmark, "POOL_CLIPS", 4)
+    monkeypatch.setattr(data_benchmark, "CLIP_SECONDS", 1)
+
+    assert data_benchmark.main(["--skip-images", "--skip-webdataset", "--video-clips", "8,16", "--processes", "1",
+                                "--video-steps", "2", "--video-stream-samples", "16", "--clip-shard-size", "8",
+                                "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "data.json").read_text())
+    assert record["rows"] == [] and [(r["clips"], r["processes"]) for r in record["video"]] == [(8, 1), (16, 1)]
+    for row in record["video"]:
+        assert row["run"]["samples_per_s"] > 0 and row["run"]["peak_mb"] > 0 and row["run"]["children_peak_mb"] > 0
+        assert 0 <= row["run"]["waiting_share"] <= 1 and row["run"]["goal_rss_flat"] in (True, False)
+    stream = record["video_stream"]
+    assert stream["available"], stream.get("reason")
+    assert stream["webdataset"]["samples_per_s"] > 0 and stream["json"]["samples_per_s"] > 0
+    table = (tmp_path / "data.md").read_text()
+    assert "## Clips: `--stage instruct`" in table and "| 8 | 1 | " in table and "| 16 | 1 | " in table
+    assert "| tar shards of `KEY.mp4` (8 clips each) |" in table
 
 
 @pytest.mark.slow  # trains every clip setup for 2 steps (a minute or two): .ci/run runs it

@@ -314,6 +314,26 @@ def test_streamed_clip_shards_give_the_batches_of_the_same_clips_in_llava_json(p
     assert_equal_batches(streamed, [collator([dataset[i] for i in order[b: b + 2]]) for b in (0, 2)])
 
 
+def test_a_streamed_clip_is_decoded_to_the_frames_the_processor_samples_from_its_file(tmp_path):
+    """A shard's clip gives the frames the video processor picks from the same file (the same pixels), not every
+    frame held at once; where the container records no frame count (MKV), every frame, and the processor samples."""
+    from vlm_fusion.processing_video import FusionVideoProcessor
+    from vlm_fusion.tools.tiny import tiny_image_processor
+    from vlm_fusion.training.streaming import Clip, decode_clip
+
+    processor = FusionVideoProcessor.from_image_processor(tiny_image_processor(32), num_frames=FRAMES)
+    written = write_clip(tmp_path / "long.mp4", frames=30)
+    sampled = decode_clip(Clip((tmp_path / "long.mp4").read_bytes()), FRAMES)
+    assert sampled.shape[0] == FRAMES
+    assert np.array_equal(sampled, processor.decode(str(tmp_path / "long.mp4"), sample=True))
+    assert np.array_equal(decode_clip(Clip((tmp_path / "long.mp4").read_bytes()))[[0, 7, 15, 22]], sampled)
+    write_clip(tmp_path / "long.mkv", frames=len(written))
+    every = decode_clip(Clip((tmp_path / "long.mkv").read_bytes()), FRAMES)
+    assert every.shape[0] == len(written)
+    assert np.array_equal(processor.clip_frames(every, 0, sample=True), processor.decode(str(tmp_path / "long.mkv"),
+                                                                                          sample=True))
+
+
 def test_broken_and_short_clips_in_shards_are_counted_and_skipped(parts, tmp_path):
     summary = train(options(parts, tmp_path / "out", data=write_clip_shards(parts, tmp_path / "shards", broken=True),
                             max_steps=2, batch_size=2))

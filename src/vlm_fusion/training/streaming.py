@@ -358,12 +358,28 @@ class Clip:
     data: bytes
 
 
-def decode_clip(clip: Clip) -> np.ndarray:
-    """Every frame of the clip, `(F, H, W, C)` uint8 (the model's video processor samples from them, as it samples
-    a file's). PyAV raises for bytes that are not a video."""
+def decode_clip(clip: Clip, num_frames: int | None = None) -> np.ndarray:
+    """The clip's frames, `(F, H, W, C)` uint8. With `num_frames`, where the container records its frame count (MP4),
+    only the frames the model's video processor samples, as it reads a file's (transformers' uniform
+    `default_sample_indices_fn` over that count; decoded up to the last of them, only those converted to RGB), so that
+    a long clip is never held whole and the processor takes them all; otherwise every frame (the processor samples
+    from them). PyAV raises for bytes that are not a video."""
     import av
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
     with av.open(io.BytesIO(clip.data)) as container:
+        total = container.streams.video[0].frames
+        if num_frames and total >= num_frames:
+            keep = default_sample_indices_fn(VideoMetadata(total_num_frames=total), num_frames=num_frames)
+            wanted, frames = set(keep.tolist()), []
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if index >= keep[-1]:
+                    break
+            if len(frames) == len(keep):
+                return np.stack(frames)
+    with av.open(io.BytesIO(clip.data)) as container:  # no count recorded, or fewer frames than it says: all of them
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     if not frames:
         raise ValueError("no frames")
@@ -372,7 +388,8 @@ def decode_clip(clip: Clip) -> np.ndarray:
 
 def checked(record: Record, image_folder: str | None, num_frames: int | None = None):
     """The record's decoded image (or a clip's frames) and caption, or `Skip` saying what is wrong with it;
-    `num_frames`: the frames a clip must hold at least (the model's video processor samples them)."""
+    `num_frames`: the frames the model's video processor samples (a clip must hold at least as many; only those are
+    decoded where the container records its frame count)."""
     if record.problem:
         raise Skip("unreadable shard", f"shard {record.where}: {record.problem}")
     image, caption = record.read()
@@ -387,7 +404,7 @@ def checked(record: Record, image_folder: str | None, num_frames: int | None = N
             raise DataError(f"{where} is a clip and the model reads no video: compose it from parts with "
                             "--num-frames N, or start from a checkpoint that reads clips")
         try:
-            frames = decode_clip(image)
+            frames = decode_clip(image, num_frames)
         except Exception as error:  # PyAV raises many kinds for broken bytes
             raise Skip("unreadable clip", f"{where}: not a clip PyAV can read ({error})") from None
         if len(frames) < num_frames:
