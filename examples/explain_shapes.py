@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlm_fusion  # noqa: F401
-from vlm_fusion.demo import FAMILIES, checkpoint
+from vlm_fusion.demo import MODELS, checkpoint
 from vlm_fusion.explain import METHODS, explain
 from vlm_fusion.explain.faithfulness import evaluate, shapes_items
 from vlm_fusion.explain.render import write
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--families", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--baseline", default="background", help="mean, blur or background (see occlusion)")
     parser.add_argument("--pictures", help="also write each family's pictures and page (every method) for the first "

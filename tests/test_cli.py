@@ -339,9 +339,9 @@ def test_the_command_line_knows_the_families_and_only_points_down():
     import re
 
     import vlm_fusion
-    from vlm_fusion.demo import FAMILIES
+    from vlm_fusion.demo import MODELS
 
-    assert FAMILY_NAMES == tuple(family.name for family in vlm_fusion.FAMILIES.values()) == FAMILIES
+    assert FAMILY_NAMES == tuple(family.name for family in vlm_fusion.FAMILIES.values()) == MODELS
     root = pathlib.Path(vlm_fusion.__file__).parent
     upward = re.compile(r"^\s*(from|import)\s+vlm_fusion_cli\b", flags=re.M)
     assert [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if upward.search(p.read_text())] == []

@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from conftest import ROOT, slow_except  # noqa: E402
-from vlm_fusion.demo import FAMILIES, checkpoint, shapes  # noqa: E402
+from vlm_fusion.demo import MODELS, checkpoint, shapes  # noqa: E402
 from vlm_fusion_cli import main  # noqa: E402
 from vlm_fusion_cli.generate import build_prompt  # noqa: E402
 
@@ -55,7 +55,7 @@ def scene(tmp_path_factory):
     return path, path.read_bytes()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=MODELS)
 def server(tmp_path_factory, request):
     """The README's command with demo model `family` on a free port of 127.0.0.1 (one server at a time); yields an
     OpenAI client, the served model's name (its folder, as the server was given it: transformers 5.19's GET /v1/models

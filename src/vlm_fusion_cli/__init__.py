@@ -27,7 +27,7 @@ from .common import fail, missing_model, model_arguments
 COMMANDS = {  # each command and its line in --help, in that order
     "demo": "ask the embedded demo checkpoints about a fresh synthetic image",
     "generate": "answer a prompt about an image or a clip with any vlm-fusion model",
-    "explain": "where the model looked: per-token heatmaps over the images (PNGs, a page)",
+    "explain": "what in the images each generated token depends on: per-token maps (PNGs, a page)",
     "serve": "an OpenAI-compatible server for any vlm-fusion model: transformers serve, our families known",
     "convert": "convert an upstream checkpoint (the rest goes to the converter)",
     "tokens": "the visual-token budget of each family",

@@ -4,13 +4,13 @@ import importlib.resources
 
 import vlm_fusion
 
-FAMILIES = tuple(family.name for family in vlm_fusion.FAMILIES.values())  # one demo model per family, by its name
+MODELS = tuple(family.name for family in vlm_fusion.FAMILIES.values())  # one demo model per family, by its name
 
 
 def checkpoint(family: str) -> str:
     """The folder of the demo checkpoint of `family` ("llava", "blip2" or "flamingo") in the installed package."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown demo model {family!r}; the demo models are {', '.join(FAMILIES)}")
+    if family not in MODELS:
+        raise ValueError(f"unknown demo model {family!r}; the demo models are {', '.join(MODELS)}")
     return str(importlib.resources.files("vlm_fusion.demo") / "checkpoints" / family)
 
 
