@@ -7,7 +7,8 @@ from transformers.tokenization_utils_base import AddedToken
 def add_special_token(tokenizer, token: str) -> int:
     """Add `token` to `tokenizer` as a special token unless it is there already; return its id."""
     if token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(token, normalized=False, special=True)]})
+        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(token, normalized=False, special=True)]},
+                                     replace_extra_special_tokens=False)  # `<video>` beside `<image>`, not over it
     return tokenizer.convert_tokens_to_ids(token)
 
 

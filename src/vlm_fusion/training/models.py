@@ -80,9 +80,9 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
         config = AutoConfig.from_pretrained(options.model)
         added = options.num_frames is not None and getattr(processor, "video_processor", None) is None
         if options.bridge and not added:
-            raise DataError(f"--bridge sets the fields of a model composed from parts, or of the video path added to an "
-                            f"image checkpoint with --num-frames; {options.model} is trained as it is: drop --bridge "
-                            f"({', '.join(options.bridge)})")
+            raise DataError(f"--bridge sets the fields of a model composed from parts, or of the video path added to "
+                            f"an image checkpoint with --num-frames; {options.model} is trained as it is: drop "
+                            f"--bridge ({', '.join(options.bridge)})")
         if added:
             processor, config = with_video_path(processor, config, options)
         processor = with_num_frames(processor, config, options)
@@ -125,10 +125,10 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
 
 def with_video_path(processor, config, options: TrainOptions):
     """An image checkpoint given `--num-frames`: the processor and config of the same model reading clips too, as
-    LLaVA-NeXT-Video starts from LLaVA-NeXT. `<video>` is added to the tokenizer; the bridge reads each frame as it reads
-    an image, with the video fields of `--bridge` (pooling, the video Q-Former) if given; weights the image model has
-    not (a Flamingo-style resampler's time embeddings, a video Q-Former) start new and the stage trains them. The
-    video processor samples frames and processes each with the image processor."""
+    LLaVA-NeXT-Video starts from LLaVA-NeXT. `<video>` is added to the tokenizer; the bridge reads each frame as it
+    reads an image, with the video fields of `--bridge` (pooling, the video Q-Former) if given; weights the image
+    model has not (a Flamingo-style resampler's time embeddings, a video Q-Former) start new and the stage trains
+    them. The video processor samples frames and processes each with the image processor."""
     from vlm_fusion.processing_video import FusionVideoProcessor
 
     video = {"video_token_id": add_special_token(processor.tokenizer, "<video>")}
@@ -143,6 +143,8 @@ def with_video_path(processor, config, options: TrainOptions):
             folder, video_processor=FusionVideoProcessor.from_image_processor(processor.image_processor,
                                                                               num_frames=options.num_frames),
             video_tokens_per_frame=per_frame, video_tokens_per_clip=per_clip)
+    for key in ("video_tokens_per_frame", "video_tokens_per_clip"):  # the processor's, handed to the tokenizer too
+        processor.tokenizer.init_kwargs.pop(key, None)
     return processor, config
 
 
