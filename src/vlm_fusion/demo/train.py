@@ -363,8 +363,10 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
     start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
     stage = "flamingo" if family == "fusion_flamingo" else "instruct"
     out = os.path.join(work, name, "video")
+    # the image model's chat template, rendering a `{"type": "video"}` part as `<video>\n` too (as the data write it)
     summary = train_stage(TrainOptions(
         data=data, image_folder=os.path.join(work, "images"), output_dir=out, stage=stage, model=start,
+        chat_template=chat_template(),
         num_frames=num_frames, bridge=bridge or {}, max_steps=steps["video"], batch_size=batch_size, seed=SEED,
         weight_decay=0.0, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, steps["video"] // 20),
         logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=512))
@@ -373,40 +375,42 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
 
 # ---- 4. evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
+def exact_match(model, processor, data, kinds, prompt: str, media) -> dict:
+    """Greedy exact-match accuracy per kind on `data`, `(image or frames, kind, question, answer)` each, 50 at a time
+    left-padded (the processor's padding side is restored after); `media(items)`: the processor's image or video
+    inputs for a chunk's items."""
+    side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
+    correct, asked = dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0)
+    try:
+        for start in range(0, len(data), 50):
+            chunk = data[start : start + 50]
+            inputs = processor(**media([item for item, *_ in chunk]), padding=True, return_tensors="pt",
+                               text=[prompt.format(question=q) for _, _, q, _ in chunk])
+            out = model.generate(**inputs, max_new_tokens=shapes.MAX_ANSWER_TOKENS, do_sample=False)
+            for (_, kind, _, answer), ids in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
+                correct[kind] += processor.decode(ids, skip_special_tokens=True).strip() == answer
+                asked[kind] += 1
+    finally:
+        processor.tokenizer.padding_side = side
+    return {kind: correct[kind] / asked[kind] for kind in kinds}
+
+
 def evaluate(model, processor, seed: int = 12345, per_kind: int = 200) -> dict:
     """Exact-match accuracy per question type on held-out scenes (greedy answers; for "left_of" the whole reasoning
     must match, not only its final yes/no)."""
-    processor.tokenizer.padding_side = "left"
-    data = shapes.examples(seed, per_kind * len(shapes.QUESTION_TYPES))
-    correct = {kind: 0 for kind in shapes.QUESTION_TYPES}
-    for start in range(0, len(data), 50):
-        chunk = data[start : start + 50]
-        inputs = processor(images=[image for image, *_ in chunk], padding=True, return_tensors="pt",
-                           text=[shapes.PROMPT.format(question=q) for _, _, q, _ in chunk])
-        out = model.generate(**inputs, max_new_tokens=shapes.MAX_ANSWER_TOKENS, do_sample=False)
-        for (_, kind, _, answer), ids in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
-            correct[kind] += processor.decode(ids, skip_special_tokens=True).strip() == answer
-    return {kind: correct[kind] / per_kind for kind in shapes.QUESTION_TYPES}
+    return exact_match(model, processor, shapes.examples(seed, per_kind * len(shapes.QUESTION_TYPES)),
+                       shapes.QUESTION_TYPES, shapes.PROMPT, lambda images: {"images": images})
 
 
-@torch.no_grad()
 def evaluate_clips(model, processor, seed: int = 12345, per_kind: int = 200,
                    num_frames: int = clips.NUM_FRAMES) -> dict:
-    """Exact-match accuracy per temporal question type on held-out clips (greedy answers)."""
+    """Exact-match accuracy per temporal question type on held-out clips of `num_frames` frames (greedy answers)."""
     import numpy as np
 
-    processor.tokenizer.padding_side = "left"
-    data = clips.examples(seed, per_kind * len(clips.TEMPORAL_TYPES), num_frames=num_frames)
-    correct = {kind: 0 for kind in clips.TEMPORAL_TYPES}
-    for start in range(0, len(data), 50):
-        chunk = data[start : start + 50]
-        inputs = processor(videos=[np.stack([np.asarray(frame) for frame in frames]) for frames, *_ in chunk],
-                           text=[clips.PROMPT.format(question=q) for _, _, q, _ in chunk], padding=True,
-                           return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=shapes.MAX_ANSWER_TOKENS, do_sample=False)
-        for (_, kind, _, answer), ids in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
-            correct[kind] += processor.decode(ids, skip_special_tokens=True).strip() == answer
-    return {kind: correct[kind] / per_kind for kind in clips.TEMPORAL_TYPES}
+    return exact_match(model, processor, clips.examples(seed, per_kind * len(clips.TEMPORAL_TYPES),
+                                                        num_frames=num_frames),
+                       clips.TEMPORAL_TYPES, clips.PROMPT,
+                       lambda videos: {"videos": [np.stack([np.asarray(f) for f in frames]) for frames in videos]})
 
 
 def accuracy_table(results: dict) -> str:
@@ -445,15 +449,15 @@ def video_training(summary: dict, out: str) -> str:
     return section
 
 
-def evaluation_section(image_before: dict, image_after: dict, video: dict) -> str:
+def evaluation_section(image_before: dict, image_after: dict, video: dict, per_kind: int) -> str:
     """The card's evaluation: the clips' accuracy, and the images' before and after the video stage."""
     images = ["| question type | image model | this model |", "|---|---|---|"]
     images += [f"| {kind} | {image_before[kind]:.1%} | {image_after[kind]:.1%} |" for kind in image_after]
-    return ("## Evaluation\n\nHeld-out synthetic clips (seed 12345, 200 questions per type, 8 frames), greedy exact "
-            "match, measured by `vlm_fusion.demo.train.evaluate_clips`:\n\n"
-            f"{accuracy_table(video)}\n\nHeld-out synthetic scenes (seed 12345, 200 questions per type), greedy exact "
-            "match of the whole answer (for left_of, its reasoning too), measured by `vlm_fusion.demo.train.evaluate`, "
-            "for the image model the video stage started from and for this model:\n\n" + "\n".join(images) + "\n")
+    return (f"## Evaluation\n\nHeld-out synthetic clips (seed 12345, {per_kind} questions per type, 8 frames), greedy "
+            "exact match, measured by `vlm_fusion.demo.train.evaluate_clips`:\n\n"
+            f"{accuracy_table(video)}\n\nHeld-out synthetic scenes (seed 12345, {per_kind} questions per type), greedy "
+            "exact match of the whole answer (for left_of, its reasoning too), measured by "
+            "`vlm_fusion.demo.train.evaluate`, for the image model the video stage started from and for this model:\n\n" + "\n".join(images) + "\n")
 
 
 def main(argv=None):
@@ -470,6 +474,7 @@ def main(argv=None):
                         "(`llava/`, `blip2/`, `flamingo/`, as this script saves them) instead of training them")
     args = parser.parse_args(argv)
     steps = {k: max(2, v // 10) if args.quick else v for k, v in STEPS.items()}
+    per_kind = 20 if args.quick else 200  # held-out questions per type
     torch.set_num_threads(os.cpu_count())
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
@@ -493,15 +498,16 @@ def main(argv=None):
                         f"{k} {v:.1f}" for k, v in results["retrieval"].items()))
                     if args.ablation:
                         model, processor, _ = train_family(family, vision, language, data, steps, work)
-                        results["fusion_blip2_without_stage1"] = evaluate(model, processor)
-                        print(f"fusion_blip2 without stage 1:\n{accuracy_table(results['fusion_blip2_without_stage1'])}")
+                        results["fusion_blip2_without_stage1"] = evaluate(model, processor, per_kind=per_kind)
+                        ablation = accuracy_table(results["fusion_blip2_without_stage1"])
+                        print(f"fusion_blip2 without stage 1:\n{ablation}")
                 _, _, image_summary = train_family(family, vision, language, data, steps, work, stage1)
                 image_model = image_summary["output_dir"]
             before = evaluate(AutoModelForImageTextToText.from_pretrained(image_model).eval(),
-                              AutoProcessor.from_pretrained(image_model))
+                              AutoProcessor.from_pretrained(image_model), per_kind=per_kind)
             model, processor, summary = train_video(family, image_model, clip_data, steps, work)
-            results[family] = {"images_before": before, "images": evaluate(model, processor),
-                               "clips": evaluate_clips(model, processor)}
+            results[family] = {"images_before": before, "images": evaluate(model, processor, per_kind=per_kind),
+                               "clips": evaluate_clips(model, processor, per_kind=per_kind)}
             path = os.path.join(args.out, name)
             if os.path.realpath(path) == os.path.realpath(image_model):
                 raise SystemExit(f"--out {args.out} would overwrite the image model the video stage starts from")
@@ -511,7 +517,7 @@ def main(argv=None):
             model.save_pretrained(path)
             processor.save_pretrained(path)
             sections = [image_training(image_model, image_summary, path), video_training(summary, path)]
-            evaluation = evaluation_section(before, results[family]["images"], results[family]["clips"])
+            evaluation = evaluation_section(before, results[family]["images"], results[family]["clips"], per_kind)
             write_model_card(model, path, repo_id=family, extra="\n".join(sections) + "\n" + evaluation,
                              usage=card_usage(name))
             print(f"{family}, clips:\n{accuracy_table(results[family]['clips'])}\n"
