@@ -369,7 +369,7 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
         chat_template=chat_template(),
         num_frames=num_frames, bridge=bridge or {}, max_steps=steps["video"], batch_size=batch_size, seed=SEED,
         weight_decay=0.0, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, steps["video"] // 20),
-        logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=512))
+        logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=2048))
     return AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out), summary
 
 
