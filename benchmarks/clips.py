@@ -1,28 +1,33 @@
 """Clips under a token budget, accuracy beside cost: the seeds' trade-off measured on one task.
 
-    python benchmarks/clips.py                                  # every setup (about an hour on 2 cores)
-    python benchmarks/clips.py --setups llava --steps 40        # some setups, a short budget (a quick look)
+    python benchmarks/clips.py --frames 8                        # every setup trained and scored at 8 frames
+    python benchmarks/clips.py --frames 32 --steps 20 --per-kind 0   # 32 frames: the cost columns only
+    python benchmarks/clips.py --setups llava --steps 40         # some setups, a short budget (a quick look)
 
 Each family's video path, and the knob each has, on the same vision tower and LM: the demo's (`vlm_fusion.demo`), whose
 clips ask what no single frame shows (which way a shape moves, which appears last, how many times one blinks). Every
 setup starts from its family's demo image model, as shipped at commit `IMAGE_MODELS_COMMIT` (before the video stage;
 read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm_fusion.demo.train.train_video`:
-`vlm-fusion train --num-frames F` with the setup's video fields) on clips only, `--steps` steps of `--batch-size`
-clips, each clip seen twice. A 32-frame clip is the 8-frame one recorded 4x slower (`clips.render_clip`), so every
-row answers the same questions. Then, on the trained model:
+`vlm-fusion train --num-frames F` with the setup's video fields; by default the demo's budget, `--steps` 500 of
+`--batch-size` 32, clips and image questions mixed, each sample seen twice). A 32-frame clip is the 8-frame one
+recorded 4x slower (`clips.render_clip`), so every row answers the same questions. `--trained SETUP@FRAMES=DIR` scores
+a model the same stage trained elsewhere (the demo's checkpoints are its families' plain video paths at 8 frames)
+and measures only the training speed, over `--probe-steps`. Then, on the trained model:
 
 * **LM tokens / clip**: the config's `num_video_tokens(F)`; Flamingo-style: the one `<video>` marker (its latents reach
   the LM by cross-attention);
 * **prefill (ms)**: one clip and its question, batch 1, median of `--repeats` (the demo models are tiny: this is the
-  overhead-dominated end; `benchmarks/run.py --tables video` has the same setups at CLIP-B/16 and a 0.5B-wide LM);
+  overhead-dominated end; `benchmarks/run.py --tables video` has the same setups at CLIP-B/16 and a 1024-wide LM);
 * **KV (KB)**: the LM's KV cache after that prefill, plus the Flamingo-style model's cached media K/V;
-* **train samples/s**: the video stage's (`train_samples_per_second`, clips only);
-* **accuracy**: greedy exact match on `--per-kind` held-out clips per temporal type (seed 12345).
+* **train samples/s**: the video stage's (`train_samples_per_second`);
+* **accuracy**: greedy exact match on `--per-kind` held-out clips per temporal type (seed 12345); chance is 1/4 for
+  the direction and the shape that appears last, 1/3 for the blink count.
 
 Ratios are against the baseline row, `llava, every patch` at 8 frames. Writes `<out>/clips.md` and `clips.json`.
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -102,21 +107,30 @@ def cost(model, processor, frames: int, repeats: int) -> dict:
 
 
 def run_setup(name, family, video, frames, images, args, work) -> dict:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     from vlm_fusion.demo import train
 
-    steps = {"video": args.steps}
-    data = train.video_data(work, steps, num_frames=frames, images=False, batch_size=args.batch_size)
+    trained = args.trained.get(f"{name}@{frames}")
+    steps = {"video": args.probe_steps if trained else args.steps}
+    data = train.video_data(work, steps, num_frames=frames, images=not args.clips_only, batch_size=args.batch_size)
     start = starting_model(family, video, images, work, name)
     bridge = {k: v for k, v in video.items() if k != "num_latents"}
+    slug = f"{name}, {frames}".replace(",", "").replace(" ", "_")
+    shutil.rmtree(os.path.join(work, slug), ignore_errors=True)  # a rerun in the same --work trains anew
     began = time.perf_counter()
     model, processor, summary = train.train_video(family, start, data, steps, work, num_frames=frames, bridge=bridge,
-                                                  name=f"{name}, {frames}".replace(",", "").replace(" ", "_"),
-                                                  batch_size=args.batch_size)
+                                                  name=slug, batch_size=args.batch_size)
     trained_s = time.perf_counter() - began
-    accuracy = train.evaluate_clips(model, processor, per_kind=args.per_kind, num_frames=frames)
+    if trained:  # trained elsewhere by the same stage (the demo's checkpoint): the run above measured its speed
+        model = AutoModelForImageTextToText.from_pretrained(trained).eval()
+        processor = AutoProcessor.from_pretrained(trained)
+        processor.video_processor.num_frames = frames
+    accuracy = train.evaluate_clips(model, processor, per_kind=args.per_kind, num_frames=frames) \
+        if args.per_kind else None  # --per-kind 0: the cost columns only
     record = dict(setup=name, family=family, frames=frames, **cost(model, processor, frames, args.repeats),
                   train_samples_s=summary["samples_per_second"], train_s=trained_s, final_loss=summary["final_loss"],
-                  accuracy=accuracy)
+                  accuracy=accuracy, trained=trained)
     print(f"  {name}, {frames} frames: {record}", flush=True)
     return record
 
@@ -126,22 +140,24 @@ def report(records, args) -> str:
 
     base = next((r for r in records if (r["setup"], r["frames"]) == BASELINE), None)
     kinds = clips.TEMPORAL_TYPES
-    lines = [f"Commit {measure.commit()}, {measure.load_average()}; {args.steps} steps x {args.batch_size} clips a "
+    data = "clips" if args.clips_only else "samples (clips and image questions, alternating)"
+    lines = [f"Commit {measure.commit()}, {measure.load_average()}; {args.steps} steps x {args.batch_size} {data} a "
              f"setup, accuracy on {args.per_kind} held-out clips per type; ratios against `{BASELINE[0]}` at "
              f"{BASELINE[1]} frames.", "",
              "| setup | frames | LM tokens / clip | prefill (ms) | KV (KB) | train samples/s | "
              + " | ".join(kinds) + " | mean | tokens x | prefill x | KV x | samples/s x |",
-             "|" + "---|" * (9 + len(kinds))]
+             "|" + "---|" * (11 + len(kinds))]
     for r in records:
-        mean = sum(r["accuracy"].values()) / len(kinds)
+        accuracy = r["accuracy"] or {}
+        mean = sum(accuracy.values()) / len(kinds) if accuracy else None
 
         def ratio(key):
             return f"{r[key] / base[key]:.2f}" if base and base[key] else "—"
         lines.append(f"| {r['setup']} | {r['frames']} | {r['tokens_per_clip']} | {r['prefill_ms']:.1f} | "
                      f"{r['kv_bytes'] / 1024:.0f} | {r['train_samples_s']:.1f} | "
-                     + " | ".join(f"{r['accuracy'][k]:.0%}" for k in kinds)
-                     + f" | {mean:.0%} | {ratio('tokens_per_clip')} | {ratio('prefill_ms')} | {ratio('kv_bytes')} | "
-                     f"{ratio('train_samples_s')} |")
+                     + " | ".join(f"{accuracy[k]:.0%}" if accuracy else "—" for k in kinds)
+                     + f" | {f'{mean:.0%}' if accuracy else '—'} | {ratio('tokens_per_clip')} | {ratio('prefill_ms')} | "
+                     f"{ratio('kv_bytes')} | {ratio('train_samples_s')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,9 +165,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="*", default=[], help="run the setups whose name contains one of these")
     parser.add_argument("--frames", default="8,32", help="frame counts, comma-separated (each setup has its own)")
-    parser.add_argument("--steps", type=int, default=300, help="video-stage steps a setup")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--per-kind", type=int, default=100, help="held-out clips per temporal question type")
+    parser.add_argument("--steps", type=int, default=500, help="video-stage steps a setup (the demo's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="the demo's")
+    parser.add_argument("--clips-only", action="store_true", help="train on clips alone (default: clips and the "
+                        "image questions mixed, as the demo's video stage)")
+    parser.add_argument("--trained", type=lambda text: tuple(text.split("=", 1)), action="append", default=[],
+                        metavar="SETUP@FRAMES=DIR", help="a setup already trained by this stage at this budget (the "
+                        "demo's checkpoint for its family's plain video path): scored as it is, its training speed "
+                        "measured over --probe-steps")
+    parser.add_argument("--probe-steps", type=int, default=20)
+    parser.add_argument("--include", metavar="JSON", action="append", default=[],
+                        help="rows of an earlier run (its clips.json) to report first, e.g. the 8-frame run's")
+    parser.add_argument("--per-kind", type=int, default=100, help="held-out clips per temporal question type (0: "
+                        "no accuracy, the cost columns only)")
     parser.add_argument("--repeats", type=int, default=5, help="prefill timings (median)")
     parser.add_argument("--image-models", help="the demo's image models (llava/, blip2/, flamingo/); default: the "
                         f"package's at commit {IMAGE_MODELS_COMMIT}, from git")
@@ -159,6 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", help="keep the clips and trained models here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    args.trained = dict(args.trained)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -169,6 +196,9 @@ def main(argv=None) -> int:
     try:
         images = image_models(args, work)
         records = []
+        for path in args.include:
+            with open(path) as f:
+                records += json.load(f)
         for name, (family, video, counts) in SETUPS.items():
             if args.setups and not any(s in name for s in args.setups):
                 continue
