@@ -265,11 +265,24 @@ def test_a_bad_video_clip_gets_400_in_one_line_and_the_server_goes_on(video_serv
     assert ask_about_clip(client, model, video_data_url(clip))[0] == generated_about_clip(model, clip, capsys)
 
 
-def test_a_video_to_a_model_that_reads_none_gets_400(server, tmp_path):
-    """The demo models read images only: a clip is refused in one line, not dropped."""
+def test_a_clip_to_a_demo_model_is_answered_as_vlm_fusion_generate_video_does(server, tmp_path, capsys):
+    """The demo models read clips (the demo's video stage): the served answer is `generate --video`'s."""
     family, client, model, _ = server
-    with pytest.raises(openai.BadRequestError, match="no video processor"):
-        ask_about_clip(client, model, video_data_url(write_clip(tmp_path / "clip.mp4")))
+    clip = write_clip(tmp_path / "clip.mp4")
+    assert ask_about_clip(client, model, video_data_url(clip))[0] == generated_about_clip(model, clip, capsys)
+
+
+def test_a_video_to_a_model_that_reads_none_gets_400(tmp_path):
+    """A model that reads images only: a clip is refused in one line, not dropped."""
+    from vlm_fusion.tools.tiny import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor("fusion_llava")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    words = [str(tmp_path / "model") if w == "demo:llava" else w for w in readme_serve_command()]
+    with serving(words, tmp_path / "server.log") as client:
+        with pytest.raises(openai.BadRequestError, match="no video processor"):
+            ask_about_clip(client, str(tmp_path / "model"), video_data_url(write_clip(tmp_path / "clip.mp4")))
 
 
 def test_video_frames_default_to_the_checkpoint_s_beside_your_chat_template_kwargs():
