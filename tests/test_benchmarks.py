@@ -286,7 +286,8 @@ def test_the_clips_benchmark_runs(tmp_path):
     assert clips_benchmark.main(["--image-models", str(tmp_path / "images"), "--frames", "8", "--steps", "2",
                                  "--batch-size", "2", "--per-kind", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "clips.json").read_text())
-    assert [r["setup"] for r in rows] == [name for name, (_, _, frames) in clips_benchmark.SETUPS.items() if 8 in frames]
+    setups_at_8 = [name for name, (_, _, frames) in clips_benchmark.SETUPS.items() if 8 in frames]
+    assert [r["setup"] for r in rows] == setups_at_8
     assert all(r["prefill_ms"] > 0 and r["kv_bytes"] > 0 and r["train_samples_s"] > 0 for r in rows)
     assert all(set(r["accuracy"]) == set(clips.TEMPORAL_TYPES) for r in rows)
     by_setup = {r["setup"]: r for r in rows}  # the knobs took: fewer LM tokens a clip than the plain video path

@@ -117,6 +117,27 @@ def test_shipped_demo_checkpoint_answers_every_question_type(family):
 
 
 @pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
+def test_shipped_demo_checkpoint_scores_the_clips_as_its_card_says(family):
+    """The card's clip table is what `evaluate_clips` measures on its held-out clips (seed 12345, 200 per type); a
+    greedy answer on a near-tie may flip with another CPU's reduction order: one answer in 200 of slack."""
+    import re
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_fusion.demo import clips
+    from vlm_fusion.demo.train import evaluate_clips
+
+    path = str(CHECKPOINTS / family)
+    card = (CHECKPOINTS / family / "README.md").read_text()
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    accuracy = evaluate_clips(model, AutoProcessor.from_pretrained(path))
+    print(family, accuracy)
+    for kind in clips.TEMPORAL_TYPES:
+        stated = float(re.search(rf"\| {kind} \| ([0-9.]+)% \|", card).group(1)) / 100
+        assert abs(accuracy[kind] - stated) <= 1 / 200 + 1e-9, (kind, accuracy[kind], stated)
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
 def test_the_demo_prompt_is_what_the_models_chat_template_renders(family):
     """The demo asks (CLI, evaluation, the LM's text pretraining) in the text the recipe trained on: the chat
     template's rendering of a question about one image."""
@@ -129,6 +150,12 @@ def test_the_demo_prompt_is_what_the_models_chat_template_renders(family):
     for messages in (as_trained, as_parts):
         assert processor.apply_chat_template(messages, add_generation_prompt=True) == shapes.PROMPT.format(
             question=question)
+    from vlm_fusion.demo import clips  # and a clip's question, as the video stage trained on it
+
+    question = "which shape appears last ?"
+    for content in (f"<video>\n{question}", [{"type": "video"}, {"type": "text", "text": question}]):
+        assert processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True) \
+            == clips.PROMPT.format(question=question)
 
 
 def test_demo_command_prints_questions_and_verdicts(capsys):

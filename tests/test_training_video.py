@@ -204,7 +204,8 @@ def test_an_image_checkpoint_given_num_frames_gets_a_video_path_that_leaves_its_
                        text=["USER: <video>\nwhich way does the square move ?\nASSISTANT:"])
     assert inputs["pixel_values_videos"].shape[:2] == (1, FRAMES)
     with torch.no_grad():
-        assert trained.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+        out = trained.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
 def test_num_frames_beyond_what_a_checkpoint_embeds_is_one_line(parts, tmp_path, capsys):

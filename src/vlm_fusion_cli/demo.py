@@ -97,6 +97,7 @@ def clips_asked(rng, args) -> list:
             saved = f" Saved to {args.save_clips}_{kind}.gif."
             big = [frame.resize((4 * shapes.IMAGE_SIZE,) * 2, 0) for frame in frames]
             big[0].save(f"{args.save_clips}_{kind}.gif", save_all=True, append_images=big[1:], duration=500, loop=0)
-        print(f"  {kind}: {shapes.caption([track.item for track in clip])[:-2]}; shapes shown per frame: {shown}.{saved}")
+        scene = shapes.caption([track.item for track in clip])[:-2]
+        print(f"  {kind}: {scene}; shapes shown per frame: {shown}.{saved}")
         asked.append(({"videos": [np.stack([np.asarray(frame) for frame in frames])]}, clips.PROMPT, question, truth))
     return asked
