@@ -116,6 +116,7 @@ def test_shipped_demo_checkpoint_answers_every_question_type(family):
     assert min(accuracy["colour"], accuracy["shape"], accuracy["count"]) >= 0.95 and accuracy["left_of"] >= 0.85
 
 
+@pytest.mark.slow  # 600 clips a family (half a minute each): .ci/run runs it
 @pytest.mark.parametrize("family", ["llava", "blip2", "flamingo"])
 def test_shipped_demo_checkpoint_scores_the_clips_as_its_card_says(family):
     """The card's clip table is what `evaluate_clips` measures on its held-out clips (seed 12345, 200 per type); a
