@@ -82,8 +82,6 @@ def image_asked(rng, args) -> list:
 
 def clips_asked(rng, args) -> list:
     """A fresh clip for each temporal question type, its question and answer."""
-    import numpy as np
-
     from vlm_fusion.demo import clips, shapes
 
     asked = []
@@ -99,5 +97,5 @@ def clips_asked(rng, args) -> list:
             big[0].save(f"{args.save_clips}_{kind}.gif", save_all=True, append_images=big[1:], duration=500, loop=0)
         scene = shapes.caption([track.item for track in clip])[:-2]
         print(f"  {kind}: {scene}; shapes shown per frame: {shown}.{saved}")
-        asked.append(({"videos": [np.stack([np.asarray(frame) for frame in frames])]}, clips.PROMPT, question, truth))
+        asked.append(({"videos": [clips.as_array(frames)]}, clips.PROMPT, question, truth))
     return asked

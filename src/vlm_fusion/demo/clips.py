@@ -58,6 +58,11 @@ def render_clip(clip: list[Track], num_frames: int = NUM_FRAMES) -> list[Image.I
     return [state for state in states for _ in range(num_frames // NUM_FRAMES)]
 
 
+def as_array(frames: list[Image.Image]) -> np.ndarray:
+    """A clip's frames as the `(frames, height, width, channels)` uint8 array a processor's `videos=` takes."""
+    return np.stack([np.asarray(frame) for frame in frames])
+
+
 def _unique(scene, item, field) -> bool:
     return sum(getattr(other, field) == getattr(item, field) for other in scene) == 1
 

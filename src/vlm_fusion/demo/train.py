@@ -267,12 +267,18 @@ def evaluate_retrieval(model_dir, root, seed: int = 12345, count: int = 200) -> 
     return retrieval.evaluate(model, processor, retrieval.read_samples(path, os.path.join(root, "images")))
 
 
+def question_stage(family: str) -> str:
+    """The stage that trains `family` on questions (the second, and the video stage): Flamingo-style models keep their
+    LM frozen (`flamingo`), the others train it (`instruct`)."""
+    return "flamingo" if family == "fusion_flamingo" else "instruct"
+
+
 def train_family(family, vision, language, data, steps, work, stage1: str | None = None):
     """The two stages of `family` with `vlm_fusion.training`, as `vlm-fusion train` runs them (the BLIP-2-style
     model's `align` from the stage-1 Q-Former `stage1`, if given); the trained model, its processor and the second
     stage's summary."""
     flamingo = family == "fusion_flamingo"
-    stage2 = "flamingo" if flamingo else "instruct"
+    stage2 = question_stage(family)
     common = dict(image_folder=os.path.join(work, "images"), batch_size=32, seed=SEED, weight_decay=0.0,
                   logging_steps=max(1, steps["align"] // 5), save_steps=10**9, max_length=256)
     name = vlm_fusion.FAMILIES[family].name
@@ -361,7 +367,7 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
     stage's summary."""
     name = name or vlm_fusion.FAMILIES[family].name
     start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
-    stage = "flamingo" if family == "fusion_flamingo" else "instruct"
+    stage = question_stage(family)
     out = os.path.join(work, name, "video")
     # the image model's chat template, rendering a `{"type": "video"}` part as `<video>\n` too (as the data write it)
     summary = train_stage(TrainOptions(
@@ -405,12 +411,10 @@ def evaluate(model, processor, seed: int = 12345, per_kind: int = 200) -> dict:
 def evaluate_clips(model, processor, seed: int = 12345, per_kind: int = 200,
                    num_frames: int = clips.NUM_FRAMES) -> dict:
     """Exact-match accuracy per temporal question type on held-out clips of `num_frames` frames (greedy answers)."""
-    import numpy as np
-
     return exact_match(model, processor, clips.examples(seed, per_kind * len(clips.TEMPORAL_TYPES),
                                                         num_frames=num_frames),
                        clips.TEMPORAL_TYPES, clips.PROMPT,
-                       lambda videos: {"videos": [np.stack([np.asarray(f) for f in frames]) for frames in videos]})
+                       lambda videos: {"videos": [clips.as_array(frames) for frames in videos]})
 
 
 def accuracy_table(results: dict) -> str:
@@ -457,7 +461,8 @@ def evaluation_section(image_before: dict, image_after: dict, video: dict, per_k
             "exact match, measured by `vlm_fusion.demo.train.evaluate_clips`:\n\n"
             f"{accuracy_table(video)}\n\nHeld-out synthetic scenes (seed 12345, {per_kind} questions per type), greedy "
             "exact match of the whole answer (for left_of, its reasoning too), measured by "
-            "`vlm_fusion.demo.train.evaluate`, for the image model the video stage started from and for this model:\n\n" + "\n".join(images) + "\n")
+            "`vlm_fusion.demo.train.evaluate`, for the image model the video stage started from and for this "
+            "model:\n\n" + "\n".join(images) + "\n")
 
 
 def main(argv=None):
@@ -487,8 +492,9 @@ def main(argv=None):
         for family in args.families:
             name = vlm_fusion.FAMILIES[family].name
             if args.video_from:
-                image_model = os.path.join(args.video_from, name)
-                image_summary = None
+                image_model, image_summary = os.path.join(args.video_from, name), None
+                image = AutoModelForImageTextToText.from_pretrained(image_model).eval()
+                image_processor = AutoProcessor.from_pretrained(image_model)
             else:
                 stage1 = None
                 if family == "fusion_blip2":
@@ -501,18 +507,17 @@ def main(argv=None):
                         results["fusion_blip2_without_stage1"] = evaluate(model, processor, per_kind=per_kind)
                         ablation = accuracy_table(results["fusion_blip2_without_stage1"])
                         print(f"fusion_blip2 without stage 1:\n{ablation}")
-                _, _, image_summary = train_family(family, vision, language, data, steps, work, stage1)
+                image, image_processor, image_summary = train_family(family, vision, language, data, steps, work,
+                                                                     stage1)
                 image_model = image_summary["output_dir"]
-            before = evaluate(AutoModelForImageTextToText.from_pretrained(image_model).eval(),
-                              AutoProcessor.from_pretrained(image_model), per_kind=per_kind)
+            before = evaluate(image, image_processor, per_kind=per_kind)
             model, processor, summary = train_video(family, image_model, clip_data, steps, work)
             results[family] = {"images_before": before, "images": evaluate(model, processor, per_kind=per_kind),
                                "clips": evaluate_clips(model, processor, per_kind=per_kind)}
             path = os.path.join(args.out, name)
             if os.path.realpath(path) == os.path.realpath(image_model):
                 raise SystemExit(f"--out {args.out} would overwrite the image model the video stage starts from")
-            stage = "flamingo" if family == "fusion_flamingo" else "instruct"
-            model.config.origin = model.config.origin.rstrip() + ORIGIN_VIDEO.format(stage=stage)
+            model.config.origin = model.config.origin.rstrip() + ORIGIN_VIDEO.format(stage=summary["stage"])
             shutil.rmtree(path, ignore_errors=True)
             model.save_pretrained(path)
             processor.save_pretrained(path)
