@@ -27,6 +27,7 @@ Ratios are against the baseline row, `llava, every patch` at 8 frames. Writes `<
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -72,6 +73,11 @@ def image_models(args, work) -> str:
     return os.path.join(work, "src", "vlm_fusion", "demo", "checkpoints")
 
 
+def folder_name(text: str) -> str:
+    """A setup's folder in --work: "llava, pooled 2 (bilinear), 8" -> "llava_pooled_2_(bilinear)_8"."""
+    return text.replace(",", "").replace(" ", "_")
+
+
 def starting_model(family, video: dict, images: str, work: str, name: str) -> str:
     """The family's image model; with `num_latents` other than its own, the same with a resampler of that many
     latents (the latents start new, every other weight as trained)."""
@@ -82,7 +88,7 @@ def starting_model(family, video: dict, images: str, work: str, name: str) -> st
     latents = video.get("num_latents")
     if latents is None or latents == AutoConfig.from_pretrained(path).num_latents:
         return path
-    out = os.path.join(work, name.replace(",", "").replace(" ", "_"), "image")
+    out = os.path.join(work, folder_name(name), "image")
     model = AutoModelForImageTextToText.from_pretrained(path, num_latents=latents, ignore_mismatched_sizes=True)
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(path).save_pretrained(out)
@@ -92,18 +98,25 @@ def starting_model(family, video: dict, images: str, work: str, name: str) -> st
 @torch.no_grad()
 def cost(model, processor, frames: int, repeats: int) -> dict:
     """Prefill latency, KV bytes and LM tokens of one held-out clip and its question."""
-    import numpy as np
-
     from vlm_fusion.demo import clips
 
     clip, _, question, _ = clips.examples(4321, 1, num_frames=frames)[0]
-    inputs = processor(videos=[np.stack([np.asarray(f) for f in clip])], text=[clips.PROMPT.format(question=question)],
+    inputs = processor(videos=[clips.as_array(clip)], text=[clips.PROMPT.format(question=question)],
                        return_tensors="pt")
     out = model(**inputs, use_cache=True)
     return dict(tokens_per_clip=model.config.num_video_tokens(frames), prompt_tokens=int(inputs["input_ids"].shape[1]),
                 prefill_ms=1000 * measure.median_time(lambda: model(**inputs, use_cache=True), repeats),
                 kv_bytes=measure.cache_bytes(out.cache)
                 + measure.media_cache_bytes(getattr(out, "media_cache", None)))
+
+
+@functools.cache
+def stage_data(work: str, frames: int, steps: int, batch_size: int, images: bool) -> str:
+    """The video stage's data at `frames` frames a clip, written once for every setup that reads them (a probe run
+    reads the first steps' worth)."""
+    from vlm_fusion.demo import train
+
+    return train.video_data(work, {"video": steps}, num_frames=frames, images=images, batch_size=batch_size)
 
 
 def run_setup(name, family, video, frames, images, args, work) -> dict:
@@ -113,10 +126,10 @@ def run_setup(name, family, video, frames, images, args, work) -> dict:
 
     trained = args.trained.get(f"{name}@{frames}")
     steps = {"video": args.probe_steps if trained else args.steps}
-    data = train.video_data(work, steps, num_frames=frames, images=not args.clips_only, batch_size=args.batch_size)
+    data = stage_data(work, frames, args.steps, args.batch_size, not args.clips_only)
     start = starting_model(family, video, images, work, name)
     bridge = {k: v for k, v in video.items() if k != "num_latents"}
-    slug = f"{name}, {frames}".replace(",", "").replace(" ", "_")
+    slug = folder_name(f"{name}, {frames}")
     shutil.rmtree(os.path.join(work, slug), ignore_errors=True)  # a rerun in the same --work trains anew
     began = time.perf_counter()
     model, processor, summary = train.train_video(family, start, data, steps, work, num_frames=frames, bridge=bridge,
@@ -156,8 +169,8 @@ def report(records, args) -> str:
         lines.append(f"| {r['setup']} | {r['frames']} | {r['tokens_per_clip']} | {r['prefill_ms']:.1f} | "
                      f"{r['kv_bytes'] / 1024:.0f} | {r['train_samples_s']:.1f} | "
                      + " | ".join(f"{accuracy[k]:.0%}" if accuracy else "—" for k in kinds)
-                     + f" | {f'{mean:.0%}' if accuracy else '—'} | {ratio('tokens_per_clip')} | {ratio('prefill_ms')} | "
-                     f"{ratio('kv_bytes')} | {ratio('train_samples_s')} |")
+                     + f" | {f'{mean:.0%}' if accuracy else '—'} | {ratio('tokens_per_clip')} | "
+                     f"{ratio('prefill_ms')} | {ratio('kv_bytes')} | {ratio('train_samples_s')} |")
     return "\n".join(lines) + "\n"
 
 
