@@ -129,16 +129,24 @@ def write_clip_tower(work: str) -> str:
     return folder
 
 
+def emptied_unless_done(folder: str, done: str) -> bool:
+    """Whether `folder` is to be written: not if its `done` marker (written last, by `open(done, "w")`) says an
+    earlier run finished it; otherwise the folder is emptied first (a run stopped halfway leaves no partial files)."""
+    if os.path.exists(done):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    return True
+
+
 def write_images(work: str) -> str:
     """`POOL_IMAGES` distinct 400x300 JPEG files (a gradient and a few shapes each): what the samples point at."""
     folder = os.path.join(work, "images")
     done = os.path.join(folder, f"done-{DATA_VERSION}")
-    if os.path.exists(done):
+    if not emptied_unless_done(folder, done):
         return folder
     from PIL import Image, ImageDraw
 
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     for i in range(POOL_IMAGES):
         rng = random.Random(i)
         a, b = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(2)]
@@ -165,13 +173,11 @@ def write_clips(work: str) -> str:
     decoding is the work a real clip's is (what the video samples point at)."""
     folder = os.path.join(work, "clips")
     done = os.path.join(folder, f"done-{DATA_VERSION}")
-    if os.path.exists(done):
+    if not emptied_unless_done(folder, done):
         return folder
     import av
     import numpy as np
 
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     started = time.perf_counter()
     ramp = np.linspace(0, 1, CLIP_WIDTH, dtype=np.float32)[None, :, None]  # (1, W, 1)
@@ -295,12 +301,10 @@ def write_shards(folder: str, count: int, shard_size: int, media_folder: str, po
     shards = (count + shard_size - 1) // shard_size
     pattern = os.path.join(folder, "{00000..%05d}.tar" % (shards - 1))
     done = os.path.join(folder, f"done-{count}-{shard_size}-{DATA_VERSION}")
-    if os.path.exists(done):
+    if not emptied_unless_done(folder, done):
         return pattern
     import io
 
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     suffix, name_of, size = ("mp4", clip_name, (CLIP_WIDTH, CLIP_HEIGHT)) if clips else ("jpg", image_name, (400, 300))
     media = {}
     for shard in range(shards):
