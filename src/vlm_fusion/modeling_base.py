@@ -551,6 +551,11 @@ class FusionForConditionalGeneration(FusionPreTrainedModel):
         rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
         return self.output_class(loss=loss, logits=logits, **rest)
 
+    def embed_marker_tokens(self) -> None:
+        """Grow the LM's embeddings to hold the marker ids the LM itself reads. LLaVA- and BLIP-2-style placeholders
+        are replaced by visual tokens before the LM embeds them, so they may lie outside its vocabulary: nothing to
+        grow here; the Flamingo-style family overrides it."""
+
     # ---- training ---------------------------------------------------------------------------------------------
     def bridge_modules(self) -> dict[str, nn.Module]:
         """The parts of the model that are neither backbone: what the family adds and trains."""

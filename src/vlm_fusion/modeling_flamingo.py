@@ -541,11 +541,15 @@ class FusionFlamingoForConditionalGeneration(FusionForConditionalGeneration, Gen
         """
         model = super().from_vision_text_pretrained(vision_model_name_or_path, text_model_name_or_path, video=video,
                                                     **flamingo_token_ids(text_model_name_or_path, kwargs, video))
-        needed = max(model.config.image_token_id, model.config.end_of_chunk_token_id or 0,
-                     model.config.video_token_id or 0) + 1
-        if needed > model.config.text_config.vocab_size:
-            model.resize_token_embeddings(needed)
+        model.embed_marker_tokens()
         return model
+
+    def embed_marker_tokens(self) -> None:
+        """The LM reads `<image>`, `<|endofchunk|>` and `<video>` as tokens: its embeddings grow to hold their ids."""
+        needed = max(self.config.image_token_id, self.config.end_of_chunk_token_id or 0,
+                     self.config.video_token_id or 0) + 1
+        if needed > self.config.text_config.vocab_size:
+            self.resize_token_embeddings(needed)
 
     @classmethod
     def config_from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, video: bool = False,

@@ -96,9 +96,8 @@ def generation_model_and_processor(options: TrainOptions, quantize: bool, weight
         model = AutoModelForImageTextToText.from_pretrained(options.model, config=config, **kwargs)
         if not hasattr(model, "parameter_parts"):
             raise DataError(f"{options.model} holds a {type(model).__name__}, not a vlm-fusion model")
-        if config.video_token_id is not None and config.model_type == "fusion_flamingo" and \
-                config.video_token_id >= model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(config.video_token_id + 1)  # Flamingo's LM reads its `<video>` marker
+        if added:
+            model.embed_marker_tokens()  # the Flamingo-style LM reads its new `<video>` marker
         return model, processor
     missing = [flag for flag, value in (("--family", options.family), ("--vision-tower", options.vision_tower),
                                         ("--language-model", options.language_model)) if not value]
