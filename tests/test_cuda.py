@@ -124,7 +124,7 @@ def test_fp32_logits_and_tokens_on_the_device_are_the_cpus(saved, record_propert
 
 
 # ---- half precision: the demo models, whose answers are real --------------------------------------------------------
-@pytest.fixture(scope="module", params=demo.FAMILIES)
+@pytest.fixture(scope="module", params=demo.MODELS)
 def demo_model(request):
     """A demo checkpoint, two held-out questions (a one-word answer and a reasoned one, up to 16 tokens) as its chat
     template renders them, and its fp32 answers on the CPU."""
