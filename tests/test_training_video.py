@@ -208,6 +208,42 @@ def test_an_image_checkpoint_given_num_frames_gets_a_video_path_that_leaves_its_
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
+IMAGE_ONLY_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% if m['content'] is string %}"
+                       "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n"
+                       "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+                       "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def test_a_chat_template_that_drops_clips_is_refused_when_the_video_path_is_added(parts, tmp_path, capsys):
+    """An image checkpoint whose template knows image parts only: its video path would train (the data's clips are
+    marked in text) and then lose every clip of a chat, so `--num-frames` refuses it in one line, nothing written;
+    `--chat-template` with a video part mends it, and the saved processor's chat renders the clip."""
+    from transformers import AutoProcessor
+
+    from vlm_fusion_cli import main
+
+    images_only = tmp_path / "images_only"
+    assert main(["train", "--stage", "align", "--family", "llava", "--vision-tower", str(parts / "vision"),
+                 "--language-model", str(parts / "lm"), "--data", str(parts / "captions.json"), "--image-folder",
+                 str(parts / "images"), "--output-dir", str(images_only), "--max-steps", "1",
+                 "--chat-template", IMAGE_ONLY_TEMPLATE]) == 0
+    capsys.readouterr()
+    video = ["train", "--stage", "instruct", "--model", str(images_only), "--data", str(parts / "mixed.json"),
+             "--image-folder", str(parts / "images"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+             "--num-frames", str(FRAMES)]
+    assert main(video) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert re.search(r"the chat template of .*images_only renders an image part as <image> but drops a video part "
+                     r".*give --chat-template", err[-1])
+    assert not (tmp_path / "out").exists()
+
+    template = IMAGE_ONLY_TEMPLATE.replace("{% elif p['type'] == 'text' %}",
+                                           "{% elif p['type'] == 'video' %}<video>\n{% elif p['type'] == 'text' %}")
+    assert main([*video, "--chat-template", template]) == 0
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "which way ?"}]}]
+    assert AutoProcessor.from_pretrained(tmp_path / "out").apply_chat_template(chat).rstrip() == "USER: <video>\nwhich way ?"
+
+
 def test_num_frames_beyond_what_a_checkpoint_embeds_is_one_line(parts, tmp_path, capsys):
     from vlm_fusion_cli import main
 

@@ -42,7 +42,28 @@ def load_generation_model(options: TrainOptions, quantize: bool = True, weights:
             with open(template, encoding="utf-8") as f:
                 template = f.read()
         processor.chat_template = template
+    check_template_renders_clips(processor, options)
     return model, processor
+
+
+def check_template_renders_clips(processor, options: TrainOptions):
+    """A model that reads clips, whose chat template renders an image part but drops a video part, is refused: the
+    training data would still mark its clips (they are read as text), but a chat at inference would lose them
+    silently. An image checkpoint's template written before it read clips is the usual case."""
+    template = processor.chat_template
+    if not template or getattr(processor, "video_processor", None) is None:
+        return
+
+    def rendered(kind):
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": "?"}]}]
+        return processor.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+
+    if processor.image_token in rendered("image") and processor.video_token not in rendered("video"):
+        source = "--chat-template" if options.chat_template else \
+            f"the chat template of {options.model or 'the processor'}"
+        raise DataError(f"{source} renders an image part as {processor.image_token} but drops a video part "
+                        f"({{\"type\": \"video\"}}): give --chat-template with one that renders it as "
+                        f"{processor.video_token}, or a chat would read no clip")
 
 
 def generation_model_and_processor(options: TrainOptions, quantize: bool, weights: bool = True):
