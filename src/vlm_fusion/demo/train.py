@@ -384,7 +384,12 @@ def clip_text_stage(model_path: str, out: str, steps: int, batch: int = 64, lear
     saw an image: stage 1 mapped each patch onto its cell's word, so frame tokens stand where those words stand and
     what the LM learns from the words carries over to frames. Half the batches are the clips' questions, half the
     image questions as text (their answers stay). On one thread, as `pretrain_lm`. The model (the model at
-    `model_path`, its LM trained) and its processor are saved to `out`; the last step's loss is returned."""
+    `model_path`, its LM trained) and its processor are saved to `out`, once: the last step's loss is returned, and
+    kept in `out/clip_text.json` for a later call with the same `out`."""
+    done = os.path.join(out, "clip_text.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)["final_loss"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
@@ -401,6 +406,8 @@ def clip_text_stage(model_path: str, out: str, steps: int, batch: int = 64, lear
     torch.set_num_threads(threads)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    with open(done, "w") as f:
+        json.dump({"steps": steps, "final_loss": loss}, f)
     return loss
 
 
@@ -409,14 +416,16 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
     """The video stage of `family` from its image model: `vlm-fusion train --model ... --num-frames` on clips and
     images (the second stage's settings; Flamingo-style: the `flamingo` stage, the LM frozen), the video path's
     fields `bridge` (pooling, the video Q-Former), in `work/<name>`; the trained model, its processor and the
-    stage's summary."""
+    stage's summary. A family of `CLIP_TEXT_FAMILIES` first trains its LM `steps["clip_text"]` steps on the clips
+    written as text (`clip_text_stage`; none if 0 or missing)."""
     name = name or vlm_fusion.FAMILIES[family].name
     start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
     clip_text = None
-    if family in CLIP_TEXT_FAMILIES:
-        clip_text = {"steps": steps["clip_text"], "final_loss": clip_text_stage(
-            start, os.path.join(work, name, "clip_text"), steps["clip_text"])}
-        start = os.path.join(work, name, "clip_text")
+    if family in CLIP_TEXT_FAMILIES and steps.get("clip_text"):
+        # the same for every video path of the family (its LM alone trains on text): once a `work` folder
+        text_model = os.path.join(work, f"{family}_clip_text_{steps['clip_text']}")
+        clip_text = {"steps": steps["clip_text"], "final_loss": clip_text_stage(start, text_model, steps["clip_text"])}
+        start = text_model
     stage = question_stage(family)
     out = os.path.join(work, name, "video")
     # the image model's chat template, rendering a `{"type": "video"}` part as `<video>\n` too (as the data write it)
