@@ -67,7 +67,7 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=3000, video=500)  # --quick: / 10
+STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=6000, video=500)  # --quick: / 10
 # the families whose LM learns the clips from their text before the video stage (`clip_text_stage`): those whose
 # frame tokens stand where the scene's words stand
 CLIP_TEXT_FAMILIES = ("fusion_llava",)
