@@ -9,7 +9,8 @@ clips ask what no single frame shows (which way a shape moves, which appears las
 setup starts from its family's demo image model, as shipped at commit `IMAGE_MODELS_COMMIT` (before the video stage;
 read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm_fusion.demo.train.train_video`:
 `vlm-fusion train --num-frames F` with the setup's video fields; by default the demo's budget, `--steps` 500 of
-`--batch-size` 32, clips and image questions mixed, each sample seen twice). A 32-frame clip is the 8-frame one
+`--batch-size` 32, clips and image questions mixed, each sample seen twice; the LLaVA-style setups start from the
+demo's LM trained on the clips written as text, `--clip-text-steps`, trained once for all of them). A 32-frame clip is the 8-frame one
 recorded 4x slower (`clips.render_clip`), so every row answers the same questions. `--trained SETUP@FRAMES=DIR` scores
 a model the same stage trained elsewhere (the demo's checkpoints are its families' plain video paths at 8 frames)
 and measures only the training speed, over `--probe-steps`. Then, on the trained model:
@@ -125,7 +126,8 @@ def run_setup(name, family, video, frames, images, args, work) -> dict:
     from vlm_fusion.demo import train
 
     trained = args.trained.get(f"{name}@{frames}")
-    steps = {"video": args.probe_steps if trained else args.steps}
+    steps = {"video": args.probe_steps if trained else args.steps,  # a probe times the video stage alone
+             "clip_text": 0 if trained else args.clip_text_steps}
     data = stage_data(work, frames, args.steps, args.batch_size, not args.clips_only)
     start = starting_model(family, video, images, work, name)
     bridge = {k: v for k, v in video.items() if k != "num_latents"}
@@ -180,6 +182,9 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", default="8,32", help="frame counts, comma-separated (each setup has its own)")
     parser.add_argument("--steps", type=int, default=500, help="video-stage steps a setup (the demo's)")
     parser.add_argument("--batch-size", type=int, default=32, help="the demo's")
+    parser.add_argument("--clip-text-steps", type=int, default=None, help="steps of the LLaVA-style LM on the clips "
+                        "written as text before its video stage (the demo's `clip_text_stage`, once for all its "
+                        "setups; default: the demo's; 0: none)")
     parser.add_argument("--clips-only", action="store_true", help="train on clips alone (default: clips and the "
                         "image questions mixed, as the demo's video stage)")
     parser.add_argument("--trained", type=lambda text: tuple(text.split("=", 1)), action="append", default=[],
@@ -199,6 +204,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     args.trained = dict(args.trained)
+    if args.clip_text_steps is None:
+        from vlm_fusion.demo import train
+
+        args.clip_text_steps = train.STEPS["clip_text"]
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging

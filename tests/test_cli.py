@@ -195,12 +195,14 @@ def test_training_script_runs(tmp_path, monkeypatch):
 
     from vlm_fusion.demo import clips
 
+    monkeypatch.setitem(train.STEPS, "clip_text", 40)  # the LM on the clips' text: 4 steps here (--quick)
     results = train.main(["--quick", "--families", "fusion_llava", "--out", str(tmp_path / "models"), "--parts",
                           str(tmp_path / "parts")])
     assert set(results["fusion_llava"]["images"]) == set(shapes.QUESTION_TYPES)
     assert set(results["fusion_llava"]["clips"]) == set(clips.TEMPORAL_TYPES)
     card = (tmp_path / "models" / "llava" / "README.md").read_text()
     assert "## Evaluation" in card and "| colour |" in card and "| blinks |" in card
+    assert "Before it, the LM trained 4 steps of 64 on the clips written as text" in card
     for curve in ("loss.png", "loss_video.png"):  # each stage's loss curve, shipped with the card
         assert f"![training loss]({curve})" in card and (tmp_path / "models" / "llava" / curve).is_file()
     # --video-from: the video stage alone, from image models already trained

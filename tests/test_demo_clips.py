@@ -123,3 +123,22 @@ def test_the_pixel_reader_reads_known_scenes():
         image = shapes.render(scene)
         assert cells_seen(image) == {(item.row, item.col): item.colour for item in scene}
         assert shapes_in(image) == {(item.row, item.col): item.shape for item in scene}
+
+
+def test_a_clip_written_as_text_is_its_frames_words_frame_after_frame():
+    """`as_text` (what the LLaVA-style LM learns time from before the video stage) gives the same clips and questions,
+    each frame written as nine cell words, row by row: a word names the colour the pixels show in that cell, and an
+    empty cell reads `empty`."""
+    for (frames, *asked), (text, *asked_as_text) in zip(clips.examples(13, 30), clips.examples(13, 30, as_text=True)):
+        assert asked == asked_as_text
+        words = text.split()
+        assert len(words) == clips.NUM_FRAMES * shapes.GRID**2
+        for index, frame in enumerate(frames):
+            seen = cells_seen(frame)
+            for cell, word in enumerate(words[index * shapes.GRID**2:(index + 1) * shapes.GRID**2]):
+                row, col = divmod(cell, shapes.GRID)
+                if word == "empty":
+                    assert (row, col) not in seen
+                else:
+                    colour, _, column = shapes.CELL_WORDS[word]
+                    assert seen[(row, col)] == colour and column == shapes.COLUMNS[col]

@@ -58,6 +58,12 @@ def render_clip(clip: list[Track], num_frames: int = NUM_FRAMES) -> list[Image.I
     return [state for state in states for _ in range(num_frames // NUM_FRAMES)]
 
 
+def clip_text(clip: list[Track]) -> str:
+    """The clip as text, the way the LLaVA-style demo model's LM reads its frames: each frame's `shapes.grid_text`
+    (a word per grid cell, row by row), frame after frame."""
+    return " ".join(shapes.grid_text(frame_items(clip, frame)) for frame in range(NUM_FRAMES))
+
+
 def as_array(frames: list[Image.Image]) -> np.ndarray:
     """A clip's frames as the `(frames, height, width, channels)` uint8 array a processor's `videos=` takes."""
     return np.stack([np.asarray(frame) for frame in frames])
@@ -128,14 +134,15 @@ def sample_clip(rng: np.random.Generator, kind: str) -> tuple[list[Track], str, 
             return made
 
 
-def examples(seed: int, count: int, *, kinds=TEMPORAL_TYPES,
-             num_frames: int = NUM_FRAMES) -> list[tuple[list[Image.Image], str, str, str]]:
+def examples(seed: int, count: int, *, kinds=TEMPORAL_TYPES, num_frames: int = NUM_FRAMES,
+             as_text: bool = False) -> list[tuple[list[Image.Image] | str, str, str, str]]:
     """`count` examples `(frames, kind, question, answer)`, the kinds in turn (balanced); `num_frames` frames a clip
-    (`render_clip`: the same clips and questions whatever the count)."""
+    (`render_clip`: the same clips and questions whatever the count). With `as_text`, the clip's `clip_text` stands
+    in for its frames (the same clips and questions)."""
     rng = np.random.default_rng(seed)
     out = []
     for index in range(count):
         kind = kinds[index % len(kinds)]
         clip, question, answer = sample_clip(rng, kind)
-        out.append((render_clip(clip, num_frames), kind, question, answer))
+        out.append((clip_text(clip) if as_text else render_clip(clip, num_frames), kind, question, answer))
     return out

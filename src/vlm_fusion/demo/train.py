@@ -67,7 +67,10 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, video=500)  # --quick divides them by 10
+STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=6000, video=500)  # --quick: / 10
+# the families whose LM learns the clips from their text before the video stage (`clip_text_stage`): those whose
+# frame tokens stand where the scene's words stand
+CLIP_TEXT_FAMILIES = ("fusion_llava",)
 # BLIP-2's stage 1 on the demo's Q-Former: its sizes above, a 64-wide contrastive space, captions of at most 32 tokens
 QFORMER = dict(embed_dim=64, max_text_length=32)
 STAGE2_LR = 1e-3
@@ -151,22 +154,38 @@ def pretrain_lm(tokenizer, steps: int, batch: int = 64, learning_rate: float = 2
             parts_sum = embeddings[tokenizer.convert_tokens_to_ids(list(parts))].sum(0)
             embeddings[tokenizer.convert_tokens_to_ids(word)] = parts_sum
     data = shapes.examples(SEED + 2, steps * batch // 4, kinds=QUESTION_MIX + ("caption",), as_text=True)
+    # the loss is on the answers only, as in the instruction tuning to come: the context is random scene text
+    loss = train_on_text(lm, tokenizer.pad_token_id, [text_items(tokenizer, shapes.PROMPT, "<image>", data)], steps,
+                         batch, learning_rate, "pretraining the language model")
+    print(f"language model: final loss {loss:.3f}")
+    torch.set_num_threads(threads)
+    return lm.eval()
+
+
+def text_items(tokenizer, prompt: str, marker: str, data) -> list[tuple]:
+    """Text-only items `(None, prompt ids, answer ids)` (the answer ends with EOS) of `(text, kind, question, answer)`
+    examples, each example's text written where `prompt` has `marker`."""
     eos = tokenizer.eos_token_id
-    items = [(None, tokenizer(shapes.PROMPT.replace("<image>", scene).format(question=q))["input_ids"],
-              tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [eos]) for scene, _, q, a in data]
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=learning_rate)
+    return [(None, tokenizer(prompt.replace(marker, text).format(question=q))["input_ids"],
+             tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [eos]) for text, _, q, a in data]
+
+
+def train_on_text(lm, pad_id: int, sources: list[list], steps: int, batch: int, learning_rate: float,
+                  desc: str) -> float:
+    """AdamW on `lm`'s trainable parameters, cosine decay after a twentieth of the steps' warm-up, the loss on the
+    answers of `text_items`: step k's batch is the next `batch` items of `sources[k % len(sources)]` (each source
+    read in order and cycled). The last step's loss."""
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=learning_rate)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    batches = collate(tokenizer.pad_token_id)
-    for step in tqdm(range(steps), desc="pretraining the language model"):
-        # the loss is on the answers only, as in the instruction tuning to come: the context is random scene text
-        loss = lm(**batches([items[(step * batch + i) % len(items)] for i in range(batch)])).loss
+    batches = collate(pad_id)
+    for step in tqdm(range(steps), desc=desc):
+        items, start = sources[step % len(sources)], step // len(sources) * batch
+        loss = lm(**batches([items[(start + i) % len(items)] for i in range(batch)])).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-    print(f"language model: final loss {loss.item():.3f}")
-    torch.set_num_threads(threads)
-    return lm.eval()
+    return loss.item()
 
 
 # ---- 2. the families, through the recipe --------------------------------------------------------------------------
@@ -359,14 +378,54 @@ def with_clip_words(image_model: str, out: str) -> str:
     return out
 
 
+def clip_text_stage(model_path: str, out: str, steps: int, batch: int = 64, learning_rate: float = 1e-3) -> str:
+    """The LLaVA-style model's LM learns time from clips written as text (`clips.clip_text`: each frame's grid words,
+    frame after frame) before its video stage, as the image demo's LM learned the scenes from their words before it
+    saw an image: stage 1 mapped each patch onto its cell's word, so frame tokens stand where those words stand and
+    what the LM learns from the words carries over to frames. Half the batches are the clips' questions, half the
+    image questions as text (their answers stay). On one thread, as `pretrain_lm`. The model (the model at
+    `model_path`, its LM trained) and its processor are saved to `out`, once: the last step's loss is returned, and
+    kept in `out/clip_text.json` for a later call with the same `out`."""
+    done = os.path.join(out, "clip_text.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)["final_loss"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(SEED)
+    model = AutoModelForImageTextToText.from_pretrained(model_path)
+    processor = AutoProcessor.from_pretrained(model_path)
+    tokenizer, count = processor.tokenizer, steps * batch // 4  # each source read twice
+    sources = [text_items(tokenizer, clips.PROMPT, "<video>", clips.examples(SEED + 7, count, as_text=True)),
+               text_items(tokenizer, shapes.PROMPT, "<image>", shapes.examples(
+                   SEED + 8, count, kinds=QUESTION_MIX + ("caption",), as_text=True))]
+    model.train()
+    loss = train_on_text(model, tokenizer.pad_token_id, sources, steps, batch, learning_rate,
+                         "the language model on clips written as text")
+    print(f"language model on clips written as text: final loss {loss:.3f}")
+    torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    with open(done, "w") as f:
+        json.dump({"steps": steps, "final_loss": loss}, f)
+    return loss
+
+
 def train_video(family, image_model, data, steps, work, num_frames: int = clips.NUM_FRAMES, bridge=None,
                 name: str | None = None, batch_size: int = 32):
     """The video stage of `family` from its image model: `vlm-fusion train --model ... --num-frames` on clips and
     images (the second stage's settings; Flamingo-style: the `flamingo` stage, the LM frozen), the video path's
     fields `bridge` (pooling, the video Q-Former), in `work/<name>`; the trained model, its processor and the
-    stage's summary."""
+    stage's summary. A family of `CLIP_TEXT_FAMILIES` first trains its LM `steps["clip_text"]` steps on the clips
+    written as text (`clip_text_stage`; none if 0 or missing)."""
     name = name or vlm_fusion.FAMILIES[family].name
     start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
+    clip_text = None
+    if family in CLIP_TEXT_FAMILIES and steps.get("clip_text"):
+        # the same for every video path of the family (its LM alone trains on text): once a `work` folder
+        text_model = os.path.join(work, f"{family}_clip_text_{steps['clip_text']}")
+        clip_text = {"steps": steps["clip_text"], "final_loss": clip_text_stage(start, text_model, steps["clip_text"])}
+        start = text_model
     stage = question_stage(family)
     out = os.path.join(work, name, "video")
     # the image model's chat template, rendering a `{"type": "video"}` part as `<video>\n` too (as the data write it)
@@ -376,6 +435,7 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
         num_frames=num_frames, bridge=bridge or {}, max_steps=steps["video"], batch_size=batch_size, seed=SEED,
         weight_decay=0.0, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, steps["video"] // 20),
         logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=2048))
+    summary["clip_text"] = clip_text  # the LM's steps on the clips written as text before, or None
     return AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out), summary
 
 
@@ -423,9 +483,9 @@ def accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-ORIGIN_VIDEO = (" Then the video stage: the clips' words added to its tokenizer, `vlm-fusion train --num-frames 8` "
-                "added its video path and trained it ({stage} stage) on the clips of `vlm_fusion.demo.clips` and the "
-                "image questions, mixed.")
+ORIGIN_VIDEO = (" Then the video stage: the clips' words added to its tokenizer{clip_text}, `vlm-fusion train "
+                "--num-frames 8` added its video path and trained it ({stage} stage) on the clips of "
+                "`vlm_fusion.demo.clips` and the image questions, mixed.")
 
 
 def image_training(image_model: str, summary: dict | None, out: str) -> str:
@@ -447,6 +507,11 @@ def image_training(image_model: str, summary: dict | None, out: str) -> str:
 
 def video_training(summary: dict, out: str) -> str:
     section = training_section(summary).replace("## Training", "## Training: the video stage", 1)
+    if summary["clip_text"]:
+        steps, loss = summary["clip_text"]["steps"], summary["clip_text"]["final_loss"]
+        section += (f"\nBefore it, the LM trained {steps:,} steps of 64 on the clips written as text (each frame's "
+                    "grid words, frame after frame) and the image questions as text, in turn "
+                    f"(`vlm_fusion.demo.train.clip_text_stage`); final loss {loss:.3f}.\n")
     if summary.get("loss_curve"):
         shutil.copy(os.path.join(summary["output_dir"], summary["loss_curve"]), os.path.join(out, "loss_video.png"))
         section = section.replace(f"({summary['loss_curve']})", "(loss_video.png)")
@@ -517,7 +582,9 @@ def main(argv=None):
             path = os.path.join(args.out, name)
             if os.path.realpath(path) == os.path.realpath(image_model):
                 raise SystemExit(f"--out {args.out} would overwrite the image model the video stage starts from")
-            model.config.origin = model.config.origin.rstrip() + ORIGIN_VIDEO.format(stage=summary["stage"])
+            clip_text = ", its LM trained on the clips written as text" if summary["clip_text"] else ""
+            model.config.origin = model.config.origin.rstrip() + ORIGIN_VIDEO.format(stage=summary["stage"],
+                                                                                     clip_text=clip_text)
             shutil.rmtree(path, ignore_errors=True)
             model.save_pretrained(path)
             processor.save_pretrained(path)
