@@ -10,10 +10,10 @@ setup starts from its family's demo image model, as shipped at commit `IMAGE_MOD
 read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm_fusion.demo.train.train_video`:
 `vlm-fusion train --num-frames F` with the setup's video fields; by default the demo's budget, `--steps` 500 of
 `--batch-size` 32, clips and image questions mixed, each sample seen twice; the LLaVA-style setups start from the
-demo's LM trained on the clips written as text, `--clip-text-steps`, trained once for all of them). A 32-frame clip is the 8-frame one
-recorded 4x slower (`clips.render_clip`), so every row answers the same questions. `--trained SETUP@FRAMES=DIR` scores
-a model the same stage trained elsewhere (the demo's checkpoints are its families' plain video paths at 8 frames)
-and measures only the training speed, over `--probe-steps`. Then, on the trained model:
+demo's LM trained on the clips written as text, `--clip-text-steps`, trained once for all of them). A 32-frame clip
+is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
+`--trained SETUP@FRAMES=DIR` scores a model the same stage trained elsewhere (the demo's checkpoints are its families'
+plain video paths at 8 frames) and measures only the training speed, over `--probe-steps`. Then, on the trained model:
 
 * **LM tokens / clip**: the config's `num_video_tokens(F)`; Flamingo-style: the one `<video>` marker (its latents reach
   the LM by cross-attention);

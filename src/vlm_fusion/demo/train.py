@@ -18,7 +18,8 @@
 3. The video stage (`vlm_fusion.demo.clips`: 8-frame clips whose questions no single frame answers): each image
    model learns the clips' words (its tokenizer and LM embeddings grow by them) and `vlm-fusion train --num-frames 8`
    adds its video path (LLaVA-NeXT-Video's start from LLaVA-NeXT) and trains it, as the second stage did, on clips
-   and the image questions mixed, so that the image answers stay. `--video-from DIR` starts this stage from image
+   and the image questions mixed, so that the image answers stay; the LLaVA-style model's LM first learns the clips
+   written as text (`clip_text_stage`), as in step 1. `--video-from DIR` starts this stage from image
    models already trained (`DIR/llava`, `DIR/blip2`, `DIR/flamingo`) instead of training them first.
 4. Evaluate on held-out scenes and clips and write each model card with its training and the accuracy per question
    type; the stage-1 Q-Former's held-out image-text retrieval (`vlm-fusion evaluate retrieval`'s procedure) is printed.
@@ -378,7 +379,7 @@ def with_clip_words(image_model: str, out: str) -> str:
     return out
 
 
-def clip_text_stage(model_path: str, out: str, steps: int, batch: int = 64, learning_rate: float = 1e-3) -> str:
+def clip_text_stage(model_path: str, out: str, steps: int, batch: int = 64, learning_rate: float = 1e-3) -> float:
     """The LLaVA-style model's LM learns time from clips written as text (`clips.clip_text`: each frame's grid words,
     frame after frame) before its video stage, as the image demo's LM learned the scenes from their words before it
     saw an image: stage 1 mapped each patch onto its cell's word, so frame tokens stand where those words stand and
