@@ -219,6 +219,36 @@ def test_training_script_runs(tmp_path, monkeypatch):
     assert AutoConfig.from_pretrained(parts[1]).model_type == "llama"
 
 
+@pytest.mark.slow  # the BLIP-2-style video recipe, quick, from the shipped model (a minute or two)
+def test_the_blip2_video_recipe_runs_its_stages_once_a_work_folder(tmp_path, monkeypatch):
+    """The stages before BLIP-2's video stage (the LM on the clips as text, the tower on rows, the queries on words)
+    run in turn, the card names them, and a second run in the same `--work` trains none of them again."""
+    from vlm_fusion.demo import train
+
+    for key, steps in (("clip_text", 40), ("rows", 40), ("words", 100)):  # --quick: a tenth
+        monkeypatch.setitem(train.STEPS, key, steps)
+    shutil.copytree(CHECKPOINTS / "blip2", tmp_path / "images" / "blip2")
+    argv = ["--quick", "--families", "fusion_blip2", "--video-from", str(tmp_path / "images"), "--work",
+            str(tmp_path / "work")]
+    train.main([*argv, "--out", str(tmp_path / "models")])
+    card = (tmp_path / "models" / "blip2" / "README.md").read_text()
+    assert "Before it, the LM trained 4 steps of 64 on the clips written as text" in card
+    assert "then the tower trained 4 steps of 64 to name each patch's row" in card
+    assert "then the Q-Former and projection trained 10 steps of 64 to write each image" in card
+    for name in ("train_on_text", "train_on_cells"):
+        monkeypatch.setattr(train, name, lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(train.torch.optim, "AdamW", lambda *a, **k: pytest.fail("trained again"))
+    class VideoStage(Exception):
+        pass
+
+    def video_stage(options):
+        raise VideoStage(options.model)
+
+    monkeypatch.setattr(train, "train_stage", video_stage)
+    with pytest.raises(VideoStage, match="fusion_blip2_clip_text_4_rows_4_words_10"):
+        train.main([*argv, "--out", str(tmp_path / "again")])
+
+
 # ---- what a new user runs into ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_generate_with_a_demo_model_answers_through_its_chat_template(family, tmp_path, capsys):

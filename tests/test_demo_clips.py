@@ -1,6 +1,8 @@
 """The demo's clips (`vlm_fusion.demo.clips`): reproducible from their seed, and each answer is what the frames show
 (read back from the pixels, cell by cell) and what no single frame shows."""
 
+import importlib.resources
+
 import numpy as np
 import pytest
 
@@ -123,6 +125,27 @@ def test_the_pixel_reader_reads_known_scenes():
         image = shapes.render(scene)
         assert cells_seen(image) == {(item.row, item.col): item.colour for item in scene}
         assert shapes_in(image) == {(item.row, item.col): item.shape for item in scene}
+
+
+def test_the_blip2_style_text_stage_writes_each_frame_in_as_many_tokens_as_its_queries():
+    """The BLIP-2-style LM reads a frame as its 16 query tokens: written as text for its clip-text stage, a frame is
+    its nine cell words and then `FILLER`s, one token each, so that token k of a frame is where query k lands
+    (`query_words_stage`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vlm_fusion.demo import train
+
+    path = str(importlib.resources.files("vlm_fusion.demo") / "checkpoints" / "blip2")
+    queries, tokenizer = AutoConfig.from_pretrained(path).num_query_tokens, AutoTokenizer.from_pretrained(path)
+    examples = clips.examples(13, 6, as_text=True)
+    for (text, *_), (padded, *_) in zip(examples, train.with_fillers(examples, queries - shapes.GRID**2)):
+        ids = tokenizer(padded, add_special_tokens=False)["input_ids"]
+        assert len(ids) == clips.NUM_FRAMES * queries
+        cells = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for frame in range(clips.NUM_FRAMES):
+            tokens = ids[frame * queries:(frame + 1) * queries]
+            assert tokens[:shapes.GRID**2] == cells[frame * shapes.GRID**2:(frame + 1) * shapes.GRID**2]
+            assert set(tokens[shapes.GRID**2:]) == {tokenizer.convert_tokens_to_ids(train.FILLER)}
 
 
 def test_a_clip_written_as_text_is_its_frames_words_frame_after_frame():

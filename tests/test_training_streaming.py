@@ -231,6 +231,7 @@ RECORD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two launched processes (40 s of the default run's 7 minutes): .ci/run runs it
 def test_two_processes_through_the_launcher_read_disjoint_shards(parts, tmp_path):
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(RECORD)

@@ -26,6 +26,7 @@
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -68,10 +69,14 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=6000, video=500)  # --quick: / 10
+STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=6000, rows=400, words=3000,
+             video=500)  # --quick: / 10
 # the families whose LM learns the clips from their text before the video stage (`clip_text_stage`): those whose
-# frame tokens stand where the scene's words stand
-CLIP_TEXT_FAMILIES = ("fusion_llava",)
+# frame tokens stand, or are taught to stand (`QUERY_WORD_FAMILIES`), where the scene's words stand
+CLIP_TEXT_FAMILIES = ("fusion_llava", "fusion_blip2")
+# the families whose bridge reads the patches as a set: their tower learns the rows (`cell_rows_stage`) and their
+# queries the words (`query_words_stage`) after the clip-text stage
+QUERY_WORD_FAMILIES = ("fusion_blip2",)
 # BLIP-2's stage 1 on the demo's Q-Former: its sizes above, a 64-wide contrastive space, captions of at most 32 tokens
 QFORMER = dict(embed_dim=64, max_text_length=32)
 STAGE2_LR = 1e-3
@@ -89,39 +94,53 @@ def pixels(images) -> torch.Tensor:
 
 
 # ---- 1. pretraining the parts ---------------------------------------------------------------------------------
-def cell_targets(scene):
+def cell_targets(scene, rows: bool = False):
     """Per grid cell, in the reading order of `shapes.cell_index`: shape index and colour index (0 for an empty cell)
-    and the column, the three things `shapes.grid_text` names."""
+    and the column, the three things `shapes.grid_text` names; with `rows`, each cell's row too."""
     shape, colour = [0] * shapes.GRID**2, [0] * shapes.GRID**2
     for item in scene:
         shape[shapes.cell_index(item)] = shapes.SHAPES.index(item.shape) + 1
         colour[shapes.cell_index(item)] = list(shapes.COLOURS).index(item.colour) + 1
-    return shape, colour, [cell % shapes.GRID for cell in range(shapes.GRID**2)]
+    cells = range(shapes.GRID**2)
+    return shape, colour, [cell % shapes.GRID for cell in cells], *([[cell // shapes.GRID for cell in cells]] * rows)
 
 
 def pretrain_vision(steps: int, batch: int = 64, learning_rate: float = 6e-4) -> CLIPVisionModel:
     """A CLIP-style tower with one patch per grid cell, trained so that its k-th patch token names the shape, colour
     and column of the k-th cell (row by row, as `shapes.grid_text` writes the scene for the LM).
     The classification heads are dropped afterwards."""
-    import numpy as np
-
     assert VISION["image_size"] // VISION["patch_size"] == shapes.GRID, "one patch per grid cell"
     torch.manual_seed(SEED)
     tower = CLIPVisionModel(AutoConfig.for_model(**VISION))
+    loss = train_on_cells(tower, steps, batch, learning_rate, SEED + 1, "pretraining the vision tower")
+    print(f"vision tower: final cell loss {loss:.3f}")
+    return tower.eval()
+
+
+def train_on_cells(tower, steps: int, batch: int, learning_rate: float, seed: int, desc: str,
+                   rows: bool = False) -> float:
+    """`tower`'s k-th patch token learns to name what `cell_targets` gives for the k-th cell (with `rows`, its row
+    too) through a cosine classifier, on scenes drawn from `seed`; the last step's loss."""
+    import numpy as np
+
+    patches = (tower.config.image_size // tower.config.patch_size) ** 2
+    if patches != shapes.GRID**2:
+        raise ValueError(f"The demo's cells need a tower with one patch per grid cell ({shapes.GRID**2}); this one has "
+                         f"{patches}.")
     # A cosine classifier: each attribute must take a large share of a cell feature's norm, so that the bridges
     # trained later find them all (with a plain linear head, colour hid in a direction of tiny variance).
-    groups = [len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1, shapes.GRID]
-    prototypes = nn.Parameter(torch.randn(sum(groups), VISION["hidden_size"]))
+    groups = [len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1, shapes.GRID] + [shapes.GRID] * rows
+    prototypes = nn.Parameter(torch.randn(sum(groups), tower.config.hidden_size))
     optimizer = torch.optim.AdamW(list(tower.parameters()) + [prototypes], lr=learning_rate)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    rng = np.random.default_rng(SEED + 1)
-    progress = tqdm(range(steps), desc="pretraining the vision tower")
+    rng = np.random.default_rng(seed)
+    progress = tqdm(range(steps), desc=desc)
     for _ in progress:
         scenes = [shapes.sample_scene(rng) for _ in range(batch)]
         features = tower(pixels([shapes.render(s) for s in scenes]), output_hidden_states=True).hidden_states[-1]
         cell_features = nn.functional.normalize(features[:, 1:], dim=-1)  # (B, 9, D): the patch tokens, CLS dropped
         logits = 16 * cell_features @ nn.functional.normalize(prototypes, dim=-1).T  # (B, 9, classes)
-        targets = torch.tensor([cell_targets(s) for s in scenes])  # (B, 3, 9)
+        targets = torch.tensor([cell_targets(s, rows) for s in scenes])  # (B, 3 or 4, 9)
         loss = sum(nn.functional.cross_entropy(group.flatten(0, 1), targets[:, i].flatten())
                    for i, group in enumerate(logits.split(groups, dim=-1)))
         optimizer.zero_grad()
@@ -130,8 +149,7 @@ def pretrain_vision(steps: int, batch: int = 64, learning_rate: float = 6e-4) ->
         optimizer.step()
         schedule.step()
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    print(f"vision tower: final cell loss {loss.item():.3f}")
-    return tower.eval()
+    return loss.item()
 
 
 def pretrain_lm(tokenizer, steps: int, batch: int = 64, learning_rate: float = 2e-3):
@@ -379,37 +397,130 @@ def with_clip_words(image_model: str, out: str) -> str:
     return out
 
 
-def clip_text_stage(model_path: str, out: str, steps: int, batch: int = 64, learning_rate: float = 1e-3) -> float:
-    """The LLaVA-style model's LM learns time from clips written as text (`clips.clip_text`: each frame's grid words,
-    frame after frame) before its video stage, as the image demo's LM learned the scenes from their words before it
-    saw an image: stage 1 mapped each patch onto its cell's word, so frame tokens stand where those words stand and
-    what the LM learns from the words carries over to frames. Half the batches are the clips' questions, half the
-    image questions as text (their answers stay). On one thread, as `pretrain_lm`. The model (the model at
-    `model_path`, its LM trained) and its processor are saved to `out`, once: the last step's loss is returned, and
-    kept in `out/clip_text.json` for a later call with the same `out`."""
-    done = os.path.join(out, "clip_text.json")
+FILLER = ","  # the word that stands for a frame's tokens beyond its cells' in the text stage (a BLIP-2 query's)
+
+
+def tokens_per_grid(config) -> int:
+    """The tokens the LM reads for one image or frame of the demo: a BLIP-2-style model's queries, else one per
+    patch (a grid cell)."""
+    return getattr(config, "num_query_tokens", shapes.GRID**2)
+
+
+def with_fillers(data, count: int) -> list:
+    """Text examples `(text, kind, question, answer)` (`as_text`: grids of cell words, one after another), each grid
+    followed by `count` `FILLER` words, so that a grid spans as many tokens as the frame the model will read."""
+    cells = shapes.GRID**2
+    out = []
+    for text, *rest in data:
+        words = text.split()
+        grids = [words[i : i + cells] + [FILLER] * count for i in range(0, len(words), cells)]
+        out.append((" ".join(word for grid in grids for word in grid), *rest))
+    return out
+
+
+def once(out: str, name: str, steps: int, run) -> float:
+    """A stage run once into `out`: `run()` trains and returns `(model, processor, last loss)`, which are saved there
+    with `out/<name>.json`; a later call with the same `out` returns the loss kept in it."""
+    done = os.path.join(out, f"{name}.json")
     if os.path.isfile(done):
         with open(done) as f:
             return json.load(f)["final_loss"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(SEED)
-    model = AutoModelForImageTextToText.from_pretrained(model_path)
-    processor = AutoProcessor.from_pretrained(model_path)
-    tokenizer, count = processor.tokenizer, steps * batch // 4  # each source read twice
-    sources = [text_items(tokenizer, clips.PROMPT, "<video>", clips.examples(SEED + 7, count, as_text=True)),
-               text_items(tokenizer, shapes.PROMPT, "<image>", shapes.examples(
-                   SEED + 8, count, kinds=QUESTION_MIX + ("caption",), as_text=True))]
-    model.train()
-    loss = train_on_text(model, tokenizer.pad_token_id, sources, steps, batch, learning_rate,
-                         "the language model on clips written as text")
-    print(f"language model on clips written as text: final loss {loss:.3f}")
-    torch.set_num_threads(threads)
+    model, processor, loss = run()
     model.save_pretrained(out)
     processor.save_pretrained(out)
     with open(done, "w") as f:
         json.dump({"steps": steps, "final_loss": loss}, f)
     return loss
+
+
+def clip_text_stage(model_path: str, out: str, steps: int, batch: int = 64, learning_rate: float = 1e-3) -> float:
+    """The LM of the model at `model_path` learns time from clips written as text (`clips.clip_text`: each frame's
+    grid words, frame after frame) before its video stage, as the image demo's LM learned the scenes from their words
+    before it saw an image. For the LLaVA-style model, stage 1 mapped each patch onto its cell's word, so frame tokens
+    stand where those words stand and what the LM learns from the words carries over to frames; the BLIP-2-style
+    model's queries are taught the words after it (`query_words_stage`), each grid followed by `FILLER` words for its
+    queries beyond the cells. Half the batches are the clips' questions, half the image questions as text (their
+    answers stay). On one thread, as `pretrain_lm`. Saved to `out` once (`once`); the last step's loss."""
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        torch.manual_seed(SEED)
+        model = AutoModelForImageTextToText.from_pretrained(model_path)
+        processor = AutoProcessor.from_pretrained(model_path)
+        tokenizer, count = processor.tokenizer, steps * batch // 4  # each source read twice
+        fillers = tokens_per_grid(model.config) - shapes.GRID**2
+        sources = [text_items(tokenizer, clips.PROMPT, "<video>", with_fillers(
+                       clips.examples(SEED + 7, count, as_text=True), fillers)),
+                   text_items(tokenizer, shapes.PROMPT, "<image>", with_fillers(shapes.examples(
+                       SEED + 8, count, kinds=QUESTION_MIX + ("caption",), as_text=True), fillers))]
+        model.train()
+        loss = train_on_text(model, tokenizer.pad_token_id, sources, steps, batch, learning_rate,
+                             "the language model on clips written as text")
+        print(f"language model on clips written as text: final loss {loss:.3f}")
+        torch.set_num_threads(threads)
+        return model, processor, loss
+    return once(out, "clip_text", steps, run)
+
+
+def cell_rows_stage(model_path: str, out: str, steps: int, batch: int = 64, learning_rate: float = 6e-4) -> float:
+    """The model's tower learns each patch's row besides its cell's shape, colour and column (`train_on_cells`).
+    The demo's tower was pretrained for an LM that reads a patch's row from its place in the sequence, as it reads
+    the grid's words; a Q-Former's queries read the patches as a set, and found the row in a patch's feature at 57 %
+    (a linear probe; chance 33 %): no question about up or down could be answered. Saved to `out` once (`once`)."""
+    def run():
+        torch.manual_seed(SEED)
+        model = AutoModelForImageTextToText.from_pretrained(model_path)
+        tower = model.model.vision_tower
+        loss = train_on_cells(tower, steps, batch, learning_rate, SEED + 9, "the tower on the cells' rows", rows=True)
+        print(f"vision tower with rows: final cell loss {loss:.3f}")
+        return model, AutoProcessor.from_pretrained(model_path), loss
+    return once(out, "cell_rows", steps, run)
+
+
+def query_words_stage(model_path: str, out: str, steps: int, batch: int = 64, learning_rate: float = 1e-3) -> float:
+    """The BLIP-2-style model's Q-Former and projection learn to write an image as its LM reads it written as text
+    (`with_fillers`): the k-th query token lands on the LM's input embedding of the k-th cell's word, the queries
+    beyond the cells on `FILLER`'s (squared distance, plus a cross-entropy over the scene words by distance, which
+    breaks the early plateau where every query sits at the mean word). The tower and LM stay frozen. So what the LM
+    learned from the clips as text (`clip_text_stage`) carries over to frames, as it does for the LLaVA-style model.
+    Saved to `out` once (`once`)."""
+    import numpy as np
+
+    def run():
+        torch.manual_seed(SEED)
+        model = AutoModelForImageTextToText.from_pretrained(model_path)
+        tokenizer = AutoProcessor.from_pretrained(model_path).tokenizer
+        embeddings = model.get_input_embeddings().weight.detach()
+        if tokens_per_grid(model.config) < shapes.GRID**2:
+            raise ValueError(f"Writing a scene's {shapes.GRID**2} cell words takes as many queries; this model has "
+                             f"{tokens_per_grid(model.config)}.")
+        fillers = [FILLER] * (tokens_per_grid(model.config) - shapes.GRID**2)
+        words = torch.tensor(sorted(set(tokenizer.convert_tokens_to_ids([*shapes.CELL_WORDS, "empty", FILLER]))))
+        model.requires_grad_(False)
+        bridge = [model.model.vision_layernorm, model.model.qformer, model.model.language_projection]
+        parameters = [p for module in bridge for p in module.parameters()]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+        schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+        rng = np.random.default_rng(SEED + 10)
+        progress = tqdm(range(steps), desc="the queries on the cells' words")
+        for _ in progress:
+            scenes = [shapes.sample_scene(rng) for _ in range(batch)]
+            tokens = model.model.get_image_features(pixels([shapes.render(s) for s in scenes])).pooler_output
+            targets = torch.tensor([tokenizer.convert_tokens_to_ids(shapes.grid_text(s).split() + fillers)
+                                    for s in scenes])  # (B, Q)
+            distances = torch.cdist(tokens.flatten(0, 1), embeddings[words]) ** 2  # (B*Q, words)
+            loss = ((tokens - embeddings[targets]) ** 2).sum(-1).mean() + nn.functional.cross_entropy(
+                -distances / 0.05, torch.searchsorted(words, targets.flatten()))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        print(f"queries on the cells' words: final loss {loss.item():.3f}")
+        return model, AutoProcessor.from_pretrained(model_path), loss.item()
+    return once(out, "query_words", steps, run)
 
 
 def train_video(family, image_model, data, steps, work, num_frames: int = clips.NUM_FRAMES, bridge=None,
@@ -418,15 +529,20 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
     images (the second stage's settings; Flamingo-style: the `flamingo` stage, the LM frozen), the video path's
     fields `bridge` (pooling, the video Q-Former), in `work/<name>`; the trained model, its processor and the
     stage's summary. A family of `CLIP_TEXT_FAMILIES` first trains its LM `steps["clip_text"]` steps on the clips
-    written as text (`clip_text_stage`; none if 0 or missing)."""
+    written as text (`clip_text_stage`; none if 0 or missing), and one of `QUERY_WORD_FAMILIES` then its tower
+    `steps["rows"]` steps on the rows and its queries `steps["words"]` on the words."""
     name = name or vlm_fusion.FAMILIES[family].name
     start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
-    clip_text = None
-    if family in CLIP_TEXT_FAMILIES and steps.get("clip_text"):
-        # the same for every video path of the family (its LM alone trains on text): once a `work` folder
-        text_model = os.path.join(work, f"{family}_clip_text_{steps['clip_text']}")
-        clip_text = {"steps": steps["clip_text"], "final_loss": clip_text_stage(start, text_model, steps["clip_text"])}
-        start = text_model
+    before = {}  # the stages before the video stage: name -> {"steps", "final_loss"}
+    # the same for every video path of the family (the bridge's knobs come after): once a `work` folder
+    stages = [("clip_text", clip_text_stage)] * (family in CLIP_TEXT_FAMILIES) + \
+        [("rows", cell_rows_stage), ("words", query_words_stage)] * (family in QUERY_WORD_FAMILIES)
+    folder = family
+    for key, run in stages:
+        if steps.get(key):
+            folder += f"_{key}_{steps[key]}"
+            before[key] = {"steps": steps[key], "final_loss": run(start, os.path.join(work, folder), steps[key])}
+            start = os.path.join(work, folder)
     stage = question_stage(family)
     out = os.path.join(work, name, "video")
     # the image model's chat template, rendering a `{"type": "video"}` part as `<video>\n` too (as the data write it)
@@ -436,7 +552,7 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
         num_frames=num_frames, bridge=bridge or {}, max_steps=steps["video"], batch_size=batch_size, seed=SEED,
         weight_decay=0.0, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, steps["video"] // 20),
         logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=2048))
-    summary["clip_text"] = clip_text  # the LM's steps on the clips written as text before, or None
+    summary["before"] = before
     return AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out), summary
 
 
@@ -506,13 +622,23 @@ def image_training(image_model: str, summary: dict | None, out: str) -> str:
     return section
 
 
+# the card's words for each stage before the video stage (`train_video`'s summary["before"])
+BEFORE_VIDEO = {
+    "clip_text": "the LM trained {steps:,} steps of 64 on the clips written as text (each frame's grid words, frame "
+                 "after frame) and the image questions as text, in turn (`vlm_fusion.demo.train.clip_text_stage`)",
+    "rows": "the tower trained {steps:,} steps of 64 to name each patch's row besides its cell's shape, colour and "
+            "column (`vlm_fusion.demo.train.cell_rows_stage`)",
+    "words": "the Q-Former and projection trained {steps:,} steps of 64 to write each image as the LM reads it "
+             "written as text (`vlm_fusion.demo.train.query_words_stage`)",
+}
+
+
 def video_training(summary: dict, out: str) -> str:
     section = training_section(summary).replace("## Training", "## Training: the video stage", 1)
-    if summary["clip_text"]:
-        steps, loss = summary["clip_text"]["steps"], summary["clip_text"]["final_loss"]
-        section += (f"\nBefore it, the LM trained {steps:,} steps of 64 on the clips written as text (each frame's "
-                    "grid words, frame after frame) and the image questions as text, in turn "
-                    f"(`vlm_fusion.demo.train.clip_text_stage`); final loss {loss:.3f}.\n")
+    if summary["before"]:
+        section += "\nBefore it, " + "; then ".join(
+            BEFORE_VIDEO[key].format(steps=stage["steps"]) + f", final loss {stage['final_loss']:.3f}"
+            for key, stage in summary["before"].items()) + ".\n"
     if summary.get("loss_curve"):
         shutil.copy(os.path.join(summary["output_dir"], summary["loss_curve"]), os.path.join(out, "loss_video.png"))
         section = section.replace(f"({summary['loss_curve']})", "(loss_video.png)")
@@ -543,6 +669,8 @@ def main(argv=None):
                         "a time on the same parts)")
     parser.add_argument("--video-from", metavar="DIR", help="start the video stage from the image models in DIR "
                         "(`llava/`, `blip2/`, `flamingo/`, as this script saves them) instead of training them")
+    parser.add_argument("--work", metavar="DIR", help="keep the intermediate models and data in DIR (default: a "
+                        "temporary folder); the stages before the video stage already run there are not run again")
     args = parser.parse_args(argv)
     steps = {k: max(2, v // 10) if args.quick else v for k, v in STEPS.items()}
     per_kind = 20 if args.quick else 200  # held-out questions per type
@@ -550,7 +678,9 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
     results = {}
-    with tempfile.TemporaryDirectory() as work:
+    if args.work:
+        os.makedirs(args.work, exist_ok=True)
+    with contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory() as work:
         if not args.video_from:
             vision, language = pretrained_parts(args.parts or work, steps)
             data = task_data(work, steps, args.families)
@@ -583,7 +713,9 @@ def main(argv=None):
             path = os.path.join(args.out, name)
             if os.path.realpath(path) == os.path.realpath(image_model):
                 raise SystemExit(f"--out {args.out} would overwrite the image model the video stage starts from")
-            clip_text = ", its LM trained on the clips written as text" if summary["clip_text"] else ""
+            before_video = summary["before"]
+            clip_text = (", its LM trained on the clips written as text" if "clip_text" in before_video else "") + (
+                ", its Q-Former taught to write each frame as those words" if "words" in before_video else "")
             model.config.origin = model.config.origin.rstrip() + ORIGIN_VIDEO.format(stage=summary["stage"],
                                                                                      clip_text=clip_text)
             shutil.rmtree(path, ignore_errors=True)
