@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     frames = {int(f) for f in args.frames.split(",")}
     work = args.work or tempfile.mkdtemp(prefix="vlm-fusion-clips-")
+    os.makedirs(work, exist_ok=True)  # a --work folder that does not exist yet
     try:
         images = image_models(args, work)
         records = []
