@@ -18,9 +18,11 @@
 3. The video stage (`vlm_fusion.demo.clips`: 8-frame clips whose questions no single frame answers): each image
    model learns the clips' words (its tokenizer and LM embeddings grow by them) and `vlm-fusion train --num-frames 8`
    adds its video path (LLaVA-NeXT-Video's start from LLaVA-NeXT) and trains it, as the second stage did, on clips
-   and the image questions mixed, so that the image answers stay; the LLaVA-style model's LM first learns the clips
-   written as text (`clip_text_stage`), as in step 1. `--video-from DIR` starts this stage from image
-   models already trained (`DIR/llava`, `DIR/blip2`, `DIR/flamingo`) instead of training them first.
+   and the image questions mixed, so that the image answers stay; the LLaVA- and BLIP-2-style models' LMs first learn
+   the clips written as text (`clip_text_stage`), as in step 1, and the BLIP-2-style model's tower then learns the
+   cells' rows (`cell_rows_stage`) and its queries to write each frame as those words (`query_words_stage`).
+   `--video-from DIR` starts this stage from image models already trained (`DIR/llava`, `DIR/blip2`,
+   `DIR/flamingo`) instead of training them first; `--work DIR` keeps the stages before it for a later run.
 4. Evaluate on held-out scenes and clips and write each model card with its training and the accuracy per question
    type; the stage-1 Q-Former's held-out image-text retrieval (`vlm-fusion evaluate retrieval`'s procedure) is printed.
 """
