@@ -9,10 +9,9 @@ clips ask what no single frame shows (which way a shape moves, which appears las
 setup starts from its family's demo image model, as shipped at commit `IMAGE_MODELS_COMMIT` (before the video stage;
 read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm_fusion.demo.train.train_video`:
 `vlm-fusion train --num-frames F` with the setup's video fields; by default the demo's budget, `--steps` 500 of
-`--batch-size` 32, clips and image questions mixed, each sample seen twice; the LLaVA- and BLIP-2-style setups start
-from the demo's stages before it, trained once for all of a family's setups: the LM on the clips written as text,
-`--clip-text-steps`, and for BLIP-2 the tower on the cells' rows and the queries on their words, `--rows-steps`,
-`--words-steps`). A 32-frame clip
+`--batch-size` 32, clips and image questions mixed, each sample seen twice; the LLaVA-style setups start from the
+demo's LM trained on the clips written as text, `--clip-text-steps`, trained once for all of them; `--rows-steps` and
+`--words-steps` give the BLIP-2-style setups the demo's `--query-words` route, off by default). A 32-frame clip
 is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
 `--trained SETUP@FRAMES=DIR` scores a model the same stage trained elsewhere (the demo's checkpoints are its families'
 plain video paths at 8 frames) and measures only the training speed, over `--probe-steps`. Then, on the trained model:
@@ -184,13 +183,14 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", default="8,32", help="frame counts, comma-separated (each setup has its own)")
     parser.add_argument("--steps", type=int, default=500, help="video-stage steps a setup (the demo's)")
     parser.add_argument("--batch-size", type=int, default=32, help="the demo's")
-    parser.add_argument("--clip-text-steps", type=int, default=None, help="steps of the LLaVA- and BLIP-2-style LMs on "
-                        "the clips written as text before their video stage (the demo's `clip_text_stage`, once for "
-                        "all a family's setups; default: the demo's; 0: none)")
-    parser.add_argument("--rows-steps", type=int, default=None, help="then the BLIP-2-style tower's steps on the "
-                        "cells' rows (`cell_rows_stage`; default: the demo's)")
+    parser.add_argument("--clip-text-steps", type=int, default=None, help="steps of the LLaVA-style LM (and the "
+                        "BLIP-2-style one's with --words-steps) on the clips written as text before the video stage "
+                        "(the demo's `clip_text_stage`, once for all a family's setups; default: the demo's; 0: none)")
+    parser.add_argument("--rows-steps", type=int, default=None, help="the BLIP-2-style route to time (the demo's "
+                        "--query-words): the tower's steps on the cells' rows (`cell_rows_stage`; default: the demo's, "
+                        "none)")
     parser.add_argument("--words-steps", type=int, default=None, help="then its queries' on the cells' words "
-                        "(`query_words_stage`; default: the demo's)")
+                        "(`query_words_stage`; default: the demo's, none: the route is off)")
     parser.add_argument("--clips-only", action="store_true", help="train on clips alone (default: clips and the "
                         "image questions mixed, as the demo's video stage)")
     parser.add_argument("--trained", type=lambda text: tuple(text.split("=", 1)), action="append", default=[],

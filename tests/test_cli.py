@@ -219,17 +219,17 @@ def test_training_script_runs(tmp_path, monkeypatch):
     assert AutoConfig.from_pretrained(parts[1]).model_type == "llama"
 
 
-@pytest.mark.slow  # the BLIP-2-style video recipe, quick, from the shipped model (a minute or two)
-def test_the_blip2_video_recipe_runs_its_stages_once_a_work_folder(tmp_path, monkeypatch):
-    """The stages before BLIP-2's video stage (the LM on the clips as text, the tower on rows, the queries on words)
-    run in turn, the card names them, and a second run in the same `--work` trains none of them again."""
+@pytest.mark.slow  # the BLIP-2-style route to time, quick, from the shipped model (a minute or two)
+def test_the_blip2_route_to_time_runs_its_stages_once_a_work_folder(tmp_path, monkeypatch):
+    """`--query-words`: the stages before BLIP-2's video stage (the LM on the clips as text, the tower on rows, the
+    queries on words) run in turn, the card names them, and a second run in the same `--work` trains none again."""
     from vlm_fusion.demo import train
 
-    for key, steps in (("clip_text", 40), ("rows", 40), ("words", 100)):  # --quick: a tenth
-        monkeypatch.setitem(train.STEPS, key, steps)
+    monkeypatch.setitem(train.STEPS, "clip_text", 40)  # --quick: a tenth
+    monkeypatch.setattr(train, "QUERY_WORDS_STEPS", {"rows": 40, "words": 100})
     shutil.copytree(CHECKPOINTS / "blip2", tmp_path / "images" / "blip2")
-    argv = ["--quick", "--families", "fusion_blip2", "--video-from", str(tmp_path / "images"), "--work",
-            str(tmp_path / "work")]
+    argv = ["--quick", "--query-words", "--families", "fusion_blip2", "--video-from", str(tmp_path / "images"),
+            "--work", str(tmp_path / "work")]
     train.main([*argv, "--out", str(tmp_path / "models")])
     card = (tmp_path / "models" / "blip2" / "README.md").read_text()
     assert "Before it, the LM trained 4 steps of 64 on the clips written as text" in card

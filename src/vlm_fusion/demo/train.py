@@ -18,9 +18,10 @@
 3. The video stage (`vlm_fusion.demo.clips`: 8-frame clips whose questions no single frame answers): each image
    model learns the clips' words (its tokenizer and LM embeddings grow by them) and `vlm-fusion train --num-frames 8`
    adds its video path (LLaVA-NeXT-Video's start from LLaVA-NeXT) and trains it, as the second stage did, on clips
-   and the image questions mixed, so that the image answers stay; the LLaVA- and BLIP-2-style models' LMs first learn
-   the clips written as text (`clip_text_stage`), as in step 1, and the BLIP-2-style model's tower then learns the
-   cells' rows (`cell_rows_stage`) and its queries to write each frame as those words (`query_words_stage`).
+   and the image questions mixed, so that the image answers stay; the LLaVA-style model's LM first learns the clips
+   written as text (`clip_text_stage`), as in step 1; with `--query-words` the BLIP-2-style model's does too, and its
+   tower then learns the cells' rows (`cell_rows_stage`) and its queries to write each frame as those words
+   (`query_words_stage`).
    `--video-from DIR` starts this stage from image models already trained (`DIR/llava`, `DIR/blip2`,
    `DIR/flamingo`) instead of training them first; `--work DIR` keeps the stages before it for a later run.
 4. Evaluate on held-out scenes and clips and write each model card with its training and the accuracy per question
@@ -71,13 +72,15 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=6000, rows=400, words=3000,
+# rows / words: the BLIP-2-style route to time, off unless `--query-words` (`QUERY_WORDS_STEPS`)
+STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=6000, rows=0, words=0,
              video=500)  # --quick: / 10
+QUERY_WORDS_STEPS = dict(rows=400, words=3000)
 # the families whose LM learns the clips from their text before the video stage (`clip_text_stage`): those whose
-# frame tokens stand, or are taught to stand (`QUERY_WORD_FAMILIES`), where the scene's words stand
-CLIP_TEXT_FAMILIES = ("fusion_llava", "fusion_blip2")
-# the families whose bridge reads the patches as a set: their tower learns the rows (`cell_rows_stage`) and their
-# queries the words (`query_words_stage`) after the clip-text stage
+# frame tokens stand where the scene's words stand, and those of `QUERY_WORD_FAMILIES` taught so (`words` steps)
+CLIP_TEXT_FAMILIES = ("fusion_llava",)
+# the families whose bridge reads the patches as a set: with `words` steps, their LM learns the clips as text, their
+# tower the rows (`cell_rows_stage`) and their queries the words (`query_words_stage`)
 QUERY_WORD_FAMILIES = ("fusion_blip2",)
 # BLIP-2's stage 1 on the demo's Q-Former: its sizes above, a 64-wide contrastive space, captions of at most 32 tokens
 QFORMER = dict(embed_dim=64, max_text_length=32)
@@ -531,14 +534,15 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
     images (the second stage's settings; Flamingo-style: the `flamingo` stage, the LM frozen), the video path's
     fields `bridge` (pooling, the video Q-Former), in `work/<name>`; the trained model, its processor and the
     stage's summary. A family of `CLIP_TEXT_FAMILIES` first trains its LM `steps["clip_text"]` steps on the clips
-    written as text (`clip_text_stage`; none if 0 or missing), and one of `QUERY_WORD_FAMILIES` then its tower
-    `steps["rows"]` steps on the rows and its queries `steps["words"]` on the words."""
+    written as text (`clip_text_stage`; none if 0 or missing); one of `QUERY_WORD_FAMILIES`, given `steps["words"]`,
+    the same and then its tower `steps["rows"]` steps on the rows and its queries `steps["words"]` on the words."""
     name = name or vlm_fusion.FAMILIES[family].name
     start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
     before = {}  # the stages before the video stage: name -> {"steps", "final_loss"}
     # the same for every video path of the family (the bridge's knobs come after): once a `work` folder
-    stages = [("clip_text", clip_text_stage)] * (family in CLIP_TEXT_FAMILIES) + \
-        [("rows", cell_rows_stage), ("words", query_words_stage)] * (family in QUERY_WORD_FAMILIES)
+    route = family in QUERY_WORD_FAMILIES and bool(steps.get("words"))
+    stages = [("clip_text", clip_text_stage)] * (family in CLIP_TEXT_FAMILIES or route) + \
+        [("rows", cell_rows_stage), ("words", query_words_stage)] * route
     folder = family
     for key, run in stages:
         if steps.get(key):
@@ -673,8 +677,12 @@ def main(argv=None):
                         "(`llava/`, `blip2/`, `flamingo/`, as this script saves them) instead of training them")
     parser.add_argument("--work", metavar="DIR", help="keep the intermediate models and data in DIR (default: a "
                         "temporary folder); the stages before the video stage already run there are not run again")
+    parser.add_argument("--query-words", action="store_true", help="the BLIP-2-style model's route to time before its "
+                        "video stage (its LM on the clips as text, its tower on rows, its queries on the cells' "
+                        "words): far better on clips, but the shipped checkpoint is without it (see the README)")
     args = parser.parse_args(argv)
-    steps = {k: max(2, v // 10) if args.quick else v for k, v in STEPS.items()}
+    steps = {**STEPS, **(QUERY_WORDS_STEPS if args.query_words else {})}
+    steps = {k: max(2, v // 10) if args.quick and v else v for k, v in steps.items()}
     per_kind = 20 if args.quick else 200  # held-out questions per type
     torch.set_num_threads(os.cpu_count())
     hf_logging.set_verbosity_error()
