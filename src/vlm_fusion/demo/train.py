@@ -136,25 +136,18 @@ def train_on_cells(tower, steps: int, batch: int, learning_rate: float, seed: in
     # trained later find them all (with a plain linear head, colour hid in a direction of tiny variance).
     groups = [len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1, shapes.GRID] + [shapes.GRID] * rows
     prototypes = nn.Parameter(torch.randn(sum(groups), tower.config.hidden_size))
-    optimizer = torch.optim.AdamW(list(tower.parameters()) + [prototypes], lr=learning_rate)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     rng = np.random.default_rng(seed)
-    progress = tqdm(range(steps), desc=desc)
-    for _ in progress:
+
+    def loss_at(step):
         scenes = [shapes.sample_scene(rng) for _ in range(batch)]
         features = tower(pixels([shapes.render(s) for s in scenes]), output_hidden_states=True).hidden_states[-1]
         cell_features = nn.functional.normalize(features[:, 1:], dim=-1)  # (B, 9, D): the patch tokens, CLS dropped
         logits = 16 * cell_features @ nn.functional.normalize(prototypes, dim=-1).T  # (B, 9, classes)
         targets = torch.tensor([cell_targets(s, rows) for s in scenes])  # (B, 3 or 4, 9)
-        loss = sum(nn.functional.cross_entropy(group.flatten(0, 1), targets[:, i].flatten())
+        return sum(nn.functional.cross_entropy(group.flatten(0, 1), targets[:, i].flatten())
                    for i, group in enumerate(logits.split(groups, dim=-1)))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return loss.item()
+    return minimise(list(tower.parameters()) + [prototypes], steps, learning_rate, loss_at, desc,
+                    clip=list(tower.parameters()))
 
 
 def pretrain_lm(tokenizer, steps: int, batch: int = 64, learning_rate: float = 2e-3):
@@ -199,16 +192,31 @@ def train_on_text(lm, pad_id: int, sources: list[list], steps: int, batch: int, 
     """AdamW on `lm`'s trainable parameters, cosine decay after a twentieth of the steps' warm-up, the loss on the
     answers of `text_items`: step k's batch is the next `batch` items of `sources[k % len(sources)]` (each source
     read in order and cycled). The last step's loss."""
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=learning_rate)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     batches = collate(pad_id)
-    for step in tqdm(range(steps), desc=desc):
+
+    def loss_at(step):
         items, start = sources[step % len(sources)], step // len(sources) * batch
-        loss = lm(**batches([items[(start + i) % len(items)] for i in range(batch)])).loss
+        return lm(**batches([items[(start + i) % len(items)] for i in range(batch)])).loss
+    return minimise([p for p in lm.parameters() if p.requires_grad], steps, learning_rate, loss_at, desc)
+
+
+def minimise(parameters: list, steps: int, learning_rate: float, loss_at, desc: str, weight_decay: float = 0.01,
+             clip: list | None = None) -> float:
+    """AdamW on `parameters` (torch's default weight decay unless given), cosine decay after a twentieth of the
+    steps' warm-up: step k takes a step on `loss_at(k)`, the gradients of `clip` (if given) clipped to norm 1 first.
+    The demo's own pretraining loops; the last step's loss."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    progress = tqdm(range(steps), desc=desc)
+    for step in progress:
+        loss = loss_at(step)
         optimizer.zero_grad()
         loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(clip, 1.0)
         optimizer.step()
         schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return loss.item()
 
 
@@ -494,7 +502,8 @@ def query_words_stage(model_path: str, out: str, steps: int, batch: int = 64, le
     def run():
         torch.manual_seed(SEED)
         model = AutoModelForImageTextToText.from_pretrained(model_path)
-        tokenizer = AutoProcessor.from_pretrained(model_path).tokenizer
+        processor = AutoProcessor.from_pretrained(model_path)
+        tokenizer = processor.tokenizer
         embeddings = model.get_input_embeddings().weight.detach()
         if tokens_per_grid(model.config) < shapes.GRID**2:
             raise ValueError(f"Writing a scene's {shapes.GRID**2} cell words takes as many queries; this model has "
@@ -506,25 +515,19 @@ def query_words_stage(model_path: str, out: str, steps: int, batch: int = 64, le
         parameters = [p for module in bridge for p in module.parameters()]
         for parameter in parameters:
             parameter.requires_grad_(True)
-        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-        schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
         rng = np.random.default_rng(SEED + 10)
-        progress = tqdm(range(steps), desc="the queries on the cells' words")
-        for _ in progress:
+
+        def loss_at(step):
             scenes = [shapes.sample_scene(rng) for _ in range(batch)]
             tokens = model.model.get_image_features(pixels([shapes.render(s) for s in scenes])).pooler_output
             targets = torch.tensor([tokenizer.convert_tokens_to_ids(shapes.grid_text(s).split() + fillers)
                                     for s in scenes])  # (B, Q)
             distances = torch.cdist(tokens.flatten(0, 1), embeddings[words]) ** 2  # (B*Q, words)
-            loss = ((tokens - embeddings[targets]) ** 2).sum(-1).mean() + nn.functional.cross_entropy(
+            return ((tokens - embeddings[targets]) ** 2).sum(-1).mean() + nn.functional.cross_entropy(
                 -distances / 0.05, torch.searchsorted(words, targets.flatten()))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        print(f"queries on the cells' words: final loss {loss.item():.3f}")
-        return model, AutoProcessor.from_pretrained(model_path), loss.item()
+        loss = minimise(parameters, steps, learning_rate, loss_at, "the queries on the cells' words", weight_decay=0.0)
+        print(f"queries on the cells' words: final loss {loss:.3f}")
+        return model, processor, loss
     return once(out, "query_words", steps, run)
 
 
