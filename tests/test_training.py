@@ -174,7 +174,7 @@ def test_label_masks_follow_llavas_plain_and_v1_rules(parts, family, tmp_path):
 # ---- each family through each stage -----------------------------------------------------------------------------
 RUNS = [("llava", "align", {}), ("llava", "instruct", {}), ("blip2", "align", {}), ("blip2", "instruct", {}),
         ("flamingo", "align", {}), ("flamingo", "flamingo", {}), ("llava", "instruct", {"lora": True}),
-        ("llava", "instruct", {"qlora": True})]
+        ("llava", "instruct", {"qlora": True}), ("flamingo", "flamingo", {"train_output_embeddings": True})]
 
 
 @pytest.mark.parametrize("family,stage,extra", RUNS, ids=[f"{f}-{s}{'-' + next(iter(e)) if e else ''}"
@@ -183,7 +183,8 @@ def test_a_stage_lowers_the_loss_and_changes_only_what_it_trains(parts, family, 
     from transformers import AutoModelForImageTextToText
 
     data = "captions.json" if stage == "align" else "conversations.json"
-    run = options(parts, tmp_path / "out", family, stage, data, **({"lora_r": 4, "lora_alpha": 8} if extra else {}),
+    adapters = extra.get("lora") or extra.get("qlora")
+    run = options(parts, tmp_path / "out", family, stage, data, **({"lora_r": 4, "lora_alpha": 8} if adapters else {}),
                   **extra)
     torch.manual_seed(run.seed)  # as the recipe does before it builds the model: the same bridge initialisation
     before = {name: p.detach().clone() for name, p in load_generation_model(run, quantize=False)[0].named_parameters()}
@@ -194,13 +195,15 @@ def test_a_stage_lowers_the_loss_and_changes_only_what_it_trains(parts, family, 
     after = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     parts_of = after.parameter_parts()
     embeddings = "model.language_model.embed_tokens.weight"
+    head = "lm_head.weight"  # untied in the tiny LM: the frozen LM's (flamingo) only with train_output_embeddings
     adapted = re.compile(r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
 
     def trains(part, name):
         if part == "language_model":
-            if extra:  # LoRA, merged: the decoder's linear layers only; embeddings, norms and the head stay
+            if adapters:  # LoRA, merged: the decoder's linear layers only; embeddings, norms and the head stay
                 return bool(adapted.fullmatch(name))
-            return stage == "instruct" or (stage == "flamingo" and name == embeddings)
+            return stage == "instruct" or (stage == "flamingo" and (
+                name == embeddings or name == head and extra.get("train_output_embeddings", False)))
         return part == "bridge"
 
     for part, params in after.parameter_parts().items():

@@ -75,6 +75,10 @@ def add_arguments(p) -> None:
     model.add_argument("--lora-r", type=positive_int, default=128)
     model.add_argument("--lora-alpha", type=positive_int, default=256)
     model.add_argument("--train-tower", action="store_true", help="train the vision tower too (at --tower-lr)")
+    model.add_argument("--train-output-embeddings", action="store_true", help="train the LM's output embeddings too "
+                       "(at --lm-lr): with the LM frozen (--stage flamingo), the answers' words the tokenizer gained "
+                       "keep their untrained rows and are never generated; an untied head only (OpenFlamingo trains "
+                       "the input embeddings alone)")
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--bridge-lr", type=float, help="default: the stage's (align 1e-3, instruct 2e-5)")
     optimisation.add_argument("--lm-lr", type=float, help="default: the stage's (instruct 2e-5; LoRA 2e-4)")

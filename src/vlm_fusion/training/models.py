@@ -202,6 +202,8 @@ def freeze_for(model, stage, options) -> dict[str, int]:
             parameter.requires_grad_(on)
     if stage.trains_input_embeddings:
         model.get_input_embeddings().requires_grad_(True)
+    if options.train_output_embeddings:  # at the LM's rate (tied to the input embeddings: the same weight)
+        model.get_output_embeddings().requires_grad_(True)
     return trainable_per_part(model)
 
 

@@ -30,6 +30,8 @@ class TrainOptions:
     bridge_lr: float | None = None
     lm_lr: float | None = None
     train_tower: bool = False
+    # the LM's output embeddings too (its frozen-LM stage, flamingo, would not learn answers in words it added)
+    train_output_embeddings: bool = False
     tower_lr: float = TOWER_LR
     lora: bool = False
     qlora: bool = False
