@@ -11,10 +11,11 @@ read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm
 `vlm-fusion train --num-frames F` with the setup's video fields; by default the demo's budget, `--steps` 500 of
 `--batch-size` 32, clips and image questions mixed, each sample seen twice; the LLaVA-style setups start from the
 demo's LM trained on the clips written as text, `--clip-text-steps`, trained once for all of them; `--rows-steps` and
-`--words-steps` give the BLIP-2-style setups the demo's `--query-words` route, off by default). A 32-frame clip
+`--words-steps` give the BLIP-2-style setups the route the demo's BLIP-2-style checkpoint takes, off by default). A 32-frame clip
 is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
 `--trained SETUP@FRAMES=DIR` scores a model the same stage trained elsewhere (the demo's checkpoints are its families'
-plain video paths at 8 frames) and measures only the training speed, over `--probe-steps`. Then, on the trained model:
+plain video paths at 8 frames; the BLIP-2-style one took the route first and a video stage six times longer) and
+measures only the training speed, over `--probe-steps`. Then, on the trained model:
 
 * **LM tokens / clip**: the config's `num_video_tokens(F)`; Flamingo-style: the one `<video>` marker (its latents reach
   the LM by cross-attention);
@@ -187,10 +188,10 @@ def main(argv=None) -> int:
                         "BLIP-2-style one's with --words-steps) on the clips written as text before the video stage "
                         "(the demo's `clip_text_stage`, once for all a family's setups; default: the demo's; 0: none)")
     parser.add_argument("--rows-steps", type=int, default=None, help="the BLIP-2-style route to time (the demo's "
-                        "--query-words): the tower's steps on the cells' rows (`cell_rows_stage`; default: the demo's, "
-                        "none)")
+                        "--query-words): the tower's steps on the cells' rows (`cell_rows_stage`; default: none, the "
+                        "demo's checkpoint took 400)")
     parser.add_argument("--words-steps", type=int, default=None, help="then its queries' on the cells' words "
-                        "(`query_words_stage`; default: the demo's, none: the route is off)")
+                        "(`query_words_stage`; default: none, the route is off; the demo's checkpoint took 3000)")
     parser.add_argument("--clips-only", action="store_true", help="train on clips alone (default: clips and the "
                         "image questions mixed, as the demo's video stage)")
     parser.add_argument("--trained", type=lambda text: tuple(text.split("=", 1)), action="append", default=[],

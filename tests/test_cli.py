@@ -240,7 +240,8 @@ def test_the_blip2_route_to_time_runs_its_stages_once_a_work_folder(tmp_path, mo
     class VideoStage(Exception):
         pass
 
-    def video_stage(options):
+    def video_stage(options):  # the video stage itself runs again, into the folder the first run filled
+        assert options.overwrite, "the second run's video stage would refuse its non-empty --output-dir"
         raise VideoStage(options.model)
 
     monkeypatch.setattr(train, "train_stage", video_stage)

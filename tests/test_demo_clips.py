@@ -165,3 +165,25 @@ def test_a_clip_written_as_text_is_its_frames_words_frame_after_frame():
                 else:
                     colour, _, column = shapes.CELL_WORDS[word]
                     assert seen[(row, col)] == colour and column == shapes.COLUMNS[col]
+
+
+@pytest.mark.parametrize("family", ["fusion_llava", "fusion_blip2", "fusion_flamingo"])
+def test_each_shipped_checkpoint_was_trained_by_the_steps_the_script_runs_for_its_family(family):
+    """`python -m vlm_fusion.demo.train` reproduces the shipped checkpoints: the video stage each card reports (its
+    steps, its data's clips and image questions) and the stages before it are `family_steps(family)`'s."""
+    import vlm_fusion
+    from vlm_fusion.demo import train
+
+    steps = train.family_steps(family)
+    name = vlm_fusion.FAMILIES[family].name
+    card = (importlib.resources.files("vlm_fusion.demo") / "checkpoints" / name / "README.md").read_text()
+    video = card[card.index("## Training: the video stage"):card.index("## Evaluation")]
+    count = 2 * (steps.get("clips") or steps["video"] * 32 // 4)
+    assert f"| data | `clips_and_images_8_{count}.json`, {count:,} samples |" in video
+    assert f"| schedule | {steps['video']} steps, cosine" in video
+    before = {"clip_text": "on the clips written as text", "rows": "to name each patch's row",
+              "words": "to write each image as the LM reads it"}
+    route = family in train.QUERY_WORD_FAMILIES and bool(steps["words"])
+    ran = {"clip_text": family in train.CLIP_TEXT_FAMILIES or route, "rows": route, "words": route}
+    for key, words in before.items():
+        assert (f"{steps[key]:,} steps of 64 {words}" in video) == ran[key], key

@@ -19,9 +19,9 @@
    model learns the clips' words (its tokenizer and LM embeddings grow by them) and `vlm-fusion train --num-frames 8`
    adds its video path (LLaVA-NeXT-Video's start from LLaVA-NeXT) and trains it, as the second stage did, on clips
    and the image questions mixed, so that the image answers stay; the LLaVA-style model's LM first learns the clips
-   written as text (`clip_text_stage`), as in step 1; with `--query-words` the BLIP-2-style model's does too, and its
-   tower then learns the cells' rows (`cell_rows_stage`) and its queries to write each frame as those words
-   (`query_words_stage`).
+   written as text (`clip_text_stage`), as in step 1; the BLIP-2-style model's does too, and its tower then learns the
+   cells' rows (`cell_rows_stage`) and its queries to write each frame as those words (`query_words_stage`) before a
+   video stage six times longer (`QUERY_WORDS_STEPS`; `--no-query-words`: the video stage alone, 500 steps).
    `--video-from DIR` starts this stage from image models already trained (`DIR/llava`, `DIR/blip2`,
    `DIR/flamingo`) instead of training them first; `--work DIR` keeps the stages before it for a later run.
 4. Evaluate on held-out scenes and clips and write each model card with its training and the accuracy per question
@@ -72,10 +72,14 @@ FAMILY_CONFIG = {
     "fusion_flamingo": dict(num_latents=16, perceiver_depth=2, perceiver_heads=4, perceiver_head_dim=32,
                             cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_every_n_layers=1),
 }
-# rows / words: the BLIP-2-style route to time, off unless `--query-words` (`QUERY_WORDS_STEPS`)
+# rows / words: the BLIP-2-style route to time, for `QUERY_WORD_FAMILIES` only (`QUERY_WORDS_STEPS`)
 STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_text=6000, rows=0, words=0,
              video=500)  # --quick: / 10
-QUERY_WORDS_STEPS = dict(rows=400, words=3000)
+# the route's steps (`--no-query-words`: none); its video stage is six times longer, on six times the clips
+QUERY_WORDS_STEPS = dict(rows=400, words=3000, video=3000)
+# the families whose video stage is longer than `STEPS`'s; clips: the clips it reads (and as many image questions;
+# default: each sample read twice)
+VIDEO_STEPS = {}
 # the families whose LM learns the clips from their text before the video stage (`clip_text_stage`): those whose
 # frame tokens stand where the scene's words stand, and those of `QUERY_WORD_FAMILIES` taught so (`words` steps)
 CLIP_TEXT_FAMILIES = ("fusion_llava",)
@@ -237,6 +241,14 @@ def collate(pad_id):
     return collate_fn
 
 
+def family_steps(family: str | None = None, query_words: bool = True, quick: bool = False) -> dict:
+    """The steps of each stage for `family`: `STEPS`, its `VIDEO_STEPS` and, for `QUERY_WORD_FAMILIES` unless not
+    `query_words`, the route's (`QUERY_WORDS_STEPS`); a tenth of each (but a 0) with `quick`."""
+    route = query_words and family in QUERY_WORD_FAMILIES
+    steps = {**STEPS, **VIDEO_STEPS.get(family, {}), **(QUERY_WORDS_STEPS if route else {})}
+    return {k: max(2, v // 10) if quick and v else v for k, v in steps.items()}
+
+
 def pretrained_parts(root, steps) -> tuple[str, str]:
     """The pretrained tower (with its image processor) and LM (with its tokenizer) as checkpoints in `root`: those
     already there are kept, the others pretrained and saved."""
@@ -378,15 +390,15 @@ def write_clip_data(root, name: str, examples, prefix: str) -> list[dict]:
 
 
 def video_data(root, steps, num_frames: int = clips.NUM_FRAMES, images: bool = True, batch_size: int = 32) -> str:
-    """The video stage's data, every sample seen twice: clips and the second stage's image questions, alternating
-    (half each), or clips only (`images=False`)."""
-    count = steps["video"] * batch_size // 2
-    videos = write_clip_data(root, "clips", clips.examples(SEED + 5, count // 2 if images else count,
-                                                           num_frames=num_frames), f"clip{num_frames}")
+    """The video stage's data: `steps["clips"]` clips (default: as many as make every sample of the stage seen twice)
+    and as many of the second stage's image questions, alternating, or clips only (`images=False`)."""
+    count = steps.get("clips") or steps["video"] * batch_size // (4 if images else 2)
+    videos = write_clip_data(root, "clips", clips.examples(SEED + 5, count, num_frames=num_frames),
+                             f"clip{num_frames}")
     rows = videos
     if images:
         with open(write_llava_data(root, "video_stage_images", shapes.examples(
-                SEED + 6, count // 2, kinds=QUESTION_MIX * 2 + ("caption",)), "video_stage")) as f:
+                SEED + 6, count, kinds=QUESTION_MIX * 2 + ("caption",)), "video_stage")) as f:
             rows = [row for pair in zip(videos, json.load(f)) for row in pair]
     path = os.path.join(root, f"{'clips_and_images' if images else 'clips'}_{num_frames}_{len(rows)}.json")
     with open(path, "w") as f:
@@ -560,7 +572,8 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
         chat_template=chat_template(),
         num_frames=num_frames, bridge=bridge or {}, max_steps=steps["video"], batch_size=batch_size, seed=SEED,
         weight_decay=0.0, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, steps["video"] // 20),
-        logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=2048))
+        logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=2048,
+        overwrite=True))  # a `work` folder keeps the stages before this one, not this one: it runs again
     summary["before"] = before
     return AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out), summary
 
@@ -680,14 +693,16 @@ def main(argv=None):
                         "(`llava/`, `blip2/`, `flamingo/`, as this script saves them) instead of training them")
     parser.add_argument("--work", metavar="DIR", help="keep the intermediate models and data in DIR (default: a "
                         "temporary folder); the stages before the video stage already run there are not run again")
-    parser.add_argument("--query-words", action="store_true", help="the BLIP-2-style model's route to time before its "
-                        "video stage (its LM on the clips as text, its tower on rows, its queries on the cells' "
-                        "words): far better on clips, but the shipped checkpoint is without it (see the README)")
+    parser.add_argument("--query-words", action=argparse.BooleanOptionalAction, default=True,
+                        help="the BLIP-2-style model's route to time before its video stage (its LM on the clips as "
+                        "text, its tower on rows, its queries on the cells' words), then a video stage of "
+                        f"{QUERY_WORDS_STEPS['video']} steps; --no-query-words: the video stage alone, "
+                        f"{STEPS['video']} steps, as the other families")
     args = parser.parse_args(argv)
-    steps = {**STEPS, **(QUERY_WORDS_STEPS if args.query_words else {})}
-    steps = {k: max(2, v // 10) if args.quick and v else v for k, v in steps.items()}
+    steps = family_steps(quick=args.quick)  # those of the stages before the video stage
     per_kind = 20 if args.quick else 200  # held-out questions per type
-    torch.set_num_threads(os.cpu_count())
+    # the cores this process may run on (`taskset`, a container's limit), not the machine's
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
     results = {}
@@ -697,7 +712,6 @@ def main(argv=None):
         if not args.video_from:
             vision, language = pretrained_parts(args.parts or work, steps)
             data = task_data(work, steps, args.families)
-        clip_data = video_data(work, steps)
         for family in args.families:
             name = vlm_fusion.FAMILIES[family].name
             if args.video_from:
@@ -720,7 +734,9 @@ def main(argv=None):
                                                                      stage1)
                 image_model = image_summary["output_dir"]
             before = evaluate(image, image_processor, per_kind=per_kind)
-            model, processor, summary = train_video(family, image_model, clip_data, steps, work)
+            video_steps = family_steps(family, args.query_words, args.quick)
+            model, processor, summary = train_video(family, image_model, video_data(work, video_steps), video_steps,
+                                                    work)
             results[family] = {"images_before": before, "images": evaluate(model, processor, per_kind=per_kind),
                                "clips": evaluate_clips(model, processor, per_kind=per_kind)}
             path = os.path.join(args.out, name)
