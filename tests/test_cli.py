@@ -226,7 +226,7 @@ def test_the_blip2_route_to_time_runs_its_stages_once_a_work_folder(tmp_path, mo
     from vlm_fusion.demo import train
 
     monkeypatch.setitem(train.STEPS, "clip_text", 40)  # --quick: a tenth
-    monkeypatch.setattr(train, "QUERY_WORDS_STEPS", {"rows": 40, "words": 100})
+    monkeypatch.setattr(train, "QUERY_WORDS_STEPS", {"rows": 40, "words": 100, "video": 500})  # --quick: a tenth
     shutil.copytree(CHECKPOINTS / "blip2", tmp_path / "images" / "blip2")
     argv = ["--quick", "--query-words", "--families", "fusion_blip2", "--video-from", str(tmp_path / "images"),
             "--work", str(tmp_path / "work")]
