@@ -14,7 +14,8 @@ demo's LM trained on the clips written as text, `--clip-text-steps`, trained onc
 `--words-steps` give the BLIP-2-style setups the route the demo's BLIP-2-style checkpoint takes, off by default). A 32-frame clip
 is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
 `--trained SETUP@FRAMES=DIR` scores a model the same stage trained elsewhere (the demo's checkpoints are its families'
-plain video paths at 8 frames; the BLIP-2-style one took the route first and a video stage six times longer) and
+plain video paths at 8 frames; the BLIP-2-style one took the route first and a video stage six times longer;
+the Flamingo-style one a video stage twelve times longer, its head trained) and
 measures only the training speed, over `--probe-steps`. Then, on the trained model:
 
 * **LM tokens / clip**: the config's `num_video_tokens(F)`; Flamingo-style: the one `<video>` marker (its latents reach

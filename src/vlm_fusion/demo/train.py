@@ -78,8 +78,9 @@ STEPS = dict(vision=800, lm=5000, qformer=600, align=300, instruct=1000, clip_te
 # the route's steps (`--no-query-words`: none); its video stage is six times longer, on six times the clips
 QUERY_WORDS_STEPS = dict(rows=400, words=3000, video=3000)
 # the families whose video stage is longer than `STEPS`'s; clips: the clips it reads (and as many image questions;
-# default: each sample read twice)
-VIDEO_STEPS = {}
+# default: each sample read twice). The Flamingo-style one, its LM frozen: twelve times longer, on the clips of a
+# 1,500-step stage (each sample read eight times)
+VIDEO_STEPS = {"fusion_flamingo": dict(video=6000, clips=12000)}
 # the families whose LM learns the clips from their text before the video stage (`clip_text_stage`): those whose
 # frame tokens stand where the scene's words stand, and those of `QUERY_WORD_FAMILIES` taught so (`words` steps)
 CLIP_TEXT_FAMILIES = ("fusion_llava",)
@@ -573,6 +574,7 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
         num_frames=num_frames, bridge=bridge or {}, max_steps=steps["video"], batch_size=batch_size, seed=SEED,
         weight_decay=0.0, bridge_lr=STAGE2_LR, lm_lr=STAGE2_LR, warmup=max(1, steps["video"] // 20),
         logging_steps=max(1, steps["video"] // 5), save_steps=10**9, max_length=2048,
+        train_output_embeddings=stage == "flamingo",  # its LM frozen: "up" and "down" are new words
         overwrite=True))  # a `work` folder keeps the stages before this one, not this one: it runs again
     summary["before"] = before
     return AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out), summary
