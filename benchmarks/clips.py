@@ -11,12 +11,12 @@ read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm
 `vlm-fusion train --num-frames F` with the setup's video fields; by default the demo's budget, `--steps` 500 of
 `--batch-size` 32, clips and image questions mixed, each sample seen twice; the LLaVA-style setups start from the
 demo's LM trained on the clips written as text, `--clip-text-steps`, trained once for all of them; `--rows-steps` and
-`--words-steps` give the BLIP-2-style setups the route the demo's BLIP-2-style checkpoint takes, off by default). A 32-frame clip
-is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
+`--words-steps` give the BLIP-2-style setups the route the demo's BLIP-2-style checkpoint takes, off by default).
+A 32-frame clip is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
 `--trained SETUP@FRAMES=DIR` scores a model the same stage trained elsewhere (the demo's checkpoints are its families'
-plain video paths at 8 frames; the BLIP-2-style one took the route first and a video stage six times longer;
-the Flamingo-style one a video stage twelve times longer, its head trained) and
-measures only the training speed, over `--probe-steps`. Then, on the trained model:
+plain video paths at 8 frames; the BLIP-2-style one took the route first and a video stage six times longer, the
+Flamingo-style one a video stage twelve times longer) and measures only the training speed, over `--probe-steps`.
+Then, on the trained model:
 
 * **LM tokens / clip**: the config's `num_video_tokens(F)`; Flamingo-style: the one `<video>` marker (its latents reach
   the LM by cross-attention);
