@@ -178,12 +178,12 @@ def test_each_shipped_checkpoint_was_trained_by_the_steps_the_script_runs_for_it
     name = vlm_fusion.FAMILIES[family].name
     card = (importlib.resources.files("vlm_fusion.demo") / "checkpoints" / name / "README.md").read_text()
     video = card[card.index("## Training: the video stage"):card.index("## Evaluation")]
-    count = 2 * (steps.get("clips") or steps["video"] * 32 // 4)
+    count = 2 * train.clip_count(steps)  # clips and as many image questions
     assert f"| data | `clips_and_images_8_{count}.json`, {count:,} samples |" in video
     assert f"| schedule | {steps['video']} steps, cosine" in video
     before = {"clip_text": "on the clips written as text", "rows": "to name each patch's row",
               "words": "to write each image as the LM reads it"}
-    route = family in train.QUERY_WORD_FAMILIES and bool(steps["words"])
+    route = train.takes_route(family, steps)
     ran = {"clip_text": family in train.CLIP_TEXT_FAMILIES or route, "rows": route, "words": route}
     for key, words in before.items():
         assert (f"{steps[key]:,} steps of 64 {words}" in video) == ran[key], key

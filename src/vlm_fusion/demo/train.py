@@ -390,10 +390,16 @@ def write_clip_data(root, name: str, examples, prefix: str) -> list[dict]:
     return rows
 
 
+def clip_count(steps, images: bool = True, batch_size: int = 32) -> int:
+    """The clips of the video stage's data: `steps["clips"]`, or as many as make every sample seen twice (half of them
+    image questions with `images`)."""
+    return steps.get("clips") or steps["video"] * batch_size // (4 if images else 2)
+
+
 def video_data(root, steps, num_frames: int = clips.NUM_FRAMES, images: bool = True, batch_size: int = 32) -> str:
-    """The video stage's data: `steps["clips"]` clips (default: as many as make every sample of the stage seen twice)
-    and as many of the second stage's image questions, alternating, or clips only (`images=False`)."""
-    count = steps.get("clips") or steps["video"] * batch_size // (4 if images else 2)
+    """The video stage's data: `clip_count` clips and as many of the second stage's image questions, alternating, or
+    clips only (`images=False`)."""
+    count = clip_count(steps, images, batch_size)
     videos = write_clip_data(root, "clips", clips.examples(SEED + 5, count, num_frames=num_frames),
                              f"clip{num_frames}")
     rows = videos
@@ -544,6 +550,11 @@ def query_words_stage(model_path: str, out: str, steps: int, batch: int = 64, le
     return once(out, "query_words", steps, run)
 
 
+def takes_route(family, steps) -> bool:
+    """Whether `family`'s video stage comes after the BLIP-2-style route (`QUERY_WORD_FAMILIES`, `steps["words"]`)."""
+    return family in QUERY_WORD_FAMILIES and bool(steps.get("words"))
+
+
 def train_video(family, image_model, data, steps, work, num_frames: int = clips.NUM_FRAMES, bridge=None,
                 name: str | None = None, batch_size: int = 32):
     """The video stage of `family` from its image model: `vlm-fusion train --model ... --num-frames` on clips and
@@ -556,7 +567,7 @@ def train_video(family, image_model, data, steps, work, num_frames: int = clips.
     start = with_clip_words(image_model, os.path.join(work, name, "with_clip_words"))
     before = {}  # the stages before the video stage: name -> {"steps", "final_loss"}
     # the same for every video path of the family (the bridge's knobs come after): once a `work` folder
-    route = family in QUERY_WORD_FAMILIES and bool(steps.get("words"))
+    route = takes_route(family, steps)
     stages = [("clip_text", clip_text_stage)] * (family in CLIP_TEXT_FAMILIES or route) + \
         [("rows", cell_rows_stage), ("words", query_words_stage)] * route
     folder = family
