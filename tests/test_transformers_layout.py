@@ -259,8 +259,11 @@ def test_a_registered_attention_function_runs_every_language_model_attention(sav
 
 
 # ---- static cache and torch.compile ------------------------------------------------------------------------------
-def test_static_cache_and_compiled_decoding_give_the_dynamic_caches_tokens(saved):
-    family, path, model, processor = saved
+# compiling takes the most time of the default run: one family there, the other two with `-m slow` (in CI)
+@pytest.mark.parametrize("family", ["fusion_llava", pytest.param("fusion_blip2", marks=pytest.mark.slow),
+                                    pytest.param("fusion_flamingo", marks=pytest.mark.slow)])
+def test_static_cache_and_compiled_decoding_give_the_dynamic_caches_tokens(family):
+    model, processor = build(family)
     assert type(model)._can_compile_fullgraph
     processor.tokenizer.padding_side = "left"
     n = 1 if family != "fusion_flamingo" else 2
