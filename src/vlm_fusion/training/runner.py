@@ -217,7 +217,9 @@ def training_section(summary: dict) -> str:
             ("data", f"`{summary['data']}`, {summary['samples']:,} samples"
                      + (f" ({summary['samples_skipped']} longer than {o['max_length']} tokens skipped)"
                         if summary["samples_skipped"] else "")),
-            ("trainable parameters", ", ".join(f"{k} {v:,}" for k, v in summary["trainable_parameters"].items())),
+            ("trainable parameters", ", ".join(f"{k} {v:,}" for k, v in summary["trainable_parameters"].items())
+             + ("; the LM's output embeddings among them (`--train-output-embeddings`)"
+                if o.get("train_output_embeddings") else "")),
             ("learning rates", ", ".join(f"{k} {v:g}" for k, v in summary["learning_rates"].items()
                                          if summary["trainable_parameters"].get(k) or k == "input_embeddings"
                                          or (k == "language_model" and summary["trainable_parameters"].get(
