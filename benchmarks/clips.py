@@ -11,7 +11,8 @@ read out of git, or `--image-models DIR`), and runs the demo's video stage (`vlm
 `vlm-fusion train --num-frames F` with the setup's video fields; by default the demo's budget, `--steps` 500 of
 `--batch-size` 32, clips and image questions mixed, each sample seen twice; the LLaVA-style setups start from the
 demo's LM trained on the clips written as text, `--clip-text-steps`, trained once for all of them; `--rows-steps` and
-`--words-steps` give the BLIP-2-style setups the route the demo's BLIP-2-style checkpoint takes, off by default).
+`--words-steps` give the BLIP-2-style setups the route the demo's BLIP-2-style checkpoint takes, off by default;
+`--rows-steps` gives the Flamingo-style setups the tower's rows its demo checkpoint learns too).
 A 32-frame clip is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
 `--trained SETUP@FRAMES=DIR` scores a model the same stage trained elsewhere (the demo's checkpoints are its families'
 plain video paths at 8 frames; the BLIP-2-style one took the route first and a video stage six times longer, the
@@ -131,6 +132,8 @@ def run_setup(name, family, video, frames, images, args, work) -> dict:
     trained = args.trained.get(f"{name}@{frames}")
     steps = {"video": args.probe_steps if trained else args.steps,  # a probe times the video stage alone
              **{key: 0 if trained else getattr(args, f"{key}_steps") for key in ("clip_text", "rows", "words")}}
+    if not train.family_steps(family)["rows"]:  # the rows stage only where the demo's recipe has one
+        steps["rows"] = 0
     data = stage_data(work, frames, args.steps, args.batch_size, not args.clips_only)
     start = starting_model(family, video, images, work, name)
     bridge = {k: v for k, v in video.items() if k != "num_latents"}
@@ -188,9 +191,10 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-text-steps", type=int, default=None, help="steps of the LLaVA-style LM (and the "
                         "BLIP-2-style one's with --words-steps) on the clips written as text before the video stage "
                         "(the demo's `clip_text_stage`, once for all a family's setups; default: the demo's; 0: none)")
-    parser.add_argument("--rows-steps", type=int, default=None, help="the BLIP-2-style route to time (the demo's "
-                        "--query-words): the tower's steps on the cells' rows (`cell_rows_stage`; default: none, the "
-                        "demo's checkpoint took 400)")
+    parser.add_argument("--rows-steps", type=int, default=None, help="the tower's steps on the cells' rows before "
+                        "the video stage, for the families whose demo recipe has them: the BLIP-2-style route to time "
+                        "(the demo's --query-words) and the Flamingo-style stage (`cell_rows_stage`; default: none, "
+                        "the demo's checkpoints took 400)")
     parser.add_argument("--words-steps", type=int, default=None, help="then its queries' on the cells' words "
                         "(`query_words_stage`; default: none, the route is off; the demo's checkpoint took 3000)")
     parser.add_argument("--clips-only", action="store_true", help="train on clips alone (default: clips and the "
