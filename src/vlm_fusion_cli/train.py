@@ -125,12 +125,14 @@ def run(args, argv: list[str], own_process: bool = False) -> int:
                            bridge=dict(args.bridge))
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice, on every import
     main_process = is_main_process()  # under accelerate launch, one process speaks
+    finished = False
     try:
         summary = train(options)
+        finished = True
     except DataError as error:
         return fail(f"train: {error}") if main_process else 2
     finally:
-        end_process_group()
+        end_process_group(wait=finished)  # after a failure, no process waits for the others
     if not main_process:
         return 143 if "stopped_at" in summary else 0
     if "stopped_at" in summary:

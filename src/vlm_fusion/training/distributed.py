@@ -65,9 +65,13 @@ def fsdp_on_cpu() -> None:
     state.AcceleratorState.__init__ = init
 
 
-def end_process_group() -> None:
+def end_process_group(wait: bool = False) -> None:
     """The process group destroyed at the end of a launched run: gloo's threads stopped before the interpreter exits
     (left running, a process that had finished its work could die at exit with `terminate called without an active
-    exception`, SIGABRT, failing the launch)."""
+    exception`, SIGABRT, failing the launch). With `wait` (a run that finished), every process first waits for the
+    others, the main one's merging and saving included, so that none tears its group down while another still works
+    (a second process did abort so once, in a full-suite run, while the first was writing the merged LoRA model)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
