@@ -16,8 +16,8 @@ demo's LM trained on the clips written as text, `--clip-text-steps`, trained onc
 A 32-frame clip is the 8-frame one recorded 4x slower (`clips.render_clip`), so every row answers the same questions.
 `--trained SETUP@FRAMES=DIR` scores a model the same stage trained elsewhere (the demo's checkpoints are its families'
 plain video paths at 8 frames; the BLIP-2-style one took the route first and a video stage six times longer, the
-Flamingo-style one a video stage twelve times longer) and measures only the training speed, over `--probe-steps`.
-Then, on the trained model:
+Flamingo-style one the tower's rows first and a video stage 24 times longer) and measures only the training speed,
+over `--probe-steps`. Then, on the trained model:
 
 * **LM tokens / clip**: the config's `num_video_tokens(F)`; Flamingo-style: the one `<video>` marker (its latents reach
   the LM by cross-attention);

@@ -768,8 +768,8 @@ def main(argv=None):
                 raise SystemExit(f"--out {args.out} would overwrite the image model the video stage starts from")
             before_video = summary["before"]
             clip_text = "".join(f", {words}" for key, words in ORIGIN_BEFORE_VIDEO.items() if key in before_video)
-            stage = summary["stage"] + (", its LM's output embeddings too" * bool(
-                summary["options"].get("train_output_embeddings")))
+            head = ", its LM's output embeddings too" if summary["options"].get("train_output_embeddings") else ""
+            stage = summary["stage"] + head
             model.config.origin = model.config.origin.rstrip() + ORIGIN_VIDEO.format(stage=stage, clip_text=clip_text)
             shutil.rmtree(path, ignore_errors=True)
             model.save_pretrained(path)
